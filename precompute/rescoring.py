@@ -1,0 +1,252 @@
+"""Top-K rescoring (seed section 3) on a transformers causal LM, with shared prefixes.
+
+For a target position i of a row x (length L), candidates C_i = top-K of p_T(.|x_<i) plus the true token x_i;
+for each v in C_i
+
+    s(v) = log p_T(v | x_<i) + sum_{j=i+1}^{min(L-1, i+W)} log p_T(x_j | x_<i, v, x_{i+1..j-1})
+    q(v) = softmax_{v in C_i} s(v)
+
+Cost. A naive implementation runs one forward of length i+W per (i, v). Here one causal forward per row gives
+log p_T(.|x_<i) at every i, and all "branches" [v, x_{i+1}, ..., x_{i+n-1}] of a row are packed behind one
+copy of the row's prefix in a single sequence with a tree attention mask: a branch token sees the prefix
+x_<i and the earlier tokens of its own branch, nothing else. So the prefix is computed once per segment instead
+of once per (i, v), and segments of several rows are batched. `benchmarks/rescoring.py` measures the gain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def hidden_states(model, input_ids: torch.Tensor, attention_mask=None, position_ids=None) -> torch.Tensor:
+    """(B, S, H) last hidden states of a causal LM; the default mask is causal."""
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return out.last_hidden_state
+
+
+def log_softmax_head(model, h: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """(N, V) float32 log-probs from (N, H) hidden states (chunked: N x V logits are large)."""
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    outs = []
+    for a in range(0, h.shape[0], chunk):
+        z = head(h[a : a + chunk]).float()  # (n, V)
+        if cap:  # Gemma-style logit soft-capping, as the model's own forward applies it
+            z = torch.tanh(z / cap) * cap
+        outs.append(torch.log_softmax(z, dim=-1))
+    return torch.cat(outs) if outs else h.new_zeros((0, head.weight.shape[0]), dtype=torch.float32)
+
+
+def token_logliks(model, h: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """(N,) log p(targets[n]) under the head applied to h[n]; never holds more than chunk x V logits."""
+    out = []
+    for a in range(0, h.shape[0], chunk):
+        lp = log_softmax_head(model, h[a : a + chunk], chunk)  # (n, V)
+        out.append(lp.gather(1, targets[a : a + chunk, None].long())[:, 0])
+    return torch.cat(out) if out else h.new_zeros((0,), dtype=torch.float32)
+
+
+@torch.no_grad()
+def prefix_logprobs(model, input_ids: torch.Tensor, positions: list[torch.Tensor]) -> list[torch.Tensor]:
+    """log p_T(. | x_<i) for the given positions of each row: a list of (P_b, V) float32 tensors.
+
+    input_ids: (B, L) rows of equal length; positions[b]: (P_b,) long, every entry >= 1.
+    """
+    h = hidden_states(model, input_ids)  # (B, L, H)
+    out = []
+    for b, pos in enumerate(positions):
+        out.append(log_softmax_head(model, h[b, pos.to(h.device) - 1]))  # logits at i-1 predict x_i
+    return out
+
+
+def candidates(logp: torch.Tensor, true_ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of ``logp`` plus the true token.
+
+    logp: (P, V); true_ids: (P,). Returns cand (P, k+1) long and valid (P, k+1) bool; the last slot holds the
+    true token and is valid only when the true token is not already among the top-k.
+    """
+    top = logp.topk(k, dim=-1).indices  # (P, k)
+    in_top = (top == true_ids[:, None]).any(dim=1)  # (P,)
+    cand = torch.cat([top, true_ids[:, None]], dim=1)  # (P, k+1)
+    valid = torch.ones_like(cand, dtype=torch.bool)
+    valid[:, k] = ~in_top
+    return cand, valid
+
+
+@dataclass
+class Branch:
+    row: int  # row in the batch
+    pos: int  # target position i
+    token: int  # candidate v placed at i
+    n: int  # number of right-context tokens scored: min(L-1-i, W)
+    out: int  # index into the flat output vector
+
+
+def _segments(branches: list[Branch], max_tokens: int) -> list[list[Branch]]:
+    """Group one row's branches (sorted by position) into segments of at most ~max_tokens tokens."""
+    segs, cur, cur_tokens = [], [], 0
+    for br in branches:
+        need = br.n + (br.pos if not cur else max(0, br.pos - cur[-1].pos))  # prefix grows to the largest i
+        if cur and cur_tokens + need > max_tokens:
+            segs.append(cur)
+            cur, cur_tokens = [], 0
+            need = br.n + br.pos
+        cur.append(br)
+        cur_tokens += need
+    if cur:
+        segs.append(cur)
+    return segs
+
+
+def _segment_tensors(x: torch.Tensor, seg: list[Branch]):
+    """Token ids, position ids, tree-mask bounds and targets of one packed segment (all 1-D, length S).
+
+    A row r of the segment attends the columns c with c < pre[r] (the shared prefix x_<i of its branch) or
+    lo[r] <= c <= r (the earlier tokens of its own block). Prefix rows have pre=0, lo=0: plain causal.
+    """
+    Lp = max(br.pos for br in seg)  # prefix x_0..x_{Lp-1} covers every branch's x_<i
+    toks, pos, pre, lo, tgt, owner = [x[:Lp]], [torch.arange(Lp)], [torch.zeros(Lp, dtype=torch.long)], [torch.zeros(Lp, dtype=torch.long)], [], []
+    start = Lp
+    for br in seg:
+        n, i = br.n, br.pos
+        toks.append(torch.cat([torch.tensor([br.token]), x[i + 1 : i + n]]))  # [v, x_{i+1}, ..., x_{i+n-1}]
+        pos.append(torch.arange(i, i + n))
+        pre.append(torch.full((n,), i, dtype=torch.long))
+        lo.append(torch.full((n,), start, dtype=torch.long))
+        tgt.append(x[i + 1 : i + n + 1])  # the token each branch position predicts
+        owner.append(torch.full((n,), br.out, dtype=torch.long))
+        start += n
+    cat = torch.cat
+    return cat(toks), cat(pos), cat(pre), cat(lo), Lp, cat(tgt), cat(owner)
+
+
+@torch.no_grad()
+def branch_logliks(
+    model, input_ids: torch.Tensor, branches: list[Branch], num_out: int, token_budget: int = 4096,
+    segment_tokens: int = 1024,
+) -> torch.Tensor:
+    """sum_j log p_T(x_j | x_<i, v, x_{i+1..j-1}) for every branch, as a (num_out,) float32 tensor.
+
+    input_ids: (B, L) on the model's device; branches with n == 0 contribute 0.
+    """
+    dev = input_ids.device
+    result = torch.zeros(num_out, dtype=torch.float32, device=dev)
+    x_cpu = input_ids.cpu()
+    by_row: dict[int, list[Branch]] = {}
+    for br in branches:
+        if br.n > 0:
+            by_row.setdefault(br.row, []).append(br)
+    packed = []
+    for row, brs in by_row.items():
+        brs.sort(key=lambda b: b.pos)
+        for seg in _segments(brs, segment_tokens):
+            packed.append(_segment_tensors(x_cpu[row], seg))
+    packed.sort(key=lambda p: len(p[0]))
+    # batch segments of similar length under the token budget
+    a = 0
+    while a < len(packed):
+        b = a + 1
+        while b < len(packed) and (b + 1 - a) * len(packed[b][0]) <= token_budget:
+            b += 1
+        batch = packed[a:b]
+        a = b
+        S = max(len(p[0]) for p in batch)
+        Bn = len(batch)
+        toks = torch.zeros(Bn, S, dtype=torch.long)
+        posi = torch.zeros(Bn, S, dtype=torch.long)
+        pre = torch.zeros(Bn, S, dtype=torch.long)
+        lo = torch.arange(S).repeat(Bn, 1)  # padding rows attend only themselves (no all-masked rows: no NaN)
+        for j, (t, p, pr, l, _, _, _) in enumerate(batch):
+            n = len(t)
+            toks[j, :n], posi[j, :n], pre[j, :n], lo[j, :n] = t, p, pr, l
+        col = torch.arange(S)
+        row = torch.arange(S)[:, None]
+        allowed = (col[None, None, :] < pre[:, :, None]) | (
+            (col[None, None, :] >= lo[:, :, None]) & (col[None, None, :] <= row[None])
+        )  # (Bn, S, S)
+        h = hidden_states(model, toks.to(dev), attention_mask=allowed[:, None].to(dev), position_ids=posi.to(dev))
+        sel_h, sel_t, sel_o = [], [], []
+        for j, (t, _, _, _, Lp, tgt, owner) in enumerate(batch):
+            sel_h.append(h[j, Lp : len(t)])
+            sel_t.append(tgt)
+            sel_o.append(owner)
+        ll = token_logliks(model, torch.cat(sel_h), torch.cat(sel_t).to(dev))  # (N,)
+        result.index_add_(0, torch.cat(sel_o).to(dev), ll)
+    return result
+
+
+@torch.no_grad()
+def rescore(
+    model, input_ids: torch.Tensor, positions: list[torch.Tensor], k: int, window: int | None,
+    token_budget: int = 4096,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Rescoring targets for a batch of rows.
+
+    input_ids: (B, L) long on the model's device; positions[b]: (P_b,) long target positions (each >= 1).
+    window: W, the number of right-context tokens scored (None: the whole right context of the row).
+    Returns per row (cand (P_b, K+1) long, logq (P_b, K+1) float32) with logq = -inf on invalid slots and
+    logsumexp over each row's valid slots = 0.
+    """
+    B, L = input_ids.shape
+    logps = prefix_logprobs(model, input_ids, positions)
+    branches, cands, valids, firsts, offsets = [], [], [], [], []
+    out = 0
+    for b in range(B):
+        pos = positions[b].cpu()
+        true = input_ids[b, pos.to(input_ids.device)].cpu()
+        cand, valid = candidates(logps[b].cpu(), true, k)  # (P, K+1)
+        first = logps[b].cpu().gather(1, cand)  # (P, K+1) log p_T(v | x_<i)
+        offsets.append(out)
+        for p, i in enumerate(pos.tolist()):
+            n = L - 1 - i if window is None else min(L - 1 - i, window)
+            for c in range(k + 1):
+                if valid[p, c]:
+                    branches.append(Branch(b, i, int(cand[p, c]), n, out + p * (k + 1) + c))
+        out += len(pos) * (k + 1)
+        cands.append(cand)
+        valids.append(valid)
+        firsts.append(first)
+    right = branch_logliks(model, input_ids, branches, out, token_budget).cpu()
+    results = []
+    for b in range(B):
+        P = len(positions[b])
+        s = firsts[b] + right[offsets[b] : offsets[b] + P * (k + 1)].view(P, k + 1)
+        s = s.masked_fill(~valids[b], NEG_INF)
+        results.append((cands[b], torch.log_softmax(s, dim=-1)))
+    return results
+
+
+@torch.no_grad()
+def rescore_naive(model, input_ids: torch.Tensor, positions: list[torch.Tensor], k: int, window: int | None):
+    """The reference: one full causal forward of [x_<i, v, x_{i+1..i+n-1}] per target and candidate.
+
+    Same output as `rescore`; used by tests and by the benchmark as the baseline.
+    """
+    B, L = input_ids.shape
+    results = []
+    for b in range(B):
+        x = input_ids[b]
+        rows_c, rows_q = [], []
+        for i in positions[b].tolist():
+            n = L - 1 - i if window is None else min(L - 1 - i, window)
+            seqs = x[: i + n].repeat(k + 1, 1) if n > 0 else x[: i + 1].repeat(k + 1, 1)  # (K+1, i+max(n,1))
+            h = hidden_states(model, x[None, :i])[0, -1:]  # (1, H)
+            lp0 = log_softmax_head(model, h)[0]  # (V,)
+            cand, valid = candidates(lp0[None].cpu(), x[i : i + 1].cpu(), k)
+            cand, valid = cand[0], valid[0]
+            seqs[:, i] = cand.to(x.device)
+            s = lp0.cpu()[cand].clone()
+            if n > 0:
+                hs = hidden_states(model, seqs)  # (K+1, i+n, H)
+                tg = x[i + 1 : i + n + 1]
+                for c in range(k + 1):
+                    s[c] += token_logliks(model, hs[c, i : i + n], tg).sum().cpu()
+            s = s.masked_fill(~valid, NEG_INF)
+            rows_c.append(cand)
+            rows_q.append(torch.log_softmax(s, dim=-1))
+        results.append((torch.stack(rows_c), torch.stack(rows_q)))
+    return results

@@ -1,0 +1,116 @@
+"""The build manifest (``manifest.json``): what was built, from what, how, and which shards exist.
+
+The manifest is explicit, versioned code: a dataclass that is written with every field and read back with a
+check of its schema version. ``build_key()`` is the part of it that must match for a rerun into the same
+output folder to be allowed (same teacher, tokenizer, corpus, mode and parameters).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ar2mdm.schemas.v1 import SCHEMA_VERSION, SchemaError
+
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass
+class TeacherInfo:
+    path: str
+    architecture: str
+    weights_sha256: str
+    config_sha256: str
+    max_positions: int
+
+
+@dataclass
+class TokenizerInfo:
+    sha256: str  # hash of the sorted vocabulary and the special tokens (see shared.tokenizer.tokenizer_hash)
+    vocab_size: int  # size of the teacher's output distribution (token ids are < vocab_size)
+    bos_id: int
+    eos_id: int
+
+
+@dataclass
+class ShardInfo:
+    file: str
+    rows: int
+    target_positions: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    schema_version: int
+    format: str  # "parquet" or "safetensors"
+    mode: str  # "topk", "mc" or "fim"
+    task: str  # "pretrain" or "sft"
+    seq_len: int
+    seed: int
+    params: dict[str, Any]  # every mode parameter (k, window, top_n, positions, ...)
+    teacher: TeacherInfo
+    tokenizer: TokenizerInfo
+    corpus: dict[str, Any]  # {"path", "fingerprint", "files"}
+    software_version: str
+    world_size: int
+    # True when a row's targets depend on its sampled mask (mc): the trainer must keep the stored mask.
+    mask_dependent_targets: bool
+    # True when every maskable position carries a target (--positions all): the trainer may resample masks.
+    targets_at_all_positions: bool
+    shards: list[ShardInfo] = field(default_factory=list)
+
+    def build_key(self) -> dict[str, Any]:
+        """Everything that must be equal for two runs to write into the same output folder."""
+        d = dataclasses.asdict(self)
+        d.pop("shards")
+        d.pop("software_version")
+        d["teacher"].pop("path")  # the same weights may be found at another path
+        d["corpus"].pop("path")
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = MANIFEST_NAME) -> "Manifest":
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise SchemaError(f"{where}: manifest schema version {version}, this ar2mdm reads {SCHEMA_VERSION}")
+        try:
+            d = dict(d)
+            d["teacher"] = TeacherInfo(**d["teacher"])
+            d["tokenizer"] = TokenizerInfo(**d["tokenizer"])
+            d["shards"] = [ShardInfo(**s) for s in d.get("shards", [])]
+            return cls(**d)
+        except (KeyError, TypeError) as e:
+            raise SchemaError(f"{where}: malformed manifest ({e})") from e
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Manifest":
+        path = Path(directory) / MANIFEST_NAME
+        if not path.exists():
+            raise SchemaError(f"{directory}: no {MANIFEST_NAME} (not a kdtargets output folder?)")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise SchemaError(f"{path}: not valid JSON ({e})") from e
+        return cls.from_dict(d, str(path))
+
+    def save(self, directory: str | Path) -> None:
+        write_atomic(Path(directory) / MANIFEST_NAME, self.to_json().encode())
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to ``path.tmp`` then rename: readers never see a half-written file."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,147 @@
+"""Checking and summarising a shard folder (`kdtargets validate` / `kdtargets inspect`; the trainer checks too)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ar2mdm.schemas import Manifest, SchemaError
+from ar2mdm.shared.shards import DONE_SUFFIX, FORMATS, ShardData, file_sha256, read_shard
+
+SUM_TOLERANCE = 1e-3  # float16 storage rounds log-probs down, float32 sums carry rounding noise
+
+
+class ValidationError(ValueError):
+    """The first problem found in a shard folder, as one line."""
+
+
+def shard_paths(directory: Path, manifest: Manifest) -> list[Path]:
+    return [directory / s.file for s in manifest.shards]
+
+
+def check_shard_data(data: ShardData, manifest: Manifest, where: str) -> None:
+    """Content checks of one shard against its manifest: ids, positions, log-probs, sums."""
+    L, V = manifest.seq_len, manifest.tokenizer.vocab_size
+    top_n = manifest.params.get("top_n")
+    if data.input_ids.shape != (data.rows, L):
+        raise ValidationError(f"{where}: input_ids have shape {data.input_ids.shape}, expected ({data.rows}, {L})")
+    for name, arr in (("input_ids", data.input_ids), ("target_ids", data.target_ids)):
+        if arr.size and (arr.min() < 0 or arr.max() >= V):
+            raise ValidationError(f"{where}: {name} outside [0, {V}) (min {arr.min()}, max {arr.max()})")
+    lp = data.target_logprobs.astype(np.float64)
+    if lp.size and not np.all(lp <= 0):
+        raise ValidationError(f"{where}: a target log-prob is > 0 (max {lp.max()})")
+    counts = np.diff(data.entry_offsets)
+    if counts.size and (counts.min() < 1 or (top_n and counts.max() > top_n)):
+        raise ValidationError(f"{where}: a target position holds {counts.min()}..{counts.max()} entries, expected 1..{top_n}")
+    if counts.size:
+        sums = np.add.reduceat(np.exp(lp), data.entry_offsets[:-1])
+        if sums.max() > 1 + SUM_TOLERANCE:
+            raise ValidationError(f"{where}: target probabilities sum to {sums.max():.6f} > 1 at some position")
+    for r in range(data.rows):
+        lo = max(1, int(data.prompt_len[r]))
+        m = data.row_masks(r)
+        tp = data.target_positions[data.target_offsets[r] : data.target_offsets[r + 1]]
+        ex = data.example_ids[r]
+        if len(m) == 0:
+            raise ValidationError(f"{where}: row {ex} has no masked position")
+        if np.any(np.diff(m) <= 0) or m[0] < lo or m[-1] >= L:
+            raise ValidationError(f"{where}: row {ex} has mask positions not ascending within [{lo}, {L})")
+        if np.any(np.diff(tp) <= 0) or (len(tp) and (tp[0] < lo or tp[-1] >= L)):
+            raise ValidationError(f"{where}: row {ex} has target positions not ascending within [{lo}, {L})")
+        if not np.isin(m, tp).all():
+            raise ValidationError(f"{where}: row {ex} has masked positions without a target")
+
+
+def validate_dir(directory: str | Path) -> Manifest:
+    """Check a shard folder completely; raise ValidationError with the first problem, else return its manifest."""
+    d = Path(directory)
+    try:
+        manifest = Manifest.load(d)
+    except SchemaError as e:
+        raise ValidationError(str(e)) from e
+    if manifest.format not in FORMATS:
+        raise ValidationError(f"{d}: manifest names unknown format {manifest.format!r}")
+    listed = {s.file for s in manifest.shards}
+    if not listed:
+        raise ValidationError(f"{d}: the manifest lists no shards (build not run or not finished)")
+    on_disk = {p.name for p in d.glob("part-*") if p.suffix in FORMATS.values()}
+    extra = sorted(on_disk - listed)
+    if extra:
+        raise ValidationError(f"{d}: shard {extra[0]} is not in the manifest (unfinished build? rerun it to finish)")
+    tok = d / "tokenizer"
+    if tok.exists():
+        from transformers import AutoTokenizer
+
+        from ar2mdm.shared.tokenizer import tokenizer_hash
+
+        if tokenizer_hash(AutoTokenizer.from_pretrained(tok)) != manifest.tokenizer.sha256:
+            raise ValidationError(f"{tok}: tokenizer hash differs from the manifest's")
+    for info in manifest.shards:
+        p = d / info.file
+        if not p.exists():
+            raise ValidationError(f"{p}: listed in the manifest but missing")
+        if not (d / (info.file + DONE_SUFFIX)).exists():
+            raise ValidationError(f"{p}: no completion marker")
+        if file_sha256(p) != info.sha256:
+            raise ValidationError(f"{p}: sha256 differs from the manifest's (file changed or corrupt)")
+        try:
+            data = read_shard(p)
+        except SchemaError as e:
+            raise ValidationError(str(e)) from e
+        if data.rows != info.rows or data.num_targets != info.target_positions:
+            raise ValidationError(
+                f"{p}: {data.rows} rows / {data.num_targets} target positions, manifest says {info.rows} / {info.target_positions}"
+            )
+        check_shard_data(data, manifest, str(p))
+    return manifest
+
+
+def summarize_dir(directory: str | Path) -> dict:
+    """Readable statistics of a shard folder (reads every shard)."""
+    d = Path(directory)
+    manifest = Manifest.load(d)
+    rows = positions = 0
+    ent_sum = true_sum = mass_sum = support_sum = 0.0
+    ess = []
+    for info in manifest.shards:
+        data = read_shard(d / info.file)
+        rows += data.rows
+        positions += data.num_targets
+        lp = data.target_logprobs.astype(np.float64)
+        p = np.exp(lp)
+        starts = data.entry_offsets[:-1]
+        if len(starts):
+            ent_sum += float(np.add.reduceat(-p * lp, starts).sum())
+            mass_sum += float(np.add.reduceat(p, starts).sum())
+            support_sum += float(np.diff(data.entry_offsets).sum())
+        row_of = np.repeat(np.arange(data.rows), np.diff(data.target_offsets))
+        true_tok = data.input_ids[row_of, data.target_positions]  # (P,)
+        entry_pos = np.repeat(np.arange(data.num_targets), np.diff(data.entry_offsets))
+        hit = data.target_ids == true_tok[entry_pos]
+        true_sum += float(p[hit].sum())
+        if data.mc_ess is not None:
+            ess.extend(data.mc_ess.tolist())
+    total_bytes = sum(s.bytes for s in manifest.shards)
+    summary = {
+        "folder": str(d),
+        "mode": manifest.mode,
+        "task": manifest.task,
+        "teacher": f"{manifest.teacher.architecture} {manifest.teacher.path} (sha256 {manifest.teacher.weights_sha256[:12]})",
+        "format": manifest.format,
+        "shards": len(manifest.shards),
+        "rows": rows,
+        "target_positions": positions,
+        "seq_len": manifest.seq_len,
+        "mean_support": support_sum / max(positions, 1),
+        "mean_stored_mass": mass_sum / max(positions, 1),
+        "mean_target_entropy_nats": ent_sum / max(positions, 1),
+        "mean_true_token_prob": true_sum / max(positions, 1),
+        "bytes": total_bytes,
+        "bytes_per_target_position": total_bytes / max(positions, 1),
+        "params": manifest.params,
+    }
+    if ess:
+        summary["mean_mc_ess"] = float(np.mean(ess))
+    return summary

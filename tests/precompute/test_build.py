@@ -1,0 +1,192 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ar2mdm.precompute.build import run_build
+from ar2mdm.precompute.cli import app
+from ar2mdm.precompute.config import BuildConfig
+from ar2mdm.shared.shards import read_shard
+from ar2mdm.shared.validate import ValidationError, summarize_dir, validate_dir
+from tests.tiny import TEXT
+
+runner = CliRunner()
+
+
+def cfg(corpus, teacher, out, **kw) -> BuildConfig:
+    base = dict(corpus=str(corpus), teacher=str(teacher), out=str(out), seq_len=24, k=3, window=4, top_n=5,
+                seqs_per_shard=2, progress=False)  # fmt: skip
+    base.update(kw)
+    return BuildConfig(**base)
+
+
+def shard_hashes(d: Path) -> dict[str, str]:
+    m = json.loads((d / "manifest.json").read_text())
+    return {s["file"]: s["sha256"] for s in m["shards"]}
+
+
+def test_build_validate_inspect_and_rerun(tiny_corpus, tiny_teacher, tmp_path):
+    out = tmp_path / "out"
+    s = run_build(cfg(tiny_corpus, tiny_teacher, out, masks_per_seq=2))
+    assert s.shards_written >= 2 and s.rows > 0
+    m = validate_dir(out)
+    data = read_shard(out / m.shards[0].file)
+    assert data.example_ids[0].endswith("-m0") and data.example_ids[1].endswith("-m1")
+    assert (data.input_ids[:, 0] == 1).all()  # BOS
+    np.testing.assert_array_equal(data.mask_positions, data.target_positions)  # --positions masked
+    summary = summarize_dir(out)
+    assert summary["rows"] == s.rows and 0 < summary["mean_true_token_prob"] <= 1
+    assert summary["bytes_per_target_position"] > 0
+    before = shard_hashes(out)
+    again = run_build(cfg(tiny_corpus, tiny_teacher, out, masks_per_seq=2))
+    assert again.shards_written == 0 and again.shards_skipped == s.shards_written
+    assert shard_hashes(out) == before
+
+
+def test_positions_all_and_safetensors(tiny_corpus, tiny_teacher, tmp_path):
+    out = tmp_path / "st"
+    run_build(cfg(tiny_corpus, tiny_teacher, out, positions="all", format="safetensors", max_sequences=3))
+    m = validate_dir(out)
+    assert m.targets_at_all_positions and m.format == "safetensors"
+    data = read_shard(out / m.shards[0].file)
+    assert data.target_offsets[1] == 23  # positions 1..23 of a 24-token row
+    # the same build as Parquet holds the same rows and targets
+    out2 = tmp_path / "pq"
+    run_build(cfg(tiny_corpus, tiny_teacher, out2, positions="all", max_sequences=3))
+    d2 = read_shard(out2 / validate_dir(out2).shards[0].file)
+    np.testing.assert_array_equal(d2.target_ids, data.target_ids)
+    np.testing.assert_array_equal(d2.target_logprobs, data.target_logprobs)
+
+
+def test_ranks_split_documents_and_share_one_manifest(tiny_corpus, tiny_teacher, tmp_path):
+    out = tmp_path / "ranks"
+    for r in range(2):
+        run_build(cfg(tiny_corpus, tiny_teacher, out, by_line=False, rank=r, world_size=2))
+    m = validate_dir(out)
+    files = [s.file for s in m.shards]
+    assert any(f.startswith("part-00000-") for f in files) and any(f.startswith("part-00001-") for f in files)
+    r = runner.invoke(app, ["build", str(tiny_corpus), "--teacher", str(tiny_teacher), "--out", str(out),
+                            "--seq-len", "24", "--k", "3", "--window", "4", "--top-n", "5", "--seqs-per-shard", "2",
+                            "--no-progress"])  # fmt: skip
+    assert r.exit_code == 2 and "world_size: 2 there, 1 now" in r.output
+
+
+def test_other_parameters_into_same_out_are_refused(tiny_corpus, tiny_teacher, tmp_path):
+    out = tmp_path / "o"
+    run_build(cfg(tiny_corpus, tiny_teacher, out, max_sequences=1))
+    args = ["build", str(tiny_corpus), "--teacher", str(tiny_teacher), "--out", str(out), "--seq-len", "24",
+            "--k", "4", "--window", "4", "--top-n", "5", "--seqs-per-shard", "2", "--max-sequences", "1", "--no-progress"]  # fmt: skip
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2
+    assert "params.k: 3 there, 4 now" in r.output and "Traceback" not in r.output
+
+
+def test_validate_catches_tampering(tiny_corpus, tiny_teacher, tmp_path):
+    out = tmp_path / "v"
+    run_build(cfg(tiny_corpus, tiny_teacher, out, max_sequences=2))
+    m = validate_dir(out)
+    shard = out / m.shards[0].file
+    shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(ValidationError, match="sha256"):
+        validate_dir(out)
+    r = runner.invoke(app, ["validate", str(out)])
+    assert r.exit_code == 1 and "sha256" in r.output
+
+
+def _build_cmd(corpus, teacher, out):
+    return [sys.executable, "-m", "ar2mdm.precompute.cli", "build", str(corpus), "--teacher", str(teacher),
+            "--out", str(out), "--seq-len", "24", "--k", "3", "--top-n", "5", "--seqs-per-shard", "1",
+            "--masks-per-seq", "2", "--no-progress"]  # fmt: skip
+
+
+def test_killed_build_resumes_to_identical_shards(tmp_path, tiny_teacher):
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(TEXT * 6)
+    ref = tmp_path / "ref"
+    subprocess.run(_build_cmd(corpus, tiny_teacher, ref), check=True, capture_output=True)
+    total = len(shard_hashes(ref))
+    assert total >= 8
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_build_cmd(corpus, tiny_teacher, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("*.done"))) < 2:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(out.glob("*.done")))
+    assert 0 < done < total, f"kill came too late or too early ({done}/{total})"
+    subprocess.run(_build_cmd(corpus, tiny_teacher, out), check=True, capture_output=True)
+    assert shard_hashes(out) == shard_hashes(ref)
+    for name in shard_hashes(ref):
+        assert (out / name).read_bytes() == (ref / name).read_bytes()
+    assert not list(out.glob("*.tmp*"))
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def _cli(*args):
+    r = runner.invoke(app, ["build", *map(str, args), "--no-progress"])
+    assert "Traceback" not in r.output
+    return r
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path, tiny_teacher, tiny_corpus):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = _cli(empty, "--teacher", tiny_teacher, "--out", tmp_path / "o1")
+    assert r.exit_code == 2 and "holds no" in r.output
+
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    (only_bad / "x.txt").write_bytes(b"\x00\x00binary")
+    (only_bad / "y.txt").write_text("")
+    r = _cli(only_bad, "--teacher", tiny_teacher, "--out", tmp_path / "o2")
+    assert r.exit_code == 2 and "no usable documents" in r.output
+
+    short = tmp_path / "short"
+    short.mkdir()
+    (short / "a.txt").write_text("tiny")
+    r = _cli(short, "--teacher", tiny_teacher, "--out", tmp_path / "o3", "--seq-len", "64")
+    assert r.exit_code == 2 and "no full row of --seq-len 64" in r.output
+
+    r = _cli(tiny_corpus, "--teacher", tiny_teacher, "--out", tmp_path / "o4", "--k", "1000")
+    assert r.exit_code == 2 and "larger than the teacher's vocabulary" in r.output
+
+    r = _cli(tiny_corpus, "--teacher", tiny_teacher, "--out", tmp_path / "o5", "--seq-len", "4096")
+    assert r.exit_code == 2 and "larger than the teacher's context (256" in r.output
+
+    broken = tmp_path / "broken_teacher"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    (broken / "model.safetensors").write_bytes(b"junk")
+    r = _cli(tiny_corpus, "--teacher", broken, "--out", tmp_path / "o6")
+    assert r.exit_code == 2 and "does not load" in r.output
+
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text('{"prompt": "hello"}\n')
+    r = _cli(sft, "--teacher", tiny_teacher, "--out", tmp_path / "o7", "--task", "sft")
+    assert r.exit_code == 2 and "without a response" in r.output and "no usable documents" in r.output
+
+
+def test_sft_build_masks_only_the_response(tmp_path, tiny_teacher):
+    f = tmp_path / "sft.jsonl"
+    rows = [{"prompt": f"question {j}: where is the heath?", "response": "upon the heath, my lord."} for j in range(4)]
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "o"
+    run_build(cfg(f, tiny_teacher, out, task="sft", seq_len=64, positions="all"))
+    m = validate_dir(out)
+    data = read_shard(out / m.shards[0].file)
+    for r in range(data.rows):
+        pl = int(data.prompt_len[r])
+        assert pl > 1
+        assert data.row_masks(r).min() >= pl
+        assert data.target_positions[data.target_offsets[r]] == pl

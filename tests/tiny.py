@@ -1,0 +1,53 @@
+"""Tiny random teachers for unit tests: a character-level tokenizer and a 2-layer Llama, saved as a HF folder."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+
+CHARS = list(string.ascii_lowercase + " .,;:!?'\n")
+
+
+def char_tokenizer():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for c in CHARS:
+        vocab[c] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_llama(vocab_size: int, seed: int = 0, max_positions: int = 256, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    # Larger logits than the default init, so distributions are far from uniform and errors show.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    return model
+
+
+def save_tiny_teacher(folder: Path, seed: int = 0, max_positions: int = 256) -> Path:
+    tok = char_tokenizer()
+    model = tiny_llama(len(tok), seed=seed, max_positions=max_positions)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+TEXT = (
+    "when shall we three meet again in thunder, lightning, or in rain? when the hurlyburly's done, when the "
+    "battle's lost and won. that will be ere the set of sun. where the place? upon the heath. there to meet "
+    "with macbeth. i come, graymalkin! paddock calls. anon. fair is foul, and foul is fair: hover through the "
+    "fog and filthy air.\n"
+)
