@@ -43,10 +43,15 @@ def log_softmax_head(model, h: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
 
 def token_logliks(model, h: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """(N,) log p(targets[n]) under the head applied to h[n]; never holds more than chunk x V logits."""
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
     out = []
     for a in range(0, h.shape[0], chunk):
-        lp = log_softmax_head(model, h[a : a + chunk], chunk)  # (n, V)
-        out.append(lp.gather(1, targets[a : a + chunk, None].long())[:, 0])
+        z = head(h[a : a + chunk]).float()  # (n, V)
+        if cap:
+            z = torch.tanh(z / cap) * cap
+        # z[target] - logsumexp(z): no second (n, V) tensor as log_softmax would allocate
+        out.append(z.gather(1, targets[a : a + chunk, None].long())[:, 0] - torch.logsumexp(z, dim=-1))
     return torch.cat(out) if out else h.new_zeros((0,), dtype=torch.float32)
 
 

@@ -1,0 +1,65 @@
+"""Run folders: ``RUN/checkpoint/`` holds model.safetensors, config.json, the tokenizer and the training state.
+
+A checkpoint is written into ``checkpoint.tmp`` and swapped in by renames, so a crash never leaves a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ar2mdm.shared.errors import UserError
+from ar2mdm.train.model import Student, StudentConfig
+
+CKPT = "checkpoint"
+
+
+def save_checkpoint(run: Path, model: Student, meta: dict, state: dict, tokenizer_dir: Path) -> None:
+    final = run / CKPT
+    tmp = run / f"{CKPT}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(sd, str(tmp / "model.safetensors"))
+    (tmp / "config.json").write_text(json.dumps({"student": model.config.to_dict(), **meta}, indent=2))
+    torch.save(state, tmp / "state.pt")
+    shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+    old = run / f"{CKPT}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_dir(run: Path) -> Path:
+    d = Path(run) / CKPT
+    if not (d / "model.safetensors").exists():
+        old = Path(run) / f"{CKPT}.old"  # a crash between the two renames leaves the previous one here
+        if (old / "model.safetensors").exists():
+            return old
+        raise UserError(f"{run}: no checkpoint (expected {d}/model.safetensors)")
+    return d
+
+
+def load_meta(run: Path) -> dict:
+    return json.loads((checkpoint_dir(run) / "config.json").read_text())
+
+
+def load_student(run: Path, device: str = "cpu") -> tuple[Student, dict]:
+    d = checkpoint_dir(run)
+    meta = json.loads((d / "config.json").read_text())
+    model = Student(StudentConfig(**meta["student"]))
+    model.load_state_dict(load_file(str(d / "model.safetensors")))
+    return model.to(device).eval(), meta
+
+
+def load_tokenizer(run: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(checkpoint_dir(run) / "tokenizer")

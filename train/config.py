@@ -1,0 +1,61 @@
+"""`TrainConfig`: every setting of `kdtrain run`, typed, with its checks. The CLI only fills it in."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from ar2mdm.shared.errors import UserError
+
+
+@dataclass
+class TrainConfig:
+    shards: str
+    out: str | None = None  # default: runs/<shards folder name>
+    student: str = "small"  # preset (tiny, small, base) or a JSON file
+    init_from: str | None = None  # AR checkpoint (HF folder or .gguf) with the shards' tokenizer
+    lam: float = 0.5  # λ: weight of the KD term
+    temperature: float = 1.0
+    tail: Literal["renormalize", "bucket"] = "renormalize"
+    loss_weighting: Literal["seed", "elbo"] = "seed"  # elbo: multiply the MDM term by 1/t
+    resample_masks: bool = False
+    steps: int | None = None  # default: epochs x (rows per rank / batch)
+    stop_at: int | None = None  # stop (with a checkpoint) after this step; the schedule still spans `steps`
+    epochs: int = 1
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup: float = 0.05  # fraction of the steps
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    seed: int = 0
+    resume: bool = False
+    save_every: int = 200
+    log_every: int = 10
+    shuffle_buffer: int = 1024
+    num_workers: int = 0
+    device: str = "auto"
+    compile: bool = False
+    fsdp: bool = False
+    progress: bool = True
+
+    def check(self) -> None:
+        if not 0.0 <= self.lam <= 1.0:
+            raise UserError(f"--lambda must be in [0, 1], got {self.lam}")
+        if self.temperature <= 0:
+            raise UserError(f"--temperature must be > 0, got {self.temperature}")
+        if self.tail not in ("renormalize", "bucket"):
+            raise UserError(f"--tail must be renormalize or bucket, got {self.tail!r}")
+        if self.loss_weighting not in ("seed", "elbo"):
+            raise UserError(f"--loss-weighting must be seed or elbo, got {self.loss_weighting!r}")
+        for name in ("batch_size", "grad_accum", "epochs", "save_every", "log_every", "shuffle_buffer"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.steps is not None and self.steps < 1:
+            raise UserError(f"--steps must be at least 1, got {self.steps}")
+        if self.lr <= 0:
+            raise UserError(f"--lr must be > 0, got {self.lr}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

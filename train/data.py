@@ -1,0 +1,179 @@
+"""Streaming shard rows into training batches: split across ranks and workers, shuffled, epoch after epoch.
+
+Memory stays flat: shards are read a record batch at a time, and only a shuffle buffer of rows is held.
+The stream is infinite (epoch 0, then epoch 1, ...); the trainer counts the rows it consumed, and `--resume`
+skips exactly that many, so a resumed run sees the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ar2mdm.schemas import Manifest
+from ar2mdm.shared.masking import sample_row_mask
+from ar2mdm.shared.shards import iter_shard_batches
+
+
+@dataclass
+class Row:
+    example_id: str
+    input_ids: np.ndarray  # (L,) int32
+    prompt_len: int
+    t: float
+    mask_positions: np.ndarray  # (M,) int32 ascending
+    target_positions: np.ndarray  # (P,) int32 ascending
+    entry_offsets: np.ndarray  # (P+1,) int64, into target_ids/target_logprobs
+    target_ids: np.ndarray  # (E,) int32
+    target_logprobs: np.ndarray  # (E,) float32
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, L) long, the clean rows
+    mask: torch.Tensor  # (B, L) bool
+    t: torch.Tensor  # (B,) float32
+    prompt_len: torch.Tensor  # (B,) long
+    target_ids: torch.Tensor  # (K, N) long, K = mask.sum(), in mask.nonzero() order
+    target_logprobs: torch.Tensor  # (K, N) float32, -inf on padding
+
+    def to(self, device) -> "Batch":
+        return Batch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
+
+def _rows_of_shard(path: Path) -> Iterator[Row]:
+    for data in iter_shard_batches(path):
+        lp = data.target_logprobs.astype(np.float32)
+        for r in range(data.rows):
+            a, b = data.target_offsets[r], data.target_offsets[r + 1]
+            e0, e1 = data.entry_offsets[a], data.entry_offsets[b]
+            yield Row(
+                example_id=data.example_ids[r],
+                input_ids=data.input_ids[r],
+                prompt_len=int(data.prompt_len[r]),
+                t=float(data.t[r]),
+                mask_positions=data.row_masks(r),
+                target_positions=data.target_positions[a:b],
+                entry_offsets=data.entry_offsets[a : b + 1] - e0,
+                target_ids=data.target_ids[e0:e1],
+                target_logprobs=lp[e0:e1],
+            )
+
+
+class RowStream:
+    """Rows of a shard folder for one (rank, worker), shuffled through a buffer, epoch after epoch.
+
+    Split: with at least as many shards as consumers, each consumer reads its own shards
+    ``[consumer::consumers]``; with fewer shards, every consumer reads all and keeps rows
+    ``[consumer::consumers]``. Either way no row is seen twice in an epoch.
+    """
+
+    def __init__(self, directory: Path, manifest: Manifest, consumer: int, consumers: int, seed: int,
+                 shuffle_buffer: int = 1024, resample_masks: bool = False, mask_eps: float = 1e-3):  # fmt: skip
+        self.files = [directory / s.file for s in manifest.shards]
+        self.consumer, self.consumers = consumer, consumers
+        self.seed, self.buffer = seed, shuffle_buffer
+        self.resample = resample_masks
+        self.seq_len, self.mask_eps = manifest.seq_len, mask_eps
+
+    def rows_per_epoch(self, manifest: Manifest) -> int:
+        if len(self.files) >= self.consumers:
+            return sum(s.rows for s in manifest.shards[self.consumer :: self.consumers])
+        total = sum(s.rows for s in manifest.shards)
+        return len(range(self.consumer, total, self.consumers))
+
+    def _epoch_rows(self, epoch: int) -> Iterator[Row]:
+        order = list(range(len(self.files)))
+        random.Random(f"{self.seed}:{epoch}").shuffle(order)  # the same order on every consumer
+        split_files = len(self.files) >= self.consumers
+        files = [self.files[j] for j in order]
+        if split_files:
+            files = files[self.consumer :: self.consumers]
+        n = 0
+        for f in files:
+            for row in _rows_of_shard(f):
+                keep = split_files or n % self.consumers == self.consumer
+                n += 1
+                if keep:
+                    yield row
+
+    def __iter__(self) -> Iterator[tuple[int, Row]]:
+        """(epoch, row) pairs forever."""
+        epoch = 0
+        while True:
+            rng = random.Random(f"{self.seed}:{epoch}:{self.consumer}")
+            buf: list[Row] = []
+            for row in self._epoch_rows(epoch):
+                if len(buf) < self.buffer:
+                    buf.append(row)
+                    continue
+                j = rng.randrange(len(buf))
+                buf[j], row = row, buf[j]
+                yield epoch, self._maybe_resample(row, epoch)
+            rng.shuffle(buf)
+            for row in buf:
+                yield epoch, self._maybe_resample(row, epoch)
+            epoch += 1
+
+    def _maybe_resample(self, row: Row, epoch: int) -> Row:
+        if not self.resample or epoch == 0:
+            return row  # epoch 0 trains on the stored masks
+        t, mask = sample_row_mask(row.prompt_len, self.seq_len, self.seed, f"{row.example_id}:e{epoch}", self.mask_eps)
+        return Row(**{**row.__dict__, "t": t, "mask_positions": mask.nonzero()[:, 0].numpy().astype(np.int32)})
+
+
+def collate(rows: list[Row], top_n: int) -> Batch:
+    """Stack rows into a Batch; targets are gathered for the masked positions, in row-major order."""
+    B, L = len(rows), len(rows[0].input_ids)
+    ids = torch.as_tensor(np.stack([r.input_ids for r in rows]), dtype=torch.long)
+    mask = torch.zeros(B, L, dtype=torch.bool)
+    tids, tlps = [], []
+    for b, r in enumerate(rows):
+        mask[b, torch.as_tensor(r.mask_positions, dtype=torch.long)] = True
+        tp = r.target_positions
+        idx = np.searchsorted(tp, r.mask_positions)  # target entry of each masked position
+        has = np.zeros(len(idx), bool)
+        if len(tp):
+            has = (idx < len(tp)) & (tp[np.minimum(idx, len(tp) - 1)] == r.mask_positions)
+        for j, p in enumerate(idx):
+            ti = np.full(top_n, 0, np.int64)
+            tl = np.full(top_n, -np.inf, np.float32)
+            if has[j]:
+                a, c = r.entry_offsets[p], r.entry_offsets[p + 1]
+                n = min(c - a, top_n)
+                ti[:n], tl[:n] = r.target_ids[a : a + n], r.target_logprobs[a : a + n]
+            tids.append(ti)
+            tlps.append(tl)
+    return Batch(
+        input_ids=ids,
+        mask=mask,
+        t=torch.tensor([r.t for r in rows], dtype=torch.float32),
+        prompt_len=torch.tensor([r.prompt_len for r in rows], dtype=torch.long),
+        target_ids=torch.as_tensor(np.stack(tids)) if tids else torch.zeros(0, top_n, dtype=torch.long),
+        target_logprobs=torch.as_tensor(np.stack(tlps)) if tlps else torch.zeros(0, top_n),
+    )
+
+
+class BatchLoader(torch.utils.data.IterableDataset):
+    """Batches of one rank; DataLoader workers split the rank's stream further (consumer = rank * W + worker)."""
+
+    def __init__(self, directory, manifest, rank, world, seed, batch_size, skip_rows=0, **stream_kw):
+        self.args = (Path(directory), manifest, rank, world, seed, batch_size, skip_rows, stream_kw)
+
+    def __iter__(self):
+        directory, manifest, rank, world, seed, bs, skip, kw = self.args
+        info = torch.utils.data.get_worker_info()
+        nw, wid = (info.num_workers, info.id) if info else (1, 0)
+        stream = RowStream(directory, manifest, rank * nw + wid, world * nw, seed, **kw)
+        top_n = int(manifest.params.get("top_n", 16))
+        it = iter(stream)
+        for _ in range(skip // nw):
+            next(it)
+        while True:
+            rows = [next(it)[1] for _ in range(bs)]
+            yield collate(rows, top_n)

@@ -1,0 +1,212 @@
+"""`kdtrain run`, top to bottom: shards + manifest -> student -> AdamW loop -> checkpoints and metrics.
+
+Distributed training goes through torchrun: with WORLD_SIZE > 1 the process group is initialised (NCCL on
+CUDA, gloo on CPU) and the student wrapped in DDP (or FSDP2 with --fsdp); each rank streams its own rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ar2mdm.schemas import Manifest, SchemaError
+from ar2mdm.shared.errors import UserError
+from ar2mdm.train.checkpoint import checkpoint_dir, load_meta, save_checkpoint
+from ar2mdm.train.config import TrainConfig
+from ar2mdm.train.data import Batch, BatchLoader, RowStream
+from ar2mdm.train.losses import combined_loss, kd_loss, mdm_loss
+from ar2mdm.train.model import Student, StudentConfig
+
+
+def load_shard_manifest(shards: str | Path) -> Manifest:
+    d = Path(shards)
+    if not d.is_dir():
+        raise UserError(f"shard folder {d} does not exist")
+    try:
+        m = Manifest.load(d)
+    except SchemaError as e:
+        raise UserError(str(e)) from e
+    if not m.shards:
+        raise UserError(f"shard folder {d} lists no shards (build not run or not finished)")
+    return m
+
+
+def step_losses(model, batch: Batch, cfg: TrainConfig, mask_id: int) -> tuple[torch.Tensor, dict]:
+    """Loss of one batch: (1-λ)·MDM + λ·KD, and its parts as floats."""
+    x_t = torch.where(batch.mask, torch.full_like(batch.input_ids, mask_id), batch.input_ids)  # (B, L)
+    logits = model(x_t, batch.mask)  # (K, V) at the masked positions
+    row = batch.mask.nonzero()[:, 0]  # (K,)
+    L = batch.input_ids.shape[1]
+    # seed §1: 1/L for pretrain rows, 1/|response| for SFT rows
+    norm = torch.where(batch.prompt_len > 0, L - batch.prompt_len, torch.full_like(batch.prompt_len, L)).float()
+    weight = 1.0 / batch.t if cfg.loss_weighting == "elbo" else torch.ones_like(batch.t)
+    parts = {}
+    mdm = kd = None
+    if cfg.lam < 1.0:
+        mdm = mdm_loss(logits, batch.input_ids[batch.mask], row, norm, weight)
+        parts["mdm"] = float(mdm.detach())
+    if cfg.lam > 0.0:
+        kd = kd_loss(logits, batch.target_ids, batch.target_logprobs, row, norm, cfg.temperature, cfg.tail)
+        parts["kd"] = float(kd.detach())
+    loss = combined_loss(mdm, kd, cfg.lam)
+    parts["loss"] = float(loss.detach())
+    return loss, parts
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warmup then cosine decay to min_lr_ratio * lr."""
+    warm = max(1, int(cfg.warmup * total))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    frac = (step - warm) / max(1, total - warm)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def _dist() -> tuple[int, int, bool]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return rank, world, world > 1
+
+
+def build_student(cfg: TrainConfig, manifest: Manifest) -> Student:
+    if cfg.init_from:
+        from ar2mdm.train.init import student_from_ar
+
+        return student_from_ar(cfg.init_from, manifest.tokenizer.vocab_size, manifest.tokenizer.sha256, manifest.seq_len)
+    sc = StudentConfig.from_spec(cfg.student, manifest.tokenizer.vocab_size, manifest.seq_len)
+    return Student(sc)
+
+
+def run_training(cfg: TrainConfig) -> dict:
+    """Train (or resume) a student; returns the final metrics. Raises UserError on bad input."""
+    cfg.check()
+    shards = Path(cfg.shards)
+    manifest = load_shard_manifest(shards)
+    if cfg.resample_masks and (manifest.mask_dependent_targets or not manifest.targets_at_all_positions):
+        raise UserError(
+            "--resample-masks needs targets at every position that do not depend on the mask "
+            f"(build with --positions all and --mode topk or fim); these shards are mode {manifest.mode}, "
+            f"positions {manifest.params.get('positions')}"
+        )
+    run = Path(cfg.out or Path("runs") / shards.resolve().name)
+    rank, world, distributed = _dist()
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and distributed:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    meta = {"mask_id": manifest.tokenizer.vocab_size, "tokenizer_sha256": manifest.tokenizer.sha256,
+            "shards": str(shards.resolve()), "train": cfg.to_dict(), "seq_len": manifest.seq_len}  # fmt: skip
+    state = None
+    if cfg.resume:
+        old = load_meta(run)
+        if old["tokenizer_sha256"] != manifest.tokenizer.sha256:
+            raise UserError(f"--resume: {run} was trained with another tokenizer than the shards in {shards}")
+        model = Student(StudentConfig(**old["student"]))
+        if cfg.init_from is None and old["student"] != StudentConfig.from_spec(cfg.student, manifest.tokenizer.vocab_size, manifest.seq_len).to_dict():
+            raise UserError(f"--resume: the checkpoint in {run} has another student config than --student {cfg.student}")
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(checkpoint_dir(run) / "model.safetensors")))
+        state = torch.load(checkpoint_dir(run) / "state.pt", weights_only=False)
+    else:
+        if (run / "checkpoint").exists():
+            raise UserError(f"{run} already holds a checkpoint; pass --resume to continue it or choose another --out")
+        model = build_student(cfg, manifest)
+    model.to(device)
+    mask_id = model.config.mask_id
+
+    # data: a fixed number of steps per epoch, the same on every rank, so DDP ranks never wait on each other
+    loader_kw = dict(shuffle_buffer=cfg.shuffle_buffer, resample_masks=cfg.resample_masks,
+                     mask_eps=float(manifest.params.get("mask_eps", 1e-3)))  # fmt: skip
+    rows_per_rank = min(RowStream(shards, manifest, r, world, cfg.seed).rows_per_epoch(manifest) for r in range(world))
+    steps_per_epoch = max(1, rows_per_rank // (cfg.batch_size * cfg.grad_accum))
+    total = cfg.steps or cfg.epochs * steps_per_epoch
+    step = state["step"] if state else 0
+    rows_done = state["rows"] if state else 0
+
+    train_model = model
+    if distributed:
+        if cfg.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+        else:
+            train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, 0.95), fused=False)  # fmt: skip
+    if state:
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+
+    loader = torch.utils.data.DataLoader(
+        BatchLoader(shards, manifest, rank, world, cfg.seed, cfg.batch_size, skip_rows=rows_done, **loader_kw),
+        batch_size=None, num_workers=cfg.num_workers,
+    )  # fmt: skip
+    it = iter(loader)
+    run.mkdir(parents=True, exist_ok=True)
+    metrics_f = open(run / "metrics.jsonl", "a") if rank == 0 else None
+    tok_dir = shards / "tokenizer"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=step, unit="step", desc="kdtrain", disable=not cfg.progress or rank != 0, file=sys.stderr, dynamic_ncols=True)
+    t_last, tokens = time.time(), 0
+    last = {}
+    end = min(total, cfg.stop_at) if cfg.stop_at else total
+    while step < end:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total, cfg)
+        opt.zero_grad(set_to_none=True)
+        parts_acc: dict[str, float] = {}
+        for _ in range(cfg.grad_accum):
+            batch = next(it).to(device)
+            rows_done += batch.input_ids.shape[0]
+            tokens += batch.input_ids.numel()
+            with autocast:
+                loss, parts = step_losses(train_model, batch, cfg, mask_id)
+            (loss / cfg.grad_accum).backward()
+            for k, v in parts.items():
+                parts_acc[k] = parts_acc.get(k, 0.0) + v / cfg.grad_accum
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        opt.step()
+        step += 1
+        now = time.time()
+        last = {"step": step, **parts_acc, "lr": opt.param_groups[0]["lr"], "grad_norm": float(gnorm),
+                "tokens_per_s": tokens * world / max(now - t_last, 1e-9), "epoch": rows_done / max(rows_per_rank, 1)}  # fmt: skip
+        bar.update(1)
+        bar.set_postfix(loss=f"{parts_acc['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+        if metrics_f and (step % cfg.log_every == 0 or step == end):
+            metrics_f.write(json.dumps(last) + "\n")
+            metrics_f.flush()
+        if step % cfg.log_every == 0:
+            t_last, tokens = now, 0
+        if rank == 0 and (step % cfg.save_every == 0 or step == end):
+            st = {"step": step, "rows": rows_done, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()}
+            save_checkpoint(run, model, meta, st, tok_dir)
+    bar.close()
+    if metrics_f:
+        metrics_f.close()
+    if distributed:
+        torch.distributed.barrier()
+    return {"run": str(run), "steps": step, **last}
