@@ -212,8 +212,6 @@ def build_shard(cfg: BuildConfig, teacher: TorchTeacher, ids: np.ndarray, plen: 
         for s, m in zip(src, masks):
             per_seq[local[s]] = np.union1d(per_seq[local[s]], m).astype(np.int32)
         row_tpos = masks
-    if cfg.mode != "topk":
-        raise UserError(f"--mode {cfg.mode} is not available in this version (topk only)")
     targets = topk_shard_targets(cfg, teacher, ids, per_seq, on_batch)
     tpos, tids, tlps = [], [], []
     for s, pos in zip(src, row_tpos):
@@ -245,6 +243,11 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
     """Run (or resume) a build; returns a summary. Raises UserError on bad input."""
     t0 = time.time()
     cfg.check()
+    # Refused before anything is written, so no half-made output folder is left behind.
+    if cfg.mode != "topk":
+        raise UserError(f"--mode {cfg.mode} is not built yet in this version; --mode topk is")
+    if cfg.backend == "vllm":
+        raise UserError("--backend vllm is not built yet in this version; use --backend hf (or auto)")
     corpus = Path(cfg.corpus) if cfg.corpus else default_corpus()
     files = list_corpus_files(corpus)
     folder, weights_sha = resolve_teacher(cfg.teacher)

@@ -55,6 +55,8 @@ class BuildConfig:
         """Raise UserError on settings that can be refused before anything is loaded."""
         if self.mode not in ("topk", "mc", "fim"):
             raise UserError(f"--mode must be topk, mc or fim, got {self.mode!r}")
+        if self.backend not in ("hf", "vllm", "auto"):
+            raise UserError(f"--backend must be hf, vllm or auto, got {self.backend!r}")
         if self.task not in ("pretrain", "sft"):
             raise UserError(f"--task must be pretrain or sft, got {self.task!r}")
         if self.positions not in ("masked", "all"):

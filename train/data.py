@@ -46,7 +46,7 @@ class Batch:
         return Batch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
 
-def _rows_of_shard(path: Path) -> Iterator[Row]:
+def rows_of_shard(path: Path) -> Iterator[Row]:
     for data in iter_shard_batches(path):
         lp = data.target_logprobs.astype(np.float32)
         for r in range(data.rows):
@@ -96,7 +96,7 @@ class RowStream:
             files = files[self.consumer :: self.consumers]
         n = 0
         for f in files:
-            for row in _rows_of_shard(f):
+            for row in rows_of_shard(f):
                 keep = split_files or n % self.consumers == self.consumer
                 n += 1
                 if keep:

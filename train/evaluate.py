@@ -27,11 +27,11 @@ def _rows_from(data: Path, meta: dict, tokenizer, max_rows: int) -> tuple[list[R
             raise UserError(str(e)) from e
         if manifest.tokenizer.sha256 != meta["tokenizer_sha256"]:
             raise UserError(f"--data {data}: shards built with another tokenizer than the student's")
-        from ar2mdm.train.data import _rows_of_shard
+        from ar2mdm.train.data import rows_of_shard
 
         rows = []
         for s in manifest.shards:
-            for r in _rows_of_shard(data / s.file):
+            for r in rows_of_shard(data / s.file):
                 rows.append(r)
                 if len(rows) >= max_rows:
                     return rows, manifest

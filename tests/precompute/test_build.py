@@ -190,3 +190,11 @@ def test_sft_build_masks_only_the_response(tmp_path, tiny_teacher):
         assert pl > 1
         assert data.row_masks(r).min() >= pl
         assert data.target_positions[data.target_offsets[r]] == pl
+
+
+def test_modes_not_built_yet_are_refused_before_writing(tmp_path, tiny_teacher, tiny_corpus):
+    for args in (["--mode", "mc"], ["--backend", "vllm"]):
+        out = tmp_path / args[1]
+        r = _cli(tiny_corpus, "--teacher", tiny_teacher, "--out", out, *args)
+        assert r.exit_code == 2 and "not built yet" in r.output
+        assert not out.exists()
