@@ -36,6 +36,8 @@ def load_shard_manifest(shards: str | Path) -> Manifest:
         raise UserError(str(e)) from e
     if not m.shards:
         raise UserError(f"shard folder {d} lists no shards (build not run or not finished)")
+    if not (d / "tokenizer").is_dir():
+        raise UserError(f"shard folder {d} has no tokenizer/ (kdtargets build writes it; the student needs it)")
     return m
 
 
