@@ -36,7 +36,7 @@ from ar2mdm.shared import __version__
 from ar2mdm.shared.corpus import CorpusStats, corpus_fingerprint, iter_documents, iter_sft_examples, list_corpus_files
 from ar2mdm.shared.defaults import default_corpus
 from ar2mdm.shared.errors import UserError, warn
-from ar2mdm.shared.masking import sample_row_mask
+from ar2mdm.shared.masking import row_seed, sample_row_mask
 from ar2mdm.shared.shards import DONE_SUFFIX, ShardData, file_sha256, offsets_from_lengths, shard_name, write_shard
 from ar2mdm.shared.tokenizer import PackStats, pack_documents, pack_sft
 
@@ -181,15 +181,20 @@ def select_top_n(cand: torch.Tensor, logq: torch.Tensor, top_n: int) -> tuple[li
     return ids_out, lq_out
 
 
-def topk_shard_targets(cfg: BuildConfig, teacher: TorchTeacher, ids: np.ndarray, positions: list[np.ndarray], on_batch=None):
-    """Rescoring targets for whole sequences: per sequence a dict position -> (ids, logprobs)."""
+def clean_context_targets(cfg: BuildConfig, teacher: TorchTeacher, ids: np.ndarray, positions: list[np.ndarray],
+                          fim_ids=None, on_batch=None) -> list[dict]:  # fmt: skip
+    """topk or fim targets for whole sequences: per sequence a dict position -> (ids, logprobs)."""
+    from ar2mdm.precompute.fim import fim_targets
     from ar2mdm.precompute.rescoring import rescore
 
     out = []
     for a in range(0, len(ids), cfg.batch_size):
         x = torch.as_tensor(ids[a : a + cfg.batch_size], dtype=torch.long, device=teacher.device)
         pos = [torch.as_tensor(p, dtype=torch.long) for p in positions[a : a + cfg.batch_size]]
-        res = rescore(teacher.model, x, pos, cfg.k, cfg.window, cfg.token_budget)
+        if cfg.mode == "fim":
+            res = fim_targets(teacher.model, x, pos, fim_ids, cfg.window, cfg.top_n, cfg.token_budget)
+        else:
+            res = rescore(teacher.model, x, pos, cfg.k, cfg.window, cfg.token_budget)
         for (cand, logq), p in zip(res, pos):
             tid, tlp = select_top_n(cand, logq, cfg.top_n)
             out.append({int(i): (tid[j], tlp[j]) for j, i in enumerate(p.tolist())})
@@ -198,28 +203,57 @@ def topk_shard_targets(cfg: BuildConfig, teacher: TorchTeacher, ids: np.ndarray,
     return out
 
 
-def build_shard(cfg: BuildConfig, teacher: TorchTeacher, ids: np.ndarray, plen: np.ndarray, seq_index: np.ndarray, on_batch=None) -> ShardData:
+def mc_row_targets(cfg: BuildConfig, teacher: TorchTeacher, x: np.ndarray, masked: np.ndarray, key: str):
+    """MC targets of one row at its masked positions: (ids list, logprobs list, ess)."""
+    from ar2mdm.precompute.mc import mc_targets
+
+    gen = torch.Generator(device=teacher.device).manual_seed(row_seed(cfg.seed, key + ":mc"))
+    res = mc_targets(
+        teacher.model, torch.as_tensor(x, dtype=torch.long, device=teacher.device), masked.tolist(), cfg.k,
+        cfg.mc_score, cfg.mc_weights, cfg.sample_temperature, gen, cfg.top_n, cfg.rescore_k, cfg.window,
+        cfg.token_budget,
+    )  # fmt: skip
+    ids = [i.numpy().astype(np.int32) for i in res.ids]
+    lps = [lp.float().numpy() for lp in res.logprobs]
+    return ids, lps, res.ess
+
+
+def build_shard(cfg: BuildConfig, teacher: TorchTeacher, ids: np.ndarray, plen: np.ndarray, seq_index: np.ndarray,
+                fim_ids=None, on_batch=None) -> ShardData:  # fmt: skip
     """All rows of one shard: masks for every sequence, teacher targets, assembled into ShardData."""
     ex, ts, masks, src = row_masks(cfg, seq_index, plen)
     local = {s: j for j, s in enumerate(seq_index.tolist())}
-    # Targets are conditioned on the clean row, so the M masks of a sequence share one computation over the
-    # union of their target positions.
-    if cfg.positions == "all":
-        per_seq = [np.arange(max(1, int(pl)), cfg.seq_len, dtype=np.int32) for pl in plen]
-        row_tpos = [per_seq[local[s]] for s in src]
+    tids, tlps = [], []
+    mc_samples = mc_ess = None
+    if cfg.mode == "mc":
+        # mc targets depend on the mask: every row is its own computation
+        row_tpos, ess = masks, []
+        for key, s, m in zip(ex, src, masks):
+            i, lp, e = mc_row_targets(cfg, teacher, ids[local[s]], m, key)
+            tids += i
+            tlps += lp
+            ess.append(e)
+            if on_batch:
+                on_batch(1 / cfg.masks_per_seq, len(m))
+        mc_samples = np.full(len(ex), cfg.k, np.int32)
+        mc_ess = np.asarray(ess, np.float32)
     else:
-        per_seq = [np.zeros(0, np.int32) for _ in seq_index]
-        for s, m in zip(src, masks):
-            per_seq[local[s]] = np.union1d(per_seq[local[s]], m).astype(np.int32)
-        row_tpos = masks
-    targets = topk_shard_targets(cfg, teacher, ids, per_seq, on_batch)
-    tpos, tids, tlps = [], [], []
-    for s, pos in zip(src, row_tpos):
-        tab = targets[local[s]]
-        for i in pos.tolist():
-            tpos.append(i)
-            tids.append(tab[i][0])
-            tlps.append(tab[i][1])
+        # Targets are conditioned on the clean row, so the M masks of a sequence share one computation over
+        # the union of their target positions.
+        if cfg.positions == "all":
+            per_seq = [np.arange(max(1, int(pl)), cfg.seq_len, dtype=np.int32) for pl in plen]
+            row_tpos = [per_seq[local[s]] for s in src]
+        else:
+            per_seq = [np.zeros(0, np.int32) for _ in seq_index]
+            for s, m in zip(src, masks):
+                per_seq[local[s]] = np.union1d(per_seq[local[s]], m).astype(np.int32)
+            row_tpos = masks
+        targets = clean_context_targets(cfg, teacher, ids, per_seq, fim_ids, on_batch)
+        for s, pos in zip(src, row_tpos):
+            tab = targets[local[s]]
+            for i in pos.tolist():
+                tids.append(tab[i][0])
+                tlps.append(tab[i][1])
     row_ids = np.stack([ids[local[s]] for s in src]).astype(np.int32)
     return ShardData(
         example_ids=ex,
@@ -229,10 +263,12 @@ def build_shard(cfg: BuildConfig, teacher: TorchTeacher, ids: np.ndarray, plen: 
         mask_offsets=offsets_from_lengths([len(m) for m in masks]),
         mask_positions=np.concatenate(masks).astype(np.int32),
         target_offsets=offsets_from_lengths([len(p) for p in row_tpos]),
-        target_positions=np.asarray(tpos, np.int32),
+        target_positions=np.concatenate(row_tpos).astype(np.int32),
         entry_offsets=offsets_from_lengths([len(x) for x in tids]),
         target_ids=np.concatenate(tids).astype(np.int32) if tids else np.zeros(0, np.int32),
         target_logprobs=np.concatenate(tlps).astype(np.float32) if tlps else np.zeros(0, np.float32),
+        mc_samples=mc_samples,
+        mc_ess=mc_ess,
     )
 
 
@@ -244,8 +280,6 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
     t0 = time.time()
     cfg.check()
     # Refused before anything is written, so no half-made output folder is left behind.
-    if cfg.mode != "topk":
-        raise UserError(f"--mode {cfg.mode} is not built yet in this version; --mode topk is")
     if cfg.backend == "vllm":
         raise UserError("--backend vllm is not built yet in this version; use --backend hf (or auto)")
     corpus = Path(cfg.corpus) if cfg.corpus else default_corpus()
@@ -259,6 +293,13 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
         raise UserError(f"--k {max(cfg.k, cfg.rescore_k)} is larger than the teacher's vocabulary ({vocab} tokens)")
     if tinfo.max_positions and cfg.seq_len > tinfo.max_positions:
         raise UserError(f"--seq-len {cfg.seq_len} is larger than the teacher's context ({tinfo.max_positions} positions)")
+    fim_ids = None
+    if cfg.mode == "fim":
+        from ar2mdm.precompute.fim import fim_token_ids
+
+        fim_ids = fim_token_ids(tokenizer)
+        if tinfo.max_positions and cfg.seq_len + 2 > tinfo.max_positions:
+            raise UserError(f"--mode fim: a prompt of --seq-len {cfg.seq_len} + 2 FIM tokens exceeds the teacher's context")
     header = Manifest(
         schema_version=SCHEMA_VERSION,
         format=cfg.format,
@@ -306,14 +347,14 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
         bar = tqdm(total=remaining, unit="seq", desc=f"kdtargets rank {cfg.rank}", disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
         done_pos = [0]
 
-        def on_batch(n_seq: int, n_pos: int) -> None:
+        def on_batch(n_seq: float, n_pos: int) -> None:
             done_pos[0] += n_pos
             bar.update(n_seq)
             bar.set_postfix(pos_per_s=f"{done_pos[0] / max(bar.format_dict['elapsed'], 1e-9):.1f}")
 
         for u in todo:
             a, b = u * cfg.seqs_per_shard, min(len(ids), (u + 1) * cfg.seqs_per_shard)
-            data = build_shard(cfg, teacher, ids[a:b], plen[a:b], np.arange(a, b), on_batch)
+            data = build_shard(cfg, teacher, ids[a:b], plen[a:b], np.arange(a, b), fim_ids, on_batch)
             path = out / shard_name(cfg.rank, u, cfg.format)
             tmp = path.with_name(path.name + f".tmp{os.getpid()}")
             write_shard(data, tmp, cfg.format, cfg.logprob_dtype)

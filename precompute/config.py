@@ -83,6 +83,10 @@ class BuildConfig:
             raise UserError(f"--seqs-per-shard must be at least 1, got {self.seqs_per_shard}")
         if self.max_sequences is not None and self.max_sequences < 1:
             raise UserError(f"--max-sequences must be at least 1, got {self.max_sequences}")
+        if self.mc_score not in ("next-token", "full-conditional"):
+            raise UserError(f"--mc-score must be next-token or full-conditional, got {self.mc_score!r}")
+        if self.mc_weights not in ("uniform", "importance"):
+            raise UserError(f"--mc-weights must be uniform or importance, got {self.mc_weights!r}")
         if self.mode == "mc" and self.positions == "all":
             raise UserError("--positions all is meaningless with --mode mc: mc targets depend on the row's mask")
 

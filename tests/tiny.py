@@ -21,7 +21,7 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def tiny_llama(vocab_size: int, seed: int = 0, max_positions: int = 256, layers: int = 2):
+def tiny_llama(vocab_size: int, seed: int = 0, max_positions: int = 256, layers: int = 2, sharpness: float = 20.0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -33,12 +33,17 @@ def tiny_llama(vocab_size: int, seed: int = 0, max_positions: int = 256, layers:
     model = LlamaForCausalLM(cfg).eval()
     # Larger logits than the default init, so distributions are far from uniform and errors show.
     with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)
+        model.lm_head.weight.mul_(sharpness)
     return model
 
 
-def save_tiny_teacher(folder: Path, seed: int = 0, max_positions: int = 256) -> Path:
+FIM_TOKENS = ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]
+
+
+def save_tiny_teacher(folder: Path, seed: int = 0, max_positions: int = 256, fim: bool = False) -> Path:
     tok = char_tokenizer()
+    if fim:
+        tok.add_special_tokens({"additional_special_tokens": FIM_TOKENS})
     model = tiny_llama(len(tok), seed=seed, max_positions=max_positions)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)

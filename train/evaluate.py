@@ -12,7 +12,7 @@ from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.masking import maskable_positions, sample_masks
 from ar2mdm.train.checkpoint import load_student, load_tokenizer
 from ar2mdm.train.data import Row, collate
-from ar2mdm.train.losses import kd_loss
+from ar2mdm.train.losses import kd_loss, student_logprobs
 
 
 def _rows_from(data: Path, meta: dict, tokenizer, max_rows: int) -> tuple[list[Row], object]:
@@ -88,8 +88,9 @@ def evaluate(run: str, data: str, seed: int = 0, mc_samples: int = 4, batch_size
             logits = model(x_t, b.mask)
             L = b.input_ids.shape[1]
             norm = torch.where(b.prompt_len > 0, L - b.prompt_len, torch.full_like(b.prompt_len, L)).float()
-            kd = kd_loss(logits, b.target_ids, b.target_logprobs, b.mask.nonzero()[:, 0], norm,
-                         train.get("temperature", 1.0), train.get("tail", "renormalize"))  # fmt: skip
+            T = train.get("temperature", 1.0)
+            kd = kd_loss(student_logprobs(logits, T), b.target_ids, b.target_logprobs, b.mask.nonzero()[:, 0], norm,
+                         T, train.get("tail", "renormalize"))  # fmt: skip
             kd_sum += float(kd) * len(chunk)
             kd_rows += len(chunk)
     nll_bound = nll_sum / max(tok_sum, 1)

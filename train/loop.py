@@ -22,7 +22,7 @@ from ar2mdm.shared.errors import UserError
 from ar2mdm.train.checkpoint import checkpoint_dir, load_meta, save_checkpoint
 from ar2mdm.train.config import TrainConfig
 from ar2mdm.train.data import Batch, BatchLoader, RowStream
-from ar2mdm.train.losses import combined_loss, kd_loss, mdm_loss
+from ar2mdm.train.losses import combined_loss, kd_loss, mdm_loss, student_logprobs
 from ar2mdm.train.model import Student, StudentConfig
 
 
@@ -52,11 +52,14 @@ def step_losses(model, batch: Batch, cfg: TrainConfig, mask_id: int) -> tuple[to
     weight = 1.0 / batch.t if cfg.loss_weighting == "elbo" else torch.ones_like(batch.t)
     parts = {}
     mdm = kd = None
+    # one log-softmax over the vocabulary serves both terms at T = 1
+    logp = student_logprobs(logits) if cfg.lam < 1.0 or cfg.temperature == 1.0 else None
     if cfg.lam < 1.0:
-        mdm = mdm_loss(logits, batch.input_ids[batch.mask], row, norm, weight)
+        mdm = mdm_loss(logp, batch.input_ids[batch.mask], row, norm, weight)
         parts["mdm"] = float(mdm.detach())
     if cfg.lam > 0.0:
-        kd = kd_loss(logits, batch.target_ids, batch.target_logprobs, row, norm, cfg.temperature, cfg.tail)
+        logp_t = logp if cfg.temperature == 1.0 else student_logprobs(logits, cfg.temperature)
+        kd = kd_loss(logp_t, batch.target_ids, batch.target_logprobs, row, norm, cfg.temperature, cfg.tail)
         parts["kd"] = float(kd.detach())
     loss = combined_loss(mdm, kd, cfg.lam)
     parts["loss"] = float(loss.detach())

@@ -1,8 +1,9 @@
 """Losses of seed sections 1-2 as pure tensor functions.
 
 Shapes: B rows, L positions, V vocabulary, N stored target entries per position. Every function takes the
-student's logits only at the positions that carry a loss (``K`` of them, gathered from (B, L, V)) so that the
-V-sized work is proportional to the masked positions.
+student's log-probabilities only at the positions that carry a loss (``K`` of them, gathered from (B, L, V)),
+so that the V-sized work is proportional to the masked positions, and the log-softmax is computed once and
+shared by the MDM and KD terms when T = 1 (`student_logprobs`).
 """
 
 from __future__ import annotations
@@ -17,15 +18,21 @@ def _up(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def student_logprobs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(z / T) over the vocabulary: (K, V) logits -> (K, V) log-probs, at least float32."""
+    z = _up(logits)
+    return torch.log_softmax(z if temperature == 1.0 else z / temperature, dim=-1)
+
+
 def mdm_loss(
-    logits: torch.Tensor, targets: torch.Tensor, row: torch.Tensor, norm: torch.Tensor, weight: torch.Tensor
+    logp: torch.Tensor, targets: torch.Tensor, row: torch.Tensor, norm: torch.Tensor, weight: torch.Tensor
 ) -> torch.Tensor:
     """Seed §1: mean over rows of -(1/norm_b) · weight_b · Σ_{i masked in b} log p_θ(x_0,i | x_t).
 
-    logits: (K, V) at the masked positions; targets: (K,) clean tokens; row: (K,) row of each position;
-    norm: (B,) L for pretrain rows, the response length for SFT rows; weight: (B,) 1, or 1/t for the ELBO.
+    logp: (K, V) student log-probs (T = 1) at the masked positions; targets: (K,) clean tokens; row: (K,) row
+    of each position; norm: (B,) L for pretrain rows, the response length for SFT rows; weight: (B,) 1, or 1/t.
     """
-    nll = torch.nn.functional.cross_entropy(_up(logits), targets, reduction="none")  # (K,)
+    nll = -logp.gather(1, targets[:, None])[:, 0]  # (K,)
     per_row = torch.zeros_like(norm, dtype=nll.dtype).index_add(0, row, nll)  # (B,)
     return (per_row * weight / norm).mean()
 
@@ -37,20 +44,19 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 def sparse_kl(
-    logits: torch.Tensor, target_ids: torch.Tensor, target_logprobs: torch.Tensor, temperature: float, tail: str
+    logp: torch.Tensor, target_ids: torch.Tensor, target_logprobs: torch.Tensor, temperature: float, tail: str
 ) -> torch.Tensor:
     """Per-position T²·KL(q_T ‖ p_θ^T) against a sparse stored target.
 
-    logits: (K, V) student logits; target_ids: (K, N) ids; target_logprobs: (K, N) stored log q at T=1,
+    logp: (K, V) student log-probs at temperature T (`student_logprobs(logits, T)`); target_ids: (K, N) ids; target_logprobs: (K, N) stored log q at T=1,
     -inf on padding entries; exp sums to <= 1 (the rest is mass outside the stored support).
     q_T: the stored target raised to 1/T and renormalised over its support; p_θ^T = softmax(z/T) over V.
     tail="renormalize": the support is treated as the whole distribution.
     tail="bucket": one more category holds the leftover mass, tempered like the others, against the student's
     own leftover mass 1 - Σ_{v∈S} p_θ^T(v).
-    Returns (K,) in float32 (float64 for float64 logits).
+    Returns (K,) in logp's dtype.
     """
     T = float(temperature)
-    logp = torch.log_softmax(_up(logits) / T, dim=-1)  # (K, V)
     valid = torch.isfinite(target_logprobs)  # (K, N)
     logp_s = logp.gather(1, target_ids.clamp(min=0).long())  # (K, N)
     target_logprobs = target_logprobs.to(logp.dtype)
@@ -77,12 +83,12 @@ def sparse_kl(
 
 
 def kd_loss(
-    logits: torch.Tensor, target_ids: torch.Tensor, target_logprobs: torch.Tensor, row: torch.Tensor,
+    logp: torch.Tensor, target_ids: torch.Tensor, target_logprobs: torch.Tensor, row: torch.Tensor,
     norm: torch.Tensor, temperature: float, tail: str = "renormalize",
 ) -> torch.Tensor:
     """Seed §2: mean over rows of (1/norm_b) Σ_{i masked in b} T²·KL(q_T ‖ p_θ^T); positions without a
-    stored target (all entries -inf) contribute 0."""
-    kl = sparse_kl(logits, target_ids, target_logprobs, temperature, tail)  # (K,)
+    stored target (all entries -inf) contribute 0. logp: (K, V) student log-probs at temperature T."""
+    kl = sparse_kl(logp, target_ids, target_logprobs, temperature, tail)  # (K,)
     has = torch.isfinite(target_logprobs).any(-1)
     kl = kl.masked_fill(~has, 0.0)
     per_row = torch.zeros_like(norm, dtype=kl.dtype).index_add(0, row, kl)  # (B,)

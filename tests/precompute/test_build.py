@@ -192,9 +192,32 @@ def test_sft_build_masks_only_the_response(tmp_path, tiny_teacher):
         assert data.target_positions[data.target_offsets[r]] == pl
 
 
-def test_modes_not_built_yet_are_refused_before_writing(tmp_path, tiny_teacher, tiny_corpus):
-    for args in (["--mode", "mc"], ["--backend", "vllm"]):
+def test_backends_not_built_yet_are_refused_before_writing(tmp_path, tiny_teacher, tiny_corpus):
+    for args in (["--backend", "vllm"],):
         out = tmp_path / args[1]
         r = _cli(tiny_corpus, "--teacher", tiny_teacher, "--out", out, *args)
         assert r.exit_code == 2 and "not built yet" in r.output
         assert not out.exists()
+
+
+@pytest.mark.parametrize("score,weights", [("next-token", "importance"), ("full-conditional", "uniform")])
+def test_mc_build_is_reproducible_and_resumes_identically(tiny_corpus, tiny_teacher, tmp_path, score, weights):
+    kw = dict(mode="mc", k=4, mc_score=score, mc_weights=weights, rescore_k=3, max_sequences=4, masks_per_seq=2)
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_build(cfg(tiny_corpus, tiny_teacher, a, **kw))
+    m = validate_dir(a)
+    assert m.mask_dependent_targets and m.mode == "mc"
+    data = read_shard(a / m.shards[0].file)
+    assert (data.mc_samples == 4).all() and ((data.mc_ess >= 1) & (data.mc_ess <= 4 + 1e-4)).all()
+    if weights == "uniform":
+        np.testing.assert_allclose(data.mc_ess, 4, rtol=1e-5)
+    np.testing.assert_array_equal(data.mask_positions, data.target_positions)
+    # a second build, interrupted after its first shard (marker and later shards removed), then resumed
+    run_build(cfg(tiny_corpus, tiny_teacher, b, **kw))
+    for f in sorted(b.glob("part-*.parquet"))[1:]:
+        f.unlink()
+        (b / (f.name + ".done")).unlink()
+    again = run_build(cfg(tiny_corpus, tiny_teacher, b, **kw))
+    assert again.shards_skipped == 1 and again.shards_written == len(m.shards) - 1
+    assert shard_hashes(a) == shard_hashes(b)
+    assert "mean_mc_ess" in summarize_dir(a)

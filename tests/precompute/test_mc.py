@@ -1,0 +1,116 @@
+import itertools
+
+import pytest
+import torch
+
+from ar2mdm.precompute.mc import mc_targets, mixture, sample_completions
+from tests.tiny import tiny_llama
+
+V = 8
+L = 6
+
+
+def tv(p, q):
+    return 0.5 * float((p - q).abs().sum())
+
+
+def dense(ids, logprobs, vocab=V):
+    out = torch.zeros(vocab, dtype=torch.float64)
+    out[ids.long()] = logprobs.double().exp()
+    return out
+
+
+@torch.no_grad()
+def exact_limits(model, x, masked):
+    """The four limits of the MC estimators, by enumerating every completion of the masked positions."""
+    Z = list(itertools.product(range(V), repeat=len(masked)))
+    ys = x.repeat(len(Z), 1)
+    for n, z in enumerate(Z):
+        ys[n, masked] = torch.tensor(z)
+    lp = torch.log_softmax(model(ys).logits.double(), -1)  # (Z, L, V)
+    tok = lp[:, :-1].gather(2, ys[:, 1:, None])[..., 0]  # (Z, L-1): log p(y_j | y_<j) at j = 1..L-1
+    first = masked[0]
+    log_sampler = tok[:, [j - 1 for j in masked]].sum(1)  # the sampler draws only the masked tokens
+    log_joint = tok[:, first - 1 :].sum(1)  # everything from the first masked position on
+    q_s, post = log_sampler.exp(), torch.softmax(log_joint, 0)
+    joint_grid = log_joint.view(*([V] * len(masked)))
+    out = {}
+    for a, i in enumerate(masked):
+        nxt = lp[:, i - 1].exp()  # (Z, V) p(. | y_<i)
+        # P(x_i = v | y_-i) for every z and v: softmax over axis a, then read v along that axis
+        sm = torch.softmax(joint_grid, dim=a)
+        full = torch.stack([sm.select(a, v).unsqueeze(a).expand_as(sm).reshape(-1) for v in range(V)], -1)  # (Z, V)
+        out[i] = {
+            ("uniform", "next-token"): (q_s[:, None] * nxt).sum(0),
+            ("importance", "next-token"): (post[:, None] * nxt).sum(0),
+            ("uniform", "full-conditional"): (q_s[:, None] * full).sum(0),
+            ("importance", "full-conditional"): (post[:, None] * full).sum(0),
+        }
+    return out
+
+
+@pytest.mark.parametrize("weights,score", [("uniform", "next-token"), ("importance", "next-token"),
+                                           ("uniform", "full-conditional"), ("importance", "full-conditional")])  # fmt: skip
+def test_each_estimator_converges_to_its_own_limit(weights, score):
+    model = tiny_llama(V, seed=5, sharpness=4.0)
+    x = torch.tensor([1, 3, 0, 5, 0, 2])
+    masked = [2, 4]
+    limits = exact_limits(model, x, masked)
+    K = 4000 if score == "next-token" else 1500
+    g = torch.Generator().manual_seed(0)
+    est = mc_targets(model, x, masked, K, score, weights, 1.0, g, top_n=V, rescore_k=V)
+    if weights == "uniform":
+        assert est.ess == pytest.approx(K)
+    else:
+        assert 1 <= est.ess < K
+    differing = 0
+    for p, i in enumerate(masked):
+        got = dense(est.ids[p], est.logprobs[p])
+        own = limits[i][(weights, score)]
+        assert tv(got, own) < 0.03, (i, tv(got, own))
+        for key, other in limits[i].items():
+            if key != (weights, score) and tv(own, other) > 0.08:
+                differing += 1
+                assert tv(got, own) < tv(got, other), (i, key)
+    assert differing >= 2  # the limits do differ here, so the test can tell the estimators apart
+
+
+def test_three_masked_positions_posterior_marginal():
+    model = tiny_llama(V, seed=7, sharpness=3.0)
+    x = torch.tensor([1, 0, 4, 0, 0, 6])
+    masked = [1, 3, 4]
+    limits = exact_limits(model, x, masked)
+    est = mc_targets(model, x, masked, 1500, "full-conditional", "importance", 1.0, torch.Generator().manual_seed(1),
+                     top_n=V, rescore_k=V)  # fmt: skip
+    for p, i in enumerate(masked):
+        assert tv(dense(est.ids[p], est.logprobs[p]), limits[i][("importance", "full-conditional")]) < 0.04
+
+
+@torch.no_grad()
+def test_completions_keep_visible_tokens_and_weights_match_a_direct_computation():
+    model = tiny_llama(V, seed=2, sharpness=4.0)
+    x = torch.tensor([1, 2, 0, 0, 3, 4, 0, 5])
+    masked = [2, 3, 6]
+    comp = sample_completions(model, x, masked, 16, 1.0, torch.Generator().manual_seed(0))
+    visible = [j for j in range(len(x)) if j not in masked]
+    assert torch.equal(comp.seqs[:, visible], x[visible].repeat(16, 1))
+    lp = torch.log_softmax(model(comp.seqs).logits.double(), -1)
+    vis_after = [j for j in visible if j > masked[0]]
+    direct = sum(lp[:, j - 1].gather(1, comp.seqs[:, j : j + 1])[:, 0] for j in vis_after)
+    assert torch.allclose(comp.logw, direct, atol=1e-4)
+    for p, i in enumerate(masked):  # the recorded next-token scores are p(.|x_<i) of each completion
+        ref = lp[:, i - 1].exp()
+        got = torch.zeros_like(ref).scatter_(1, comp.next_ids[p], comp.next_probs[p])
+        assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_seeded_runs_reproduce_and_mixture_sums():
+    model = tiny_llama(V, seed=3)
+    x = torch.tensor([1, 0, 2, 0, 4, 5])
+    a = mc_targets(model, x, [1, 3], 8, "next-token", "importance", 1.0, torch.Generator().manual_seed(9), top_n=4)
+    b = mc_targets(model, x, [1, 3], 8, "next-token", "importance", 1.0, torch.Generator().manual_seed(9), top_n=4)
+    for p in range(2):
+        assert torch.equal(a.ids[p], b.ids[p]) and torch.equal(a.logprobs[p], b.logprobs[p])
+        assert float(a.logprobs[p].exp().sum()) <= 1 + 1e-9
+    ids, lp = mixture(torch.tensor([[1, 2], [2, 3]]), torch.tensor([[0.5, 0.5], [0.25, 0.75]]), torch.tensor([0.5, 0.5]), 3)
+    assert ids.tolist() == [2, 3, 1] and torch.allclose(lp.exp(), torch.tensor([0.375, 0.375, 0.25], dtype=torch.float64))
