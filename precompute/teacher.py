@@ -66,7 +66,11 @@ def vocab_size_of(config) -> int:
 
 @dataclass
 class TorchTeacher:
-    """A causal LM loaded with transformers, eval mode, no grad; the torch backend's engine."""
+    """The torch backend: a causal LM loaded with transformers, in eval mode.
+
+    Both backends (this one and `VllmTeacher`) answer the same three calls with the same outputs, so the build
+    stage does not know which one it drives: `rescore_targets`, `fim_targets`, `mc_targets`.
+    """
 
     model: object
     device: str
@@ -88,3 +92,37 @@ class TorchTeacher:
             raise UserError(f"teacher {folder} does not load: {_first_line(e)}") from e
         model.to(device).eval()
         return cls(model=model, device=device, dtype=dtype)
+
+    def _rows(self, rows, positions):
+        import torch
+
+        x = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        return x, [torch.as_tensor(p, dtype=torch.long) for p in positions]
+
+    def rescore_targets(self, rows, positions, k: int, window: int | None, token_budget: int):
+        """Top-K rescoring: per row (cand (P, K+1), logq (P, K+1)); see `rescoring.rescore`."""
+        from ar2mdm.precompute.rescoring import rescore
+
+        x, pos = self._rows(rows, positions)
+        return rescore(self.model, x, pos, k, window, token_budget)
+
+    def fim_targets(self, rows, positions, fim_ids, window: int | None, top_n: int, token_budget: int):
+        """FIM: per row (ids (P, n), logprobs (P, n)); see `fim.fim_targets`."""
+        from ar2mdm.precompute.fim import fim_targets
+
+        x, pos = self._rows(rows, positions)
+        return fim_targets(self.model, x, pos, fim_ids, window, top_n, token_budget)
+
+    def mc_targets(self, row, masked: list[int], seed: int, K: int, score: str, weights: str, temperature: float,
+                   top_n: int, rescore_k: int, window: int | None, token_budget: int):  # fmt: skip
+        """MC targets of one row at its masked positions; see `mc.mc_targets`."""
+        import torch
+
+        from ar2mdm.precompute.mc import mc_targets
+
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        x = torch.as_tensor(row, dtype=torch.long, device=self.device)
+        return mc_targets(self.model, x, masked, K, score, weights, temperature, gen, top_n, rescore_k, window, token_budget)
+
+    def close(self) -> None:
+        pass

