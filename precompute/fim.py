@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ar2mdm.precompute.rescoring import budget_batches, hidden_states, log_softmax_head
 from ar2mdm.shared.errors import UserError
 
 FIM_TOKEN_SETS = (
@@ -50,29 +51,22 @@ def fim_targets(
         x = rows[b].tolist()
         for p, i in enumerate(pos.tolist()):
             prompts.append((b, p, fim_prompt(x, i, fim, window)))
-    order = sorted(range(len(prompts)), key=lambda j: len(prompts[j][2]))
     n = min(top_n, model.get_output_embeddings().weight.shape[0])
     out_ids = [torch.zeros(len(p), n, dtype=torch.long) for p in positions]
     out_lp = [torch.zeros(len(p), n) for p in positions]
-    a = 0
-    while a < len(order):
-        S = len(prompts[order[a]][2])
-        b = a + 1
-        while b < len(order) and (b + 1 - a) * len(prompts[order[b]][2]) <= token_budget:
-            b += 1
-        batch = [prompts[j] for j in order[a:b]]
+    for idx in budget_batches([len(p[2]) for p in prompts], token_budget):
+        batch = [prompts[j] for j in idx]
         S = max(len(p[2]) for p in batch)
         ids = torch.zeros(len(batch), S, dtype=torch.long)
         att = torch.zeros(len(batch), S, dtype=torch.long)
         for j, (_, _, pr) in enumerate(batch):
             ids[j, : len(pr)] = torch.tensor(pr)
             att[j, : len(pr)] = 1
-        logits = model(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits  # (B, S, V)
-        last = logits[torch.arange(len(batch)), att.sum(1).to(dev) - 1].float()  # (B, V) at each prompt's end
-        lp = torch.log_softmax(last, dim=-1)
+        h = hidden_states(model, ids.to(dev), attention_mask=att.to(dev))  # (B, S, H)
+        # the head only at each prompt's last token: B x V logits, not B x S x V (V is 152k for Qwen)
+        lp = log_softmax_head(model, h[torch.arange(len(batch)), att.sum(1).to(dev) - 1])  # (B, V)
         v, i = lp.topk(n, dim=-1)
         for j, (row, slot, _) in enumerate(batch):
             out_ids[row][slot] = i[j].cpu()
             out_lp[row][slot] = v[j].cpu()
-        a = b
     return list(zip(out_ids, out_lp))

@@ -82,6 +82,19 @@ def candidates(logp: torch.Tensor, true_ids: torch.Tensor, k: int) -> tuple[torc
     return cand, valid
 
 
+def budget_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length whose padded size (count x longest) fits the budget."""
+    order = sorted(range(len(lengths)), key=lambda j: lengths[j])
+    batches, a = [], 0
+    while a < len(order):
+        b = a + 1
+        while b < len(order) and (b + 1 - a) * lengths[order[b]] <= token_budget:
+            b += 1
+        batches.append(order[a:b])
+        a = b
+    return batches
+
+
 @dataclass
 class Branch:
     row: int  # row in the batch
@@ -150,15 +163,8 @@ def branch_logliks(
         brs.sort(key=lambda b: b.pos)
         for seg in _segments(brs, segment_tokens):
             packed.append(_segment_tensors(x_cpu[row], seg))
-    packed.sort(key=lambda p: len(p[0]))
-    # batch segments of similar length under the token budget
-    a = 0
-    while a < len(packed):
-        b = a + 1
-        while b < len(packed) and (b + 1 - a) * len(packed[b][0]) <= token_budget:
-            b += 1
-        batch = packed[a:b]
-        a = b
+    for idx in budget_batches([len(p[0]) for p in packed], token_budget):
+        batch = [packed[j] for j in idx]
         S = max(len(p[0]) for p in batch)
         Bn = len(batch)
         toks = torch.zeros(Bn, S, dtype=torch.long)

@@ -53,6 +53,11 @@ def parse_engine_value(v: str):
         return v
 
 
+def _top(d: dict, n: int) -> list[tuple[int, float]]:
+    """(token id, log-prob) of the n best-ranked entries of a vLLM logprobs dict, best first."""
+    return [(tid, lp) for _, tid, lp in sorted((v.rank, t, v.logprob) for t, v in d.items() if v.rank <= n)[:n]]
+
+
 def _seed(*parts: int) -> int:
     h = 0
     for p in parts:
@@ -113,8 +118,7 @@ class VllmTeacher:
             lp0 = torch.full((len(pos), k + 1), NEG_INF)
             for p, i in enumerate(pos):
                 d = first[b].prompt_logprobs[i]  # {id: Logprob}: the top-k of p(.|x_<i) and the true token
-                top = sorted((lp.rank, tid) for tid, lp in d.items() if lp.rank <= k)[:k]
-                ids = [tid for _, tid in top]
+                ids = [tid for tid, _ in _top(d, k)]
                 true_in = x[i] in ids
                 ids.append(x[i])
                 cand[p] = torch.tensor(ids)
@@ -154,10 +158,9 @@ class VllmTeacher:
         outs = self._generate(prompts, SamplingParams(max_tokens=1, logprobs=top_n, temperature=0.0, detokenize=False))
         res = [(torch.zeros(len(p), top_n, dtype=torch.long), torch.zeros(len(p), top_n)) for p in positions]
         for (b, p), o in zip(where, outs):
-            d = o.outputs[0].logprobs[0]
-            top = sorted((lp.rank, tid, lp.logprob) for tid, lp in d.items() if lp.rank <= top_n)[:top_n]
-            res[b][0][p] = torch.tensor([t for _, t, _ in top])
-            res[b][1][p] = torch.tensor([lp for _, _, lp in top])
+            top = _top(o.outputs[0].logprobs[0], top_n)
+            res[b][0][p] = torch.tensor([t for t, _ in top])
+            res[b][1][p] = torch.tensor([lp for _, lp in top])
         return res
 
     # --------------------------------------------------------------------------------------------- mc
@@ -184,9 +187,9 @@ class VllmTeacher:
             for k, o in enumerate(outs):
                 c = o.outputs[0]
                 seqs[k][m] = c.token_ids[0]
-                top = sorted((lp.rank, tid, lp.logprob) for tid, lp in c.logprobs[0].items() if lp.rank <= keep)[:keep]
-                ids[k, : len(top)] = torch.tensor([t for _, t, _ in top])
-                probs[k, : len(top)] = torch.tensor([lp for _, _, lp in top], dtype=torch.float64).exp()
+                top = _top(c.logprobs[0], keep)
+                ids[k, : len(top)] = torch.tensor([t for t, _ in top])
+                probs[k, : len(top)] = torch.tensor([lp for _, lp in top], dtype=torch.float64).exp()
             next_ids.append(ids)
             next_probs.append(probs)
         if weights == "importance":

@@ -171,6 +171,14 @@ def run_training(cfg: TrainConfig) -> dict:
     it = iter(loader)
     run.mkdir(parents=True, exist_ok=True)
     metrics_f = open(run / "metrics.jsonl", "a") if rank == 0 else None
+    tb = None
+    if rank == 0:
+        try:  # TensorBoard when it is installed; metrics.jsonl always
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(str(run / "tb"))
+        except ImportError:
+            pass
     tok_dir = shards / "tokenizer"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
     from tqdm import tqdm
@@ -204,6 +212,10 @@ def run_training(cfg: TrainConfig) -> dict:
         if metrics_f and (step % cfg.log_every == 0 or step == end):
             metrics_f.write(json.dumps(last) + "\n")
             metrics_f.flush()
+            if tb:
+                for k, v in last.items():
+                    if k != "step":
+                        tb.add_scalar(f"train/{k}", v, step)
         if step % cfg.log_every == 0:
             t_last, tokens = now, 0
         if rank == 0 and (step % cfg.save_every == 0 or step == end):
@@ -212,6 +224,8 @@ def run_training(cfg: TrainConfig) -> dict:
     bar.close()
     if metrics_f:
         metrics_f.close()
+    if tb:
+        tb.close()
     if distributed:
         torch.distributed.barrier()
     return {"run": str(run), "steps": step, **last}
