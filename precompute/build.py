@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ar2mdm.precompute.config import BuildConfig
 from ar2mdm.precompute.teacher import (
@@ -338,8 +340,6 @@ def run_build(cfg: BuildConfig, teacher=None) -> BuildSummary:
         try:
             os.replace(tmp, out / TOKENIZER_DIR)
         except OSError:  # another rank was first
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
     for stale in out.glob(f"part-{cfg.rank:05d}-*.tmp*"):
         stale.unlink()  # a crashed run's partial shard; the shard is redone below
@@ -356,11 +356,9 @@ def run_build(cfg: BuildConfig, teacher=None) -> BuildSummary:
     own_teacher = teacher is None and bool(todo)
     if own_teacher:
         teacher = load_backend(backend, cfg, folder)
-    if todo:
-        from tqdm import tqdm
-
+    try:
         remaining = sum(min(cfg.seqs_per_shard, len(ids) - u * cfg.seqs_per_shard) for u in todo)
-        bar = tqdm(total=remaining, unit="seq", desc=f"kdtargets rank {cfg.rank}", disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(total=remaining, unit="seq", desc=f"kdtargets rank {cfg.rank}", disable=not cfg.progress or not todo, file=sys.stderr, dynamic_ncols=True)
         done_pos = [0]
 
         def on_batch(n_seq: float, n_pos: int) -> None:
@@ -381,7 +379,8 @@ def run_build(cfg: BuildConfig, teacher=None) -> BuildSummary:
             rows += data.rows
             positions += data.num_targets
         bar.close()
-    if own_teacher:
-        teacher.close()
+    finally:
+        if own_teacher:
+            teacher.close()
     finalize_manifest(out)
     return BuildSummary(str(out), len(todo), skipped, rows, positions, time.time() - t0, backend)
