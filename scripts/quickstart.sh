@@ -11,7 +11,7 @@ RUN=${RUN:-runs/quickstart}
 kdtargets build --out "$OUT" --seq-len 64 --k 4 --window 8 --max-sequences 24 --seqs-per-shard 8
 kdtargets validate "$OUT"
 kdtargets inspect "$OUT"
-kdtrain run "$OUT" --out "$RUN" --student tiny --epochs 20 --batch-size 8 --lr 2e-3 --save-every 50
+kdtrain run "$OUT" --out "$RUN" --student tiny --epochs 20 --batch-size 8 --lr 2e-3 --save-every 50 --log-every 2
 kdtrain eval "$RUN" --data "$OUT" --max-rows 24
 kdtrain sample "$RUN" --prompt "To be, or not to be" --length 16 --steps 8
 kdtrain plot "$RUN"
