@@ -1,8 +1,8 @@
 """Streaming shard rows into training batches: split across ranks and workers, shuffled, epoch after epoch.
 
 Memory stays flat: shards are read a record batch at a time, and only a shuffle buffer of rows is held.
-The stream is infinite (epoch 0, then epoch 1, ...); the trainer counts the rows it consumed, and `--resume`
-skips exactly that many, so a resumed run sees the same batches as an uninterrupted one.
+The stream is infinite (epoch 0, then epoch 1, ...); the trainer counts the batches it consumed, and `--resume`
+skips exactly those (per DataLoader worker), so a resumed run sees the same batches as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -160,19 +160,26 @@ def collate(rows: list[Row], top_n: int) -> Batch:
 
 
 class BatchLoader(torch.utils.data.IterableDataset):
-    """Batches of one rank; DataLoader workers split the rank's stream further (consumer = rank * W + worker)."""
+    """Batches of one rank; DataLoader workers split the rank's stream further (consumer = rank * W + worker).
 
-    def __init__(self, directory, manifest, rank, world, seed, batch_size, skip_rows=0, **stream_kw):
-        self.args = (Path(directory), manifest, rank, world, seed, batch_size, skip_rows, stream_kw)
+    ``skip_batches``: batches this rank already consumed (resume). The DataLoader takes batches from its workers
+    in turn, so worker w produced batches w, w+W, w+2W, ... of them, and skips exactly that many of its own.
+    """
+
+    def __init__(self, directory, manifest, rank, world, seed, batch_size, skip_batches=0, **stream_kw):
+        self.args = (Path(directory), manifest, rank, world, seed, batch_size, skip_batches, stream_kw)
 
     def __iter__(self):
         directory, manifest, rank, world, seed, bs, skip, kw = self.args
         info = torch.utils.data.get_worker_info()
         nw, wid = (info.num_workers, info.id) if info else (1, 0)
-        stream = RowStream(directory, manifest, rank * nw + wid, world * nw, seed, **kw)
+        # A fresh DataLoader starts its round robin at worker 0, so after `skip` batches worker w takes the
+        # role of the worker that would have produced batch `skip + w`.
+        role = (wid + skip) % nw
+        stream = RowStream(directory, manifest, rank * nw + role, world * nw, seed, **kw)
         top_n = int(manifest.params.get("top_n", 16))
         it = iter(stream)
-        for _ in range(skip // nw):
+        for _ in range(len(range(role, skip, nw)) * bs):
             next(it)
         while True:
             rows = [next(it)[1] for _ in range(bs)]

@@ -165,7 +165,7 @@ def run_training(cfg: TrainConfig) -> dict:
         torch.set_rng_state(state["torch_rng"])
 
     loader = torch.utils.data.DataLoader(
-        BatchLoader(shards, manifest, rank, world, cfg.seed, cfg.batch_size, skip_rows=rows_done, **loader_kw),
+        BatchLoader(shards, manifest, rank, world, cfg.seed, cfg.batch_size, skip_batches=rows_done // cfg.batch_size, **loader_kw),
         batch_size=None, num_workers=cfg.num_workers,
     )  # fmt: skip
     it = iter(loader)

@@ -49,6 +49,14 @@ def test_trains_checkpoints_and_resumes_exactly(tiny_shards, tmp_path):
     assert any(not torch.equal(wa[k], v) for k, v in weights(tmp_path / "c").items())
 
 
+def test_resume_is_exact_with_dataloader_workers(tiny_shards, tmp_path):
+    run_training(tcfg(tiny_shards, tmp_path / "a", num_workers=2, steps=5, save_every=2))
+    run_training(tcfg(tiny_shards, tmp_path / "b", num_workers=2, steps=5, save_every=2, stop_at=3))
+    run_training(tcfg(tiny_shards, tmp_path / "b", num_workers=2, steps=5, save_every=2, resume=True))
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_training_reduces_the_loss(tiny_shards, tmp_path):
     run_training(tcfg(tiny_shards, tmp_path / "r", steps=40, save_every=100, lr=3e-3, log_every=1))
     recs = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
