@@ -19,14 +19,15 @@ from ar2mdm.train.model import Student, StudentConfig
 CKPT = "checkpoint"
 
 
-def save_checkpoint(run: Path, model: Student, meta: dict, state: dict, tokenizer_dir: Path) -> None:
+def save_checkpoint(run: Path, state_dict: dict, config: StudentConfig, meta: dict, state: dict, tokenizer_dir: Path) -> None:
+    """Write RUN/checkpoint atomically: weights (an unsharded state dict), config, training state, tokenizer."""
     final = run / CKPT
     tmp = run / f"{CKPT}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     save_file(sd, str(tmp / "model.safetensors"))
-    (tmp / "config.json").write_text(json.dumps({"student": model.config.to_dict(), **meta}, indent=2))
+    (tmp / "config.json").write_text(json.dumps({"student": config.to_dict(), **meta}, indent=2))
     torch.save(state, tmp / "state.pt")
     shutil.copytree(tokenizer_dir, tmp / "tokenizer")
     old = run / f"{CKPT}.old"

@@ -66,6 +66,15 @@ def step_losses(model, batch: Batch, cfg: TrainConfig, mask_id: int) -> tuple[to
     return loss, parts
 
 
+def full_states(model, opt, fsdp: bool) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state dicts (gathered to rank 0 on the CPU under FSDP2)."""
+    if not fsdp:
+        return model.state_dict(), opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     """Linear warmup then cosine decay to min_lr_ratio * lr."""
     warm = max(1, int(cfg.warmup * total))
@@ -160,8 +169,14 @@ def run_training(cfg: TrainConfig) -> dict:
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.95), fused=False)  # fmt: skip
+    fsdp = cfg.fsdp and distributed
     if state:
-        opt.load_state_dict(state["optimizer"])
+        if fsdp:  # the checkpoint holds the full optimizer state; each rank keeps its shard of it
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(model, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
 
     loader = torch.utils.data.DataLoader(
@@ -218,9 +233,11 @@ def run_training(cfg: TrainConfig) -> dict:
                         tb.add_scalar(f"train/{k}", v, step)
         if step % cfg.log_every == 0:
             t_last, tokens = now, 0
-        if rank == 0 and (step % cfg.save_every == 0 or step == end):
-            st = {"step": step, "rows": rows_done, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()}
-            save_checkpoint(run, model, meta, st, tok_dir)
+        if step % cfg.save_every == 0 or step == end:
+            model_sd, opt_sd = full_states(model, opt, fsdp)  # a collective under FSDP: every rank takes part
+            if rank == 0:
+                st = {"step": step, "rows": rows_done, "optimizer": opt_sd, "torch_rng": torch.get_rng_state()}
+                save_checkpoint(run, model_sd, model.config, meta, st, tok_dir)
     bar.close()
     if metrics_f:
         metrics_f.close()
