@@ -12,7 +12,7 @@ from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.masking import maskable_positions, sample_masks
 from ar2mdm.train.checkpoint import load_student, load_tokenizer
 from ar2mdm.train.data import Row, collate
-from ar2mdm.train.losses import kd_loss, student_logprobs
+from ar2mdm.train.losses import corrupt, kd_loss, row_norm, student_logprobs
 
 
 def _rows_from(data: Path, meta: dict, tokenizer, max_rows: int) -> tuple[list[Row], object]:
@@ -72,7 +72,7 @@ def evaluate(run: str, data: str, seed: int = 0, mc_samples: int = 4, batch_size
             # MDLM/LLaDA: -log p(x) <= E_t [ (1/t) sum_{masked} -log p_θ(x_i | x_t) ]
             t, mask = sample_masks(maskable.cpu(), g)
             t, mask = t.to(device), mask.to(device)
-            x_t = torch.where(mask, torch.full_like(ids, mask_id), ids)
+            x_t = corrupt(ids, mask, mask_id)
             logits = model(x_t, mask).float()  # (K, V)
             nll = torch.nn.functional.cross_entropy(logits, ids[mask], reduction="none")  # (K,)
             row = mask.nonzero()[:, 0]
@@ -84,10 +84,8 @@ def evaluate(run: str, data: str, seed: int = 0, mc_samples: int = 4, batch_size
         if manifest is not None:
             top_n = int(manifest.params.get("top_n", 16))
             b = collate(chunk, top_n).to(device)
-            x_t = torch.where(b.mask, torch.full_like(b.input_ids, mask_id), b.input_ids)
-            logits = model(x_t, b.mask)
-            L = b.input_ids.shape[1]
-            norm = torch.where(b.prompt_len > 0, L - b.prompt_len, torch.full_like(b.prompt_len, L)).float()
+            logits = model(corrupt(b.input_ids, b.mask, mask_id), b.mask)
+            norm = row_norm(b.prompt_len, b.input_ids.shape[1])
             T = train.get("temperature", 1.0)
             kd = kd_loss(student_logprobs(logits, T), b.target_ids, b.target_logprobs, b.mask.nonzero()[:, 0], norm,
                          T, train.get("tail", "renormalize"))  # fmt: skip

@@ -22,7 +22,7 @@ from ar2mdm.shared.errors import UserError
 from ar2mdm.train.checkpoint import checkpoint_dir, load_meta, save_checkpoint
 from ar2mdm.train.config import TrainConfig
 from ar2mdm.train.data import Batch, BatchLoader, RowStream
-from ar2mdm.train.losses import combined_loss, kd_loss, mdm_loss, student_logprobs
+from ar2mdm.train.losses import combined_loss, corrupt, kd_loss, mdm_loss, row_norm, student_logprobs
 from ar2mdm.train.model import Student, StudentConfig
 
 
@@ -43,12 +43,10 @@ def load_shard_manifest(shards: str | Path) -> Manifest:
 
 def step_losses(model, batch: Batch, cfg: TrainConfig, mask_id: int) -> tuple[torch.Tensor, dict]:
     """Loss of one batch: (1-λ)·MDM + λ·KD, and its parts as floats."""
-    x_t = torch.where(batch.mask, torch.full_like(batch.input_ids, mask_id), batch.input_ids)  # (B, L)
+    x_t = corrupt(batch.input_ids, batch.mask, mask_id)  # (B, L)
     logits = model(x_t, batch.mask)  # (K, V) at the masked positions
     row = batch.mask.nonzero()[:, 0]  # (K,)
-    L = batch.input_ids.shape[1]
-    # seed §1: 1/L for pretrain rows, 1/|response| for SFT rows
-    norm = torch.where(batch.prompt_len > 0, L - batch.prompt_len, torch.full_like(batch.prompt_len, L)).float()
+    norm = row_norm(batch.prompt_len, batch.input_ids.shape[1])  # seed §1: 1/L pretrain, 1/|response| SFT
     weight = 1.0 / batch.t if cfg.loss_weighting == "elbo" else torch.ones_like(batch.t)
     parts = {}
     mdm = kd = None

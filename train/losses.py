@@ -18,6 +18,16 @@ def _up(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def corrupt(input_ids: torch.Tensor, mask: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """x_t: (B, L) ids with the masked positions replaced by the mask token."""
+    return torch.where(mask, torch.full_like(input_ids, mask_id), input_ids)
+
+
+def row_norm(prompt_len: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """(B,) the seed's normaliser: L for pretrain rows (prompt_len 0), |response| = L - prompt_len for SFT rows."""
+    return torch.where(prompt_len > 0, seq_len - prompt_len, torch.full_like(prompt_len, seq_len)).float()
+
+
 def student_logprobs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(z / T) over the vocabulary: (K, V) logits -> (K, V) log-probs, at least float32."""
     z = _up(logits)
