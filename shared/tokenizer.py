@@ -100,6 +100,8 @@ def pack_sft(
     bos, eos = special_ids(tokenizer)
     for ex in examples:
         prompt, response = sft_ids(ex, tokenizer)
+        if prompt[:1] == [bos]:  # a chat template that opens with BOS: ours is already at position 0
+            prompt = prompt[1:]
         prompt_len = 1 + len(prompt)
         if prompt_len >= seq_len:
             stats.too_long += 1

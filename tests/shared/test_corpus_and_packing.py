@@ -90,3 +90,15 @@ def test_tokenizer_hash_survives_save_and_reload(tmp_path):
     other = char_tokenizer()
     other.add_tokens(["<extra>"])
     assert tokenizer_hash(other) != tokenizer_hash(tok)
+
+
+def test_messages_through_a_chat_template_that_opens_with_bos():
+    tok = char_tokenizer()
+    tok.chat_template = "<s>{% for m in messages %}{{ m['content'] }}{% if not loop.last %} {% endif %}{% endfor %}"
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    ex = SftExample("x", messages=[{"role": "user", "content": "ab"}, {"role": "assistant", "content": "cd"}])
+    (ids, plen), = list(pack_sft([ex], tok, 12))
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert ids.tolist()[:1] == [bos] and ids.tolist()[1] != bos  # one BOS, not the template's on top of ours
+    assert plen == 1 + len(enc("ab"))
+    assert ids.tolist()[plen : plen + 3] == enc(" cd")
