@@ -129,6 +129,23 @@ class McTargets:
     samples: int
 
 
+def rescored_per_position(res: list[tuple[torch.Tensor, torch.Tensor]], P: int):
+    """Rescoring results of the K completions -> per masked position (ids (K, R+1), probs (K, R+1))."""
+    cand = torch.stack([c for c, _ in res])  # (K, P, R+1)
+    prob = torch.stack([lq for _, lq in res]).exp().double()  # (K, P, R+1), 0 on invalid slots
+    return [(cand[:, p], prob[:, p]) for p in range(P)]
+
+
+def combine(per_pos, w: torch.Tensor, top_n: int) -> McTargets:
+    """The weighted mixture at every masked position, with the effective sample size of the weights."""
+    out_ids, out_lp = [], []
+    for ids, probs in per_pos:
+        i, lp = mixture(ids, probs, w, top_n)
+        out_ids.append(i)
+        out_lp.append(lp)
+    return McTargets(out_ids, out_lp, float(1.0 / (w**2).sum()), len(w))
+
+
 @torch.no_grad()
 def mc_targets(
     model, x: torch.Tensor, masked: list[int], K: int, score: str, weights: str, temperature: float,
@@ -143,23 +160,15 @@ def mc_targets(
         w = torch.full((K,), 1.0 / K, dtype=torch.float64)
     else:
         raise ValueError(f"weights must be uniform or importance, got {weights!r}")
-    ess = float(1.0 / (w**2).sum())
     if score == "next-token":
         per_pos = list(zip(comp.next_ids, comp.next_probs))
     elif score == "full-conditional":
         pos = torch.tensor(masked, dtype=torch.long)
         res = rescore(model, comp.seqs, [pos] * K, rescore_k, window, token_budget)
-        cand = torch.stack([c for c, _ in res])  # (K, P, R+1)
-        prob = torch.stack([lq for _, lq in res]).exp().double()  # (K, P, R+1), 0 on invalid slots
-        per_pos = [(cand[:, p], prob[:, p]) for p in range(len(masked))]
+        per_pos = rescored_per_position(res, len(masked))
     else:
         raise ValueError(f"score must be next-token or full-conditional, got {score!r}")
-    out_ids, out_lp = [], []
-    for ids, probs in per_pos:
-        i, lp = mixture(ids, probs, w, top_n)
-        out_ids.append(i)
-        out_lp.append(lp)
-    return McTargets(out_ids, out_lp, ess, K)
+    return combine(per_pos, w, top_n)
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ar2mdm.precompute.fim import fim_prompt
-from ar2mdm.precompute.mc import McTargets, mixture
+from ar2mdm.precompute.mc import McTargets, combine, rescored_per_position
 from ar2mdm.precompute.rescoring import NEG_INF
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.hfmodel import first_line
@@ -205,14 +205,7 @@ class VllmTeacher:
         else:
             w = torch.full((K,), 1.0 / K, dtype=torch.float64)
         if score == "full-conditional":
-            res = self.rescore_targets(seqs, [masked] * K, rescore_k, window)
-            per_pos = [(torch.stack([c[p] for c, _ in res]), torch.stack([lq[p] for _, lq in res]).exp().double())
-                       for p in range(len(masked))]  # fmt: skip
+            per_pos = rescored_per_position(self.rescore_targets(seqs, [masked] * K, rescore_k, window), len(masked))
         else:
             per_pos = list(zip(next_ids, next_probs))
-        out_ids, out_lp = [], []
-        for ids, probs in per_pos:
-            i, lp = mixture(ids, probs, w, top_n)
-            out_ids.append(i)
-            out_lp.append(lp)
-        return McTargets(out_ids, out_lp, float(1.0 / (w**2).sum()), K)
+        return combine(per_pos, w, top_n)

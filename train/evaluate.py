@@ -17,25 +17,17 @@ from ar2mdm.train.losses import corrupt, kd_loss, row_norm, student_logprobs
 
 def _rows_from(data: Path, meta: dict, tokenizer, max_rows: int) -> tuple[list[Row], object]:
     """Rows to evaluate: a shard folder's rows (with targets), or a text corpus packed like the precompute."""
-    from ar2mdm.schemas import Manifest, SchemaError
-    from ar2mdm.shared.shards import iter_shard_batches
-
     if (data / "manifest.json").exists():
-        try:
-            manifest = Manifest.load(data)
-        except SchemaError as e:
-            raise UserError(str(e)) from e
+        from itertools import chain, islice
+
+        from ar2mdm.train.data import rows_of_shard
+        from ar2mdm.train.loop import load_shard_manifest
+
+        manifest = load_shard_manifest(data)
         if manifest.tokenizer.sha256 != meta["tokenizer_sha256"]:
             raise UserError(f"--data {data}: shards built with another tokenizer than the student's")
-        from ar2mdm.train.data import rows_of_shard
-
-        rows = []
-        for s in manifest.shards:
-            for r in rows_of_shard(data / s.file):
-                rows.append(r)
-                if len(rows) >= max_rows:
-                    return rows, manifest
-        return rows, manifest
+        rows = chain.from_iterable(rows_of_shard(data / s.file) for s in manifest.shards)
+        return list(islice(rows, max_rows)), manifest
     from ar2mdm.shared.corpus import CorpusStats, iter_documents, list_corpus_files
     from ar2mdm.shared.tokenizer import pack_documents
 

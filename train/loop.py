@@ -19,7 +19,7 @@ import torch
 
 from ar2mdm.schemas import Manifest, SchemaError
 from ar2mdm.shared.errors import UserError
-from ar2mdm.train.checkpoint import checkpoint_dir, load_meta, save_checkpoint
+from ar2mdm.train.checkpoint import checkpoint_dir, load_meta, load_student, save_checkpoint
 from ar2mdm.train.config import TrainConfig
 from ar2mdm.train.data import Batch, BatchLoader, RowStream
 from ar2mdm.train.losses import combined_loss, corrupt, kd_loss, mdm_loss, row_norm, student_logprobs
@@ -128,12 +128,10 @@ def run_training(cfg: TrainConfig) -> dict:
         old = load_meta(run)
         if old["tokenizer_sha256"] != manifest.tokenizer.sha256:
             raise UserError(f"--resume: {run} was trained with another tokenizer than the shards in {shards}")
-        model = Student(StudentConfig(**old["student"]))
         if cfg.init_from is None and old["student"] != StudentConfig.from_spec(cfg.student, manifest.tokenizer.vocab_size, manifest.seq_len).to_dict():
             raise UserError(f"--resume: the checkpoint in {run} has another student config than --student {cfg.student}")
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(checkpoint_dir(run) / "model.safetensors")))
+        model, _ = load_student(run)
+        model.train()
         state = torch.load(checkpoint_dir(run) / "state.pt", weights_only=False)
     else:
         if (run / "checkpoint").exists():
@@ -151,9 +149,10 @@ def run_training(cfg: TrainConfig) -> dict:
     step = state["step"] if state else 0
     rows_done = state["rows"] if state else 0
 
+    fsdp = cfg.fsdp and distributed
     train_model = model
     if distributed:
-        if cfg.fsdp:
+        if fsdp:
             from torch.distributed.fsdp import fully_shard
 
             for layer in model.model.layers:
@@ -167,7 +166,6 @@ def run_training(cfg: TrainConfig) -> dict:
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.95), fused=False)  # fmt: skip
-    fsdp = cfg.fsdp and distributed
     if state:
         if fsdp:  # the checkpoint holds the full optimizer state; each rank keeps its shard of it
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
