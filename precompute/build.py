@@ -269,12 +269,19 @@ def build_shard(cfg: BuildConfig, teacher, ids: np.ndarray, plen: np.ndarray, se
 # ------------------------------------------------------------------------------------------------- run
 
 
+def engine_max_logprobs(cfg: BuildConfig) -> int:
+    """The most log-probs any request of this build asks vLLM for (its engine must allow that many)."""
+    from ar2mdm.precompute.mc import next_token_keep
+
+    return max(cfg.k, cfg.top_n, cfg.rescore_k, next_token_keep(cfg.top_n))
+
+
 def load_backend(backend: str, cfg: BuildConfig, folder: Path):
     """The teacher engine for ``backend`` ("hf" or "vllm")."""
     if backend == "vllm":
         from ar2mdm.precompute.vllm_backend import VllmTeacher
 
-        return VllmTeacher.load(folder, cfg.engine, max(cfg.k, cfg.top_n, cfg.rescore_k, 64), cfg.seed)
+        return VllmTeacher.load(folder, cfg.engine, engine_max_logprobs(cfg), cfg.seed)
     return TorchTeacher.load(folder, cfg.device, cfg.dtype)
 
 

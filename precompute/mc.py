@@ -106,6 +106,11 @@ def sample_completions(
     return Completions(seqs, logw, next_ids, next_probs)
 
 
+def next_token_keep(top_n: int) -> int:
+    """Entries of each next-token distribution kept for the mixture: the same on every backend."""
+    return max(64, 4 * top_n)
+
+
 def mixture(ids: torch.Tensor, probs: torch.Tensor, w: torch.Tensor, top_n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ_k w_k · score_k as sparse (ids, log-probs), top_n most probable first.
 
@@ -153,7 +158,7 @@ def mc_targets(
     token_budget: int = 4096,
 ) -> McTargets:
     """The MC soft targets of one row at its masked positions (see the module docstring)."""
-    comp = sample_completions(model, x, masked, K, temperature, generator, keep=max(64, 4 * top_n))
+    comp = sample_completions(model, x, masked, K, temperature, generator, keep=next_token_keep(top_n))
     if weights == "importance":
         w = torch.softmax(comp.logw, dim=0)
     elif weights == "uniform":

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ar2mdm.shared.errors import UserError
+
 NEG_INF = float("-inf")
 
 
@@ -28,28 +30,49 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask=None, position_
     return out.last_hidden_state
 
 
+def head_logits(model, h: torch.Tensor) -> torch.Tensor:
+    """(n, V) float32 logits from (n, H) last hidden states, as the model's own forward computes them.
+
+    topk and fim apply the head to selected hidden states only (B x V instead of B x S x V), so the
+    architecture's logit scaling is applied here: Granite divides by ``logits_scaling``, Cohere multiplies by
+    ``logit_scale``, Gemma soft-caps. `check_head_path` verifies this against the model's forward at load.
+    """
+    z = model.get_output_embeddings()(h).float()
+    c = model.config
+    if getattr(c, "logits_scaling", None):  # Granite
+        z = z / c.logits_scaling
+    if getattr(c, "logit_scale", None):  # Cohere
+        z = z * c.logit_scale
+    cap = getattr(c, "final_logit_softcapping", None)
+    if cap:  # Gemma 2/3
+        z = torch.tanh(z / cap) * cap
+    return z
+
+
+@torch.no_grad()
+def check_head_path(model) -> None:
+    """Refuse a teacher whose logits `head_logits` does not reproduce (an unknown logit scaling), in one line."""
+    dev = next(model.parameters()).device
+    x = torch.arange(1, 9, device=dev)[None] % model.get_output_embeddings().weight.shape[0]
+    ref = model(input_ids=x, use_cache=False).logits[0].float()  # (8, V)
+    got = head_logits(model, hidden_states(model, x)[0])
+    tol = 1e-3 + 2e-2 * (next(model.parameters()).dtype != torch.float32)
+    if not torch.allclose(got, ref, atol=tol * max(1.0, float(ref.abs().max())), rtol=0):
+        raise UserError(f"teacher {model.config.model_type}: its forward transforms the logits in a way ar2mdm does "
+                        "not reproduce (an unknown logit scaling); --mode topk/fim would be wrong with it")
+
+
 def log_softmax_head(model, h: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """(N, V) float32 log-probs from (N, H) hidden states (chunked: N x V logits are large)."""
-    head = model.get_output_embeddings()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    outs = []
-    for a in range(0, h.shape[0], chunk):
-        z = head(h[a : a + chunk]).float()  # (n, V)
-        if cap:  # Gemma-style logit soft-capping, as the model's own forward applies it
-            z = torch.tanh(z / cap) * cap
-        outs.append(torch.log_softmax(z, dim=-1))
-    return torch.cat(outs) if outs else h.new_zeros((0, head.weight.shape[0]), dtype=torch.float32)
+    outs = [torch.log_softmax(head_logits(model, h[a : a + chunk]), dim=-1) for a in range(0, h.shape[0], chunk)]
+    return torch.cat(outs) if outs else h.new_zeros((0, model.get_output_embeddings().weight.shape[0]), dtype=torch.float32)
 
 
 def token_logliks(model, h: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """(N,) log p(targets[n]) under the head applied to h[n]; never holds more than chunk x V logits."""
-    head = model.get_output_embeddings()
-    cap = getattr(model.config, "final_logit_softcapping", None)
     out = []
     for a in range(0, h.shape[0], chunk):
-        z = head(h[a : a + chunk]).float()  # (n, V)
-        if cap:
-            z = torch.tanh(z / cap) * cap
+        z = head_logits(model, h[a : a + chunk])  # (n, V)
         # z[target] - logsumexp(z): no second (n, V) tensor as log_softmax would allocate
         out.append(z.gather(1, targets[a : a + chunk, None].long())[:, 0] - torch.logsumexp(z, dim=-1))
     return torch.cat(out) if out else h.new_zeros((0,), dtype=torch.float32)

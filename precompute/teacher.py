@@ -91,6 +91,9 @@ class TorchTeacher:
         except Exception as e:
             raise UserError(f"teacher {folder} does not load: {_first_line(e)}") from e
         model.to(device).eval()
+        from ar2mdm.precompute.rescoring import check_head_path
+
+        check_head_path(model)  # topk/fim apply the head themselves: it must be the model's own
         return cls(model=model, device=device, dtype=dtype)
 
     def _rows(self, rows, positions):

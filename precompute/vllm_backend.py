@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ar2mdm.precompute.fim import fim_prompt
-from ar2mdm.precompute.mc import McTargets, combine, rescored_per_position
+from ar2mdm.precompute.mc import McTargets, combine, next_token_keep, rescored_per_position
 from ar2mdm.precompute.rescoring import NEG_INF
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.hfmodel import first_line
@@ -178,7 +178,7 @@ class VllmTeacher:
         x = list(map(int, row))
         L = len(x)
         mc = self.llm.llm_engine.model_config
-        keep = min(max(64, 4 * top_n), mc.max_logprobs, mc.get_vocab_size())
+        keep = min(next_token_keep(top_n), mc.get_vocab_size())  # the engine's max_logprobs covers it (build)
         seqs = [list(x) for _ in range(K)]
         next_ids, next_probs = [], []
         for r, m in enumerate(masked):

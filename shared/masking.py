@@ -61,3 +61,28 @@ def sample_row_mask(
     maskable = maskable_positions(seq_len, torch.tensor([prompt_len]))
     t, mask = sample_masks(maskable, g, eps)
     return float(t[0]), mask[0]
+
+
+def stratified_counts(n: torch.Tensor, draws: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, draws) numbers of positions to mask, l in 1..n_b, stratified over ``draws`` equal strata of U{1..n}.
+
+    l = 1 + floor(n · (j + u) / draws) for stratum j and one uniform u per row: a draw picked at random is
+    uniform on 1..n (so the mean over the draws is unbiased), and together they cover the range evenly, which
+    lowers the variance against independent draws.
+    n: (B,) long, the maskable positions of each row (rows with n = 0 get l = 0).
+    """
+    u = torch.rand(n.shape[0], 1, generator=generator)  # (B, 1)
+    j = torch.arange(draws, dtype=torch.float32)[None]  # (1, draws)
+    frac = (j + u) / draws  # (B, draws) in [0, 1)
+    return torch.where(n[:, None] > 0, 1 + torch.floor(frac * n[:, None]).long(), torch.zeros_like(frac, dtype=torch.long))
+
+
+def sample_count_masks(maskable: torch.Tensor, count: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, L) bool: exactly count_b positions of each row, uniformly among its maskable ones.
+
+    maskable: (B, L) bool; count: (B,) long, at most the row's maskable count.
+    """
+    noise = torch.rand(maskable.shape, generator=generator).to(maskable.device)  # (B, L)
+    noise = noise.masked_fill(~maskable, 2.0)  # non-maskable positions rank last
+    rank = noise.argsort(dim=1).argsort(dim=1)  # (B, L) rank of each position in its row
+    return rank < count.to(maskable.device)[:, None]

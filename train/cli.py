@@ -24,12 +24,14 @@ def run(
     out: Optional[str] = typer.Option(None, help="Run folder (default: runs/<shards folder name>)."),
     student: str = typer.Option("small", help="Preset (tiny, small, base) or a JSON file of StudentConfig fields."),
     init_from: Optional[str] = typer.Option(None, help="AR checkpoint (HF folder or .gguf) to adapt, same tokenizer."),
+    ar_shift: Optional[bool] = typer.Option(None, "--ar-shift/--no-ar-shift",
+                                            help="Predict x_i from the hidden state at i-1 (Dream). Default: on with --init-from."),
     lam: float = typer.Option(0.5, "--lambda", help="λ in (1-λ)·MDM + λ·KD."),
     temperature: float = typer.Option(1.0, help="KD temperature T."),
-    tail: str = typer.Option("renormalize", help="renormalize | bucket: mass outside the stored support."),
-    loss_weighting: str = typer.Option("seed", help="seed (no weight) | elbo (1/t, LLaDA/MDLM)."),
+    tail: str = typer.Option("renormalize", help="renormalize | bucket: mass outside the stored support (docs/design.md)."),
+    loss_weighting: str = typer.Option("seed", help="seed (no weight) | elbo (1/t, LLaDA/MDLM; forced masks corrected)."),
     resample_masks: bool = typer.Option(False, help="Fresh masks after epoch 0 (shards with --positions all only)."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: --epochs over the shards)."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: --epochs over the shards); 0 saves the initial student."),
     stop_at: Optional[int] = typer.Option(None, help="Stop after this step (checkpointed); resume later with --resume."),
     epochs: int = typer.Option(1),
     batch_size: int = typer.Option(16, help="Rows per micro-batch per rank."),
@@ -54,7 +56,7 @@ def run(
     from ar2mdm.train.loop import run_training
 
     cfg = TrainConfig(
-        shards=shards, out=out, student=student, init_from=init_from, lam=lam, temperature=temperature, tail=tail,
+        shards=shards, out=out, student=student, init_from=init_from, ar_shift=ar_shift, lam=lam, temperature=temperature, tail=tail,
         loss_weighting=loss_weighting, resample_masks=resample_masks, steps=steps, stop_at=stop_at, epochs=epochs,
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup, weight_decay=weight_decay, clip=clip,
         seed=seed, resume=resume, save_every=save_every, log_every=log_every, shuffle_buffer=shuffle_buffer,
@@ -72,16 +74,18 @@ def eval_(
     run: str = typer.Argument(..., help="A kdtrain run folder."),
     data: str = typer.Option(..., help="A corpus (file/folder) or a kdtargets shard folder."),
     seed: int = typer.Option(0),
-    mc_samples: int = typer.Option(4, help="Monte Carlo draws of t per row."),
+    mc_samples: int = typer.Option(4, help="Mask draws per row (stratified numbers of masked tokens)."),
     max_rows: int = typer.Option(256),
     batch_size: int = typer.Option(16),
     device: str = typer.Option("cpu"),
+    by_line: bool = typer.Option(False, help="Raw text: one document per non-empty line."),
+    text_field: str = typer.Option("text", help="Raw .jsonl/.parquet: the field that holds the text."),
 ) -> None:
-    """ELBO bound (nats/token), masked-token accuracy and KD loss; the last line is one JSON object."""
+    """Held-out ELBO bound (nats/token) ± standard error, masked-token accuracy, KD loss; last line: JSON."""
     from ar2mdm.train.evaluate import evaluate
 
     try:
-        res = evaluate(run, data, seed, mc_samples, batch_size, max_rows, device)
+        res = evaluate(run, data, seed, mc_samples, batch_size, max_rows, device, by_line, text_field)
     except (UserError, SchemaError) as e:
         _fail(str(e))
     typer.echo(json.dumps(res))

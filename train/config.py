@@ -14,6 +14,7 @@ class TrainConfig:
     out: str | None = None  # default: runs/<shards folder name>
     student: str = "small"  # preset (tiny, small, base) or a JSON file
     init_from: str | None = None  # AR checkpoint (HF folder or .gguf) with the shards' tokenizer
+    ar_shift: bool | None = None  # predict x_i from h_{i-1} (Dream); None: on with --init-from, off otherwise
     lam: float = 0.5  # λ: weight of the KD term
     temperature: float = 1.0
     tail: Literal["renormalize", "bucket"] = "renormalize"
@@ -52,10 +53,15 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "epochs", "save_every", "log_every", "shuffle_buffer"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.steps is not None and self.steps < 1:
-            raise UserError(f"--steps must be at least 1, got {self.steps}")
+        if self.steps is not None and self.steps < 0:
+            raise UserError(f"--steps must be at least 0 (0 saves the initial student), got {self.steps}")
         if self.lr <= 0:
             raise UserError(f"--lr must be > 0, got {self.lr}")
+
+    @property
+    def shift(self) -> bool:
+        """The AR shift the student gets: --ar-shift/--no-ar-shift, else on exactly when adapting an AR model."""
+        return self.init_from is not None if self.ar_shift is None else self.ar_shift
 
     def to_dict(self) -> dict:
         return asdict(self)

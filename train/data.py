@@ -33,6 +33,37 @@ class Row:
     target_logprobs: np.ndarray  # (E,) float32
 
 
+@dataclass(frozen=True)
+class TargetSpec:
+    """What the trainer needs to know about the shards' targets, from their manifest."""
+
+    top_n: int  # entries kept per position
+    eos_id: int  # SFT padding: the student learns EOS there
+    logprob_dtype: str  # storage precision of the log-probs ("float16" | "float32")
+    exact_support: bool  # the stored entries are the whole target (topk with top_n >= K+1): no tail
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest) -> "TargetSpec":
+        p = manifest.params
+        top_n = int(p.get("top_n", 16))
+        exact = manifest.mode == "topk" and top_n >= int(p.get("k", 0)) + 1
+        return cls(top_n, int(manifest.tokenizer.eos_id), str(p.get("logprob_dtype", "float16")), exact)
+
+
+def sft_padding_start(input_ids: np.ndarray, prompt_len: int, eos_id: int) -> int:
+    """First padding position of an SFT row ``[BOS, prompt, response, EOS, EOS...]`` (len(row) if none).
+
+    The first EOS of the trailing run ends the response (a real target: the teacher predicts the end); the
+    EOS after it are padding, which the AR teacher never saw. Pretrain rows (prompt_len 0) have none.
+    """
+    L = len(input_ids)
+    if prompt_len <= 0 or input_ids[-1] != eos_id:
+        return L
+    not_eos = np.flatnonzero(input_ids != eos_id)
+    run = int(not_eos[-1]) + 1 if len(not_eos) else 0  # start of the trailing EOS run
+    return max(run + 1, prompt_len)
+
+
 @dataclass
 class Batch:
     input_ids: torch.Tensor  # (B, L) long, the clean rows
@@ -127,8 +158,13 @@ class RowStream:
         return Row(**{**row.__dict__, "t": t, "mask_positions": mask.nonzero()[:, 0].numpy().astype(np.int32)})
 
 
-def collate(rows: list[Row], top_n: int) -> Batch:
-    """Stack rows into a Batch; targets are gathered for the masked positions, in row-major order."""
+def collate(rows: list[Row], spec: TargetSpec) -> Batch:
+    """Stack rows into a Batch; targets are gathered for the masked positions, in row-major order.
+
+    SFT padding positions get the target "EOS with probability 1" whatever the shard holds (the teacher's
+    continuation after end-of-turn is not a target): the student learns EOS there from both terms, as LLaDA.
+    """
+    top_n = spec.top_n
     B, L = len(rows), len(rows[0].input_ids)
     ids = torch.as_tensor(np.stack([r.input_ids for r in rows]), dtype=torch.long)
     mask = torch.zeros(B, L, dtype=torch.bool)
@@ -140,10 +176,13 @@ def collate(rows: list[Row], top_n: int) -> Batch:
         has = np.zeros(len(idx), bool)
         if len(tp):
             has = (idx < len(tp)) & (tp[np.minimum(idx, len(tp) - 1)] == r.mask_positions)
+        pad = sft_padding_start(r.input_ids, r.prompt_len, spec.eos_id)
         for j, p in enumerate(idx):
             ti = np.full(top_n, 0, np.int64)
             tl = np.full(top_n, -np.inf, np.float32)
-            if has[j]:
+            if r.mask_positions[j] >= pad:
+                ti[0], tl[0] = spec.eos_id, 0.0
+            elif has[j]:
                 a, c = r.entry_offsets[p], r.entry_offsets[p + 1]
                 n = min(c - a, top_n)
                 ti[:n], tl[:n] = r.target_ids[a : a + n], r.target_logprobs[a : a + n]
@@ -177,10 +216,10 @@ class BatchLoader(torch.utils.data.IterableDataset):
         # role of the worker that would have produced batch `skip + w`.
         role = (wid + skip) % nw
         stream = RowStream(directory, manifest, rank * nw + role, world * nw, seed, **kw)
-        top_n = int(manifest.params.get("top_n", 16))
+        spec = TargetSpec.from_manifest(manifest)
         it = iter(stream)
         for _ in range(len(range(role, skip, nw)) * bs):
             next(it)
         while True:
             rows = [next(it)[1] for _ in range(bs)]
-            yield collate(rows, top_n)
+            yield collate(rows, spec)

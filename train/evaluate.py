@@ -9,14 +9,16 @@ import numpy as np
 import torch
 
 from ar2mdm.shared.errors import UserError
-from ar2mdm.shared.masking import maskable_positions, sample_masks
+from ar2mdm.shared.masking import maskable_positions, sample_count_masks, stratified_counts
 from ar2mdm.train.checkpoint import load_student, load_tokenizer
 from ar2mdm.train.data import Row, collate
-from ar2mdm.train.losses import corrupt, kd_loss, row_norm, student_logprobs
+from ar2mdm.train.losses import corrupt
 
 
-def _rows_from(data: Path, meta: dict, tokenizer, max_rows: int) -> tuple[list[Row], object]:
+def _rows_from(data: Path, meta: dict, tokenizer, max_rows: int, by_line: bool, text_field: str) -> tuple[list[Row], object]:
     """Rows to evaluate: a shard folder's rows (with targets), or a text corpus packed like the precompute."""
+    if not data.exists():
+        raise UserError(f"--data {data} does not exist")
     if (data / "manifest.json").exists():
         from itertools import chain, islice
 
@@ -33,7 +35,8 @@ def _rows_from(data: Path, meta: dict, tokenizer, max_rows: int) -> tuple[list[R
 
     files = list_corpus_files(data)
     rows = []
-    for ids in pack_documents(iter_documents(files, CorpusStats()), tokenizer, meta["seq_len"]):
+    docs = iter_documents(files, CorpusStats(), by_line=by_line, text_field=text_field)
+    for ids in pack_documents(docs, tokenizer, meta["seq_len"]):
         rows.append(Row("", ids, 0, 1.0, np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(1, np.int64),
                         np.zeros(0, np.int32), np.zeros(0, np.float32)))  # fmt: skip
         if len(rows) >= max_rows:
@@ -43,49 +46,87 @@ def _rows_from(data: Path, meta: dict, tokenizer, max_rows: int) -> tuple[list[R
     return rows, None
 
 
+def ratio_se(num: torch.Tensor, den: torch.Tensor) -> float:
+    """Standard error of the ratio estimate Σ num / Σ den over independent rows (delta method)."""
+    n = num.numel()
+    if n < 2:
+        return float("nan")
+    r = num.sum() / den.sum()
+    return float(((num - r * den).pow(2).sum() / (n * (n - 1))).sqrt() / den.mean())
+
+
+@torch.no_grad()
+def elbo_row_estimates(model, ids: torch.Tensor, maskable: torch.Tensor, draws: int, g: torch.Generator,
+                       mask_id: int) -> tuple[torch.Tensor, float, float]:  # fmt: skip
+    """(B,) float64 unbiased estimates of each row's ELBO bound on -log p(maskable tokens | the rest), in nats,
+    and the masked-token hits and count. ids, maskable: (B, L); masks are drawn on the CPU from ``g``.
+
+    Row b with n maskable positions: (1/draws) Σ_j (n/l_j) Σ_{i masked} -log p_θ(x_i | x_t), l_j stratified.
+    """
+    n = maskable.sum(1).cpu()  # (B,)
+    counts = stratified_counts(n, draws, g)  # (B, draws)
+    est = torch.zeros(ids.shape[0], dtype=torch.float64)
+    hits = total = 0.0
+    for j in range(draws):
+        mask = sample_count_masks(maskable.cpu(), counts[:, j], g).to(ids.device)  # (B, L)
+        logits = model(corrupt(ids, mask, mask_id), mask).float()  # (K, V)
+        nll = torch.nn.functional.cross_entropy(logits, ids[mask], reduction="none")  # (K,)
+        per_row = torch.zeros(ids.shape[0], device=ids.device).index_add(0, mask.nonzero()[:, 0], nll)  # (B,)
+        est += per_row.cpu().double() * n / counts[:, j].clamp(min=1) / draws
+        hits += float((logits.argmax(-1) == ids[mask]).sum())
+        total += float(mask.sum())
+    return est, hits, total
+
+
 @torch.no_grad()
 def evaluate(run: str, data: str, seed: int = 0, mc_samples: int = 4, batch_size: int = 16, max_rows: int = 256,
-             device: str = "cpu") -> dict:  # fmt: skip
-    """ELBO bound (nats/token), masked-token accuracy and, on shards, the KD loss with the stored targets."""
+             device: str = "cpu", by_line: bool = False, text_field: str = "text") -> dict:  # fmt: skip
+    """Held-out ELBO bound (nats/token) with its standard error, masked-token accuracy and, on shards, the
+    KD loss against the stored targets.
+
+    The bound is LLaDA's estimator of the MDLM ELBO, -log p(x) <= E_l [(n/l) Σ_{l masked} -log p_θ(x_i | x_t)]
+    with l ~ U{1..n} positions masked uniformly among the n maskable ones: unbiased for the same bound as the
+    1/t form, with weights at most n instead of 1/eps, and no forced mask. ``mc_samples`` draws of l per row,
+    stratified. Masks depend on ``seed``, the rows and ``batch_size`` only, never on the model: two runs
+    evaluated alike see the same masks, and their difference is the models'.
+    """
+    from dataclasses import replace
+
+    from ar2mdm.train.config import TrainConfig
+    from ar2mdm.train.data import TargetSpec
+    from ar2mdm.train.loop import step_losses
+
+    if mc_samples < 1:
+        raise UserError(f"--mc-samples must be at least 1, got {mc_samples}")
     model, meta = load_student(Path(run), device)
     tokenizer = load_tokenizer(Path(run))
-    rows, manifest = _rows_from(Path(data), meta, tokenizer, max_rows)
+    rows, manifest = _rows_from(Path(data), meta, tokenizer, max_rows, by_line, text_field)
     mask_id = model.config.mask_id
     g = torch.Generator().manual_seed(seed)
-    nll_sum = tok_sum = correct = masked = 0.0
+    row_est, row_tok = [], []
+    correct = masked = 0.0
     kd_sum, kd_rows = 0.0, 0
-    train = meta["train"]
+    kd_cfg = replace(TrainConfig(**meta["train"]), lam=1.0)
+    spec = TargetSpec.from_manifest(manifest) if manifest is not None else None
     for a in range(0, len(rows), batch_size):
         chunk = rows[a : a + batch_size]
         ids = torch.as_tensor(np.stack([r.input_ids for r in chunk]), dtype=torch.long, device=device)  # (B, L)
         plen = torch.tensor([r.prompt_len for r in chunk], device=device)
         maskable = maskable_positions(ids.shape[1], plen)  # (B, L)
-        for _ in range(mc_samples):
-            # MDLM/LLaDA: -log p(x) <= E_t [ (1/t) sum_{masked} -log p_θ(x_i | x_t) ]
-            t, mask = sample_masks(maskable.cpu(), g)
-            t, mask = t.to(device), mask.to(device)
-            x_t = corrupt(ids, mask, mask_id)
-            logits = model(x_t, mask).float()  # (K, V)
-            nll = torch.nn.functional.cross_entropy(logits, ids[mask], reduction="none")  # (K,)
-            row = mask.nonzero()[:, 0]
-            per_row = torch.zeros(len(chunk), device=device).index_add(0, row, nll)  # (B,)
-            nll_sum += float((per_row / t).sum()) / mc_samples
-            correct += float((logits.argmax(-1) == ids[mask]).sum())
-            masked += float(mask.sum())
-        tok_sum += float(maskable.sum())
-        if manifest is not None:
-            top_n = int(manifest.params.get("top_n", 16))
-            b = collate(chunk, top_n).to(device)
-            logits = model(corrupt(b.input_ids, b.mask, mask_id), b.mask)
-            norm = row_norm(b.prompt_len, b.input_ids.shape[1])
-            T = train.get("temperature", 1.0)
-            kd = kd_loss(student_logprobs(logits, T), b.target_ids, b.target_logprobs, b.mask.nonzero()[:, 0], norm,
-                         T, train.get("tail", "renormalize"))  # fmt: skip
-            kd_sum += float(kd) * len(chunk)
+        est, hits, k = elbo_row_estimates(model, ids, maskable, mc_samples, g, mask_id)
+        correct += hits
+        masked += k
+        row_est.append(est)
+        row_tok.append(maskable.sum(1).cpu().double())
+        if spec is not None:
+            _, parts = step_losses(model, collate(chunk, spec).to(device), kd_cfg, mask_id, spec)
+            kd_sum += parts["kd"] * len(chunk)
             kd_rows += len(chunk)
-    nll_bound = nll_sum / max(tok_sum, 1)
-    out = {"nll_bound": nll_bound, "ppl_bound": math.exp(min(nll_bound, 50)), "masked_token_accuracy": correct / max(masked, 1),
-           "rows": len(rows), "tokens": int(tok_sum), "mc_samples": mc_samples, "seed": seed}  # fmt: skip
+    est, tok = torch.cat(row_est), torch.cat(row_tok)
+    nll_bound = float(est.sum() / tok.sum().clamp(min=1))
+    out = {"nll_bound": nll_bound, "nll_bound_se": ratio_se(est, tok), "ppl_bound": math.exp(min(nll_bound, 50)),
+           "masked_token_accuracy": correct / max(masked, 1), "rows": len(rows), "tokens": int(tok.sum()),
+           "mc_samples": mc_samples, "seed": seed}  # fmt: skip
     if kd_rows:
         out["kd_loss"] = kd_sum / kd_rows
     return out

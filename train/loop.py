@@ -21,8 +21,10 @@ from ar2mdm.schemas import Manifest, SchemaError
 from ar2mdm.shared.errors import UserError
 from ar2mdm.train.checkpoint import checkpoint_dir, load_meta, load_student, save_checkpoint
 from ar2mdm.train.config import TrainConfig
-from ar2mdm.train.data import Batch, BatchLoader, RowStream
-from ar2mdm.train.losses import combined_loss, corrupt, kd_loss, mdm_loss, row_norm, student_logprobs
+from ar2mdm.shared.masking import maskable_positions
+from ar2mdm.train.data import Batch, BatchLoader, RowStream, TargetSpec
+from ar2mdm.train.losses import (combined_loss, corrupt, elbo_weight, kd_loss, mdm_loss, row_norm, storage_slack,
+                                 student_logprobs)
 from ar2mdm.train.model import Student, StudentConfig
 
 
@@ -41,27 +43,39 @@ def load_shard_manifest(shards: str | Path) -> Manifest:
     return m
 
 
-def step_losses(model, batch: Batch, cfg: TrainConfig, mask_id: int) -> tuple[torch.Tensor, dict]:
+def step_losses(model, batch: Batch, cfg: TrainConfig, mask_id: int, spec: TargetSpec) -> tuple[torch.Tensor, dict]:
     """Loss of one batch: (1-λ)·MDM + λ·KD, and its parts as floats."""
     x_t = corrupt(batch.input_ids, batch.mask, mask_id)  # (B, L)
     logits = model(x_t, batch.mask)  # (K, V) at the masked positions
     row = batch.mask.nonzero()[:, 0]  # (K,)
-    norm = row_norm(batch.prompt_len, batch.input_ids.shape[1])  # seed §1: 1/L pretrain, 1/|response| SFT
-    weight = 1.0 / batch.t if cfg.loss_weighting == "elbo" else torch.ones_like(batch.t)
+    L = batch.input_ids.shape[1]
+    norm = row_norm(batch.prompt_len, L)  # seed §1: 1/L pretrain, 1/|response| SFT
+    if cfg.loss_weighting == "elbo":
+        weight = elbo_weight(batch.t, batch.mask, maskable_positions(L, batch.prompt_len))  # (B,)
+    else:
+        weight = torch.ones_like(batch.t)
     parts = {}
     mdm = kd = None
-    # one log-softmax over the vocabulary serves both terms at T = 1
-    logp = student_logprobs(logits) if cfg.lam < 1.0 or cfg.temperature == 1.0 else None
+    logp = student_logprobs(logits)  # (K, V) at T = 1, shared by both terms; KD tempers from it
     if cfg.lam < 1.0:
         mdm = mdm_loss(logp, batch.input_ids[batch.mask], row, norm, weight)
         parts["mdm"] = float(mdm.detach())
     if cfg.lam > 0.0:
-        logp_t = logp if cfg.temperature == 1.0 else student_logprobs(logits, cfg.temperature)
-        kd = kd_loss(logp_t, batch.target_ids, batch.target_logprobs, row, norm, cfg.temperature, cfg.tail)
+        slack = None
+        if cfg.tail == "bucket":  # a leftover within the storage rounding is no tail; exact supports have none
+            tl = batch.target_logprobs
+            slack = tl.new_full(tl.shape[:1], math.inf) if spec.exact_support else storage_slack(tl, spec.logprob_dtype)
+        kd = kd_loss(logp, batch.target_ids, batch.target_logprobs, row, norm, cfg.temperature, cfg.tail, slack)
         parts["kd"] = float(kd.detach())
     loss = combined_loss(mdm, kd, cfg.lam)
     parts["loss"] = float(loss.detach())
     return loss, parts
+
+
+def _nonfinite(what: str, step: int, saved: int | None, run: Path) -> str:
+    kept = f"the checkpoint of step {saved} in {run} is kept" if saved is not None else "no checkpoint was written yet"
+    return (f"step {step}: non-finite {what}; stopped before the update ({kept}); "
+            "lower --lr or --temperature, or check the shards with `kdtargets validate`")
 
 
 def full_states(model, opt, fsdp: bool) -> tuple[dict, dict]:
@@ -95,8 +109,9 @@ def build_student(cfg: TrainConfig, manifest: Manifest) -> Student:
     if cfg.init_from:
         from ar2mdm.train.init import student_from_ar
 
-        return student_from_ar(cfg.init_from, manifest.tokenizer.vocab_size, manifest.tokenizer.sha256, manifest.seq_len)
-    sc = StudentConfig.from_spec(cfg.student, manifest.tokenizer.vocab_size, manifest.seq_len)
+        return student_from_ar(cfg.init_from, manifest.tokenizer.vocab_size, manifest.tokenizer.sha256, manifest.seq_len,
+                               shift=cfg.shift)  # fmt: skip
+    sc = StudentConfig.from_spec(cfg.student, manifest.tokenizer.vocab_size, manifest.seq_len, shift=cfg.shift)
     return Student(sc)
 
 
@@ -128,7 +143,7 @@ def run_training(cfg: TrainConfig) -> dict:
         old = load_meta(run)
         if old["tokenizer_sha256"] != manifest.tokenizer.sha256:
             raise UserError(f"--resume: {run} was trained with another tokenizer than the shards in {shards}")
-        if cfg.init_from is None and old["student"] != StudentConfig.from_spec(cfg.student, manifest.tokenizer.vocab_size, manifest.seq_len).to_dict():
+        if cfg.init_from is None and old["student"] != StudentConfig.from_spec(cfg.student, manifest.tokenizer.vocab_size, manifest.seq_len, shift=cfg.shift).to_dict():
             raise UserError(f"--resume: the checkpoint in {run} has another student config than --student {cfg.student}")
         model, _ = load_student(run)
         model.train()
@@ -145,8 +160,9 @@ def run_training(cfg: TrainConfig) -> dict:
                      mask_eps=float(manifest.params.get("mask_eps", 1e-3)))  # fmt: skip
     rows_per_rank = min(RowStream(shards, manifest, r, world, cfg.seed).rows_per_epoch(manifest) for r in range(world))
     steps_per_epoch = max(1, rows_per_rank // (cfg.batch_size * cfg.grad_accum))
-    total = cfg.steps or cfg.epochs * steps_per_epoch
+    total = cfg.epochs * steps_per_epoch if cfg.steps is None else cfg.steps
     step = state["step"] if state else 0
+    saved = step if state else None  # the step of the last checkpoint on disk
     rows_done = state["rows"] if state else 0
 
     fsdp = cfg.fsdp and distributed
@@ -191,6 +207,7 @@ def run_training(cfg: TrainConfig) -> dict:
         except ImportError:
             pass
     tok_dir = shards / "tokenizer"
+    spec = TargetSpec.from_manifest(manifest)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
     from tqdm import tqdm
 
@@ -198,6 +215,13 @@ def run_training(cfg: TrainConfig) -> dict:
     t_last, tokens = time.time(), 0
     last = {}
     end = min(total, cfg.stop_at) if cfg.stop_at else total
+
+    def save(at: int) -> None:
+        model_sd, opt_sd = full_states(model, opt, fsdp)  # a collective under FSDP: every rank takes part
+        if rank == 0:
+            st = {"step": at, "rows": rows_done, "optimizer": opt_sd, "torch_rng": torch.get_rng_state()}
+            save_checkpoint(run, model_sd, model.config, meta, st, tok_dir)
+
     while step < end:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total, cfg)
@@ -208,11 +232,15 @@ def run_training(cfg: TrainConfig) -> dict:
             rows_done += batch.input_ids.shape[0]
             tokens += batch.input_ids.numel()
             with autocast:
-                loss, parts = step_losses(train_model, batch, cfg, mask_id)
+                loss, parts = step_losses(train_model, batch, cfg, mask_id, spec)
+            if not math.isfinite(parts["loss"]):
+                raise UserError(_nonfinite(f"loss {parts['loss']}", step + 1, saved, run))
             (loss / cfg.grad_accum).backward()
             for k, v in parts.items():
                 parts_acc[k] = parts_acc.get(k, 0.0) + v / cfg.grad_accum
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        if not math.isfinite(float(gnorm)):  # clipping would spread a NaN into every weight
+            raise UserError(_nonfinite(f"gradient norm {float(gnorm)}", step + 1, saved, run))
         opt.step()
         step += 1
         now = time.time()
@@ -230,10 +258,10 @@ def run_training(cfg: TrainConfig) -> dict:
         if step % cfg.log_every == 0:
             t_last, tokens = now, 0
         if step % cfg.save_every == 0 or step == end:
-            model_sd, opt_sd = full_states(model, opt, fsdp)  # a collective under FSDP: every rank takes part
-            if rank == 0:
-                st = {"step": step, "rows": rows_done, "optimizer": opt_sd, "torch_rng": torch.get_rng_state()}
-                save_checkpoint(run, model_sd, model.config, meta, st, tok_dir)
+            save(step)
+            saved = step
+    if total == 0 and not cfg.resume:  # --steps 0: the initial student (e.g. the warm start) as a checkpoint
+        save(0)
     bar.close()
     if metrics_f:
         metrics_f.close()

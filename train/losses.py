@@ -2,8 +2,8 @@
 
 Shapes: B rows, L positions, V vocabulary, N stored target entries per position. Every function takes the
 student's log-probabilities only at the positions that carry a loss (``K`` of them, gathered from (B, L, V)),
-so that the V-sized work is proportional to the masked positions, and the log-softmax is computed once and
-shared by the MDM and KD terms when T = 1 (`student_logprobs`).
+so that the V-sized work is proportional to the masked positions, and the log-softmax at T = 1 is computed
+once and shared by the MDM and KD terms (`student_logprobs`); the KD term tempers from it.
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ def row_norm(prompt_len: torch.Tensor, seq_len: int) -> torch.Tensor:
     return torch.where(prompt_len > 0, seq_len - prompt_len, torch.full_like(prompt_len, seq_len)).float()
 
 
-def student_logprobs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(z / T) over the vocabulary: (K, V) logits -> (K, V) log-probs, at least float32."""
-    z = _up(logits)
-    return torch.log_softmax(z if temperature == 1.0 else z / temperature, dim=-1)
+def student_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """log softmax(z) over the vocabulary: (K, V) logits -> (K, V) log-probs, at least float32."""
+    return torch.log_softmax(_up(logits), dim=-1)
 
 
 def mdm_loss(
@@ -48,61 +47,114 @@ def mdm_loss(
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, stable at both ends (Mächler 2012)."""
+    """log(1 - exp(x)) for x <= 0, stable at both ends (Mächler 2012).
+
+    Each branch gets only inputs it is safe on: `torch.where` differentiates both branches, and the unused
+    log1p(-exp(x)) at x ~ -1e-9 (exp rounds to 1) would have an infinite gradient, and 0·inf = NaN.
+    """
     x = x.clamp(max=-1e-12)
-    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    near = x > -0.6931  # -log 2
+    a = torch.log(-torch.expm1(torch.where(near, x, torch.full_like(x, -1.0))))
+    b = torch.log1p(-torch.exp(torch.where(near, torch.full_like(x, -1.0), x)))
+    return torch.where(near, a, b)
+
+
+def storage_slack(target_logprobs: torch.Tensor, logprob_dtype: str) -> torch.Tensor:
+    """(K,) the largest leftover mass 1 - Σ_S q that rounding alone can leave at each position.
+
+    Stored log-probs are rounded towards -inf (float16 by default), so a stored q_v is at most
+    q_v·(1 - exp(-ulp(log q_v))) below the true one; a leftover below the sum of those bounds is rounding,
+    not mass outside the support. target_logprobs: (K, N) as stored, -inf on padding.
+    """
+    mant = {"float16": 10, "float32": 23}[logprob_dtype]
+    lp = target_logprobs.float()
+    finite = torch.isfinite(lp)
+    mag = lp.abs().masked_fill(~finite, 1.0).clamp(min=2.0**-14)
+    ulp = torch.exp2(torch.floor(torch.log2(mag)) - mant)  # (K, N) spacing of the stored values
+    slack = (lp.exp() * torch.expm1(ulp)).masked_fill(~finite, 0.0).sum(-1)
+    return slack + 1e-6  # + float32 summation error of the leftover itself
 
 
 def sparse_kl(
-    logp: torch.Tensor, target_ids: torch.Tensor, target_logprobs: torch.Tensor, temperature: float, tail: str
+    logp: torch.Tensor, target_ids: torch.Tensor, target_logprobs: torch.Tensor, temperature: float, tail: str,
+    slack: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-position T²·KL(q_T ‖ p_θ^T) against a sparse stored target.
 
-    logp: (K, V) student log-probs at temperature T (`student_logprobs(logits, T)`); target_ids: (K, N) ids; target_logprobs: (K, N) stored log q at T=1,
-    -inf on padding entries; exp sums to <= 1 (the rest is mass outside the stored support).
-    q_T: the stored target raised to 1/T and renormalised over its support; p_θ^T = softmax(z/T) over V.
-    tail="renormalize": the support is treated as the whole distribution.
-    tail="bucket": one more category holds the leftover mass, tempered like the others, against the student's
-    own leftover mass 1 - Σ_{v∈S} p_θ^T(v).
-    Returns (K,) in logp's dtype.
+    logp: (K, V) student log-probs at T = 1 (`student_logprobs(logits)`); target_ids: (K, N) ids;
+    target_logprobs: (K, N) stored log q at T = 1, -inf on padding; exp sums to <= 1 (the rest, the leftover,
+    is the teacher's mass outside the stored support S).
+
+    tail="renormalize": S is treated as the whole target: q_T ∝ q^(1/T) over S; p_θ^T = softmax(z/T) over V.
+    tail="bucket": both distributions are first coarse-grained to the N+1 categories S ∪ {rest} at T = 1
+    (q_rest = the leftover, p_rest = Σ_{v∉S} p_θ(v)), then tempered alike: π_T(c) ∝ π(c)^(1/T). The target's
+    tail is known only as a lump, so this is the one definition both sides can share (docs/design.md).
+    A leftover at or below ``slack`` (K,) is rounding, not mass: q_rest = 0 there (``storage_slack``;
+    default 1e-6, float32 summation error).
+    Positions without any finite entry return 0 with a zero gradient. Returns (K,) in logp's dtype.
     """
     T = float(temperature)
-    valid = torch.isfinite(target_logprobs)  # (K, N)
-    logp_s = logp.gather(1, target_ids.clamp(min=0).long())  # (K, N)
-    target_logprobs = target_logprobs.to(logp.dtype)
-    scaled = target_logprobs / T  # log q^(1/T), -inf on padding
+    has = torch.isfinite(target_logprobs).any(-1)  # (K,)
+    # safe inputs: a position with no entry gets a dummy one (log q = 0 at slot 0), so that no softmax sees
+    # only -inf (NaN in the forward and in the gradient); its KL is zeroed at the end
+    lq = target_logprobs.to(logp.dtype)
+    dummy = torch.full_like(lq, NEG_INF)
+    dummy[:, 0] = 0.0
+    lq = torch.where(has[:, None], lq, dummy)  # (K, N)
+    valid = torch.isfinite(lq)  # (K, N)
+    ids = target_ids.long().masked_fill(~valid, 0)
+    logp_s = logp.gather(1, ids)  # (K, N) log p_θ(v), T = 1
     if tail == "renormalize":
-        logq = torch.log_softmax(scaled, dim=-1)  # (K, N)
-        q = logq.exp()
-        kl = (q * (logq - logp_s)).masked_fill(~valid, 0.0).sum(-1)
+        logq = torch.log_softmax(lq / T, dim=-1)  # (K, N)
+        logp_t = logp_s if T == 1.0 else logp_s / T - torch.logsumexp(logp / T, dim=-1, keepdim=True)
+        kl = (logq.exp() * (logq - logp_t)).masked_fill(~valid, 0.0).sum(-1)
     elif tail == "bucket":
-        mass = torch.logsumexp(target_logprobs, dim=-1)  # (K,) log Σ q at T=1
-        # a leftover below 1e-6 is rounding, not mass: tempering with T > 1 would inflate it into a real category
-        tail_lq = torch.where(mass > -1e-6, torch.full_like(mass, NEG_INF), _log1mexp(mass) / T)  # (K,) log q_tail^(1/T)
-        allq = torch.cat([scaled, tail_lq[:, None]], dim=-1)  # (K, N+1)
-        logq = torch.log_softmax(allq, dim=-1)
-        # the student's leftover mass outside the support, from the same tempered distribution
-        logp_tail = _log1mexp(torch.logsumexp(logp_s.masked_fill(~valid, NEG_INF), dim=-1))  # (K,)
-        logp_all = torch.cat([logp_s, logp_tail[:, None]], dim=-1)
-        q = logq.exp()
-        ok = torch.cat([valid, torch.isfinite(tail_lq)[:, None]], dim=-1)
-        kl = (q * (logq - logp_all)).masked_fill(~ok, 0.0).sum(-1)
+        mass = torch.logsumexp(lq, dim=-1)  # (K,) log Σ_S q
+        slack = torch.full_like(mass, 1e-6) if slack is None else slack.to(mass.dtype)
+        in_s = torch.zeros_like(logp).scatter_add(1, ids, valid.to(logp.dtype)) > 0  # (K, V)
+        rest = logp.masked_fill(in_s, NEG_INF)  # (K, V) the student outside S
+        has_rest = torch.isfinite(rest).any(-1)
+        leftover = -torch.expm1(mass)  # (K,) 1 - Σ_S q
+        tail_on = (leftover > slack) & has_rest  # (K,)
+        tail_lq = torch.where(tail_on, _log1mexp(mass), torch.full_like(mass, NEG_INF))  # (K,) log q_rest
+        # the student's rest as a logsumexp over the complement: exact, and safe where it is -inf
+        safe_rest = torch.where(has_rest[:, None], rest, logp)
+        logp_rest = torch.where(has_rest, torch.logsumexp(safe_rest, dim=-1), torch.full_like(mass, NEG_INF))
+        ok = torch.cat([valid, has_rest[:, None]], dim=-1)  # (K, N+1) categories the student can hold
+        a = torch.cat([logp_s, logp_rest[:, None]], dim=-1).masked_fill(~ok, NEG_INF)  # (K, N+1)
+        logp_t = a / T - torch.logsumexp(a / T, dim=-1, keepdim=True)
+        logq = torch.log_softmax(torch.cat([lq, tail_lq[:, None]], dim=-1) / T, dim=-1)  # (K, N+1)
+        qok = torch.cat([valid, tail_on[:, None]], dim=-1)
+        kl = (logq.exp() * (logq - logp_t.masked_fill(~ok, 0.0))).masked_fill(~qok, 0.0).sum(-1)
     else:
         raise ValueError(f"tail must be 'renormalize' or 'bucket', got {tail!r}")
-    return T * T * kl
+    return (T * T * kl).masked_fill(~has, 0.0)
 
 
 def kd_loss(
     logp: torch.Tensor, target_ids: torch.Tensor, target_logprobs: torch.Tensor, row: torch.Tensor,
-    norm: torch.Tensor, temperature: float, tail: str = "renormalize",
+    norm: torch.Tensor, temperature: float, tail: str = "renormalize", slack: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Seed §2: mean over rows of (1/norm_b) Σ_{i masked in b} T²·KL(q_T ‖ p_θ^T); positions without a
-    stored target (all entries -inf) contribute 0. logp: (K, V) student log-probs at temperature T."""
-    kl = sparse_kl(logp, target_ids, target_logprobs, temperature, tail)  # (K,)
-    has = torch.isfinite(target_logprobs).any(-1)
-    kl = kl.masked_fill(~has, 0.0)
+    stored target (all entries -inf) contribute 0. logp: (K, V) student log-probs at T = 1."""
+    kl = sparse_kl(logp, target_ids, target_logprobs, temperature, tail, slack)  # (K,)
     per_row = torch.zeros_like(norm, dtype=kl.dtype).index_add(0, row, kl)  # (B,)
     return (per_row / norm).mean()
+
+
+def elbo_weight(t: torch.Tensor, mask: torch.Tensor, maskable: torch.Tensor) -> torch.Tensor:
+    """(B,) the 1/t ELBO weight of each row, corrected for the masks' forced position.
+
+    Stored masks force one position when the i.i.d. draw masks none (`shared.masking.sample_masks`). Such a
+    row should weigh 0 (an empty mask contributes nothing to the ELBO), but a forced single position cannot be
+    told from a drawn one. Given t and a one-position mask {i} among n maskable positions,
+    P(drawn | t, {i}) = n·t / ((1 - t) + n·t), so the unbiased weight (1/t)·P(drawn) = n / ((1 - t) + n·t):
+    bounded by n, where 1/t reached 1/eps. Rows with two or more masked positions were drawn: 1/t.
+    t: (B,); mask, maskable: (B, L) bool.
+    """
+    n = maskable.sum(-1).to(t.dtype)  # (B,)
+    single = mask.sum(-1) == 1
+    return torch.where(single, n / ((1.0 - t) + n * t), 1.0 / t)
 
 
 def combined_loss(mdm: torch.Tensor, kd: torch.Tensor, lam: float) -> torch.Tensor:

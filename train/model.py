@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import math
+
 from ar2mdm.shared.errors import UserError
 
 PRESETS = {
@@ -36,8 +38,15 @@ class StudentConfig:
     max_positions: int = 2048
     rope_theta: float = 10000.0
     rms_eps: float = 1e-5
-    attention_bias: bool = False  # Qwen2 has q/k/v biases
+    attention_bias: bool = False  # q/k/v biases (Qwen2; Llama's attention_bias also sets o_bias)
+    o_bias: bool = False
+    mlp_bias: bool = False
     tie_embeddings: bool = True
+    # RoPE scaling as transformers writes it ({"rope_type": "llama3", "factor": ..., ...}); None: plain RoPE
+    rope_scaling: dict | None = None
+    # the AR shift (Dream, DiffuLLaMA): x_i is predicted from the hidden state at i-1, as the AR head was
+    # trained to; on by default for --init-from, so the copied head is used for what it learnt
+    shift: bool = False
 
     @property
     def mask_id(self) -> int:
@@ -53,9 +62,12 @@ class StudentConfig:
             )
         if (self.hidden_size // self.num_heads) % 2:
             raise UserError("student config: head dimension must be even for RoPE")
+        kind = (self.rope_scaling or {}).get("rope_type", "default")
+        if kind not in ROPE_TYPES:
+            raise UserError(f"student config: RoPE scaling {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
 
     @classmethod
-    def from_spec(cls, spec: str, vocab_size: int, max_positions: int) -> "StudentConfig":
+    def from_spec(cls, spec: str, vocab_size: int, max_positions: int, shift: bool = False) -> "StudentConfig":
         """A preset name or a JSON file; vocab_size comes from the shards, never from the user."""
         if spec in PRESETS:
             fields = dict(PRESETS[spec])
@@ -71,6 +83,7 @@ class StudentConfig:
                 raise UserError(f"--student {spec}: vocab_size {fields['vocab_size']} does not fit the shards' vocabulary ({vocab_size})")
             fields.pop("vocab_size", None)
         fields.setdefault("max_positions", max_positions)
+        fields.setdefault("shift", shift)
         try:
             cfg = cls(vocab_size=vocab_size, **fields)
         except TypeError as e:
@@ -82,13 +95,36 @@ class StudentConfig:
         return asdict(self)
 
 
-def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding (rotate-half convention, as transformers' Llama). x: (B, H, L, D), pos: (L,)."""
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_inv_freq(dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """(dim/2,) RoPE inverse frequencies, with transformers' "linear" and "llama3" scaling (Llama 3.1+)."""
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "linear":
+        return inv / float(scaling["factor"])
+    if kind == "llama3":
+        factor, lo, hi = float(scaling["factor"]), float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)  # long wavelengths are slowed down
+        smooth = (old / wavelen - lo) / (hi - lo)
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)  # between: interpolate
+        return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    return inv
+
+
+def rope_cos_sin(pos: torch.Tensor, inv_freq: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, D) cos and sin tables for positions pos (L,) (rotate-half layout, as transformers' Llama)."""
+    ang = pos.float()[:, None] * inv_freq.to(pos.device)[None]  # (L, D/2)
+    ang = torch.cat([ang, ang], -1)  # (L, D)
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding. x: (B, H, L, D), cos/sin: (L, D)."""
     D = x.shape[-1]
-    inv = 1.0 / (theta ** (torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D))  # (D/2,)
-    ang = pos.float()[:, None] * inv[None]  # (L, D/2)
-    cos = torch.cat([ang.cos(), ang.cos()], -1).to(x.dtype)  # (L, D)
-    sin = torch.cat([ang.sin(), ang.sin()], -1).to(x.dtype)
     x1, x2 = x[..., : D // 2], x[..., D // 2 :]
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
@@ -112,28 +148,28 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(c.hidden_size, c.num_heads * hd, bias=c.attention_bias)
         self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * hd, bias=c.attention_bias)
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * hd, bias=c.attention_bias)
-        self.o_proj = nn.Linear(c.num_heads * hd, c.hidden_size, bias=False)
+        self.o_proj = nn.Linear(c.num_heads * hd, c.hidden_size, bias=c.o_bias)
 
-    def forward(self, x, pos):
+    def forward(self, x, cos, sin, causal: bool = False):
         B, L, _ = x.shape
         c, hd = self.c, self.c.hidden_size // self.c.num_heads
         q = self.q_proj(x).view(B, L, c.num_heads, hd).transpose(1, 2)  # (B, H, L, D)
         k = self.k_proj(x).view(B, L, c.num_kv_heads, hd).transpose(1, 2)  # (B, Hkv, L, D)
         v = self.v_proj(x).view(B, L, c.num_kv_heads, hd).transpose(1, 2)
-        q, k = rope(q, pos, c.rope_theta), rope(k, pos, c.rope_theta)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         rep = c.num_heads // c.num_kv_heads
         if rep > 1:
             k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=False)  # full bidirectional attention
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # bidirectional unless asked
         return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))
 
 
 class MLP(nn.Module):
     def __init__(self, c: StudentConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -147,8 +183,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, pos):
-        x = x + self.self_attn(self.input_layernorm(x), pos)
+    def forward(self, x, cos, sin, causal: bool = False):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, causal)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -177,12 +213,17 @@ class Student(nn.Module):
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 
-    def hidden(self, x_t: torch.Tensor) -> torch.Tensor:
-        """x_t: (B, L) ids (mask token = vocab_size) -> (B, L, H) final hidden states."""
+    def hidden(self, x_t: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        """x_t: (B, L) ids (mask token = vocab_size) -> (B, L, H) final hidden states.
+
+        ``causal`` only serves checks that a converted AR checkpoint reproduces its teacher exactly.
+        """
+        c = self.config
         pos = torch.arange(x_t.shape[1], device=x_t.device)
         h = self.model.embed_tokens(x_t)
+        cos, sin = rope_cos_sin(pos, rope_inv_freq(c.hidden_size // c.num_heads, c.rope_theta, c.rope_scaling), h.dtype)
         for layer in self.model.layers:
-            h = layer(h, pos)
+            h = layer(h, cos, sin, causal)
         return self.model.norm(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -191,10 +232,13 @@ class Student(nn.Module):
             return self.lm_head(h)
         return h @ self.model.embed_tokens.weight[: self.config.vocab_size].T
 
-    def forward(self, x_t: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, select: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
         """Logits (B, L, V), or (K, V) at the K positions where ``select`` (B, L) is True.
 
-        Selecting before the head keeps the V-sized work proportional to the masked positions.
+        Selecting before the head keeps the V-sized work proportional to the masked positions. With the AR
+        shift, position i reads the hidden state of i-1 (position 0, BOS, is never predicted).
         """
-        h = self.hidden(x_t)  # (B, L, H)
+        h = self.hidden(x_t, causal)  # (B, L, H)
+        if self.config.shift:
+            h = torch.cat([h[:, :1], h[:, :-1]], dim=1)  # (B, L, H): h'_i = h_{i-1}
         return self.logits(h if select is None else h[select])

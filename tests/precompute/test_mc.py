@@ -114,3 +114,14 @@ def test_seeded_runs_reproduce_and_mixture_sums():
         assert float(a.logprobs[p].exp().sum()) <= 1 + 1e-9
     ids, lp = mixture(torch.tensor([[1, 2], [2, 3]]), torch.tensor([[0.5, 0.5], [0.25, 0.75]]), torch.tensor([0.5, 0.5]), 3)
     assert ids.tolist() == [2, 3, 1] and torch.allclose(lp.exp(), torch.tensor([0.375, 0.375, 0.25], dtype=torch.float64))
+
+
+def test_both_backends_keep_the_same_next_token_entries_for_large_top_n(tmp_path):
+    """vLLM's engine must allow as many log-probs as the torch backend keeps (issue 8.7: it capped at 64)."""
+    from ar2mdm.precompute.build import engine_max_logprobs
+    from ar2mdm.precompute.config import BuildConfig
+    from ar2mdm.precompute.mc import next_token_keep
+
+    for top_n in (8, 16, 32, 100):
+        cfg = BuildConfig(corpus=str(tmp_path), out=str(tmp_path / "o"), mode="mc", top_n=top_n)
+        assert engine_max_logprobs(cfg) >= next_token_keep(top_n) == max(64, 4 * top_n)

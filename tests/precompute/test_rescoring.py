@@ -90,3 +90,47 @@ def test_select_top_n_orders_and_truncates():
     ids, lps = select_top_n(cand, logq, top_n=2)
     assert ids[0].tolist() == [3, 9]
     assert torch.allclose(torch.tensor(lps[0]).exp(), torch.tensor([0.5, 0.3]))
+
+
+@pytest.mark.parametrize("arch", ["granite", "cohere"])
+def test_head_path_applies_the_models_logit_scaling(arch):
+    """topk/fim apply the head to hidden states; their log-probs must be the model's own (issue 8.7)."""
+    import transformers
+
+    from ar2mdm.precompute.rescoring import check_head_path, hidden_states, log_softmax_head
+
+    cfg_cls, model_cls, kw = {
+        "granite": (transformers.GraniteConfig, transformers.GraniteForCausalLM, dict(logits_scaling=4.0)),
+        "cohere": (transformers.CohereConfig, transformers.CohereForCausalLM, dict(logit_scale=0.3)),
+    }[arch]
+    torch.manual_seed(0)
+    model = model_cls(cfg_cls(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+                              eos_token_id=2, **kw)).eval()  # fmt: skip
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(10)
+        x = torch.randint(3, 40, (1, 10))
+        ref = torch.log_softmax(model(x).logits[0].float(), -1)
+        got = log_softmax_head(model, hidden_states(model, x)[0])
+    assert torch.allclose(got, ref, atol=1e-5)
+    check_head_path(model)
+
+
+def test_an_unknown_logit_transform_is_refused(tiny_teacher):
+    from transformers import AutoModelForCausalLM
+
+    from ar2mdm.precompute.rescoring import check_head_path
+    from ar2mdm.shared.errors import UserError
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
+    check_head_path(model)
+    forward = model.forward
+
+    def scaled(*a, **k):
+        out = forward(*a, **k)
+        out.logits = out.logits * 3.0
+        return out
+
+    model.forward = scaled
+    with pytest.raises(UserError, match="unknown logit scaling"):
+        check_head_path(model)

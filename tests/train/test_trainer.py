@@ -146,7 +146,7 @@ def test_init_from_ar_checkpoint_is_the_ar_model_with_bidirectional_attention(ti
     from ar2mdm.train.init import student_from_ar
 
     m = Manifest.load(tiny_shards)
-    student = student_from_ar(str(tiny_teacher), m.tokenizer.vocab_size, m.tokenizer.sha256, m.seq_len).eval()
+    student = student_from_ar(str(tiny_teacher), m.tokenizer.vocab_size, m.tokenizer.sha256, m.seq_len, shift=False).eval()
     ar = AutoModelForCausalLM.from_pretrained(tiny_teacher, attn_implementation="sdpa").eval()
     x = torch.randint(3, m.tokenizer.vocab_size, (2, 12))
     full = torch.ones(2, 1, 12, 12, dtype=torch.bool)  # every position sees every other: bidirectional
