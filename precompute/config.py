@@ -41,6 +41,8 @@ class BuildConfig:
     format: Literal["parquet", "safetensors"] = "parquet"
     logprob_dtype: Literal["float16", "float32"] = "float16"
     seqs_per_shard: int = 64
+    flush_seconds: float = 60.0  # an unfinished shard's sequences reach disk this often (and on Ctrl-C)
+    fresh: bool = False  # delete a previous build in `out` first
     rank: int = 0
     world_size: int = 1
     # engine
@@ -50,6 +52,7 @@ class BuildConfig:
     token_budget: int = 4096  # tokens per packed forward (rescoring branches)
     engine: dict[str, str] = field(default_factory=dict)  # passed through to vllm.LLM(**engine)
     progress: bool = True
+    threads: int | None = None  # torch threads; None: OMP_NUM_THREADS, else the CPUs shared among the node's ranks
 
     def check(self) -> None:
         """Raise UserError on settings that can be refused before anything is loaded."""
@@ -81,6 +84,12 @@ class BuildConfig:
             raise UserError(f"--rank must be in [0, --world-size), got rank {self.rank} of {self.world_size}")
         if self.seqs_per_shard < 1:
             raise UserError(f"--seqs-per-shard must be at least 1, got {self.seqs_per_shard}")
+        if self.flush_seconds < 0:
+            raise UserError(f"--flush-seconds must be >= 0, got {self.flush_seconds}")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {self.threads}")
+        if self.fresh and self.world_size > 1:
+            raise UserError("--fresh deletes the whole build, so it takes --world-size 1; delete the folder once instead")
         if self.max_sequences is not None and self.max_sequences < 1:
             raise UserError(f"--max-sequences must be at least 1, got {self.max_sequences}")
         if self.mc_score not in ("next-token", "full-conditional"):

@@ -176,13 +176,14 @@ def iter_sft_examples(files: list[Path], stats: CorpusStats) -> Iterator[SftExam
                 yield SftExample(source, messages=messages)
                 continue
             prompt, response = rec.get("prompt"), rec.get("response")
+            found = ", ".join(sorted(map(str, rec))) or "none"
             if not isinstance(prompt, str):
                 stats.skipped_bad_rows += 1
-                warn(f"{source}: SFT row without a 'prompt' string or 'messages', skipped")
+                warn(f"{source}: SFT row without a 'prompt' string or 'messages' (fields found: {found}), skipped")
                 continue
             if not isinstance(response, str) or not response.strip():
                 stats.skipped_bad_rows += 1
-                warn(f"{source}: SFT row without a response, skipped")
+                warn(f"{source}: SFT row without a response (expected a non-empty 'response' string; fields found: {found}), skipped")
                 continue
             stats.documents += 1
             yield SftExample(source, prompt=prompt, response=response)

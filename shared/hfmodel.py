@@ -59,8 +59,9 @@ def file_sha256_cached(path: Path) -> str:
 
 
 def resolve_model(spec: str | None) -> tuple[Path, str]:
-    """(HF folder to load, weights sha256) for a model given as a folder, a .gguf file, or None (the default)."""
-    path = Path(spec) if spec else default_teacher()
+    """(HF folder to load, weights sha256) for a model given as a folder, a .gguf file, or None / "default"
+    (the embedded default teacher)."""
+    path = Path(spec) if spec and not (spec == "default" and not Path(spec).exists()) else default_teacher()
     if not path.exists():
         raise UserError(f"model {path} does not exist")
     if path.is_file():

@@ -62,6 +62,34 @@ class ShardData:
         return self.target_positions[a:b], ids, lps
 
 
+def concat_shards(parts: list[ShardData]) -> ShardData:
+    """The rows of several ShardData one after the other (offsets re-based), as one ShardData."""
+    if len(parts) == 1:
+        return parts[0]
+
+    def offsets(name: str) -> np.ndarray:
+        out, base = [np.zeros(1, np.int64)], 0
+        for d in parts:
+            o = getattr(d, name)
+            out.append(o[1:] - o[0] + base)
+            base = int(out[-1][-1]) if len(o) > 1 else base
+        return np.concatenate(out)
+
+    def cat(name: str):
+        cols = [getattr(d, name) for d in parts]
+        return None if any(c is None for c in cols) else np.concatenate(cols)
+
+    return ShardData(
+        example_ids=[e for d in parts for e in d.example_ids],
+        input_ids=np.concatenate([d.input_ids for d in parts]),
+        mask_offsets=offsets("mask_offsets"),
+        target_offsets=offsets("target_offsets"),
+        entry_offsets=offsets("entry_offsets"),
+        **{k: cat(k) for k in ("prompt_len", "t", "mask_positions", "target_positions", "target_ids",
+                               "target_logprobs", "mc_samples", "mc_ess")},
+    )  # fmt: skip
+
+
 def offsets_from_lengths(lengths) -> np.ndarray:
     out = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(np.asarray(lengths, dtype=np.int64), out=out[1:])
@@ -240,10 +268,10 @@ def shard_format(path: str | Path) -> str:
     raise SchemaError(f"{path}: not a shard file (expected {' or '.join(FORMATS.values())})")
 
 
-def read_shard(path: str | Path) -> ShardData:
-    """Read a whole shard of either format, checking its schema version and columns."""
+def read_shard(path: str | Path, fmt: str | None = None) -> ShardData:
+    """Read a whole shard of either format (``fmt``, default: from the suffix), checking its schema."""
     path = Path(path)
-    if shard_format(path) == "safetensors":
+    if (fmt or shard_format(path)) == "safetensors":
         return _read_safetensors(path)
     try:
         pf = pq.ParquetFile(path)
@@ -263,6 +291,22 @@ def iter_shard_batches(path: str | Path, rows_per_batch: int = 256) -> Iterator[
     check_table_schema(pf.schema_arrow, str(path))
     for batch in pf.iter_batches(batch_size=rows_per_batch):
         yield from_table(pa.Table.from_batches([batch]))
+
+
+def check_shard_file(path: Path, size: int) -> None:
+    """Refuse a missing, truncated or unreadable shard in one line (size and footer only: cheap)."""
+    hint = f"run `kdtargets validate {path.parent}`; to rebuild it, delete it and its .done marker and rerun the build"
+    if not path.exists():
+        raise SchemaError(f"{path}: listed in the manifest but missing; {hint}")
+    if path.stat().st_size != size:
+        raise SchemaError(f"{path}: {path.stat().st_size} bytes, the manifest says {size} (truncated or changed); {hint}")
+    if shard_format(path) == "parquet":
+        try:
+            check_table_schema(pq.ParquetFile(path).schema_arrow, str(path))
+        except SchemaError:
+            raise
+        except Exception as e:
+            raise SchemaError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]}); {hint}") from e
 
 
 def read_done_marker(path: Path) -> dict | None:

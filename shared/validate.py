@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ar2mdm.schemas import Manifest, SchemaError
+from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.shards import DONE_SUFFIX, FORMATS, ShardData, file_sha256, read_shard
 
 SUM_TOLERANCE = 1e-3  # float16 storage rounds log-probs down, float32 sums carry rounding noise
@@ -57,6 +58,8 @@ def check_shard_data(data: ShardData, manifest: Manifest, where: str) -> None:
 def validate_dir(directory: str | Path) -> Manifest:
     """Check a shard folder completely; raise ValidationError with the first problem, else return its manifest."""
     d = Path(directory)
+    if not d.exists():
+        raise ValidationError(f"{d} does not exist")
     try:
         manifest = Manifest.load(d)
     except SchemaError as e:
@@ -101,6 +104,8 @@ def validate_dir(directory: str | Path) -> Manifest:
 def summarize_dir(directory: str | Path) -> dict:
     """Readable statistics of a shard folder (reads every shard)."""
     d = Path(directory)
+    if not d.exists():
+        raise UserError(f"{d} does not exist")
     manifest = Manifest.load(d)
     rows = positions = 0
     ent_sum = true_sum = mass_sum = support_sum = 0.0
@@ -124,8 +129,12 @@ def summarize_dir(directory: str | Path) -> dict:
         if data.mc_ess is not None:
             ess.extend(data.mc_ess.tolist())
     total_bytes = sum(s.bytes for s in manifest.shards)
+    unfinished = [p.name for p in d.glob("part-*.partial")] + [
+        p.name for p in d.glob("part-*") if p.suffix in FORMATS.values() and p.name not in {s.file for s in manifest.shards}
+    ]
     summary = {
         "folder": str(d),
+        "status": f"unfinished ({len(unfinished)} shard(s) in progress; rerun the build to finish)" if unfinished or not manifest.shards else "finished",
         "mode": manifest.mode,
         "task": manifest.task,
         "teacher": f"{manifest.teacher.architecture} {manifest.teacher.path} (sha256 {manifest.teacher.weights_sha256[:12]})",

@@ -23,7 +23,7 @@ def run(
     shards: str = typer.Argument(..., help="A kdtargets output folder."),
     out: Optional[str] = typer.Option(None, help="Run folder (default: runs/<shards folder name>)."),
     student: str = typer.Option("small", help="Preset (tiny, small, base) or a JSON file of StudentConfig fields."),
-    init_from: Optional[str] = typer.Option(None, help="AR checkpoint (HF folder or .gguf) to adapt, same tokenizer."),
+    init_from: Optional[str] = typer.Option(None, help="AR checkpoint to adapt (HF folder, .gguf, or 'default': the embedded teacher), same tokenizer as the shards."),
     ar_shift: Optional[bool] = typer.Option(None, "--ar-shift/--no-ar-shift",
                                             help="Predict x_i from the hidden state at i-1 (Dream). Default: on with --init-from."),
     lam: float = typer.Option(0.5, "--lambda", help="λ in (1-λ)·MDM + λ·KD."),
@@ -33,23 +33,24 @@ def run(
     resample_masks: bool = typer.Option(False, help="Fresh masks after epoch 0 (shards with --positions all only)."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: --epochs over the shards); 0 saves the initial student."),
     stop_at: Optional[int] = typer.Option(None, help="Stop after this step (checkpointed); resume later with --resume."),
-    epochs: int = typer.Option(1),
+    epochs: int = typer.Option(1, help="Passes over the shards (when --steps is not given)."),
     batch_size: int = typer.Option(16, help="Rows per micro-batch per rank."),
-    grad_accum: int = typer.Option(1),
-    lr: float = typer.Option(3e-4),
+    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
+    lr: float = typer.Option(3e-4, help="Peak learning rate (AdamW; linear warmup, cosine decay to 0.1x)."),
     warmup: float = typer.Option(0.05, help="Warmup as a fraction of the steps."),
-    weight_decay: float = typer.Option(0.1),
-    clip: float = typer.Option(1.0),
-    seed: int = typer.Option(0),
+    weight_decay: float = typer.Option(0.1, help="AdamW weight decay (matrices only)."),
+    clip: float = typer.Option(1.0, help="Gradient-norm clipping."),
+    seed: int = typer.Option(0, help="Seed of the student's init and of the data order."),
     resume: bool = typer.Option(False, help="Continue the checkpoint in --out exactly."),
-    save_every: int = typer.Option(200),
-    log_every: int = typer.Option(10),
-    shuffle_buffer: int = typer.Option(1024),
-    num_workers: int = typer.Option(0),
-    device: str = typer.Option("auto"),
+    save_every: int = typer.Option(200, help="Checkpoint every N steps (and at the end)."),
+    log_every: int = typer.Option(10, help="Append a line to RUN/metrics.jsonl (and TensorBoard RUN/tb when installed) every N steps."),
+    shuffle_buffer: int = typer.Option(1024, help="Rows held for shuffling the stream."),
+    num_workers: int = typer.Option(0, help="DataLoader worker processes reading shards."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    dtype: str = typer.Option("auto", help="Autocast: auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16."),
     compile: bool = typer.Option(False, help="torch.compile the student."),
     fsdp: bool = typer.Option(False, help="FSDP2 instead of DDP under torchrun."),
-    progress: bool = typer.Option(True),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Train with (1-λ)·MDM + λ·T²·KL(q‖p_θ) on precomputed sparse teacher targets; never loads the teacher."""
     from ar2mdm.train.config import TrainConfig
@@ -60,7 +61,7 @@ def run(
         loss_weighting=loss_weighting, resample_masks=resample_masks, steps=steps, stop_at=stop_at, epochs=epochs,
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup, weight_decay=weight_decay, clip=clip,
         seed=seed, resume=resume, save_every=save_every, log_every=log_every, shuffle_buffer=shuffle_buffer,
-        num_workers=num_workers, device=device, compile=compile, fsdp=fsdp, progress=progress,
+        num_workers=num_workers, device=device, dtype=dtype, compile=compile, fsdp=fsdp, progress=progress,
     )  # fmt: skip
     try:
         res = run_training(cfg)
@@ -73,11 +74,11 @@ def run(
 def eval_(
     run: str = typer.Argument(..., help="A kdtrain run folder."),
     data: str = typer.Option(..., help="A corpus (file/folder) or a kdtargets shard folder."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of the evaluation masks (the same seed gives every run the same masks)."),
     mc_samples: int = typer.Option(4, help="Mask draws per row (stratified numbers of masked tokens)."),
-    max_rows: int = typer.Option(256),
-    batch_size: int = typer.Option(16),
-    device: str = typer.Option("cpu"),
+    max_rows: int = typer.Option(256, help="Rows evaluated (the first ones)."),
+    batch_size: int = typer.Option(16, help="Rows per forward."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     by_line: bool = typer.Option(False, help="Raw text: one document per non-empty line."),
     text_field: str = typer.Option("text", help="Raw .jsonl/.parquet: the field that holds the text."),
 ) -> None:
@@ -93,23 +94,57 @@ def eval_(
 
 @app.command()
 def sample(
-    run: str = typer.Argument(...),
-    prompt: str = typer.Option(""),
-    length: int = typer.Option(32),
-    steps: int = typer.Option(32),
-    device: str = typer.Option("cpu"),
+    run: str = typer.Argument(..., help="A kdtrain run folder."),
+    prompt: str = typer.Option("", help="Text the completion follows (kept fixed)."),
+    length: int = typer.Option(32, help="Tokens to generate."),
+    steps: int = typer.Option(32, help="Denoising steps (at most --length); fewer steps reveal more tokens each."),
+    temperature: float = typer.Option(0.0, help="0: greedy predictions; > 0: sample them at this temperature."),
+    remasking: str = typer.Option("low-confidence", help="low-confidence (reveal the most confident, LLaDA) | random."),
+    seed: int = typer.Option(0, help="Seed of the sampling and of random remasking."),
+    raw: bool = typer.Option(False, help="Print prompt + completion as plain text (default: labelled, newlines shown as \\n)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
 ) -> None:
-    """Generate with LLaDA's low-confidence remasking sampler."""
+    """Generate with LLaDA's remasking sampler; prints the prompt and the completion."""
     from ar2mdm.train.evaluate import sample as do_sample
 
     try:
-        typer.echo(do_sample(run, prompt, length, steps, device))
+        p, c = do_sample(run, prompt, length, steps, device, seed, temperature, remasking)
     except UserError as e:
         _fail(str(e))
+    if raw:
+        typer.echo(p + c)
+    else:
+        typer.echo(f"prompt:     {_visible(p)}")
+        typer.echo(f"completion: {_visible(c)}")
 
 
 @app.command()
-def plot(run: str = typer.Argument(...), out: Optional[str] = typer.Option(None)) -> None:
+def fill(
+    run: str = typer.Argument(..., help="A kdtrain run folder."),
+    text: str = typer.Option(..., help="Text with [MASK] where the student predicts one token each."),
+    top: int = typer.Option(5, help="Predictions shown per mask."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+) -> None:
+    """Show the student's top predictions for each [MASK] of a sentence (all masks predicted at once)."""
+    from ar2mdm.train.evaluate import fill as do_fill
+
+    try:
+        preds = do_fill(run, text, top, device)
+    except UserError as e:
+        _fail(str(e))
+    typer.echo(text)
+    for j, cands in enumerate(preds, 1):
+        typer.echo(f"[MASK] {j}: " + "  ".join(f"{_visible(t)!s:>8} {p:.3f}" for t, p in cands))
+
+
+def _visible(text: str) -> str:
+    """One line: newlines and tabs written as \\n and \\t, so a completion of newlines is not a blank screen."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+
+
+@app.command()
+def plot(run: str = typer.Argument(..., help="A kdtrain run folder."),
+         out: Optional[str] = typer.Option(None, help="PNG path (default: RUN/loss.png).")) -> None:
     """Write a PNG of the loss curves (RUN/loss.png)."""
     from ar2mdm.train.evaluate import plot as do_plot
 

@@ -37,6 +37,7 @@ class TrainConfig:
     shuffle_buffer: int = 1024
     num_workers: int = 0
     device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # autocast; auto: bf16 on CUDA, fp32 on CPU
     compile: bool = False
     fsdp: bool = False
     progress: bool = True
@@ -55,6 +56,8 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.steps is not None and self.steps < 0:
             raise UserError(f"--steps must be at least 0 (0 saves the initial student), got {self.steps}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.lr <= 0:
             raise UserError(f"--lr must be > 0, got {self.lr}")
 

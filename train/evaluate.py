@@ -80,7 +80,7 @@ def elbo_row_estimates(model, ids: torch.Tensor, maskable: torch.Tensor, draws: 
 
 @torch.no_grad()
 def evaluate(run: str, data: str, seed: int = 0, mc_samples: int = 4, batch_size: int = 16, max_rows: int = 256,
-             device: str = "cpu", by_line: bool = False, text_field: str = "text") -> dict:  # fmt: skip
+             device: str = "auto", by_line: bool = False, text_field: str = "text") -> dict:  # fmt: skip
     """Held-out ELBO bound (nats/token) with its standard error, masked-token accuracy and, on shards, the
     KD loss against the stored targets.
 
@@ -96,8 +96,11 @@ def evaluate(run: str, data: str, seed: int = 0, mc_samples: int = 4, batch_size
     from ar2mdm.train.data import TargetSpec
     from ar2mdm.train.loop import step_losses
 
+    from ar2mdm.train.loop import resolve_device
+
     if mc_samples < 1:
         raise UserError(f"--mc-samples must be at least 1, got {mc_samples}")
+    device = resolve_device(device)
     model, meta = load_student(Path(run), device)
     tokenizer = load_tokenizer(Path(run))
     rows, manifest = _rows_from(Path(data), meta, tokenizer, max_rows, by_line, text_field)
@@ -133,33 +136,84 @@ def evaluate(run: str, data: str, seed: int = 0, mc_samples: int = 4, batch_size
 
 
 @torch.no_grad()
-def sample(run: str, prompt: str, length: int, steps: int, device: str = "cpu") -> str:
-    """LLaDA's sampler: start fully masked, predict all masked tokens each step, keep the most confident ones
-    (a linear schedule of how many stay masked) and remask the rest."""
+def sample(run: str, prompt: str, length: int, steps: int, device: str = "auto", seed: int = 0,
+           temperature: float = 0.0, remasking: str = "low-confidence") -> tuple[str, str]:  # fmt: skip
+    """LLaDA's sampler: start with ``length`` masks after the prompt; at each of ``steps`` steps predict every
+    masked token (greedy, or sampled at ``temperature``), reveal as many as a linear schedule allows and keep
+    the rest masked. ``remasking``: which predictions are revealed: the most confident (low-confidence
+    remasking, as LLaDA) or random ones. Returns (prompt, completion) as text."""
+    from ar2mdm.train.loop import resolve_device
+
     if length < 1 or steps < 1:
         raise UserError("--length and --steps must be at least 1")
+    if temperature < 0:
+        raise UserError(f"--temperature must be >= 0, got {temperature}")
+    if remasking not in ("low-confidence", "random"):
+        raise UserError(f"--remasking must be low-confidence or random, got {remasking!r}")
+    device = resolve_device(device)
     model, meta = load_student(Path(run), device)
     tok = load_tokenizer(Path(run))
     from ar2mdm.shared.tokenizer import special_ids
 
     bos, _ = special_ids(tok)
     p = [bos] + tok(prompt, add_special_tokens=False)["input_ids"]
+    if len(p) + length > model.config.max_positions:
+        raise UserError(f"prompt ({len(p)} tokens) + --length {length} exceeds the student's {model.config.max_positions} positions")
     mask_id = model.config.mask_id
+    g = torch.Generator().manual_seed(seed)
     x = torch.tensor([p + [mask_id] * length], device=device)  # (1, P+N)
     steps = min(steps, length)
     for s in range(steps):
         masked = x == mask_id  # (1, S)
         n_masked = int(masked.sum())
-        keep_masked = int(length * (1 - (s + 1) / steps))
-        reveal = n_masked - keep_masked
+        reveal = n_masked - int(length * (1 - (s + 1) / steps))
         if reveal <= 0:
             continue
-        probs = torch.softmax(model(x, masked).float(), -1)  # (K, V)
-        conf, pred = probs.max(-1)  # (K,)
-        top = conf.topk(reveal).indices
-        pos = masked.nonzero()[:, 1]
-        x[0, pos[top]] = pred[top]
-    return tok.decode(x[0, len(p) :].tolist(), skip_special_tokens=False)
+        probs = torch.softmax(model(x, masked).float(), -1).cpu()  # (K, V)
+        if temperature > 0:
+            pred = torch.multinomial(torch.softmax(probs.log() / temperature, -1), 1, generator=g)[:, 0]  # (K,)
+        else:
+            pred = probs.argmax(-1)
+        conf = probs.gather(1, pred[:, None])[:, 0]  # (K,)
+        score = conf if remasking == "low-confidence" else torch.rand(len(conf), generator=g)
+        top = score.topk(reveal).indices
+        pos = masked.nonzero()[:, 1].cpu()
+        x[0, pos[top].to(device)] = pred[top].to(device)
+    return prompt, tok.decode(x[0, len(p) :].tolist(), skip_special_tokens=False)
+
+
+MASK_MARK = "[MASK]"
+
+
+@torch.no_grad()
+def fill(run: str, text: str, top: int = 5, device: str = "auto") -> list[list[tuple[str, float]]]:
+    """The student's top predictions for each ``[MASK]`` in ``text`` (one token each), all predicted at once.
+
+    A readable look at what a small student has learnt, where free generation is still mostly newlines.
+    A space before a mask is left to the masked token (BPE vocabularies attach it to the next word).
+    """
+    from ar2mdm.shared.tokenizer import special_ids
+    from ar2mdm.train.loop import resolve_device
+
+    if MASK_MARK not in text:
+        raise UserError(f"--text needs at least one {MASK_MARK}")
+    device = resolve_device(device)
+    model, _ = load_student(Path(run), device)
+    tok = load_tokenizer(Path(run))
+    bos, _ = special_ids(tok)
+    pieces = text.split(MASK_MARK)
+    ids = [bos]
+    for j, piece in enumerate(pieces):
+        ids += tok(piece.rstrip(" ") if j < len(pieces) - 1 else piece, add_special_tokens=False)["input_ids"]
+        if j < len(pieces) - 1:
+            ids.append(model.config.mask_id)
+    if len(ids) > model.config.max_positions:
+        raise UserError(f"--text is {len(ids)} tokens, the student has {model.config.max_positions} positions")
+    x = torch.tensor([ids], device=device)
+    masked = x == model.config.mask_id
+    probs = torch.softmax(model(x, masked).float(), -1).cpu()  # (K, V)
+    val, idx = probs.topk(top, -1)
+    return [[(tok.decode([int(i)]), float(v)) for v, i in zip(vs, ix)] for vs, ix in zip(val, idx)]
 
 
 def plot(run: str, out: str | None = None) -> Path:

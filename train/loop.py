@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from ar2mdm.schemas import Manifest, SchemaError
-from ar2mdm.shared.errors import UserError
+from ar2mdm.shared.errors import UserError, warn
 from ar2mdm.train.checkpoint import checkpoint_dir, load_meta, load_student, save_checkpoint
 from ar2mdm.train.config import TrainConfig
 from ar2mdm.shared.masking import maskable_positions
+from ar2mdm.shared.shards import check_shard_file
 from ar2mdm.train.data import Batch, BatchLoader, RowStream, TargetSpec
 from ar2mdm.train.losses import (combined_loss, corrupt, elbo_weight, kd_loss, mdm_loss, row_norm, storage_slack,
                                  student_logprobs)
@@ -40,6 +41,8 @@ def load_shard_manifest(shards: str | Path) -> Manifest:
         raise UserError(f"shard folder {d} lists no shards (build not run or not finished)")
     if not (d / "tokenizer").is_dir():
         raise UserError(f"shard folder {d} has no tokenizer/ (kdtargets build writes it; the student needs it)")
+    for s in m.shards:  # cheap checks of every file before anything starts (`kdtargets validate` does them all)
+        check_shard_file(d / s.file, s.bytes)
     return m
 
 
@@ -96,6 +99,19 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
+def resolve_device(device: str) -> str:
+    """"auto" -> cuda when available, else cpu."""
+    return device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_for(device: str, dtype: str):
+    """Mixed precision for the forward: auto = bf16 autocast on CUDA, fp32 on CPU; float32 = none."""
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    if dtype == "float32" or (dtype == "auto" and kind == "cpu"):
+        return torch.autocast(kind, enabled=False)
+    return torch.autocast(kind, dtype=torch.bfloat16 if dtype in ("auto", "bfloat16") else torch.float16)
+
+
 def _dist() -> tuple[int, int, bool]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
@@ -128,7 +144,7 @@ def run_training(cfg: TrainConfig) -> dict:
         )
     run = Path(cfg.out or Path("runs") / shards.resolve().name)
     rank, world, distributed = _dist()
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.device)
     if device == "cuda" and distributed:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
@@ -161,6 +177,14 @@ def run_training(cfg: TrainConfig) -> dict:
     rows_per_rank = min(RowStream(shards, manifest, r, world, cfg.seed).rows_per_epoch(manifest) for r in range(world))
     steps_per_epoch = max(1, rows_per_rank // (cfg.batch_size * cfg.grad_accum))
     total = cfg.epochs * steps_per_epoch if cfg.steps is None else cfg.steps
+    if rank == 0:  # say what the run will do before it starts
+        per_step = cfg.batch_size * cfg.grad_accum
+        print(f"kdtrain: {rows_per_rank} rows per rank x {world} rank(s), {per_step} rows per step and rank -> "
+              f"{steps_per_epoch} steps per epoch; {total} steps = {total * per_step / max(rows_per_rank, 1):.2f} epochs",
+              file=sys.stderr, flush=True)  # fmt: skip
+        if rows_per_rank < per_step:
+            warn(f"fewer rows per rank ({rows_per_rank}) than one step takes ({per_step}): every step repeats rows; "
+                 "lower --batch-size or build more rows")  # fmt: skip
     step = state["step"] if state else 0
     saved = step if state else None  # the step of the last checkpoint on disk
     rows_done = state["rows"] if state else 0
@@ -208,7 +232,7 @@ def run_training(cfg: TrainConfig) -> dict:
             pass
     tok_dir = shards / "tokenizer"
     spec = TargetSpec.from_manifest(manifest)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    autocast = autocast_for(device, cfg.dtype)
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=step, unit="step", desc="kdtrain", disable=not cfg.progress or rank != 0, file=sys.stderr, dynamic_ncols=True)

@@ -1,0 +1,147 @@
+"""The build's output folder: its manifest header, finished shards, and the partial shard of an interrupted run.
+
+A folder belongs to one build key (teacher, tokenizer, corpus, mode, parameters). Finished shards are the
+unit of resumption across ranks (``part-R-U.<fmt>`` + ``.done`` marker); within a shard, the sequences done so
+far are flushed every ``--flush-seconds`` and on Ctrl-C to ``part-R-U.<fmt>.partial`` (Parquet, float32, so
+that the finished shard is the same bytes as an uninterrupted run's), and a rerun continues after them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ar2mdm.schemas import Manifest, SchemaError, ShardInfo
+from ar2mdm.schemas.manifest import MANIFEST_NAME
+from ar2mdm.shared.errors import UserError, warn
+from ar2mdm.shared.shards import DONE_SUFFIX, ShardData, read_shard, write_shard
+
+TOKENIZER_DIR = "tokenizer"
+PARTIAL_SUFFIX = ".partial"
+# the fields a user sets on the command line come first when a refusal lists what differs
+_FIRST = ("mode", "task", "seq_len", "seed", "params.", "teacher.", "tokenizer.", "corpus.")
+
+
+def finished_work(out: Path) -> list[Path]:
+    """Finished shards' markers and partial shards in ``out``: what a change of plan would throw away."""
+    return sorted(out.glob(f"part-*{DONE_SUFFIX}")) + sorted(out.glob(f"part-*{PARTIAL_SUFFIX}"))
+
+
+def clear_build(out: Path) -> int:
+    """--fresh: remove a build's own files from ``out`` (manifest, tokenizer, shards, markers, partials)."""
+    n = 0
+    for p in [out / MANIFEST_NAME, *out.glob("part-*")]:
+        if p.is_file():
+            p.unlink()
+            n += 1
+    if (out / TOKENIZER_DIR).is_dir():
+        shutil.rmtree(out / TOKENIZER_DIR)
+    return n
+
+
+def prepare_out(out: Path, header: Manifest) -> None:
+    """Create ``out`` with the manifest header, or check that an existing build there has the same key.
+
+    A folder with no finished or partial shard holds no work: its plan is replaced (with a note), so a build
+    that failed before its first shard never blocks the corrected rerun.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / MANIFEST_NAME
+    if not path.exists():
+        tmp = out / f"{MANIFEST_NAME}.tmp{os.getpid()}"
+        tmp.write_text(header.to_json())
+        try:
+            os.link(tmp, path)  # atomic create-if-absent: two ranks starting together write it once
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    try:
+        existing = Manifest.load(out)
+        a, b = _flatten(existing.build_key()), _flatten(header.build_key())
+    except SchemaError as e:
+        if finished_work(out):
+            raise UserError(f"--out {out} holds another build: {e}") from e
+        a, b = {"manifest": "unreadable"}, {}
+    if a == b:
+        return
+    if not finished_work(out):
+        warn(f"--out {out}: replacing the plan of an unfinished build (it had no finished shard)")
+        header.save(out)
+        shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)  # the teacher may have changed too
+        return
+    diff = sorted((k for k in set(a) | set(b) if a.get(k) != b.get(k)), key=_priority)
+    detail = "; ".join(f"{k}: {_short(a.get(k))} there, {_short(b.get(k))} now" for k in diff[:6])
+    more = f"; and {len(diff) - 6} more" if len(diff) > 6 else ""
+    raise UserError(f"--out {out} holds a build with other parameters ({detail}{more}); "
+                    "rerun with its parameters to resume it, or use another --out, or --fresh to delete it")  # fmt: skip
+
+
+def _priority(key: str) -> tuple[int, str]:
+    for j, p in enumerate(_FIRST):
+        if key == p or (p.endswith(".") and key.startswith(p)):
+            return j, key
+    return len(_FIRST), key
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _short(v) -> str:
+    s = json.dumps(v, sort_keys=True, default=str)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def finalize_manifest(out: Path) -> Manifest:
+    """Rewrite the manifest's shard list from the ``.done`` markers present.
+
+    Re-listing until the list is stable makes concurrent ranks converge: the rank whose marker appears last
+    writes last, and its listing includes every earlier marker.
+    """
+    while True:
+        manifest = Manifest.load(out)
+        markers = sorted(out.glob(f"part-*{DONE_SUFFIX}"))
+        manifest.shards = [ShardInfo(**json.loads(m.read_text())) for m in markers]
+        manifest.save(out)
+        if sorted(out.glob(f"part-*{DONE_SUFFIX}")) == markers:
+            return manifest
+
+
+def partial_path(shard: Path) -> Path:
+    return shard.with_name(shard.name + PARTIAL_SUFFIX)
+
+
+def write_partial(shard: Path, data: ShardData) -> None:
+    """The finished sequences of an unfinished shard, atomically (float32: no second rounding later)."""
+    path = partial_path(shard)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    write_shard(data, tmp, "parquet", "float32")
+    os.replace(tmp, path)
+
+
+def read_partial(shard: Path, expected_ids: list[str]) -> ShardData | None:
+    """The partial shard's rows if they are this build's first rows of the shard (else discard it)."""
+    path = partial_path(shard)
+    if not path.exists():
+        return None
+    try:
+        data = read_shard(path, fmt="parquet")
+    except (SchemaError, OSError) as e:
+        warn(f"{path}: unreadable ({e}); its sequences are redone")
+        return None
+    if data.example_ids != expected_ids[: data.rows]:
+        warn(f"{path}: holds other rows than this build's; its sequences are redone")
+        return None
+    data.target_logprobs = np.asarray(data.target_logprobs, np.float32)
+    return data
