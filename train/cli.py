@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -27,6 +28,8 @@ def run(
     ar_shift: Optional[bool] = typer.Option(None, "--ar-shift/--no-ar-shift",
                                             help="Predict x_i from the hidden state at i-1 (Dream). Default: on with --init-from."),
     lam: float = typer.Option(0.5, "--lambda", help="λ in (1-λ)·MDM + λ·KD."),
+    lambda_schedule: str = typer.Option("constant", help="λ over training: constant | linear-decay | cosine-decay | linear-warmup."),
+    lambda_t: str = typer.Option("none", help="λ over each row's mask ratio t: none | low-t (2(1-t)) | high-t (2t)."),
     temperature: float = typer.Option(1.0, help="KD temperature T."),
     tail: str = typer.Option("renormalize", help="renormalize | bucket: mass outside the stored support (docs/design.md)."),
     loss_weighting: str = typer.Option("seed", help="seed (no weight) | elbo (1/t, LLaDA/MDLM; forced masks corrected)."),
@@ -57,7 +60,8 @@ def run(
     from ar2mdm.train.loop import run_training
 
     cfg = TrainConfig(
-        shards=shards, out=out, student=student, init_from=init_from, ar_shift=ar_shift, lam=lam, temperature=temperature, tail=tail,
+        shards=shards, out=out, student=student, init_from=init_from, ar_shift=ar_shift, lam=lam, lambda_schedule=lambda_schedule,
+        lambda_t=lambda_t, temperature=temperature, tail=tail,
         loss_weighting=loss_weighting, resample_masks=resample_masks, steps=steps, stop_at=stop_at, epochs=epochs,
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup, weight_decay=weight_decay, clip=clip,
         seed=seed, resume=resume, save_every=save_every, log_every=log_every, shuffle_buffer=shuffle_buffer,
@@ -143,16 +147,42 @@ def _visible(text: str) -> str:
 
 
 @app.command()
-def plot(run: str = typer.Argument(..., help="A kdtrain run folder."),
-         out: Optional[str] = typer.Option(None, help="PNG path (default: RUN/loss.png).")) -> None:
-    """Write a PNG of the loss curves (RUN/loss.png)."""
+def plot(runs: list[str] = typer.Argument(..., help="One run folder, or several to overlay (a sweep)."),
+         out: Optional[str] = typer.Option(None, help="PNG path (default: RUN/loss.png; several runs: runs.png).")) -> None:
+    """Write a PNG of the loss curves (RUN/loss.png), or overlay several runs."""
     from ar2mdm.train.evaluate import plot as do_plot
 
     try:
-        typer.echo(str(do_plot(run, out)))
+        typer.echo(str(do_plot(runs, out)))
     except UserError as e:
         _fail(str(e))
 
+
+@app.command()
+def sweep(
+    shards: str = typer.Argument(..., help="A kdtargets output folder (one precompute for every point)."),
+    out: str = typer.Option(..., help="Sweep folder: one run per point, sweep.csv, sweep.md, sweep.png."),
+    grid: list[str] = typer.Option([], help="KEY=V1,V2 over any `kdtrain run` setting (lambda, temperature, tail, "
+                                            "student, lr, steps, init_from, lambda_schedule, seed, ...); repeatable."),
+    set_: list[str] = typer.Option([], "--set", help="KEY=VALUE for every point (e.g. steps=300); repeatable."),
+    eval_data: str = typer.Option(..., help="Held-out corpus (or shards) the students never train on."),
+    eval_rows: int = typer.Option(256, help="Held-out rows evaluated per point (the same rows and masks for all)."),
+    eval_samples: int = typer.Option(4, help="Mask draws per held-out row."),
+    by_line: bool = typer.Option(False, help="Held-out raw text: one document per non-empty line."),
+    text_field: str = typer.Option("text", help="Held-out .jsonl/.parquet: the field that holds the text."),
+    parallel: int = typer.Option(1, help="Points trained at once (one GPU each when there are GPUs, else CPUs shared)."),
+) -> None:
+    """Train and evaluate a grid of students on one precompute; finished points are skipped on a rerun."""
+    from ar2mdm.train.sweep import SweepConfig, parse_assignments, run_sweep
+
+    try:
+        cfg = SweepConfig(shards=shards, out=out, grid=parse_assignments(grid, True), fixed=parse_assignments(set_, False),
+                          eval_data=eval_data, eval_rows=eval_rows, eval_samples=eval_samples, by_line=by_line,
+                          text_field=text_field, parallel=parallel)  # fmt: skip
+        run_sweep(cfg)
+    except (UserError, SchemaError) as e:
+        _fail(str(e))
+    typer.echo((Path(out) / "sweep.md").read_text())
 
 if __name__ == "__main__":
     app()

@@ -16,6 +16,8 @@ class TrainConfig:
     init_from: str | None = None  # AR checkpoint (HF folder or .gguf) with the shards' tokenizer
     ar_shift: bool | None = None  # predict x_i from h_{i-1} (Dream); None: on with --init-from, off otherwise
     lam: float = 0.5  # λ: weight of the KD term
+    lambda_schedule: str = "constant"  # λ over training progress (losses.kd_weight)
+    lambda_t: str = "none"  # λ over each row's mask ratio t
     temperature: float = 1.0
     tail: Literal["renormalize", "bucket"] = "renormalize"
     loss_weighting: Literal["seed", "elbo"] = "seed"  # elbo: multiply the MDM term by 1/t
@@ -45,6 +47,12 @@ class TrainConfig:
     def check(self) -> None:
         if not 0.0 <= self.lam <= 1.0:
             raise UserError(f"--lambda must be in [0, 1], got {self.lam}")
+        from ar2mdm.train.losses import LAMBDA_SCHEDULES, LAMBDA_T
+
+        if self.lambda_schedule not in LAMBDA_SCHEDULES:
+            raise UserError(f"--lambda-schedule must be one of {', '.join(LAMBDA_SCHEDULES)}, got {self.lambda_schedule!r}")
+        if self.lambda_t not in LAMBDA_T:
+            raise UserError(f"--lambda-t must be one of {', '.join(LAMBDA_T)}, got {self.lambda_t!r}")
         if self.temperature <= 0:
             raise UserError(f"--temperature must be > 0, got {self.temperature}")
         if self.tail not in ("renormalize", "bucket"):

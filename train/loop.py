@@ -24,8 +24,8 @@ from ar2mdm.train.config import TrainConfig
 from ar2mdm.shared.masking import maskable_positions
 from ar2mdm.shared.shards import check_shard_file
 from ar2mdm.train.data import Batch, BatchLoader, RowStream, TargetSpec
-from ar2mdm.train.losses import (combined_loss, corrupt, elbo_weight, kd_loss, mdm_loss, row_norm, storage_slack,
-                                 student_logprobs)
+from ar2mdm.train.losses import (combined_loss, corrupt, elbo_weight, kd_loss, kd_weight, mdm_loss, row_norm,
+                                 storage_slack, student_logprobs)
 from ar2mdm.train.model import Student, StudentConfig
 
 
@@ -46,8 +46,10 @@ def load_shard_manifest(shards: str | Path) -> Manifest:
     return m
 
 
-def step_losses(model, batch: Batch, cfg: TrainConfig, mask_id: int, spec: TargetSpec) -> tuple[torch.Tensor, dict]:
-    """Loss of one batch: (1-λ)·MDM + λ·KD, and its parts as floats."""
+def step_losses(model, batch: Batch, cfg: TrainConfig, mask_id: int, spec: TargetSpec,
+                progress: float = 0.0) -> tuple[torch.Tensor, dict]:  # fmt: skip
+    """Loss of one batch: (1-λ)·MDM + λ·KD, and its parts as floats. ``progress``: step / total steps, for a
+    λ schedule; with a schedule or a t-dependent λ, each row gets its own λ_b (`losses.kd_weight`)."""
     x_t = corrupt(batch.input_ids, batch.mask, mask_id)  # (B, L)
     logits = model(x_t, batch.mask)  # (K, V) at the masked positions
     row = batch.mask.nonzero()[:, 0]  # (K,)
@@ -57,20 +59,25 @@ def step_losses(model, batch: Batch, cfg: TrainConfig, mask_id: int, spec: Targe
         weight = elbo_weight(batch.t, batch.mask, maskable_positions(L, batch.prompt_len))  # (B,)
     else:
         weight = torch.ones_like(batch.t)
+    per_row = cfg.lambda_schedule != "constant" or cfg.lambda_t != "none"
+    lam = kd_weight(cfg.lam, progress, batch.t, cfg.lambda_schedule, cfg.lambda_t) if per_row else cfg.lam  # (B,) or float
     parts = {}
     mdm = kd = None
     logp = student_logprobs(logits)  # (K, V) at T = 1, shared by both terms; KD tempers from it
-    if cfg.lam < 1.0:
-        mdm = mdm_loss(logp, batch.input_ids[batch.mask], row, norm, weight)
-        parts["mdm"] = float(mdm.detach())
-    if cfg.lam > 0.0:
+    if per_row or cfg.lam < 1.0:
+        mdm = mdm_loss(logp, batch.input_ids[batch.mask], row, norm, weight, per_row=per_row)
+        parts["mdm"] = float(mdm.detach().mean())
+    if per_row or cfg.lam > 0.0:
         slack = None
         if cfg.tail == "bucket":  # a leftover within the storage rounding is no tail; exact supports have none
             tl = batch.target_logprobs
             slack = tl.new_full(tl.shape[:1], math.inf) if spec.exact_support else storage_slack(tl, spec.logprob_dtype)
-        kd = kd_loss(logp, batch.target_ids, batch.target_logprobs, row, norm, cfg.temperature, cfg.tail, slack)
-        parts["kd"] = float(kd.detach())
-    loss = combined_loss(mdm, kd, cfg.lam)
+        kd = kd_loss(logp, batch.target_ids, batch.target_logprobs, row, norm, cfg.temperature, cfg.tail, slack,
+                     per_row=per_row)  # fmt: skip
+        parts["kd"] = float(kd.detach().mean())
+    if per_row:
+        parts["lambda"] = float(lam.mean())
+    loss = combined_loss(mdm, kd, lam)
     parts["loss"] = float(loss.detach())
     return loss, parts
 
@@ -256,7 +263,7 @@ def run_training(cfg: TrainConfig) -> dict:
             rows_done += batch.input_ids.shape[0]
             tokens += batch.input_ids.numel()
             with autocast:
-                loss, parts = step_losses(train_model, batch, cfg, mask_id, spec)
+                loss, parts = step_losses(train_model, batch, cfg, mask_id, spec, step / max(total, 1))
             if not math.isfinite(parts["loss"]):
                 raise UserError(_nonfinite(f"loss {parts['loss']}", step + 1, saved, run))
             (loss / cfg.grad_accum).backward()

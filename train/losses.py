@@ -8,6 +8,8 @@ once and shared by the MDM and KD terms (`student_logprobs`); the KD term temper
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 NEG_INF = float("-inf")
@@ -34,16 +36,18 @@ def student_logprobs(logits: torch.Tensor) -> torch.Tensor:
 
 
 def mdm_loss(
-    logp: torch.Tensor, targets: torch.Tensor, row: torch.Tensor, norm: torch.Tensor, weight: torch.Tensor
+    logp: torch.Tensor, targets: torch.Tensor, row: torch.Tensor, norm: torch.Tensor, weight: torch.Tensor,
+    per_row: bool = False,
 ) -> torch.Tensor:
     """Seed §1: mean over rows of -(1/norm_b) · weight_b · Σ_{i masked in b} log p_θ(x_0,i | x_t).
 
     logp: (K, V) student log-probs (T = 1) at the masked positions; targets: (K,) clean tokens; row: (K,) row
     of each position; norm: (B,) L for pretrain rows, the response length for SFT rows; weight: (B,) 1, or 1/t.
+    ``per_row``: the (B,) row terms instead of their mean.
     """
     nll = -logp.gather(1, targets[:, None])[:, 0]  # (K,)
-    per_row = torch.zeros_like(norm, dtype=nll.dtype).index_add(0, row, nll)  # (B,)
-    return (per_row * weight / norm).mean()
+    rows = torch.zeros_like(norm, dtype=nll.dtype).index_add(0, row, nll) * weight / norm  # (B,)
+    return rows if per_row else rows.mean()
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -134,12 +138,14 @@ def sparse_kl(
 def kd_loss(
     logp: torch.Tensor, target_ids: torch.Tensor, target_logprobs: torch.Tensor, row: torch.Tensor,
     norm: torch.Tensor, temperature: float, tail: str = "renormalize", slack: torch.Tensor | None = None,
+    per_row: bool = False,
 ) -> torch.Tensor:
     """Seed §2: mean over rows of (1/norm_b) Σ_{i masked in b} T²·KL(q_T ‖ p_θ^T); positions without a
-    stored target (all entries -inf) contribute 0. logp: (K, V) student log-probs at T = 1."""
+    stored target (all entries -inf) contribute 0. logp: (K, V) student log-probs at T = 1.
+    ``per_row``: the (B,) row terms instead of their mean."""
     kl = sparse_kl(logp, target_ids, target_logprobs, temperature, tail, slack)  # (K,)
-    per_row = torch.zeros_like(norm, dtype=kl.dtype).index_add(0, row, kl)  # (B,)
-    return (per_row / norm).mean()
+    rows = torch.zeros_like(norm, dtype=kl.dtype).index_add(0, row, kl) / norm  # (B,)
+    return rows if per_row else rows.mean()
 
 
 def elbo_weight(t: torch.Tensor, mask: torch.Tensor, maskable: torch.Tensor) -> torch.Tensor:
@@ -157,10 +163,34 @@ def elbo_weight(t: torch.Tensor, mask: torch.Tensor, maskable: torch.Tensor) -> 
     return torch.where(single, n / ((1.0 - t) + n * t), 1.0 / t)
 
 
-def combined_loss(mdm: torch.Tensor, kd: torch.Tensor, lam: float) -> torch.Tensor:
-    """(1-λ)·L_MDM + λ·L_KD; the unused term is dropped at λ ∈ {0, 1}, so its graph is never built."""
+def combined_loss(mdm: torch.Tensor, kd: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
+    """(1-λ)·L_MDM + λ·L_KD; the unused term is dropped at λ ∈ {0, 1}, so its graph is never built.
+
+    With a per-row λ (B,) (`kd_weight`), mdm and kd are the (B,) row terms and the result their weighted mean.
+    """
+    if isinstance(lam, torch.Tensor):
+        return ((1.0 - lam) * mdm + lam * kd).mean()
     if lam == 0.0:
         return mdm
     if lam == 1.0:
         return kd
     return (1.0 - lam) * mdm + lam * kd
+
+
+LAMBDA_SCHEDULES = ("constant", "linear-decay", "cosine-decay", "linear-warmup")
+LAMBDA_T = ("none", "low-t", "high-t")
+
+
+def kd_weight(lam: float, progress: float, t: torch.Tensor, schedule: str = "constant", t_mode: str = "none") -> torch.Tensor:
+    """(B,) λ_b = min(1, λ · s(progress) · g(t_b)): the KD weight of each row (docs/design.md).
+
+    s over training progress p ∈ [0, 1]: constant 1, linear-decay 1 - p, cosine-decay (1 + cos πp)/2,
+    linear-warmup min(1, 2p) (KD from nothing to full over the first half).
+    g over the row's mask ratio t (the teacher's reliability depends on how much is masked, as in TIDE's
+    TIDAL): none 1, low-t 2(1 - t), high-t 2t; both have mean 1 over t ~ U(0, 1), so λ keeps its meaning.
+    """
+    p = min(max(float(progress), 0.0), 1.0)
+    s = {"constant": 1.0, "linear-decay": 1.0 - p, "cosine-decay": 0.5 * (1.0 + math.cos(math.pi * p)),
+         "linear-warmup": min(1.0, 2.0 * p)}[schedule]  # fmt: skip
+    g = {"none": torch.ones_like(t), "low-t": 2.0 * (1.0 - t), "high-t": 2.0 * t}[t_mode]
+    return (lam * s * g).clamp(0.0, 1.0)

@@ -15,18 +15,11 @@ from typer.testing import CliRunner
 
 from ar2mdm.precompute.build import run_build, size_threads
 from ar2mdm.precompute.cli import app
-from ar2mdm.precompute.config import BuildConfig
 from ar2mdm.shared.errors import UserError
+from tests.precompute.test_build import cfg
 from tests.tiny import TEXT
 
 runner = CliRunner()
-
-
-def cfg(corpus, teacher, out, **kw) -> BuildConfig:
-    base = dict(corpus=str(corpus), teacher=str(teacher), out=str(out), seq_len=24, k=3, window=4, top_n=5,
-                seqs_per_shard=2, progress=False)  # fmt: skip
-    base.update(kw)
-    return BuildConfig(**base)
 
 
 def test_a_build_that_fails_before_its_first_shard_blocks_nothing(tmp_path, tiny_teacher, tiny_corpus):

@@ -1,0 +1,90 @@
+"""`kdtrain sweep` (issue 9): a grid over one precompute, evaluated on held-out text; λ schedules."""
+
+import csv
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ar2mdm.shared.errors import UserError
+from ar2mdm.train.cli import app
+from ar2mdm.train.losses import combined_loss, kd_weight
+from ar2mdm.train.sweep import SweepConfig, parse_assignments, run_sweep
+from tests.tiny import TEXT
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def heldout(tmp_path):
+    p = tmp_path / "heldout.txt"
+    p.write_text("\n".join(reversed(TEXT.split(". "))) * 3)  # other text than the shards' rows
+    return p
+
+
+def test_a_2x2_sweep_runs_evaluates_and_skips_finished_points(tiny_shards, heldout, tmp_path):
+    out = tmp_path / "sw"
+    args = ["sweep", str(tiny_shards), "--out", str(out), "--grid", "lambda=0,0.5", "--grid", "temperature=1,2",
+            "--set", "steps=4", "--set", "student=tiny", "--set", "batch_size=4", "--set", "log_every=1",
+            "--eval-data", str(heldout), "--eval-rows", "8", "--eval-samples", "2"]  # fmt: skip
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert {(row["lambda"], row["temperature"]) for row in rows} == {("0.0", "1.0"), ("0.0", "2.0"), ("0.5", "1.0"), ("0.5", "2.0")}
+    assert all(float(row["nll_bound"]) > 0 and float(row["nll_bound_se"]) > 0 and row["steps"] == "4" for row in rows)
+    # λ = 0 ignores the temperature: same seed, same data order, same eval masks -> the same student and number
+    same = {row["temperature"]: row["nll_bound"] for row in rows if row["lambda"] == "0.0"}
+    assert same["1.0"] == same["2.0"]
+    assert len({row["nll_bound"] for row in rows if row["lambda"] == "0.5"}) == 2
+    assert "± " in (out / "sweep.md").read_text() and (out / "sweep.png").stat().st_size > 1000
+    # a rerun trains nothing again
+    stamp = {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoint/model.safetensors")}
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0 and stamp == {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoint/model.safetensors")}
+
+
+def test_parallel_points_give_the_same_results_as_sequential(tiny_shards, heldout, tmp_path):
+    base = dict(shards=str(tiny_shards), grid={"lam": [0.0, 0.5]}, eval_data=str(heldout), eval_rows=8, eval_samples=2,
+                fixed={"steps": 3, "student": "tiny", "batch_size": 4})  # fmt: skip
+    seq = run_sweep(SweepConfig(out=str(tmp_path / "a"), **base))
+    par = run_sweep(SweepConfig(out=str(tmp_path / "b"), parallel=2, **base))
+    assert [r["nll_bound"] for r in seq] == pytest.approx([r["nll_bound"] for r in par], rel=1e-4)
+
+
+def test_grid_parsing_refuses_unknown_settings_and_bad_values():
+    assert parse_assignments(["lambda=0,0.5", "tail=renormalize,bucket", "init-from=none"], True) == {
+        "lam": [0.0, 0.5], "tail": ["renormalize", "bucket"], "init_from": [None]}
+    with pytest.raises(UserError, match="not a kdtrain run setting"):
+        parse_assignments(["lamda=0.5"], True)
+    with pytest.raises(UserError, match="is not a float"):
+        parse_assignments(["temperature=hot"], True)
+    with pytest.raises(UserError, match="KEY=VALUE"):
+        parse_assignments(["steps"], False)
+
+
+def test_kd_weight_schedules_and_t_modes():
+    t = torch.tensor([0.1, 0.5, 0.9])
+    assert torch.allclose(kd_weight(0.5, 0.3, t), torch.full((3,), 0.5))
+    assert torch.allclose(kd_weight(0.5, 0.25, t, "linear-decay"), torch.full((3,), 0.375))
+    assert torch.allclose(kd_weight(0.5, 1.0, t, "cosine-decay"), torch.zeros(3), atol=1e-7)
+    assert torch.allclose(kd_weight(0.5, 0.25, t, "linear-warmup"), torch.full((3,), 0.25))
+    assert torch.allclose(kd_weight(0.5, 0.0, t, "constant", "low-t"), torch.tensor([0.9, 0.5, 0.1]))
+    assert torch.allclose(kd_weight(0.8, 0.0, t, "constant", "high-t"), torch.tensor([0.16, 0.8, 1.0]))  # capped at 1
+    # the mean of g(t) over t ~ U(0, 1) is 1, so λ keeps its meaning on average
+    u = torch.linspace(0, 1, 100001)
+    assert float(kd_weight(0.4, 0.0, u, "constant", "low-t").mean()) == pytest.approx(0.4, abs=1e-4)
+
+
+def test_per_row_lambda_combines_row_terms():
+    mdm, kd, lam = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 5.0]), torch.tensor([0.25, 1.0])
+    assert float(combined_loss(mdm, kd, lam)) == pytest.approx(((0.75 * 1 + 0.25 * 3) + 5.0) / 2)
+
+
+def test_a_scheduled_run_trains_and_logs_its_mean_lambda(tiny_shards, tmp_path):
+    r = runner.invoke(app, ["run", str(tiny_shards), "--out", str(tmp_path / "s"), "--student", "tiny", "--steps", "4",
+                            "--batch-size", "4", "--log-every", "1", "--lambda-schedule", "linear-decay",
+                            "--lambda-t", "low-t", "--no-progress"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    lams = [json.loads(line)["lambda"] for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lams) == 4 and lams[-1] < lams[0]  # decays over training

@@ -1,0 +1,190 @@
+"""`kdtrain sweep`: one precompute, many students. A cartesian grid over `kdtrain run` settings, each point
+trained and evaluated on held-out text with the same seed, data order and evaluation masks, so that the
+differences between rows of the table are the settings'.
+
+A point's folder holds its run and ``eval.json``; a rerun skips points with both (and resumes a point whose
+checkpoint stopped early). Points run one after another, or ``--parallel N`` at a time in worker processes
+(one GPU each when there are GPUs, else the CPUs shared among them).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import json
+import os
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ar2mdm.shared.errors import UserError
+from ar2mdm.train.config import TrainConfig
+
+# the names a user may write for a field (the CLI's spelling: --lambda is `lam`)
+ALIASES = {"lambda": "lam"}
+NOT_SWEPT = {"shards", "out", "resume", "progress", "stop_at"}
+
+
+@dataclass
+class SweepConfig:
+    shards: str
+    out: str
+    grid: dict[str, list] = field(default_factory=dict)  # TrainConfig field -> values
+    fixed: dict[str, object] = field(default_factory=dict)  # TrainConfig field -> value, every point
+    eval_data: str = ""
+    eval_rows: int = 256
+    eval_samples: int = 4
+    eval_seed: int = 0
+    by_line: bool = False
+    text_field: str = "text"
+    parallel: int = 1
+
+    def check(self) -> None:
+        if not self.eval_data:
+            raise UserError("--eval-data: held-out text (or shards) the students never train on is needed")
+        if self.parallel < 1:
+            raise UserError(f"--parallel must be at least 1, got {self.parallel}")
+        for name, values in self.grid.items():
+            if not values:
+                raise UserError(f"--grid {name}: no values")
+
+
+def _field_type(name: str):
+    hints = typing.get_type_hints(TrainConfig)
+    if name not in hints or name in NOT_SWEPT:
+        settable = sorted(set(hints) - NOT_SWEPT)
+        raise UserError(f"--grid/--set {name}: not a kdtrain run setting (one of: {', '.join(settable)})")
+    return hints[name]
+
+
+def parse_value(name: str, text: str):
+    """A setting's value from text, by the TrainConfig field's type ('none' for an optional one)."""
+    typ = _field_type(name)
+    args = [a for a in typing.get_args(typ) if a is not type(None)]
+    if text.lower() == "none" and type(None) in typing.get_args(typ):
+        return None
+    base = args[0] if args and typing.get_origin(typ) is not typing.Literal else typ
+    if typing.get_origin(typ) is typing.Literal:
+        return text
+    try:
+        if base is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1")
+        return base(text) if base in (int, float) else text
+    except ValueError:
+        raise UserError(f"--grid/--set {name}: {text!r} is not a {getattr(base, '__name__', base)}") from None
+
+
+def parse_assignments(items: list[str], many: bool) -> dict:
+    """["lambda=0,0.5", "temperature=1,2"] -> {"lam": [0.0, 0.5], "temperature": [1.0, 2.0]} (or single values)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"expected KEY=VALUE{'S' if many else ''}, got {item!r}")
+        key, vals = item.split("=", 1)
+        name = ALIASES.get(key.strip().replace("-", "_"), key.strip().replace("-", "_"))
+        parsed = [parse_value(name, v.strip()) for v in vals.split(",")] if many else parse_value(name, vals.strip())
+        out[name] = parsed
+    return out
+
+
+def point_name(point: dict) -> str:
+    return ",".join(f"{'lambda' if k == 'lam' else k}={v}" for k, v in point.items()) or "base"
+
+
+def points(cfg: SweepConfig) -> list[dict]:
+    keys = list(cfg.grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(cfg.grid[k] for k in keys))]
+
+
+def run_point(cfg: SweepConfig, point: dict) -> dict:
+    """Train one point (or resume it) and evaluate it on the held-out data; returns its result row."""
+    from ar2mdm.train.evaluate import evaluate
+    from ar2mdm.train.loop import run_training
+
+    run = Path(cfg.out) / point_name(point)
+    done = run / "eval.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    t0 = time.time()
+    tc = TrainConfig(shards=cfg.shards, out=str(run), progress=False, **{**cfg.fixed, **point})
+    tc.resume = (run / "checkpoint").exists()
+    res = run_training(tc)
+    wall = time.time() - t0
+    ev = evaluate(str(run), cfg.eval_data, seed=cfg.eval_seed, mc_samples=cfg.eval_samples, max_rows=cfg.eval_rows,
+                  device=tc.device, by_line=cfg.by_line, text_field=cfg.text_field)  # fmt: skip
+    row = {"name": point_name(point), **{("lambda" if k == "lam" else k): v for k, v in point.items()},
+           "nll_bound": ev["nll_bound"], "nll_bound_se": ev["nll_bound_se"], "ppl_bound": ev["ppl_bound"],
+           "masked_token_accuracy": ev["masked_token_accuracy"], "eval_rows": ev["rows"], "steps": res["steps"],
+           "train_loss": res.get("loss"), "train_mdm": res.get("mdm"), "train_kd": res.get("kd"),
+           "tokens_per_s": res.get("tokens_per_s"), "wall_s": round(wall, 1)}  # fmt: skip
+    done.write_text(json.dumps(row))
+    return row
+
+
+def _worker_init(devices, threads: int) -> None:
+    """A sweep worker: one GPU of its own (CUDA_VISIBLE_DEVICES before CUDA starts), or a share of the CPUs."""
+    import torch
+
+    if devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(devices.get())
+    torch.set_num_threads(threads)
+
+
+def run_sweep(cfg: SweepConfig) -> list[dict]:
+    """Every point of the grid, trained and evaluated; writes sweep.csv, sweep.md and sweep.png in ``out``."""
+    cfg.check()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
+    todo = points(cfg)
+    if cfg.parallel == 1 or len(todo) == 1:
+        rows = [run_point(cfg, p) for p in todo]
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        import torch
+
+        ctx = mp.get_context("spawn")
+        gpus = torch.cuda.device_count()
+        devices = None
+        if gpus:
+            devices = ctx.Manager().Queue()
+            for d in range(min(gpus, cfg.parallel)):
+                devices.put(d)
+        n = min(cfg.parallel, gpus) if gpus else cfg.parallel
+        threads = max(1, len(os.sched_getaffinity(0)) // n)
+        with ProcessPoolExecutor(n, mp_context=ctx, initializer=_worker_init, initargs=(devices, threads)) as ex:
+            rows = list(ex.map(run_point, [cfg] * len(todo), todo))
+    write_results(out, rows, list(cfg.grid))
+    return rows
+
+
+def write_results(out: Path, rows: list[dict], keys: list[str]) -> None:
+    keys = ["lambda" if k == "lam" else k for k in keys]
+    cols = ["name", *keys, "nll_bound", "nll_bound_se", "ppl_bound", "masked_token_accuracy", "eval_rows", "steps",
+            "train_loss", "train_mdm", "train_kd", "tokens_per_s", "wall_s"]  # fmt: skip
+    with open(out / "sweep.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    best = min(rows, key=lambda r: r["nll_bound"])
+    lines = [f"| {' | '.join(keys)} | held-out nll_bound (nats/token) | masked acc. | train kd | tokens/s | wall s |",
+             "|" + " --- |" * (len(keys) + 5)]  # fmt: skip
+    for r in sorted(rows, key=lambda r: r["nll_bound"]):
+        kd = f"{r['train_kd']:.3f}" if r.get("train_kd") is not None else "-"
+        mark = " **best**" if r is best else ""
+        lines.append(f"| {' | '.join(str(r[k]) for k in keys)} | {r['nll_bound']:.3f} ± {r['nll_bound_se']:.3f}{mark} | "
+                     f"{r['masked_token_accuracy']:.3f} | {kd} | {r.get('tokens_per_s') or 0:.0f} | {r['wall_s']} |")  # fmt: skip
+    lines.append("")
+    lines.append(f"Held-out rows: {best['eval_rows']}; ± is the standard error over rows. The same evaluation masks for "
+                 "every run, so differences smaller than the standard errors still tend to be real (paired), but only "
+                 "seeds can say so.")  # fmt: skip
+    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    from ar2mdm.train.evaluate import plot_runs
+
+    plot_runs([out / r["name"] for r in rows], out / "sweep.png", key="mdm")
