@@ -39,6 +39,7 @@ from ar2mdm.precompute.outdir import (
     partial_path,
     prepare_out,
     read_partial,
+    remove_stale_tmps,
     write_partial,
 )
 from ar2mdm.schemas import SCHEMA_VERSION, Manifest, ShardInfo
@@ -346,6 +347,7 @@ def run_build(cfg: BuildConfig, teacher=None) -> BuildSummary:
             shutil.rmtree(tmp, ignore_errors=True)
     for stale in out.glob(f"part-{cfg.rank:05d}-*.tmp*"):
         stale.unlink()  # a crashed run's partial write; its sequences are redone below
+    remove_stale_tmps(out)
 
     n_units = (len(ids) + cfg.seqs_per_shard - 1) // cfg.seqs_per_shard
     units = [(u, u * cfg.seqs_per_shard, min(len(ids), (u + 1) * cfg.seqs_per_shard)) for u in range(n_units)]

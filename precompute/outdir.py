@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
 
 from ar2mdm.schemas import Manifest, SchemaError, ShardInfo
-from ar2mdm.schemas.manifest import MANIFEST_NAME
+from ar2mdm.schemas.manifest import MANIFEST_NAME, tmp_path
 from ar2mdm.shared.errors import UserError, warn
 from ar2mdm.shared.shards import DONE_SUFFIX, ShardData, read_shard, write_shard
 
@@ -52,7 +53,7 @@ def prepare_out(out: Path, header: Manifest) -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / MANIFEST_NAME
     if not path.exists():
-        tmp = out / f"{MANIFEST_NAME}.tmp{os.getpid()}"
+        tmp = tmp_path(path)
         tmp.write_text(header.to_json())
         try:
             os.link(tmp, path)  # atomic create-if-absent: two ranks starting together write it once
@@ -79,6 +80,26 @@ def prepare_out(out: Path, header: Manifest) -> None:
     more = f"; and {len(diff) - 6} more" if len(diff) > 6 else ""
     raise UserError(f"--out {out} holds a build with other parameters ({detail}{more}); "
                     "rerun with its parameters to resume it, or use another --out, or --fresh to delete it")  # fmt: skip
+
+
+def remove_stale_tmps(out: Path) -> None:
+    """Delete manifest/marker temporaries whose writer died (a kill between write and rename): only those of
+    this host with a pid that no longer runs, so a live rank on this or another host is never disturbed."""
+    host = socket.gethostname()
+    for p in out.glob("*.tmp.*"):
+        _, h, pid = p.name.rsplit(".", 2)
+        if h == host and pid.isdigit() and not _alive(int(pid)):
+            p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _priority(key: str) -> tuple[int, str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,9 +107,14 @@ class Manifest:
         write_atomic(Path(directory) / MANIFEST_NAME, self.to_json().encode())
 
 
+def tmp_path(path: Path) -> Path:
+    """``path.tmp.HOST.PID``: unique per writer, and a stale one (its writer dead) is recognisable."""
+    return path.with_name(f"{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
+
+
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write to ``path.tmp`` then rename: readers never see a half-written file."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    """Write to ``path.tmp.HOST.PID`` then rename: readers never see a half-written file."""
+    tmp = tmp_path(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

@@ -31,7 +31,8 @@ def run(
     lambda_schedule: str = typer.Option("constant", help="λ over training: constant | linear-decay | cosine-decay | linear-warmup."),
     lambda_t: str = typer.Option("none", help="λ over each row's mask ratio t: none | low-t (2(1-t)) | high-t (2t)."),
     temperature: float = typer.Option(1.0, help="KD temperature T."),
-    tail: str = typer.Option("renormalize", help="renormalize | bucket: mass outside the stored support (docs/design.md)."),
+    tail: str = typer.Option("auto", help="Mass outside the stored support: auto (bucket when the shards have a tail, "
+                                          "else renormalize) | renormalize | bucket (docs/design.md)."),
     loss_weighting: str = typer.Option("seed", help="seed (no weight) | elbo (1/t, LLaDA/MDLM; forced masks corrected)."),
     resample_masks: bool = typer.Option(False, help="Fresh masks after epoch 0 (shards with --positions all only)."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: --epochs over the shards); 0 saves the initial student."),

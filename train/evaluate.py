@@ -81,7 +81,7 @@ def elbo_row_estimates(model, ids: torch.Tensor, maskable: torch.Tensor, draws: 
 
 @torch.no_grad()
 def evaluate(run: str, data: str, seed: int = 0, mc_samples: int = 4, batch_size: int = 16, max_rows: int = 256,
-             device: str = "auto", by_line: bool = False, text_field: str = "text") -> dict:  # fmt: skip
+             device: str = "auto", by_line: bool = False, text_field: str = "text", per_row: bool = False) -> dict:  # fmt: skip
     """Held-out ELBO bound (nats/token) with its standard error, masked-token accuracy and, on shards, the
     KD loss against the stored targets.
 
@@ -89,7 +89,8 @@ def evaluate(run: str, data: str, seed: int = 0, mc_samples: int = 4, batch_size
     with l ~ U{1..n} positions masked uniformly among the n maskable ones: unbiased for the same bound as the
     1/t form, with weights at most n instead of 1/eps, and no forced mask. ``mc_samples`` draws of l per row,
     stratified. Masks depend on ``seed``, the rows and ``batch_size`` only, never on the model: two runs
-    evaluated alike see the same masks, and their difference is the models'.
+    evaluated alike see the same masks, and their difference is the models'. ``per_row``: also return each
+    row's estimate (``row_nll``, nats) and maskable tokens (``row_tokens``), for paired comparisons.
     """
     from dataclasses import replace
 
@@ -133,6 +134,8 @@ def evaluate(run: str, data: str, seed: int = 0, mc_samples: int = 4, batch_size
            "mc_samples": mc_samples, "seed": seed}  # fmt: skip
     if kd_rows:
         out["kd_loss"] = kd_sum / kd_rows
+    if per_row:
+        out["row_nll"], out["row_tokens"] = est.tolist(), tok.tolist()
     return out
 
 

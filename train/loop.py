@@ -68,11 +68,12 @@ def step_losses(model, batch: Batch, cfg: TrainConfig, mask_id: int, spec: Targe
         mdm = mdm_loss(logp, batch.input_ids[batch.mask], row, norm, weight, per_row=per_row)
         parts["mdm"] = float(mdm.detach().mean())
     if per_row or cfg.lam > 0.0:
+        tail = cfg.tail if cfg.tail != "auto" else ("renormalize" if spec.exact_support else "bucket")
         slack = None
-        if cfg.tail == "bucket":  # a leftover within the storage rounding is no tail; exact supports have none
+        if tail == "bucket":  # a leftover within the storage rounding is no tail; exact supports have none
             tl = batch.target_logprobs
             slack = tl.new_full(tl.shape[:1], math.inf) if spec.exact_support else storage_slack(tl, spec.logprob_dtype)
-        kd = kd_loss(logp, batch.target_ids, batch.target_logprobs, row, norm, cfg.temperature, cfg.tail, slack,
+        kd = kd_loss(logp, batch.target_ids, batch.target_logprobs, row, norm, cfg.temperature, tail, slack,
                      per_row=per_row)  # fmt: skip
         parts["kd"] = float(kd.detach().mean())
     if per_row:

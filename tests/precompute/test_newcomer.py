@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -127,3 +126,24 @@ def test_threads_are_shared_among_the_ranks_of_a_node():
     one = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, "LOCAL_WORLD_SIZE": "2"})
     assert int(one.stdout.strip()) == max(1, cores // 2)
     assert size_threads(torch.get_num_threads()) == torch.get_num_threads()  # an explicit --threads wins
+
+
+@pytest.mark.parametrize("mode", ["topk", "mc"])
+def test_the_progress_bar_counts_the_positions_the_teacher_scores(tmp_path, tiny_teacher, mode):
+    """The ETA is per position (steady across rows of very different mask counts): the planned total must be
+    what the teacher then scores."""
+    import numpy as np
+
+    from ar2mdm.precompute.build import build_shard, planned_positions
+    from ar2mdm.precompute.teacher import TorchTeacher
+    from ar2mdm.shared.hfmodel import resolve_model
+
+    c = cfg(tmp_path, tiny_teacher, tmp_path / "o", mode=mode, masks_per_seq=2, k=2)
+    teacher = TorchTeacher.load(resolve_model(str(tiny_teacher))[0], "cpu")
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 30, size=(3, 24)).astype(np.int32)
+    ids[:, 0] = 1
+    plen = np.zeros(3, np.int32)
+    seen = []
+    build_shard(c, teacher, ids, plen, np.arange(3), None, lambda n_seq, n_pos: seen.append(n_pos))
+    assert sum(seen) == planned_positions(c, plen, np.arange(3)) > 0

@@ -37,11 +37,18 @@ def test_a_2x2_sweep_runs_evaluates_and_skips_finished_points(tiny_shards, heldo
     same = {row["temperature"]: row["nll_bound"] for row in rows if row["lambda"] == "0.0"}
     assert same["1.0"] == same["2.0"]
     assert len({row["nll_bound"] for row in rows if row["lambda"] == "0.5"}) == 2
-    assert "± " in (out / "sweep.md").read_text() and (out / "sweep.png").stat().st_size > 1000
-    # a rerun trains nothing again
+    md = (out / "sweep.md").read_text()
+    assert "± " in md and (out / "sweep.png").stat().st_size > 1000
+    # paired differences: the two λ = 0 runs are the same student, so their paired Δ is exactly 0 ± 0
+    assert md.count("| +0.000 ± 0.000 |") + md.count("| 0 |") >= 2
+    # a rerun trains nothing again; deleting eval.json re-evaluates without retraining, to the same number
     stamp = {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoint/model.safetensors")}
+    first = json.loads((out / "lambda=0.5,temperature=2.0" / "eval.json").read_text())
+    (out / "lambda=0.5,temperature=2.0" / "eval.json").unlink()
     r = runner.invoke(app, args)
     assert r.exit_code == 0 and stamp == {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoint/model.safetensors")}
+    again = json.loads((out / "lambda=0.5,temperature=2.0" / "eval.json").read_text())
+    assert again["nll_bound"] == first["nll_bound"] and again["train_kd"] == first["train_kd"]
 
 
 def test_parallel_points_give_the_same_results_as_sequential(tiny_shards, heldout, tmp_path):
@@ -88,3 +95,30 @@ def test_a_scheduled_run_trains_and_logs_its_mean_lambda(tiny_shards, tmp_path):
     assert r.exit_code == 0, r.output
     lams = [json.loads(line)["lambda"] for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
     assert len(lams) == 4 and lams[-1] < lams[0]  # decays over training
+
+
+def test_tail_auto_is_bucket_with_a_truncated_support_and_renormalize_with_an_exact_one(tiny_shards):
+    from dataclasses import replace
+    from itertools import islice
+
+    from ar2mdm.schemas import Manifest
+    from ar2mdm.train.config import TrainConfig
+    from ar2mdm.train.data import TargetSpec, collate, rows_of_shard
+    from ar2mdm.train.loop import step_losses
+    from ar2mdm.train.model import Student, StudentConfig
+
+    m = Manifest.load(tiny_shards)
+    spec = TargetSpec.from_manifest(m)
+    assert spec.exact_support  # topk, top_n 4 >= k 3 + 1
+    rows = list(islice(rows_of_shard(tiny_shards / m.shards[0].file), 4))
+    batch = collate(rows, replace(spec, top_n=2))  # truncated to 2 entries: a real tail now
+    torch.manual_seed(0)
+    model = Student(StudentConfig(vocab_size=m.tokenizer.vocab_size, hidden_size=32, num_layers=1, num_heads=2,
+                                  num_kv_heads=2, intermediate_size=64))  # fmt: skip
+    kd = {}
+    for tail in ("auto", "renormalize", "bucket"):
+        for exact in (True, False):
+            cfg = TrainConfig(shards="", lam=1.0, temperature=2.0, tail=tail)
+            kd[tail, exact] = step_losses(model, batch, cfg, model.config.mask_id, replace(spec, exact_support=exact))[1]["kd"]
+    assert kd["auto", True] == kd["renormalize", True] and kd["auto", False] == kd["bucket", False]
+    assert kd["bucket", False] != kd["renormalize", False]
