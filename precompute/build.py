@@ -157,7 +157,7 @@ def clean_context_targets(cfg: BuildConfig, teacher, ids: np.ndarray, positions:
             tid, tlp = select_top_n(cand, logq, cfg.top_n)
             out.append({int(i): (tid[j], tlp[j]) for j, i in enumerate(p.tolist())})
         if on_batch:
-            on_batch(len(x), sum(len(p) for p in pos))
+            on_batch(sum(len(p) for p in pos))
     return out
 
 
@@ -200,7 +200,9 @@ def planned_positions(cfg: BuildConfig, plen: np.ndarray, seq_index: np.ndarray)
 
 def build_shard(cfg: BuildConfig, teacher, ids: np.ndarray, plen: np.ndarray, seq_index: np.ndarray,
                 fim_ids=None, on_batch=None) -> ShardData:  # fmt: skip
-    """All rows of some sequences: masks for every sequence, teacher targets, assembled into ShardData."""
+    """All rows of some sequences: masks for every sequence, teacher targets, assembled into ShardData.
+
+    ``on_batch(n)``: called after each teacher call with the n positions it scored (the progress bar)."""
     ex, ts, masks, src, row_tpos, per_seq = target_plan(cfg, plen, seq_index)
     local = {s: j for j, s in enumerate(seq_index.tolist())}
     tids, tlps = [], []
@@ -214,7 +216,7 @@ def build_shard(cfg: BuildConfig, teacher, ids: np.ndarray, plen: np.ndarray, se
             tlps += lp
             ess.append(e)
             if on_batch:
-                on_batch(1 / cfg.masks_per_seq, len(m))
+                on_batch(len(m))
         mc_samples = np.full(len(ex), cfg.k, np.int32)
         mc_ess = np.asarray(ess, np.float32)
     else:
@@ -377,8 +379,7 @@ def run_build(cfg: BuildConfig, teacher=None) -> BuildSummary:
                 bar.update(planned_positions(cfg, plen[a:start], np.arange(a, start)))
             for c in range(start, b, chunk):
                 c2 = min(b, c + chunk)
-                parts.append(build_shard(cfg, teacher, ids[c:c2], plen[c:c2], np.arange(c, c2), fim_ids,
-                                         lambda n_seq, n_pos: bar.update(n_pos)))  # fmt: skip
+                parts.append(build_shard(cfg, teacher, ids[c:c2], plen[c:c2], np.arange(c, c2), fim_ids, bar.update))
                 if c2 < b and time.time() - last >= cfg.flush_seconds:
                     write_partial(shard[u], concat_shards(parts))
                     flushed, last = len(parts), time.time()

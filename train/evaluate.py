@@ -13,6 +13,7 @@ from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.masking import maskable_positions, sample_count_masks, stratified_counts
 from ar2mdm.train.checkpoint import load_student, load_tokenizer
 from ar2mdm.train.data import Row, collate
+from ar2mdm.train.loop import load_shard_manifest, resolve_device, step_losses
 from ar2mdm.train.losses import corrupt
 
 
@@ -24,7 +25,6 @@ def _rows_from(data: Path, meta: dict, tokenizer, max_rows: int, by_line: bool, 
         from itertools import chain, islice
 
         from ar2mdm.train.data import rows_of_shard
-        from ar2mdm.train.loop import load_shard_manifest
 
         manifest = load_shard_manifest(data)
         if manifest.tokenizer.sha256 != meta["tokenizer_sha256"]:
@@ -96,9 +96,6 @@ def evaluate(run: str, data: str, seed: int = 0, mc_samples: int = 4, batch_size
 
     from ar2mdm.train.config import TrainConfig
     from ar2mdm.train.data import TargetSpec
-    from ar2mdm.train.loop import step_losses
-
-    from ar2mdm.train.loop import resolve_device
 
     if mc_samples < 1:
         raise UserError(f"--mc-samples must be at least 1, got {mc_samples}")
@@ -146,8 +143,6 @@ def sample(run: str, prompt: str, length: int, steps: int, device: str = "auto",
     masked token (greedy, or sampled at ``temperature``), reveal as many as a linear schedule allows and keep
     the rest masked. ``remasking``: which predictions are revealed: the most confident (low-confidence
     remasking, as LLaDA) or random ones. Returns (prompt, completion) as text."""
-    from ar2mdm.train.loop import resolve_device
-
     if length < 1 or steps < 1:
         raise UserError("--length and --steps must be at least 1")
     if temperature < 0:
@@ -197,8 +192,6 @@ def fill(run: str, text: str, top: int = 5, device: str = "auto") -> list[list[t
     A space before a mask is left to the masked token (BPE vocabularies attach it to the next word).
     """
     from ar2mdm.shared.tokenizer import special_ids
-    from ar2mdm.train.loop import resolve_device
-
     if MASK_MARK not in text:
         raise UserError(f"--text needs at least one {MASK_MARK}")
     device = resolve_device(device)

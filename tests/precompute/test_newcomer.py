@@ -145,5 +145,5 @@ def test_the_progress_bar_counts_the_positions_the_teacher_scores(tmp_path, tiny
     ids[:, 0] = 1
     plen = np.zeros(3, np.int32)
     seen = []
-    build_shard(c, teacher, ids, plen, np.arange(3), None, lambda n_seq, n_pos: seen.append(n_pos))
+    build_shard(c, teacher, ids, plen, np.arange(3), None, seen.append)
     assert sum(seen) == planned_positions(c, plen, np.arange(3)) > 0
