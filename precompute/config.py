@@ -27,15 +27,21 @@ class BuildConfig:
     max_sequences: int | None = None  # cap on this rank's sequences (demos, smoke tests)
     by_line: bool = False
     text_field: str = "text"
+    messages_field: str = "messages"  # sft: the field holding a chat (list of {role, content})
+    split: str = "train"  # a datasets corpus (save_to_disk folder or hf:NAME): the split read
     # targets
     k: int = 8  # topk: candidates per position; mc: number of samples
     window: int | None = None  # right-context tokens scored; None = the whole row
     top_n: int = 16  # entries stored per target position
     positions: Literal["masked", "all"] = "masked"
+    # topn: the top_n most probable entries; sample: RS-KD, `samples` draws from the target (precompute/sparsify.py)
+    sparsify: Literal["topn", "sample"] = "topn"
+    samples: int = 32
     # mc (see docs/mc.md)
     sample_temperature: float = 1.0
     mc_score: Literal["next-token", "full-conditional"] = "next-token"
-    mc_weights: Literal["uniform", "importance"] = "uniform"
+    mc_weights: Literal["uniform", "importance", "smc"] = "uniform"
+    smc_ess: float = 0.5  # smc: resample when the ESS falls below this fraction of --k
     rescore_k: int = 8
     # output
     format: Literal["parquet", "safetensors"] = "parquet"
@@ -94,8 +100,14 @@ class BuildConfig:
             raise UserError(f"--max-sequences must be at least 1, got {self.max_sequences}")
         if self.mc_score not in ("next-token", "full-conditional"):
             raise UserError(f"--mc-score must be next-token or full-conditional, got {self.mc_score!r}")
-        if self.mc_weights not in ("uniform", "importance"):
-            raise UserError(f"--mc-weights must be uniform or importance, got {self.mc_weights!r}")
+        if self.mc_weights not in ("uniform", "importance", "smc"):
+            raise UserError(f"--mc-weights must be uniform, importance or smc, got {self.mc_weights!r}")
+        if not 0.0 <= self.smc_ess <= 1.0:
+            raise UserError(f"--smc-ess is a fraction of --k in [0, 1] (0 never resamples), got {self.smc_ess}")
+        if self.sparsify not in ("topn", "sample"):
+            raise UserError(f"--sparsify must be topn or sample, got {self.sparsify!r}")
+        if self.samples < 1:
+            raise UserError(f"--samples must be at least 1, got {self.samples}")
         if self.mode == "mc" and self.positions == "all":
             raise UserError("--positions all is meaningless with --mode mc: mc targets depend on the row's mask")
 
@@ -105,7 +117,13 @@ class BuildConfig:
              "mask_eps": self.mask_eps, "window": self.window, "logprob_dtype": self.logprob_dtype,
              "seqs_per_shard": self.seqs_per_shard, "max_sequences": self.max_sequences, "by_line": self.by_line,
              "text_field": self.text_field}  # fmt: skip
+        if self.sparsify == "sample":
+            p.update(sparsify="sample", samples=self.samples)
+        if self.messages_field != "messages":  # (the split is in the corpus fingerprint)
+            p["messages_field"] = self.messages_field
         if self.mode == "mc":
             p.update(sample_temperature=self.sample_temperature, mc_score=self.mc_score, mc_weights=self.mc_weights,
                      rescore_k=self.rescore_k)  # fmt: skip
+            if self.mc_weights == "smc":
+                p["smc_ess"] = self.smc_ess
         return p

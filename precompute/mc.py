@@ -13,6 +13,11 @@ token is kept. The target at a masked position i is
 - weights "importance": self-normalised w_k ∝ Π_{j ∈ V, j > first masked} p_T(x_j | x_<j^(k)) (times the
   proposal correction p_T/p_T^τ for the sampled tokens when τ != 1): the sampler never looks at the visible
   tokens to its right; these weights make the estimate consistent for the posterior (docs/mc.md derives it).
+- weights "smc": the same weights, but accumulated run by run; after a visible run, when the effective sample
+  size of the weights falls below ``smc_ess · K`` (and a masked position is still ahead), the K particles are
+  resampled (systematic resampling, from the row's generator), their KV cache reordered with them and their
+  weights reset. The next-token scores recorded earlier follow their particle's ancestry. Same limits as
+  "importance"; resampling spends the samples on the completions the visible tokens support.
 
 Cost: the prefix before the first masked position is computed once and its KV cache shared by the K samples;
 each visible run is one prefill for all K samples; each masked position is one decode step for all K.
@@ -20,7 +25,7 @@ each visible run is one prefill for all K samples; each masked position is one d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,9 +35,34 @@ from ar2mdm.precompute.rescoring import rescore
 @dataclass
 class Completions:
     seqs: torch.Tensor  # (K, L) long: the completed sequences
-    logw: torch.Tensor  # (K,) float64: unnormalised log importance weights
+    logw: torch.Tensor  # (K,) float64: unnormalised log importance weights (since the last resampling)
     next_ids: list[torch.Tensor]  # per masked position (ascending): (K, m) ids of p_T(.|x_<i^(k)), top-m
     next_probs: list[torch.Tensor]  # per masked position: (K, m) their probabilities at T = 1
+    ess_before: list[float] = field(default_factory=list)  # the ESS at each resampling, before it
+
+
+def ess(logw: torch.Tensor) -> float:
+    """Effective sample size 1/Σ w_k² of self-normalised weights with log-weights ``logw`` (K,)."""
+    w = torch.softmax(logw.double(), dim=0)
+    return float(1.0 / (w**2).sum())
+
+
+def systematic_resample(logw: torch.Tensor, u0: float) -> torch.Tensor:
+    """Ancestor indices (K,) long for weights softmax(logw), by systematic resampling with offset u0 in [0, 1).
+
+    Particle k is copied ⌊K·w_k⌋ or ⌈K·w_k⌉ times (the lowest-variance of the standard schemes), in order.
+    """
+    w = torch.softmax(logw.double(), dim=0)  # (K,)
+    K = len(w)
+    cdf = torch.cumsum(w, 0)
+    u = (u0 + torch.arange(K, dtype=torch.float64)) / K  # (K,) one stratum each
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=K - 1)
+
+
+def resample_due(logw: torch.Tensor, smc_ess: float) -> bool:
+    """Whether the particles are resampled: ESS < smc_ess · K (0 never; 1 whenever the weights differ)."""
+    K = len(logw)
+    return smc_ess > 0 and ess(logw) < smc_ess * K * (1 - 1e-9)
 
 
 def _top(lp: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,12 +85,14 @@ def _logits(model, ids: torch.Tensor, cache) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_completions(
-    model, x: torch.Tensor, masked: list[int], K: int, temperature: float, generator: torch.Generator, keep: int = 64
+    model, x: torch.Tensor, masked: list[int], K: int, temperature: float, generator: torch.Generator, keep: int = 64,
+    smc_ess: float = 0.0,
 ) -> Completions:
     """K completions of row ``x`` (L,) with the positions ``masked`` (ascending, all >= 1) sampled.
 
     keep: entries of each next-token distribution kept for the mixture (the rest of its mass is dropped, so
-    stored sums stay <= 1).
+    stored sums stay <= 1). smc_ess: resample after a visible run when ESS < smc_ess · K (0: never, which is
+    plain importance sampling with the same random draws).
     """
     from transformers import DynamicCache
 
@@ -74,7 +106,7 @@ def sample_completions(
     last = _logits(model, x[None, :first], cache)[:, -1]  # (1, V): the shared prefix, computed once
     cache.batch_repeat_interleave(K)
     last = last.expand(K, -1)  # (K, V)
-    next_ids, next_probs = [], []
+    next_ids, next_probs, ess_before = [], [], []
     pos = first
     while pos < L:
         lp1 = torch.log_softmax(last, dim=-1)  # (K, V) p_T(.|x_<pos) at T = 1
@@ -102,8 +134,17 @@ def sample_completions(
                 lps = torch.log_softmax(out[:, :-1], dim=-1)  # (K, n-1, V)
                 logw += lps.gather(2, run[:, 1:, None])[..., 0].sum(1).double().cpu()
             last = out[:, -1]
+        if end < L and resample_due(logw, smc_ess):  # a masked position is ahead: spend samples where w is
+            ess_before.append(ess(logw))
+            u0 = float(torch.rand(1, generator=generator, device=generator.device))
+            a = systematic_resample(logw, u0)  # (K,) ancestors
+            seqs, last = seqs[a.to(dev)], last[a.to(last.device)]
+            cache.reorder_cache(a.to(dev))
+            next_ids = [t[a] for t in next_ids]  # the recorded scores follow their particle's ancestry
+            next_probs = [t[a] for t in next_probs]
+            logw = torch.zeros(K, dtype=torch.float64)
         pos = end
-    return Completions(seqs, logw, next_ids, next_probs)
+    return Completions(seqs, logw, next_ids, next_probs, ess_before)
 
 
 def next_token_keep(top_n: int) -> int:
@@ -130,50 +171,86 @@ def mixture(ids: torch.Tensor, probs: torch.Tensor, w: torch.Tensor, top_n: int)
 class McTargets:
     ids: list[torch.Tensor]  # per masked position
     logprobs: list[torch.Tensor]
-    ess: float
+    ess: float  # of the final weights
     samples: int
+    ess_before: list[float] = field(default_factory=list)  # smc: the ESS at each resampling, before it
 
 
-def rescored_per_position(res: list[tuple[torch.Tensor, torch.Tensor]], P: int):
-    """Rescoring results of the K completions -> per masked position (ids (K, R+1), probs (K, R+1))."""
-    cand = torch.stack([c for c, _ in res])  # (K, P, R+1)
-    prob = torch.stack([lq for _, lq in res]).exp().double()  # (K, P, R+1), 0 on invalid slots
-    return [(cand[:, p], prob[:, p]) for p in range(P)]
+def distinct_branches(seqs: list[list[int]], masked: list[int], window: int | None):
+    """Which (completion, masked position) pairs a full-conditional score must compute.
+
+    The score at position i of completion k reads only its tokens x_<=i+n (n = the window), so completions that
+    agree there (resampled particles share their ancestry; a confident teacher draws the same tokens) share it.
+    Returns (rows, positions, where): rows[j] is a completion index, positions[j] its positions to score, and
+    where[p][k] = (j, index in positions[j]) for masked position p of completion k.
+    """
+    L = len(seqs[0])
+    rows, positions, where, seen, row_of = [], [], [[None] * len(seqs) for _ in masked], {}, {}
+    for k, x in enumerate(seqs):
+        for p, i in enumerate(masked):
+            n = L - 1 - i if window is None else min(L - 1 - i, window)
+            key = (i, tuple(x[: i + n + 1]))
+            if key not in seen:
+                if k not in row_of:
+                    row_of[k] = len(rows)
+                    rows.append(k)
+                    positions.append([])
+                j = row_of[k]
+                seen[key] = (j, len(positions[j]))
+                positions[j].append(i)
+            where[p][k] = seen[key]
+    return rows, positions, where
 
 
-def combine(per_pos, w: torch.Tensor, top_n: int) -> McTargets:
+def full_conditional_per_position(res, where) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Rescoring results of the distinct branches -> per masked position (ids (K, R+1), probs (K, R+1))."""
+    out = []
+    for per_k in where:
+        cand = torch.stack([res[j][0][q] for j, q in per_k])  # (K, R+1)
+        prob = torch.stack([res[j][1][q] for j, q in per_k]).exp().double()  # (K, R+1), 0 on invalid slots
+        out.append((cand, prob))
+    return out
+
+
+def combine(per_pos, w: torch.Tensor, top_n: int, ess_before=()) -> McTargets:
     """The weighted mixture at every masked position, with the effective sample size of the weights."""
     out_ids, out_lp = [], []
     for ids, probs in per_pos:
         i, lp = mixture(ids, probs, w, top_n)
         out_ids.append(i)
         out_lp.append(lp)
-    return McTargets(out_ids, out_lp, float(1.0 / (w**2).sum()), len(w))
+    return McTargets(out_ids, out_lp, float(1.0 / (w**2).sum()), len(w), list(ess_before))
+
+
+def final_weights(logw: torch.Tensor, weights: str) -> torch.Tensor:
+    """(K,) float64 normalised weights: uniform, or softmax of the log-weights (importance, smc)."""
+    if weights == "uniform":
+        return torch.full((len(logw),), 1.0 / len(logw), dtype=torch.float64)
+    if weights in ("importance", "smc"):
+        return torch.softmax(logw.double(), dim=0)
+    raise ValueError(f"weights must be uniform, importance or smc, got {weights!r}")
 
 
 @torch.no_grad()
 def mc_targets(
     model, x: torch.Tensor, masked: list[int], K: int, score: str, weights: str, temperature: float,
     generator: torch.Generator, top_n: int, rescore_k: int = 8, window: int | None = None,
-    token_budget: int = 4096,
+    token_budget: int = 4096, smc_ess: float = 0.5,
 ) -> McTargets:
     """The MC soft targets of one row at its masked positions (see the module docstring)."""
-    comp = sample_completions(model, x, masked, K, temperature, generator, keep=next_token_keep(top_n))
-    if weights == "importance":
-        w = torch.softmax(comp.logw, dim=0)
-    elif weights == "uniform":
-        w = torch.full((K,), 1.0 / K, dtype=torch.float64)
-    else:
-        raise ValueError(f"weights must be uniform or importance, got {weights!r}")
+    comp = sample_completions(model, x, masked, K, temperature, generator, keep=next_token_keep(top_n),
+                              smc_ess=smc_ess if weights == "smc" else 0.0)  # fmt: skip
+    w = final_weights(comp.logw, weights)
     if score == "next-token":
         per_pos = list(zip(comp.next_ids, comp.next_probs))
     elif score == "full-conditional":
-        pos = torch.tensor(masked, dtype=torch.long)
-        res = rescore(model, comp.seqs, [pos] * K, rescore_k, window, token_budget)
-        per_pos = rescored_per_position(res, len(masked))
+        rows, positions, where = distinct_branches(comp.seqs.tolist(), masked, window)
+        pos = [torch.tensor(p, dtype=torch.long) for p in positions]
+        res = rescore(model, comp.seqs[rows], pos, rescore_k, window, token_budget)
+        per_pos = full_conditional_per_position(res, where)
     else:
         raise ValueError(f"score must be next-token or full-conditional, got {score!r}")
-    return combine(per_pos, w, top_n)
+    return combine(per_pos, w, top_n, comp.ess_before)
 
 
 @torch.no_grad()

@@ -117,7 +117,7 @@ class TorchTeacher:
         return fim_targets(self.model, x, pos, fim_ids, window, top_n, token_budget)
 
     def mc_targets(self, row, masked: list[int], seed: int, K: int, score: str, weights: str, temperature: float,
-                   top_n: int, rescore_k: int, window: int | None, token_budget: int):  # fmt: skip
+                   top_n: int, rescore_k: int, window: int | None, token_budget: int, smc_ess: float = 0.5):  # fmt: skip
         """MC targets of one row at its masked positions; see `mc.mc_targets`."""
         import torch
 
@@ -125,7 +125,8 @@ class TorchTeacher:
 
         gen = torch.Generator(device=self.device).manual_seed(seed)
         x = torch.as_tensor(row, dtype=torch.long, device=self.device)
-        return mc_targets(self.model, x, masked, K, score, weights, temperature, gen, top_n, rescore_k, window, token_budget)
+        return mc_targets(self.model, x, masked, K, score, weights, temperature, gen, top_n, rescore_k, window, token_budget,
+                          smc_ess)
 
     def close(self) -> None:
         pass

@@ -11,7 +11,9 @@ One engine per process (per rank); tensor parallelism and every other engine set
   ``max_tokens=1, logprobs=m, seed`` (the visible run before the next masked position is appended by us), so
   consecutive rounds of a sample share their prefix through the prefix cache and no logits processor is
   needed (per-request logits callables are gone from the V1 engine, and the forcing processor API is in flux).
-  Importance weights come from one ``prompt_logprobs=0`` request per finished completion.
+  Importance weights come from one ``prompt_logprobs=0`` request per finished completion. smc asks for
+  ``prompt_logprobs=0`` on the round after each visible run instead (the run's weights, in the sampling pass),
+  resamples, and lets duplicated particles draw again at that round (their prefix is cached).
 - fim: one request per target position with ``max_tokens=1, logprobs=N`` (greedy, so the N returned entries
   are exactly the top-N).
 Returned log-probs are the model's raw ones (``logprobs_mode=raw_logprobs``, vLLM's default).
@@ -27,7 +29,8 @@ from pathlib import Path
 import torch
 
 from ar2mdm.precompute.fim import fim_prompt
-from ar2mdm.precompute.mc import McTargets, combine, next_token_keep, rescored_per_position
+from ar2mdm.precompute.mc import (McTargets, combine, distinct_branches, ess, final_weights,
+                                  full_conditional_per_position, next_token_keep, resample_due, systematic_resample)
 from ar2mdm.precompute.rescoring import NEG_INF
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.hfmodel import first_line
@@ -169,22 +172,47 @@ class VllmTeacher:
     # --------------------------------------------------------------------------------------------- mc
 
     def mc_targets(self, row, masked: list[int], seed: int, K: int, score: str, weights: str, temperature: float,
-                   top_n: int, rescore_k: int, window: int | None, token_budget: int = 0) -> McTargets:  # fmt: skip
+                   top_n: int, rescore_k: int, window: int | None, token_budget: int = 0,
+                   smc_ess: float = 0.5) -> McTargets:  # fmt: skip
         from vllm import SamplingParams
 
-        if weights == "importance" and temperature != 1.0:
-            raise UserError("--mc-weights importance with --sample-temperature != 1 needs --backend hf (vLLM does not "
+        if weights in ("importance", "smc") and temperature != 1.0:
+            raise UserError(f"--mc-weights {weights} with --sample-temperature != 1 needs --backend hf (vLLM does not "
                             "return the tempered proposal's log-probs)")  # fmt: skip
         x = list(map(int, row))
         L = len(x)
         mc = self.llm.llm_engine.model_config
         keep = min(next_token_keep(top_n), mc.get_vocab_size())  # the engine's max_logprobs covers it (build)
+        smc = weights == "smc" and smc_ess > 0
+        gen = torch.Generator().manual_seed(_seed(seed, 7))  # resampling offsets
         seqs = [list(x) for _ in range(K)]
-        next_ids, next_probs = [], []
+        logw = torch.zeros(K, dtype=torch.float64)
+        next_ids, next_probs, ess_before = [], [], []
+
+        def params(r: int, k: int, prompt_logprobs=None, redraw: bool = False):
+            s = _seed(seed, r, k, 1) if redraw else _seed(seed, r, k)
+            return SamplingParams(max_tokens=1, logprobs=keep, temperature=temperature, seed=s,
+                                  prompt_logprobs=prompt_logprobs, detokenize=False)  # fmt: skip
+
         for r, m in enumerate(masked):
-            params = [SamplingParams(max_tokens=1, logprobs=keep, temperature=temperature, seed=_seed(seed, r, k),
-                                     detokenize=False) for k in range(K)]  # fmt: skip
-            outs = self._generate([s[:m] for s in seqs], params)
+            run = range(masked[r - 1] + 1, m) if r else range(0)  # the visible run before m (after the first masked)
+            weigh = smc and len(run) > 0
+            outs = self._generate([s[:m] for s in seqs], [params(r, k, 0 if weigh else None) for k in range(K)])
+            if weigh:  # the visible run's log-likelihood under each particle, from the same pass
+                logw += torch.tensor([sum(o.prompt_logprobs[j][seqs[k][j]].logprob for j in run) for k, o in enumerate(outs)],
+                                     dtype=torch.float64)  # fmt: skip
+                if resample_due(logw, smc_ess):
+                    ess_before.append(ess(logw))
+                    a = systematic_resample(logw, float(torch.rand(1, generator=gen))).tolist()
+                    seqs = [list(seqs[i]) for i in a]
+                    next_ids = [t[a] for t in next_ids]
+                    next_probs = [t[a] for t in next_probs]
+                    logw = torch.zeros(K, dtype=torch.float64)
+                    # the first copy of an ancestor keeps its draw at m; the other copies draw again (prefix cached)
+                    first_copy = {i: k for k, i in reversed(list(enumerate(a)))}
+                    again = [k for k, i in enumerate(a) if first_copy[i] != k]
+                    redrawn = dict(zip(again, self._generate([seqs[k][:m] for k in again], [params(r, k, None, True) for k in again])))
+                    outs = [redrawn.get(k, outs[i]) for k, i in enumerate(a)]
             ids = torch.zeros(K, keep, dtype=torch.long)
             probs = torch.zeros(K, keep, dtype=torch.float64)
             for k, o in enumerate(outs):
@@ -195,17 +223,18 @@ class VllmTeacher:
                 probs[k, : len(top)] = torch.tensor([lp for _, lp in top], dtype=torch.float64).exp()
             next_ids.append(ids)
             next_probs.append(probs)
-        if weights == "importance":
+        mset = set(masked)
+        # importance: every visible token after the first masked one; smc: only those not yet weighed (the tail)
+        vis = [j for j in range((masked[-1] if smc else masked[0]) + 1, L) if j not in mset]
+        if weights != "uniform" and vis:
             outs = self._generate(seqs, SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False))
-            mset = set(masked)
-            vis = [j for j in range(masked[0] + 1, L) if j not in mset]
-            logw = torch.tensor([sum(o.prompt_logprobs[j][seqs[k][j]].logprob for j in vis) for k, o in enumerate(outs)],
-                                dtype=torch.float64)  # fmt: skip
-            w = torch.softmax(logw, 0)
-        else:
-            w = torch.full((K,), 1.0 / K, dtype=torch.float64)
+            logw += torch.tensor([sum(o.prompt_logprobs[j][seqs[k][j]].logprob for j in vis) for k, o in enumerate(outs)],
+                                 dtype=torch.float64)  # fmt: skip
+        w = final_weights(logw, weights)
         if score == "full-conditional":
-            per_pos = rescored_per_position(self.rescore_targets(seqs, [masked] * K, rescore_k, window), len(masked))
+            rows, positions, where = distinct_branches(seqs, masked, window)
+            res = self.rescore_targets([seqs[k] for k in rows], positions, rescore_k, window)
+            per_pos = full_conditional_per_position(res, where)
         else:
             per_pos = list(zip(next_ids, next_probs))
-        return combine(per_pos, w, top_n)
+        return combine(per_pos, w, top_n, ess_before)

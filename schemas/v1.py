@@ -16,6 +16,11 @@ Columns (a public contract; see docs/schema.md):
                        towards -inf so that the sum bound holds after rounding.
 - ``mc_samples``       int32, null outside ``--mode mc``: number of Monte Carlo completions K.
 - ``mc_ess``           float32, null outside ``--mode mc``: effective sample size 1/sum(w_k^2).
+- ``mc_resamples``     int32, null outside ``--mode mc``: times the row's particles were resampled (smc).
+- ``mc_resample_ess``  float32, null outside ``--mode mc``: mean ESS just before those resamplings (NaN: none).
+
+The last two were added within version 1 (ar2mdm 0.3): writers always write them; readers accept shards
+written before, which lack them (read as null). Adding a nullable column keeps every older reader working.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import pyarrow as pa
 SCHEMA_VERSION = 1
 METADATA_KEY = b"ar2mdm.schema_version"
 LOGPROB_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
+# columns added within version 1: a shard written before them is still a v1 shard
+ADDED_COLUMNS = ("mc_resamples", "mc_resample_ess")
 
 
 class SchemaError(ValueError):
@@ -52,6 +59,8 @@ def shard_schema(logprob_dtype: str = "float16") -> pa.Schema:
         pa.field("target_logprobs", _list(_list(lp)), nullable=False),
         pa.field("mc_samples", pa.int32(), nullable=True),
         pa.field("mc_ess", pa.float32(), nullable=True),
+        pa.field("mc_resamples", pa.int32(), nullable=True),
+        pa.field("mc_resample_ess", pa.float32(), nullable=True),
     ]
     return pa.schema(fields, metadata={METADATA_KEY: str(SCHEMA_VERSION).encode()})
 
@@ -76,6 +85,8 @@ def check_table_schema(schema: pa.Schema, where: str) -> str:
     expected = shard_schema(names[0])
     for f in expected:
         if f.name not in schema.names:
+            if f.name in ADDED_COLUMNS:
+                continue
             raise SchemaError(f"{where}: column {f.name} missing")
         got = schema.field(f.name).type
         if got != f.type:

@@ -3,7 +3,8 @@
 # build top-K rescoring targets with SmolLM2-135M on Shakespeare's tragedies, validate and inspect them;
 # train a tiny student from scratch on them, and adapt the teacher itself (A2D warm start, 12 steps);
 # evaluate both on held-out text (the comedies, never trained on) and show what they predict.
-# Safe to rerun: finished shards are kept, the two demo runs are retrained.
+# Safe to rerun: finished shards are kept, the two demo runs are retrained. The adapted student is exported
+# (kdtrain export) and sampled through transformers alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -26,3 +27,14 @@ kdtrain run "$OUT" --out "$RUN-a2d" --init-from default --steps 12 --batch-size 
 kdtrain eval "$RUN-a2d" --data "$HELDOUT" --max-rows 64
 kdtrain fill "$RUN-a2d" --text "$LINE"
 kdtrain sample "$RUN-a2d" --prompt "To be, or not to be" --length 16 --steps 16
+# 3. the adapted student as a transformers folder, loaded and sampled by transformers alone
+kdtrain export "$RUN-a2d" --out "$RUN-a2d-hf" --overwrite
+python - "$RUN-a2d-hf" <<'PY'
+import sys, torch
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+model = AutoModelForMaskedLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+tok = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
+ids = torch.tensor([[tok.bos_token_id or tok.eos_token_id] + tok("To be, or not to be", add_special_tokens=False).input_ids])
+out = model.diffusion_generate(ids, max_new_tokens=16, steps=16)
+print("transformers:", repr(tok.decode(out[0, ids.shape[1]:])))
+PY

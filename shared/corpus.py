@@ -1,7 +1,10 @@
-"""Reading a corpus: files or folders of text, JSONL, or Parquet, into documents or SFT examples.
+"""Reading a corpus: files or folders of text, JSONL, or Parquet, or a `datasets` dataset, into documents or SFT
+examples.
 
 Bad inputs (empty files, binary files, broken JSON lines, rows without a response) are skipped with a one-line
-warning that names the file and line, and counted in `CorpusStats`; a corpus with nothing usable is an error.
+warning that names the file and line (or the dataset row), and counted in `CorpusStats`; a corpus with nothing
+usable is an error. Why files are read here rather than by ``load_dataset("text"|"json"|"parquet", ...)``:
+docs/design.md ("Corpus input").
 """
 
 from __future__ import annotations
@@ -42,8 +45,80 @@ class SftExample:
     messages: list[dict[str, Any]] | None = None
 
 
-def list_corpus_files(path: str | Path) -> list[Path]:
-    """The corpus files under ``path`` (a file or a folder, recursively), in a deterministic order."""
+HF_PREFIX = "hf:"
+
+
+@dataclass(frozen=True)
+class DatasetCorpus:
+    """A `datasets` dataset used as a corpus: a ``save_to_disk`` folder, or ``hf:NAME[:CONFIG]`` (a dataset in the
+    local Hugging Face cache, read offline; NAME may also be a local dataset repository folder). Rows are read
+    from Arrow files that datasets memory-maps, in batches, so memory does not grow with the dataset."""
+
+    spec: str
+    split: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.spec}[{self.split}]"
+
+    def load(self):
+        """The `datasets.Dataset` of this split; a one-line UserError when it cannot be had offline."""
+        import os
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network at run time
+        import datasets
+
+        from ar2mdm.shared.hfmodel import first_line
+
+        if self.spec.startswith(HF_PREFIX):
+            name, _, config = self.spec[len(HF_PREFIX) :].partition(":")
+            try:
+                return datasets.load_dataset(name, config or None, split=self.split)
+            except Exception as e:  # datasets raises many types; the first line says which
+                raise UserError(f"dataset {name}: cannot be loaded offline ({first_line(e)}); load it once where there "
+                                f"is network, or pass a save_to_disk folder") from e  # fmt: skip
+        try:
+            ds = datasets.load_from_disk(self.spec)
+        except Exception as e:
+            raise UserError(f"{self.spec}: not a readable save_to_disk dataset ({first_line(e)})") from e
+        if isinstance(ds, datasets.DatasetDict):
+            if self.split not in ds:
+                raise UserError(f"{self.spec}: no split {self.split!r} (splits: {', '.join(ds)}); pass --split")
+            ds = ds[self.split]
+        return ds
+
+    def fingerprint(self) -> str:
+        """datasets' own fingerprint of the loaded split (derived from its files and the transforms applied)."""
+        return hashlib.sha256(f"{self.name}\0{self.load()._fingerprint}".encode()).hexdigest()
+
+    def records(self, fields: tuple[str, ...], stats: CorpusStats, batch: int = 1024) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(source, record) pairs with only ``fields`` (those the dataset has) read."""
+        ds = self.load()
+        have = [f for f in fields if f in ds.column_names]
+        if not have:
+            raise UserError(f"{self.name}: none of the fields {', '.join(fields)} (columns: {', '.join(ds.column_names)}); "
+                            f"pass --text-field or --messages-field")  # fmt: skip
+        if len(ds) == 0:
+            stats.skipped_empty += 1
+            warn(f"skipping empty dataset {self.name}")
+        i = 0
+        for cols in ds.select_columns(have).iter(batch_size=batch):
+            for j in range(len(cols[have[0]])):
+                yield f"{self.name}:{i}", {f: cols[f][j] for f in have}
+                i += 1
+
+
+def is_dataset(path: str | Path) -> bool:
+    """``hf:NAME`` or a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
+    p = Path(path)
+    return str(path).startswith(HF_PREFIX) or (p.is_dir() and ((p / "state.json").exists() or (p / "dataset_dict.json").exists()))
+
+
+def list_corpus_files(path: str | Path, split: str = "train") -> list[Path | DatasetCorpus]:
+    """The corpus files under ``path`` (a file or a folder, recursively), in a deterministic order; a dataset
+    (``hf:NAME`` or a save_to_disk folder) is one `DatasetCorpus` entry of the given split."""
+    if is_dataset(path):
+        return [DatasetCorpus(str(path), split)]
     p = Path(path)
     if not p.exists():
         raise UserError(f"corpus {p} does not exist")
@@ -60,8 +135,10 @@ def list_corpus_files(path: str | Path) -> list[Path]:
     return files
 
 
-def corpus_fingerprint(files: list[Path], root: str | Path) -> str:
-    """sha256 over the relative names and contents of the corpus files."""
+def corpus_fingerprint(files: list[Path | DatasetCorpus], root: str | Path) -> str:
+    """sha256 over the relative names and contents of the corpus files (a dataset: its datasets fingerprint)."""
+    if len(files) == 1 and isinstance(files[0], DatasetCorpus):
+        return files[0].fingerprint()
     root = Path(root)
     h = hashlib.sha256()
     for f in files:
@@ -93,22 +170,30 @@ def _read_text(path: Path, stats: CorpusStats) -> str | None:
     return text
 
 
-def _iter_records(path: Path, stats: CorpusStats) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(source, record) pairs of a .jsonl or .parquet file."""
+def _iter_records(path: Path | DatasetCorpus, stats: CorpusStats, fields: tuple[str, ...]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(source, record) pairs of a .jsonl or .parquet file, or of a dataset (only ``fields`` read from it)."""
+    if isinstance(path, DatasetCorpus):
+        yield from path.records(fields, stats)
+        return
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         try:
-            table = pq.read_table(path)
+            pf = pq.ParquetFile(path)
         except Exception as e:  # pyarrow raises several types for a broken file
             stats.skipped_binary += 1
             warn(f"skipping {path}: not a readable Parquet file ({str(e).splitlines()[0]})")
             return
-        if table.num_rows == 0:
+        if pf.metadata.num_rows == 0:
             stats.skipped_empty += 1
             warn(f"skipping empty file {path}")
-        for i, rec in enumerate(table.to_pylist()):
-            yield f"{path}:{i}", rec
+        # row groups one batch at a time, only the fields asked for: memory stays flat on large files
+        cols = [f for f in fields if f in pf.schema_arrow.names]
+        i = 0
+        for batch in pf.iter_batches(batch_size=1024, columns=cols):
+            for rec in batch.to_pylist():
+                yield f"{path}:{i}", rec
+                i += 1
         return
     text = _read_text(path, stats)
     if text is None:
@@ -130,12 +215,12 @@ def _iter_records(path: Path, stats: CorpusStats) -> Iterator[tuple[str, dict[st
 
 
 def iter_documents(
-    files: list[Path], stats: CorpusStats, by_line: bool = False, text_field: str = "text"
+    files: list[Path | DatasetCorpus], stats: CorpusStats, by_line: bool = False, text_field: str = "text"
 ) -> Iterator[Document]:
     """Pretraining documents: one per text file (or per non-empty line with ``by_line``), one per record."""
     for path in files:
         stats.files += 1
-        if path.suffix in TEXT_SUFFIXES:
+        if isinstance(path, Path) and path.suffix in TEXT_SUFFIXES:
             text = _read_text(path, stats)
             if text is None:
                 continue
@@ -148,7 +233,7 @@ def iter_documents(
                 stats.documents += 1
                 yield Document(str(path), text)
             continue
-        for source, rec in _iter_records(path, stats):
+        for source, rec in _iter_records(path, stats, (text_field,)):
             value = rec.get(text_field)
             if not isinstance(value, str) or not value.strip():
                 stats.skipped_bad_rows += 1
@@ -158,14 +243,15 @@ def iter_documents(
             yield Document(source, value)
 
 
-def iter_sft_examples(files: list[Path], stats: CorpusStats) -> Iterator[SftExample]:
-    """SFT examples from .jsonl/.parquet records with ``prompt`` + ``response``, or ``messages``."""
+def iter_sft_examples(files: list[Path | DatasetCorpus], stats: CorpusStats,
+                      messages_field: str = "messages") -> Iterator[SftExample]:  # fmt: skip
+    """SFT examples from .jsonl/.parquet/dataset records with ``prompt`` + ``response``, or ``messages_field``."""
     for path in files:
         stats.files += 1
-        if path.suffix in TEXT_SUFFIXES:
+        if isinstance(path, Path) and path.suffix in TEXT_SUFFIXES:
             raise UserError(f"{path}: --task sft reads .jsonl or .parquet rows with prompt/response or messages")
-        for source, rec in _iter_records(path, stats):
-            messages = rec.get("messages")
+        for source, rec in _iter_records(path, stats, (messages_field, "prompt", "response")):
+            messages = rec.get(messages_field)
             if isinstance(messages, list) and messages:
                 last = messages[-1]
                 if not isinstance(last, dict) or last.get("role") != "assistant" or not last.get("content"):

@@ -109,7 +109,7 @@ def summarize_dir(directory: str | Path) -> dict:
     manifest = Manifest.load(d)
     rows = positions = 0
     ent_sum = true_sum = mass_sum = support_sum = 0.0
-    ess = []
+    ess, resamples, resample_ess = [], [], []
     for info in manifest.shards:
         data = read_shard(d / info.file)
         rows += data.rows
@@ -128,6 +128,9 @@ def summarize_dir(directory: str | Path) -> dict:
         true_sum += float(p[hit].sum())
         if data.mc_ess is not None:
             ess.extend(data.mc_ess.tolist())
+        if data.mc_resamples is not None:
+            resamples.extend(data.mc_resamples.tolist())
+            resample_ess.extend(data.mc_resample_ess.tolist())
     total_bytes = sum(s.bytes for s in manifest.shards)
     unfinished = [p.name for p in d.glob("part-*.partial")] + [
         p.name for p in d.glob("part-*") if p.suffix in FORMATS.values() and p.name not in {s.file for s in manifest.shards}
@@ -152,5 +155,10 @@ def summarize_dir(directory: str | Path) -> dict:
         "params": manifest.params,
     }
     if ess:
-        summary["mean_mc_ess"] = float(np.mean(ess))
+        summary["mean_mc_ess"] = float(np.mean(ess))  # of the final weights (K for uniform)
+    if resamples:
+        n = np.asarray(resamples, np.float64)
+        summary["mean_mc_resamples_per_row"] = float(n.mean())
+        if n.sum() > 0:  # the mean ESS over every resampling, just before it
+            summary["mean_mc_ess_before_resampling"] = float(np.nansum(np.asarray(resample_ess) * n) / n.sum())
     return summary

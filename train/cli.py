@@ -47,7 +47,8 @@ def run(
     seed: int = typer.Option(0, help="Seed of the student's init and of the data order."),
     resume: bool = typer.Option(False, help="Continue the checkpoint in --out exactly."),
     save_every: int = typer.Option(200, help="Checkpoint every N steps (and at the end)."),
-    log_every: int = typer.Option(10, help="Append a line to RUN/metrics.jsonl (and TensorBoard RUN/tb when installed) every N steps."),
+    log_every: int = typer.Option(10, help="Append a line to RUN/metrics.jsonl (and to --report-to) every N steps."),
+    report_to: str = typer.Option("none", help="Also log to: none | tensorboard (RUN/tb) | wandb (offline without a W&B key); pip install 'ar2mdm[track]'."),
     shuffle_buffer: int = typer.Option(1024, help="Rows held for shuffling the stream."),
     num_workers: int = typer.Option(0, help="DataLoader worker processes reading shards."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
@@ -67,6 +68,7 @@ def run(
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup, weight_decay=weight_decay, clip=clip,
         seed=seed, resume=resume, save_every=save_every, log_every=log_every, shuffle_buffer=shuffle_buffer,
         num_workers=num_workers, device=device, dtype=dtype, compile=compile, fsdp=fsdp, progress=progress,
+        report_to=report_to,
     )  # fmt: skip
     try:
         res = run_training(cfg)
@@ -78,20 +80,21 @@ def run(
 @app.command("eval")
 def eval_(
     run: str = typer.Argument(..., help="A kdtrain run folder."),
-    data: str = typer.Option(..., help="A corpus (file/folder) or a kdtargets shard folder."),
+    data: str = typer.Option(..., help="A corpus (file/folder, save_to_disk dataset, hf:NAME) or a kdtargets shard folder."),
     seed: int = typer.Option(0, help="Seed of the evaluation masks (the same seed gives every run the same masks)."),
     mc_samples: int = typer.Option(4, help="Mask draws per row (stratified numbers of masked tokens)."),
     max_rows: int = typer.Option(256, help="Rows evaluated (the first ones)."),
     batch_size: int = typer.Option(16, help="Rows per forward."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     by_line: bool = typer.Option(False, help="Raw text: one document per non-empty line."),
-    text_field: str = typer.Option("text", help="Raw .jsonl/.parquet: the field that holds the text."),
+    text_field: str = typer.Option("text", help="Raw .jsonl/.parquet/dataset: the field that holds the text."),
+    split: str = typer.Option("test", help="A dataset --data: the split evaluated."),
 ) -> None:
     """Held-out ELBO bound (nats/token) ± standard error, masked-token accuracy, KD loss; last line: JSON."""
     from ar2mdm.train.evaluate import evaluate
 
     try:
-        res = evaluate(run, data, seed, mc_samples, batch_size, max_rows, device, by_line, text_field)
+        res = evaluate(run, data, seed, mc_samples, batch_size, max_rows, device, by_line, text_field, split=split)
     except (UserError, SchemaError) as e:
         _fail(str(e))
     typer.echo(json.dumps(res))
@@ -140,6 +143,22 @@ def fill(
     typer.echo(text)
     for j, cands in enumerate(preds, 1):
         typer.echo(f"[MASK] {j}: " + "  ".join(f"{_visible(t)!s:>8} {p:.3f}" for t, p in cands))
+
+
+@app.command()
+def export(
+    run: str = typer.Argument(..., help="A kdtrain run folder."),
+    out: str = typer.Option(..., help="Folder to write (config.json, model.safetensors, tokenizer, modeling_ar2mdm.py)."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
+) -> None:
+    """Export the student as a transformers folder: AutoModelForMaskedLM.from_pretrained(OUT, trust_remote_code=True)."""
+    from ar2mdm.train.export import export as do_export
+
+    try:
+        d = do_export(run, out, overwrite)
+    except UserError as e:
+        _fail(str(e))
+    typer.echo(f"exported {run} -> {d} (load it with AutoModelForMaskedLM.from_pretrained({str(d)!r}, trust_remote_code=True))")
 
 
 def _visible(text: str) -> str:

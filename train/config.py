@@ -45,6 +45,7 @@ class TrainConfig:
     compile: bool = False
     fsdp: bool = False
     progress: bool = True
+    report_to: str = "none"  # none | tensorboard | wandb (train/tracking.py); RUN/metrics.jsonl is always written
 
     def check(self) -> None:
         if not 0.0 <= self.lam <= 1.0:
@@ -68,6 +69,10 @@ class TrainConfig:
             raise UserError(f"--steps must be at least 0 (0 saves the initial student), got {self.steps}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        from ar2mdm.train.tracking import REPORT_TO
+
+        if self.report_to not in REPORT_TO:
+            raise UserError(f"--report-to must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
         if self.lr <= 0:
             raise UserError(f"--lr must be > 0, got {self.lr}")
 

@@ -41,13 +41,17 @@ class TargetSpec:
     eos_id: int  # SFT padding: the student learns EOS there
     logprob_dtype: str  # storage precision of the log-probs ("float16" | "float32")
     exact_support: bool  # the stored entries are the whole target (topk with top_n >= K+1): no tail
+    sampled: bool = False  # RS-KD sampled targets: unbiased for q at T = 1 only
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> "TargetSpec":
         p = manifest.params
         top_n = int(p.get("top_n", 16))
-        exact = manifest.mode == "topk" and top_n >= int(p.get("k", 0)) + 1
-        return cls(top_n, int(manifest.tokenizer.eos_id), str(p.get("logprob_dtype", "float16")), exact)
+        sampled = p.get("sparsify") == "sample"  # RS-KD: up to `samples` distinct draws per position
+        # topk's K+1 candidates are its whole target: top-N of all of them, or draws from all of them, sum to 1
+        exact = manifest.mode == "topk" and (top_n >= int(p.get("k", 0)) + 1 or sampled)
+        width = max(top_n, int(p["samples"])) if sampled else top_n
+        return cls(width, int(manifest.tokenizer.eos_id), str(p.get("logprob_dtype", "float16")), exact, sampled)
 
 
 def sft_padding_start(input_ids: np.ndarray, prompt_len: int, eos_id: int) -> int:

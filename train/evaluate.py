@@ -17,9 +17,13 @@ from ar2mdm.train.loop import load_shard_manifest, resolve_device, step_losses
 from ar2mdm.train.losses import corrupt
 
 
-def _rows_from(data: Path, meta: dict, tokenizer, max_rows: int, by_line: bool, text_field: str) -> tuple[list[Row], object]:
-    """Rows to evaluate: a shard folder's rows (with targets), or a text corpus packed like the precompute."""
-    if not data.exists():
+def _rows_from(data: Path, meta: dict, tokenizer, max_rows: int, by_line: bool, text_field: str,
+               split: str = "test") -> tuple[list[Row], object]:  # fmt: skip
+    """Rows to evaluate: a shard folder's rows (with targets), or a corpus (files or a dataset) packed like the
+    precompute."""
+    from ar2mdm.shared.corpus import CorpusStats, is_dataset, iter_documents, list_corpus_files
+
+    if not is_dataset(data) and not data.exists():
         raise UserError(f"--data {data} does not exist")
     if (data / "manifest.json").exists():
         from itertools import chain, islice
@@ -31,10 +35,9 @@ def _rows_from(data: Path, meta: dict, tokenizer, max_rows: int, by_line: bool, 
             raise UserError(f"--data {data}: shards built with another tokenizer than the student's")
         rows = chain.from_iterable(rows_of_shard(data / s.file) for s in manifest.shards)
         return list(islice(rows, max_rows)), manifest
-    from ar2mdm.shared.corpus import CorpusStats, iter_documents, list_corpus_files
     from ar2mdm.shared.tokenizer import pack_documents
 
-    files = list_corpus_files(data)
+    files = list_corpus_files(data, split)
     rows = []
     docs = iter_documents(files, CorpusStats(), by_line=by_line, text_field=text_field)
     for ids in pack_documents(docs, tokenizer, meta["seq_len"]):
@@ -81,7 +84,8 @@ def elbo_row_estimates(model, ids: torch.Tensor, maskable: torch.Tensor, draws: 
 
 @torch.no_grad()
 def evaluate(run: str, data: str, seed: int = 0, mc_samples: int = 4, batch_size: int = 16, max_rows: int = 256,
-             device: str = "auto", by_line: bool = False, text_field: str = "text", per_row: bool = False) -> dict:  # fmt: skip
+             device: str = "auto", by_line: bool = False, text_field: str = "text", per_row: bool = False,
+             split: str = "test") -> dict:  # fmt: skip
     """Held-out ELBO bound (nats/token) with its standard error, masked-token accuracy and, on shards, the
     KD loss against the stored targets.
 
@@ -90,7 +94,8 @@ def evaluate(run: str, data: str, seed: int = 0, mc_samples: int = 4, batch_size
     1/t form, with weights at most n instead of 1/eps, and no forced mask. ``mc_samples`` draws of l per row,
     stratified. Masks depend on ``seed``, the rows and ``batch_size`` only, never on the model: two runs
     evaluated alike see the same masks, and their difference is the models'. ``per_row``: also return each
-    row's estimate (``row_nll``, nats) and maskable tokens (``row_tokens``), for paired comparisons.
+    row's estimate (``row_nll``, nats) and maskable tokens (``row_tokens``), for paired comparisons. ``split``:
+    the split of a dataset ``data`` (save_to_disk folder or hf:NAME).
     """
     from dataclasses import replace
 
@@ -102,7 +107,7 @@ def evaluate(run: str, data: str, seed: int = 0, mc_samples: int = 4, batch_size
     device = resolve_device(device)
     model, meta = load_student(Path(run), device)
     tokenizer = load_tokenizer(Path(run))
-    rows, manifest = _rows_from(Path(data), meta, tokenizer, max_rows, by_line, text_field)
+    rows, manifest = _rows_from(Path(data), meta, tokenizer, max_rows, by_line, text_field, split)
     mask_id = model.config.mask_id
     g = torch.Generator().manual_seed(seed)
     row_est, row_tok = [], []
@@ -158,26 +163,10 @@ def sample(run: str, prompt: str, length: int, steps: int, device: str = "auto",
     p = [bos] + tok(prompt, add_special_tokens=False)["input_ids"]
     if len(p) + length > model.config.max_positions:
         raise UserError(f"prompt ({len(p)} tokens) + --length {length} exceeds the student's {model.config.max_positions} positions")
-    mask_id = model.config.mask_id
-    g = torch.Generator().manual_seed(seed)
-    x = torch.tensor([p + [mask_id] * length], device=device)  # (1, P+N)
-    steps = min(steps, length)
-    for s in range(steps):
-        masked = x == mask_id  # (1, S)
-        n_masked = int(masked.sum())
-        reveal = n_masked - int(length * (1 - (s + 1) / steps))
-        if reveal <= 0:
-            continue
-        probs = torch.softmax(model(x, masked).float(), -1).cpu()  # (K, V)
-        if temperature > 0:
-            pred = torch.multinomial(torch.softmax(probs.log() / temperature, -1), 1, generator=g)[:, 0]  # (K,)
-        else:
-            pred = probs.argmax(-1)
-        conf = probs.gather(1, pred[:, None])[:, 0]  # (K,)
-        score = conf if remasking == "low-confidence" else torch.rand(len(conf), generator=g)
-        top = score.topk(reveal).indices
-        pos = masked.nonzero()[:, 1].cpu()
-        x[0, pos[top].to(device)] = pred[top].to(device)
+    from ar2mdm.train.model import denoise
+
+    x = torch.tensor([p + [model.config.mask_id] * length], device=device)  # (1, P+N)
+    x = denoise(model, x, steps, temperature, remasking, torch.Generator().manual_seed(seed))
     return prompt, tok.decode(x[0, len(p) :].tolist(), skip_special_tokens=False)
 
 

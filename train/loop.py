@@ -27,6 +27,7 @@ from ar2mdm.train.data import Batch, BatchLoader, RowStream, TargetSpec
 from ar2mdm.train.losses import (combined_loss, corrupt, elbo_weight, kd_loss, kd_weight, mdm_loss, row_norm,
                                  storage_slack, student_logprobs)
 from ar2mdm.train.model import Student, StudentConfig
+from ar2mdm.train.tracking import open_tracker
 
 
 def load_shard_manifest(shards: str | Path) -> Manifest:
@@ -150,6 +151,9 @@ def run_training(cfg: TrainConfig) -> dict:
             f"(build with --positions all and --mode topk or fim); these shards are mode {manifest.mode}, "
             f"positions {manifest.params.get('positions')}"
         )
+    if manifest.params.get("sparsify") == "sample" and cfg.temperature != 1.0 and cfg.lam > 0:
+        raise UserError(f"--temperature {cfg.temperature}: these shards hold sampled targets (--sparsify sample), an "
+                        "unbiased estimate of q at T = 1 only; train them at --temperature 1, or build top-N targets")  # fmt: skip
     run = Path(cfg.out or Path("runs") / shards.resolve().name)
     rank, world, distributed = _dist()
     device = resolve_device(cfg.device)
@@ -230,14 +234,9 @@ def run_training(cfg: TrainConfig) -> dict:
     it = iter(loader)
     run.mkdir(parents=True, exist_ok=True)
     metrics_f = open(run / "metrics.jsonl", "a") if rank == 0 else None
-    tb = None
-    if rank == 0:
-        try:  # TensorBoard when it is installed; metrics.jsonl always
-            from torch.utils.tensorboard import SummaryWriter
-
-            tb = SummaryWriter(str(run / "tb"))
-        except ImportError:
-            pass
+    tracker = open_tracker(cfg.report_to, run, cfg.to_dict()) if rank == 0 else None  # metrics.jsonl always
+    if tracker:
+        print(f"kdtrain: metrics also to {tracker.where}", file=sys.stderr)
     tok_dir = shards / "tokenizer"
     spec = TargetSpec.from_manifest(manifest)
     autocast = autocast_for(device, cfg.dtype)
@@ -283,10 +282,8 @@ def run_training(cfg: TrainConfig) -> dict:
         if metrics_f and (step % cfg.log_every == 0 or step == end):
             metrics_f.write(json.dumps(last) + "\n")
             metrics_f.flush()
-            if tb:
-                for k, v in last.items():
-                    if k != "step":
-                        tb.add_scalar(f"train/{k}", v, step)
+            if tracker:
+                tracker.log(last, step)
         if step % cfg.log_every == 0:
             t_last, tokens = now, 0
         if step % cfg.save_every == 0 or step == end:
@@ -297,8 +294,8 @@ def run_training(cfg: TrainConfig) -> dict:
     bar.close()
     if metrics_f:
         metrics_f.close()
-    if tb:
-        tb.close()
+    if tracker:
+        tracker.close()
     if distributed:
         torch.distributed.barrier()
     return {"run": str(run), "steps": step, **last}

@@ -242,3 +242,34 @@ class Student(nn.Module):
         if self.config.shift:
             h = torch.cat([h[:, :1], h[:, :-1]], dim=1)  # (B, L, H): h'_i = h_{i-1}
         return self.logits(h if select is None else h[select])
+
+
+@torch.no_grad()
+def denoise(model: Student, x: torch.Tensor, steps: int, temperature: float = 0.0, remasking: str = "low-confidence",
+            generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
+    """LLaDA's sampler: fill the masked positions of ``x`` (1, S) (mask id = vocab_size) in ``steps`` steps.
+
+    At each step every masked token is predicted (greedy, or sampled at ``temperature``) and as many are
+    revealed as a linear schedule allows: the most confident (``low-confidence`` remasking, as LLaDA) or random
+    ones; the rest stay masked. ``kdtrain sample`` and an exported student's ``diffusion_generate`` both call it.
+    """
+    mask_id = model.config.mask_id
+    x = x.clone()
+    length = int((x == mask_id).sum())
+    steps = min(steps, length)
+    for s in range(steps):
+        masked = x == mask_id  # (1, S)
+        reveal = int(masked.sum()) - int(length * (1 - (s + 1) / steps))
+        if reveal <= 0:
+            continue
+        probs = torch.softmax(model(x, masked).float(), -1).cpu()  # (K, V)
+        if temperature > 0:
+            pred = torch.multinomial(torch.softmax(probs.log() / temperature, -1), 1, generator=generator)[:, 0]  # (K,)
+        else:
+            pred = probs.argmax(-1)
+        conf = probs.gather(1, pred[:, None])[:, 0]  # (K,)
+        score = conf if remasking == "low-confidence" else torch.rand(len(conf), generator=generator)
+        top = score.topk(reveal).indices
+        pos = masked.nonzero()[:, 1].cpu()
+        x[0, pos[top].to(x.device)] = pred[top].to(x.device)
+    return x

@@ -194,9 +194,11 @@ def test_sft_build_masks_only_the_response(tmp_path, tiny_teacher):
 
 
 
-@pytest.mark.parametrize("score,weights", [("next-token", "importance"), ("full-conditional", "uniform")])
+@pytest.mark.parametrize("score,weights", [("next-token", "importance"), ("full-conditional", "uniform"),
+                                           ("full-conditional", "smc")])  # fmt: skip
 def test_mc_build_is_reproducible_and_resumes_identically(tiny_corpus, tiny_teacher, tmp_path, score, weights):
-    kw = dict(mode="mc", k=4, mc_score=score, mc_weights=weights, rescore_k=3, max_sequences=4, masks_per_seq=2)
+    kw = dict(mode="mc", k=4, mc_score=score, mc_weights=weights, rescore_k=3, max_sequences=4, masks_per_seq=2,
+              smc_ess=1.0)  # smc: resample at every visible run
     a, b = tmp_path / "a", tmp_path / "b"
     run_build(cfg(tiny_corpus, tiny_teacher, a, **kw))
     m = validate_dir(a)
@@ -214,7 +216,15 @@ def test_mc_build_is_reproducible_and_resumes_identically(tiny_corpus, tiny_teac
     again = run_build(cfg(tiny_corpus, tiny_teacher, b, **kw))
     assert again.shards_skipped == 1 and again.shards_written == len(m.shards) - 1
     assert shard_hashes(a) == shard_hashes(b)
-    assert "mean_mc_ess" in summarize_dir(a)
+    summary = summarize_dir(a)
+    assert "mean_mc_ess" in summary
+    if weights == "smc":  # every row with a visible run between masked positions resampled there
+        assert (data.mc_resamples > 0).sum() >= data.rows // 2
+        assert summary["mean_mc_resamples_per_row"] >= 1
+        assert 1 <= summary["mean_mc_ess_before_resampling"] < 4
+        assert m.params["smc_ess"] == 1.0
+    else:
+        assert (data.mc_resamples == 0).all() and "mean_mc_ess_before_resampling" not in summary
 
 
 def test_vllm_backend_missing_is_a_clear_error(tmp_path, tiny_teacher, tiny_corpus, monkeypatch):

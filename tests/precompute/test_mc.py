@@ -21,7 +21,7 @@ def dense(ids, logprobs, vocab=V):
 
 
 @torch.no_grad()
-def exact_limits(model, x, masked):
+def exact_limits(model, x, masked, V=V):
     """The four limits of the MC estimators, by enumerating every completion of the masked positions."""
     Z = list(itertools.product(range(V), repeat=len(masked)))
     ys = x.repeat(len(Z), 1)
@@ -125,3 +125,70 @@ def test_both_backends_keep_the_same_next_token_entries_for_large_top_n(tmp_path
     for top_n in (8, 16, 32, 100):
         cfg = BuildConfig(corpus=str(tmp_path), out=str(tmp_path / "o"), mode="mc", top_n=top_n)
         assert engine_max_logprobs(cfg) >= next_token_keep(top_n) == max(64, 4 * top_n)
+
+
+# ---------------------------------------------------------------------------------------- smc (issue 11)
+
+SMC_ROW = torch.tensor([1, 3, 0, 5, 0, 2, 0, 4])
+SMC_MASKED = [2, 4, 6]  # visible runs at 3 and 5 are resampling points (a masked position follows); 7 is not
+
+
+def test_smc_that_never_resamples_is_importance_sampling_draw_for_draw():
+    model = tiny_llama(V, seed=5, sharpness=4.0)
+    for score in ("next-token", "full-conditional"):
+        a = mc_targets(model, SMC_ROW, SMC_MASKED, 32, score, "importance", 1.0, torch.Generator().manual_seed(4), top_n=V)
+        b = mc_targets(model, SMC_ROW, SMC_MASKED, 32, score, "smc", 1.0, torch.Generator().manual_seed(4), top_n=V,
+                       smc_ess=0.0)  # fmt: skip
+        assert b.ess_before == [] and a.ess == b.ess
+        for p in range(len(SMC_MASKED)):
+            assert torch.equal(a.ids[p], b.ids[p]) and torch.equal(a.logprobs[p], b.logprobs[p])
+
+
+@torch.no_grad()
+def test_smc_particles_carry_their_ancestry():
+    """After forced resampling at every visible run, each final particle's recorded next-token scores are its own
+    prefix's distributions, and its log-weight covers exactly the visible tokens after the last resampling."""
+    model = tiny_llama(V, seed=2, sharpness=4.0)
+    comp = sample_completions(model, SMC_ROW, SMC_MASKED, 64, 1.0, torch.Generator().manual_seed(0), smc_ess=1.0)
+    assert len(comp.ess_before) == 2 and all(1 <= e < 64 for e in comp.ess_before)
+    assert len({tuple(s) for s in comp.seqs[:, :4].tolist()}) < 64  # resampling made particles share prefixes
+    assert torch.equal(comp.seqs[:, [0, 1, 3, 5, 7]], SMC_ROW[[0, 1, 3, 5, 7]].repeat(64, 1))
+    lp = torch.log_softmax(model(comp.seqs).logits.double(), -1)
+    for p, i in enumerate(SMC_MASKED):
+        got = torch.zeros(64, V).scatter_(1, comp.next_ids[p], comp.next_probs[p].float())
+        assert torch.allclose(got, lp[:, i - 1].exp().float(), atol=1e-5), i
+    assert torch.allclose(comp.logw, lp[:, 6].gather(1, comp.seqs[:, 7:8])[:, 0], atol=1e-4)  # x_7 after the last one
+
+
+def test_systematic_resampling_copies_each_particle_floor_or_ceil_of_K_w_times():
+    from ar2mdm.precompute.mc import systematic_resample
+
+    w = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
+    for u0 in (0.0, 0.3, 0.77, 0.999):
+        a = systematic_resample(w.log(), u0)
+        counts = torch.bincount(a, minlength=4).double()
+        assert (counts >= torch.floor(4 * w)).all() and (counts <= torch.ceil(4 * w)).all() and counts.sum() == 4
+        assert torch.equal(a, a.sort().values)
+    mean = torch.stack([torch.bincount(systematic_resample(w.log(), u), minlength=4) for u in torch.rand(4000).tolist()])
+    assert torch.allclose(mean.double().mean(0) / 4, w, atol=0.01)  # unbiased: E[count] = K·w
+
+
+@pytest.mark.parametrize("score,smc_ess", [("next-token", 0.9), ("next-token", 1.0), ("full-conditional", 1.0)])
+def test_smc_converges_to_the_importance_limit(score, smc_ess):
+    """smc targets the same limit as importance (docs/mc.md): the posterior marginal with full-conditional."""
+    model = tiny_llama(V, seed=5, sharpness=4.0)
+    limits = exact_limits(model, SMC_ROW, SMC_MASKED)
+    K = 4000 if score == "next-token" else 1500
+    est = mc_targets(model, SMC_ROW, SMC_MASKED, K, score, "smc", 1.0, torch.Generator().manual_seed(0), top_n=V,
+                     rescore_k=V, smc_ess=smc_ess)  # fmt: skip
+    assert 1 <= len(est.ess_before) <= 2 and (len(est.ess_before) == 2 or smc_ess < 1)  # 2 = every visible run
+    differing = 0
+    for p, i in enumerate(SMC_MASKED):
+        got = dense(est.ids[p], est.logprobs[p])
+        own = limits[i][("importance", score)]
+        assert tv(got, own) < 0.03, (i, tv(got, own))
+        for key, other in limits[i].items():
+            if key[0] == "uniform" and tv(own, other) > 0.08:
+                differing += 1
+                assert tv(got, own) < tv(got, other), (i, key)
+    assert differing >= 1

@@ -99,3 +99,31 @@ def test_mc_matches_torch_within_sampling_noise(builds, name):
     assert tv_backends < 2 * tv_noise + 0.01, (tv_backends, tv_noise)
     if "importance" in name:
         assert (dv.mc_ess < 64).any() and (dv.mc_ess >= 1).all()
+
+
+def test_smc_on_vllm_converges_to_the_exact_importance_limit(builds):
+    """Issue 11: smc on the vLLM backend, against the limits computed by enumerating every completion."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.precompute.parity import SMC_K, SMC_MASKED, SMC_ROW
+    from tests.precompute.test_mc import exact_limits
+
+    d, teacher = builds
+    est = json.loads((d / "vllm" / "smc.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    limits = exact_limits(model, torch.tensor(SMC_ROW), SMC_MASKED, V=model.config.vocab_size)
+    assert est["smc"]["resamples"] == 1  # forced at the one visible run between the masked positions
+    assert est["importance"]["resamples"] == 0 and est["smc_off"]["resamples"] == 0
+    assert est["smc_off"]["ids"] == est["importance_64"]["ids"]  # resampling off: importance, draw for draw
+    assert est["smc_off"]["logprobs"] == est["importance_64"]["logprobs"]
+    for p, i in enumerate(SMC_MASKED):
+        got = torch.tensor(dense(est["smc"]["ids"][p], est["smc"]["logprobs"][p]))[: model.config.vocab_size]
+        own = limits[i][("importance", "next-token")]
+        other = limits[i][("uniform", "next-token")]
+        tv_own, tv_other = 0.5 * float((got - own).abs().sum()), 0.5 * float((got - other).abs().sum())
+        assert tv_own < 0.04, (i, tv_own)
+        if i == 4:  # here the seed's limit is 0.57 away
+            assert tv_other > 0.4, tv_other

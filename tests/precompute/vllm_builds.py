@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from tests.precompute.parity import BUILDS, build_config
+from tests.precompute.parity import BUILDS, build_config, smc_estimates
 
 
 def main() -> None:
@@ -22,6 +22,7 @@ def main() -> None:
     try:
         for name in BUILDS:
             run_build(build_config(name, teacher, corpus, Path(out) / name, backend="vllm"), teacher=engine)
+        (Path(out) / "smc.json").write_text(json.dumps(smc_estimates(engine)))
     finally:
         engine.close()
     print(json.dumps({"ok": True}), flush=True)

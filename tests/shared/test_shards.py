@@ -27,6 +27,8 @@ def make_data(rng, rows=5, L=16, mc=False) -> ShardData:
         target_logprobs=np.concatenate([lp[j, :n] for j, n in enumerate(entries)]),
         mc_samples=np.full(rows, 8, np.int32) if mc else None,
         mc_ess=rng.random(rows).astype(np.float32) * 8 if mc else None,
+        mc_resamples=rng.integers(0, 3, size=rows).astype(np.int32) if mc else None,
+        mc_resample_ess=rng.random(rows).astype(np.float32) * 4 if mc else None,
     )
 
 
@@ -45,9 +47,24 @@ def test_roundtrip(tmp_path, fmt, dtype, mc):
     tol = 1e-2 if dtype == "float16" else 0
     np.testing.assert_allclose(back.target_logprobs.astype(np.float32), data.target_logprobs, atol=tol, rtol=tol)
     if mc:
-        np.testing.assert_array_equal(back.mc_samples, data.mc_samples)
+        for name in ("mc_samples", "mc_ess", "mc_resamples", "mc_resample_ess"):
+            np.testing.assert_array_equal(getattr(back, name), getattr(data, name), err_msg=name)
     else:
-        assert back.mc_samples is None
+        assert back.mc_samples is None and back.mc_resamples is None
+
+
+def test_a_v1_shard_written_before_the_smc_columns_still_reads(tmp_path):
+    """mc_resamples/mc_resample_ess were added within v1: a shard without them is read with them as None."""
+    data = make_data(np.random.default_rng(3), mc=True)
+    table = to_table(data, "float32").drop_columns(["mc_resamples", "mc_resample_ess"])
+    pq.write_table(table, tmp_path / "old.parquet")
+    back = read_shard(tmp_path / "old.parquet")
+    np.testing.assert_array_equal(back.mc_ess, data.mc_ess)
+    assert back.mc_resamples is None and back.mc_resample_ess is None
+    table = to_table(data, "float32").drop_columns(["mc_ess"])  # a column v1 always had is still required
+    pq.write_table(table, tmp_path / "bad.parquet")
+    with pytest.raises(SchemaError, match="column mc_ess missing"):
+        read_shard(tmp_path / "bad.parquet")
 
 
 def test_float16_rounds_down_so_sums_stay_below_one():
