@@ -278,7 +278,8 @@ def engine_max_logprobs(cfg: BuildConfig) -> int:
     """The most log-probs any request of this build asks vLLM for (its engine must allow that many)."""
     from ar2mdm.precompute.mc import next_token_keep
 
-    return max(cfg.k, cfg.top_n, cfg.rescore_k, next_token_keep(cfg.top_n))
+    # fim asks for support_size entries; mc keeps next_token_keep(support_size) of each next-token distribution
+    return max(cfg.k, cfg.top_n, cfg.rescore_k, next_token_keep(support_size(cfg)))
 
 
 def load_backend(backend: str, cfg: BuildConfig, folder: Path):

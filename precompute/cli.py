@@ -52,7 +52,7 @@ def build(
     samples: int = typer.Option(32, help="--sparsify sample: draws per position (distinct ones are stored with their counts)."),
     sample_temperature: float = typer.Option(1.0, help="mc: sampling temperature."),
     mc_score: str = typer.Option("next-token", help="mc: next-token | full-conditional"),
-    mc_weights: str = typer.Option("uniform", help="mc: uniform (the seed) | importance | smc (sequential Monte Carlo with resampling; docs/mc.md)"),
+    mc_weights: str = typer.Option("smc", help="mc: smc (sequential Monte Carlo with resampling, the default; docs/mc.md) | importance | uniform (the seed's estimator)."),
     smc_ess: float = typer.Option(0.5, help="mc smc: resample when the effective sample size falls below this fraction of --k (0 never, 1 at every visible run)."),
     rescore_k: int = typer.Option(8, help="mc full-conditional: rescoring candidates."),
     by_line: bool = typer.Option(False, help="One document per non-empty line of text files."),
@@ -120,12 +120,13 @@ def inspect(directory: str = typer.Argument(..., help="A kdtargets output folder
     if as_json:
         typer.echo(json.dumps(s, indent=2))
         return
+    width = max(map(len, s))
     for key, val in s.items():
         if isinstance(val, float):
             val = f"{val:.4f}"
         elif isinstance(val, dict):
             val = ", ".join(f"{k}={v}" for k, v in val.items())
-        typer.echo(f"{key:>27}: {val}")
+        typer.echo(f"{key:>{width}}: {val}")
 
 
 @app.command()

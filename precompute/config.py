@@ -40,7 +40,9 @@ class BuildConfig:
     # mc (see docs/mc.md)
     sample_temperature: float = 1.0
     mc_score: Literal["next-token", "full-conditional"] = "next-token"
-    mc_weights: Literal["uniform", "importance", "smc"] = "uniform"
+    # smc: the default since issue 11's measurements (docs/mc.md): better targets than the seed's uniform weights
+    # at the same teacher cost; `uniform` keeps the seed's estimator
+    mc_weights: Literal["uniform", "importance", "smc"] = "smc"
     smc_ess: float = 0.5  # smc: resample when the ESS falls below this fraction of --k
     rescore_k: int = 8
     # output

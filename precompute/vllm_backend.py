@@ -178,7 +178,7 @@ class VllmTeacher:
 
         if weights in ("importance", "smc") and temperature != 1.0:
             raise UserError(f"--mc-weights {weights} with --sample-temperature != 1 needs --backend hf (vLLM does not "
-                            "return the tempered proposal's log-probs)")  # fmt: skip
+                            "return the tempered proposal's log-probs), or --mc-weights uniform")  # fmt: skip
         x = list(map(int, row))
         L = len(x)
         mc = self.llm.llm_engine.model_config

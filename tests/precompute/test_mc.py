@@ -122,9 +122,13 @@ def test_both_backends_keep_the_same_next_token_entries_for_large_top_n(tmp_path
     from ar2mdm.precompute.config import BuildConfig
     from ar2mdm.precompute.mc import next_token_keep
 
+    from ar2mdm.precompute.build import support_size
+
     for top_n in (8, 16, 32, 100):
         cfg = BuildConfig(corpus=str(tmp_path), out=str(tmp_path / "o"), mode="mc", top_n=top_n)
         assert engine_max_logprobs(cfg) >= next_token_keep(top_n) == max(64, 4 * top_n)
+        cfg = BuildConfig(corpus=str(tmp_path), out=str(tmp_path / "o"), mode="mc", top_n=top_n, sparsify="sample")
+        assert engine_max_logprobs(cfg) >= next_token_keep(support_size(cfg))  # sampling keeps a wider support
 
 
 # ---------------------------------------------------------------------------------------- smc (issue 11)
