@@ -55,8 +55,11 @@ def test_ctrl_c_keeps_the_finished_sequences_says_so_and_resumes_to_the_same_sha
     ref = tmp_path / "ref"
     subprocess.run(_cmd(corpus, tiny_teacher, ref), check=True, capture_output=True, env=env)
     out = tmp_path / "int"
+    # SIGINT at its default in the child: a shell that started the tests in the background ignores it, and Python
+    # then never turns it into KeyboardInterrupt (seen when CI ran under `bash -c "... &"`)
     proc = subprocess.Popen(_cmd(corpus, tiny_teacher, out, "--flush-seconds", "0"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.time() + 120
     while time.time() < deadline and not list(out.glob("*.partial")):
         time.sleep(0.01)
