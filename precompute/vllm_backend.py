@@ -61,6 +61,12 @@ def _top(d: dict, n: int) -> list[tuple[int, float]]:
     return [(tid, lp) for _, tid, lp in sorted((v.rank, t, v.logprob) for t, v in d.items() if v.rank <= n)[:n]]
 
 
+def _prompt_logliks(outs, seqs: list[list[int]], positions) -> torch.Tensor:
+    """(K,) float64: Σ_j log p(seqs[k][j] | seqs[k][:j]) over ``positions``, from prompt_logprobs=0 outputs."""
+    return torch.tensor([sum(o.prompt_logprobs[j][seqs[k][j]].logprob for j in positions) for k, o in enumerate(outs)],
+                        dtype=torch.float64)
+
+
 def _seed(*parts: int) -> int:
     h = 0
     for p in parts:
@@ -199,8 +205,7 @@ class VllmTeacher:
             weigh = smc and len(run) > 0
             outs = self._generate([s[:m] for s in seqs], [params(r, k, 0 if weigh else None) for k in range(K)])
             if weigh:  # the visible run's log-likelihood under each particle, from the same pass
-                logw += torch.tensor([sum(o.prompt_logprobs[j][seqs[k][j]].logprob for j in run) for k, o in enumerate(outs)],
-                                     dtype=torch.float64)  # fmt: skip
+                logw += _prompt_logliks(outs, seqs, run)
                 if resample_due(logw, smc_ess):
                     ess_before.append(ess(logw))
                     a = systematic_resample(logw, float(torch.rand(1, generator=gen))).tolist()
@@ -228,8 +233,7 @@ class VllmTeacher:
         vis = [j for j in range((masked[-1] if smc else masked[0]) + 1, L) if j not in mset]
         if weights != "uniform" and vis:
             outs = self._generate(seqs, SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False))
-            logw += torch.tensor([sum(o.prompt_logprobs[j][seqs[k][j]].logprob for j in vis) for k, o in enumerate(outs)],
-                                 dtype=torch.float64)  # fmt: skip
+            logw += _prompt_logliks(outs, seqs, vis)
         w = final_weights(logw, weights)
         if score == "full-conditional":
             rows, positions, where = distinct_branches(seqs, masked, window)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -61,8 +62,10 @@ class DatasetCorpus:
     def name(self) -> str:
         return f"{self.spec}[{self.split}]"
 
-    def load(self):
-        """The `datasets.Dataset` of this split; a one-line UserError when it cannot be had offline."""
+    @cached_property
+    def dataset(self):
+        """The `datasets.Dataset` of this split, loaded once (fingerprint and records both read it); a one-line
+        UserError when it cannot be had offline."""
         import os
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network at run time
@@ -89,11 +92,11 @@ class DatasetCorpus:
 
     def fingerprint(self) -> str:
         """datasets' own fingerprint of the loaded split (derived from its files and the transforms applied)."""
-        return hashlib.sha256(f"{self.name}\0{self.load()._fingerprint}".encode()).hexdigest()
+        return hashlib.sha256(f"{self.name}\0{self.dataset._fingerprint}".encode()).hexdigest()
 
     def records(self, fields: tuple[str, ...], stats: CorpusStats, batch: int = 1024) -> Iterator[tuple[str, dict[str, Any]]]:
         """(source, record) pairs with only ``fields`` (those the dataset has) read."""
-        ds = self.load()
+        ds = self.dataset
         have = [f for f in fields if f in ds.column_names]
         if not have:
             raise UserError(f"{self.name}: none of the fields {', '.join(fields)} (columns: {', '.join(ds.column_names)}); "

@@ -24,6 +24,8 @@ import pyarrow.parquet as pq
 from ar2mdm.schemas.v1 import METADATA_KEY, SCHEMA_VERSION, SchemaError, check_table_schema, shard_schema
 
 FORMATS = {"parquet": ".parquet", "safetensors": ".safetensors"}
+# per-row Monte Carlo columns (null outside --mode mc; the last two absent from shards written before them)
+MC_COLUMNS = {"mc_samples": np.int32, "mc_ess": np.float32, "mc_resamples": np.int32, "mc_resample_ess": np.float32}
 DONE_SUFFIX = ".done"
 
 
@@ -88,7 +90,7 @@ def concat_shards(parts: list[ShardData]) -> ShardData:
         target_offsets=offsets("target_offsets"),
         entry_offsets=offsets("entry_offsets"),
         **{k: cat(k) for k in ("prompt_len", "t", "mask_positions", "target_positions", "target_ids",
-                               "target_logprobs", "mc_samples", "mc_ess", "mc_resamples", "mc_resample_ess")},
+                               "target_logprobs", *MC_COLUMNS)},
     )  # fmt: skip
 
 
@@ -145,9 +147,8 @@ def to_table(data: ShardData, logprob_dtype: str) -> pa.Table:
         "target_ids": _list(data.target_offsets, inner_ids, schema.field("target_ids").type),
         "target_logprobs": _list(data.target_offsets, inner_lp, schema.field("target_logprobs").type),
     }
-    for name, typ in (("mc_samples", pa.int32()), ("mc_ess", pa.float32()), ("mc_resamples", pa.int32()),
-                      ("mc_resample_ess", pa.float32())):  # fmt: skip
-        col = getattr(data, name)
+    for name, dtype in MC_COLUMNS.items():
+        col, typ = getattr(data, name), pa.from_numpy_dtype(dtype)
         cols[name] = pa.array(col, typ) if col is not None else nulls.cast(typ)
     return pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)
 
@@ -190,10 +191,7 @@ def from_table(table: pa.Table) -> ShardData:
         entry_offsets=entry_off,
         target_ids=ids_vals.to_numpy().astype(np.int32),
         target_logprobs=lp_vals.to_numpy(zero_copy_only=False),
-        mc_samples=mc_col("mc_samples", np.int32),
-        mc_ess=mc_col("mc_ess", np.float32),
-        mc_resamples=mc_col("mc_resamples", np.int32),
-        mc_resample_ess=mc_col("mc_resample_ess", np.float32),
+        **{name: mc_col(name, dtype) for name, dtype in MC_COLUMNS.items()},
     )
 
 
@@ -212,8 +210,7 @@ def _write_safetensors(data: ShardData, path: Path, logprob_dtype: str) -> None:
     tensors["target_logprobs"] = (
         to_float16_down(data.target_logprobs) if logprob_dtype == "float16" else data.target_logprobs.astype(np.float32)
     )
-    for name, dtype in (("mc_samples", np.int32), ("mc_ess", np.float32), ("mc_resamples", np.int32),
-                        ("mc_resample_ess", np.float32)):  # fmt: skip
+    for name, dtype in MC_COLUMNS.items():
         if getattr(data, name) is not None:
             tensors[name] = getattr(data, name).astype(dtype)
     meta = {
@@ -241,10 +238,7 @@ def _read_safetensors(path: Path) -> ShardData:
         arrays = {k: f.get_tensor(k) for k in keys}
     return ShardData(
         example_ids=json.loads(meta["example_ids"]),
-        mc_samples=arrays.get("mc_samples"),
-        mc_ess=arrays.get("mc_ess"),
-        mc_resamples=arrays.get("mc_resamples"),
-        mc_resample_ess=arrays.get("mc_resample_ess"),
+        **{name: arrays.get(name) for name in MC_COLUMNS},
         **{k: arrays[k] for k in _ST_ARRAYS},
     )
 

@@ -151,7 +151,7 @@ def run_training(cfg: TrainConfig) -> dict:
             f"(build with --positions all and --mode topk or fim); these shards are mode {manifest.mode}, "
             f"positions {manifest.params.get('positions')}"
         )
-    if manifest.params.get("sparsify") == "sample" and cfg.temperature != 1.0 and cfg.lam > 0:
+    if TargetSpec.from_manifest(manifest).sampled and cfg.temperature != 1.0 and cfg.lam > 0:
         raise UserError(f"--temperature {cfg.temperature}: these shards hold sampled targets (--sparsify sample), an "
                         "unbiased estimate of q at T = 1 only; train them at --temperature 1, or build top-N targets")  # fmt: skip
     run = Path(cfg.out or Path("runs") / shards.resolve().name)
