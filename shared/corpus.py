@@ -138,20 +138,48 @@ def list_corpus_files(path: str | Path, split: str = "train") -> list[Path | Dat
     return files
 
 
+def _rel(f: Path, root: Path) -> str:
+    return f.name if root.is_file() else f.relative_to(root).as_posix()
+
+
 def corpus_fingerprint(files: list[Path | DatasetCorpus], root: str | Path) -> str:
-    """sha256 over the relative names and contents of the corpus files (a dataset: its datasets fingerprint)."""
+    """sha256 over the relative names and sizes of the corpus files (a dataset: its datasets fingerprint).
+
+    Names and sizes only, so that every rank computes it from a listing without reading every byte; the
+    contents are checked per rank over the files that rank reads (`files_sha256`)."""
     if len(files) == 1 and isinstance(files[0], DatasetCorpus):
         return files[0].fingerprint()
     root = Path(root)
     h = hashlib.sha256()
     for f in files:
-        rel = f.name if root.is_file() else f.relative_to(root).as_posix()
-        h.update(rel.encode() + b"\0")
+        h.update(f"{_rel(f, root)}\0{f.stat().st_size}\0".encode())
+    return h.hexdigest()
+
+
+def files_sha256(files: list[Path | DatasetCorpus], root: str | Path) -> str:
+    """sha256 over the relative names and contents of some corpus files (a dataset: its datasets fingerprint)."""
+    if len(files) == 1 and isinstance(files[0], DatasetCorpus):
+        return files[0].fingerprint()
+    root = Path(root)
+    h = hashlib.sha256()
+    for f in files:
+        h.update(_rel(f, root).encode() + b"\0")
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
         h.update(b"\0")
     return h.hexdigest()
+
+
+def rank_files(files: list[Path | DatasetCorpus], rank: int, world_size: int) -> tuple[list[Path | DatasetCorpus], bool]:
+    """The files a rank reads, and whether it keeps only documents ``[rank::world_size]`` of them.
+
+    With at least as many files as ranks, rank r reads ``files[r::world_size]`` alone (datatrove's split: no
+    rank reads another's bytes); with fewer files (or a dataset), every rank reads every file and keeps every
+    world_size-th document."""
+    if world_size > 1 and len(files) >= world_size and not isinstance(files[0], DatasetCorpus):
+        return files[rank::world_size], False
+    return files, world_size > 1
 
 
 def _read_text(path: Path, stats: CorpusStats) -> str | None:

@@ -1,5 +1,7 @@
 """The builds compared between backends (shared by the test and its vLLM subprocess)."""
 
+import numpy as np
+
 from ar2mdm.precompute.config import BuildConfig
 
 BUILDS = {
@@ -26,9 +28,47 @@ def smc_estimates(teacher) -> dict:
     """Dense next-token estimates of SMC_ROW from a backend: smc (forced resampling), importance, and smc with
     resampling off at small K (which must equal importance draw for draw)."""
     out = {}
-    for name, weights, K, smc_ess in [("smc", "smc", SMC_K, 1.0), ("importance", "importance", SMC_K, 0.5),
-                                      ("smc_off", "smc", 64, 0.0), ("importance_64", "importance", 64, 0.5)]:  # fmt: skip
-        res = teacher.mc_targets(SMC_ROW, SMC_MASKED, 5, K, "next-token", weights, 1.0, 64, 8, None, 4096, smc_ess)
+    runs = [("smc", "smc", SMC_K, 1.0, ""), ("importance", "importance", SMC_K, 0.5, ""), ("smc_off", "smc", 64, 0.0, ""),
+            ("importance_64", "importance", 64, 0.5, "")]  # fmt: skip
+    if hasattr(teacher, "forcing"):  # vLLM: the fallback plan (no forcing processor) too
+        runs.append(("smc_rounds", "smc", SMC_K, 1.0, "rounds"))
+    for name, weights, K, smc_ess, plan in runs:
+        kw = {"plan": plan} if plan else {}
+        res = teacher.mc_batch([SMC_ROW], [SMC_MASKED], [5], K, "next-token", weights, 1.0, 64, 8, None, 4096, smc_ess, **kw)[0]
         out[name] = {"ids": [i.tolist() for i in res.ids], "logprobs": [lp.tolist() for lp in res.logprobs],
                      "ess": res.ess, "resamples": len(res.ess_before)}  # fmt: skip
     return out
+
+
+# the forcing processor: a row generated from its first token with these steps forced (-1: sampled)
+FORCE_ROW = [1, 10, 3, 20, 7, 8, 5, 12, 9, 30, 2, 4]
+FORCE = [-1, 20, 7, 8, -1, -1, 12, 9, 30, 2, 4]
+
+
+def forced_decoding(teacher) -> dict:
+    """vLLM only: tokens and log-probs of forced generations (4 seeds), the same sequences' prompt log-probs, and
+    topk targets of two rows by both plans (the cached plan twice)."""
+    from vllm import SamplingParams
+
+    from ar2mdm.precompute.vllm_mc import FORCE_KEY
+
+    prompt = FORCE_ROW[:1]
+    outs = teacher._generate([prompt] * 4, [SamplingParams(max_tokens=len(FORCE), logprobs=3, seed=s, ignore_eos=True,
+                                                           detokenize=False, extra_args={FORCE_KEY: FORCE}) for s in range(4)])  # fmt: skip
+    gen = [{"tokens": list(o.outputs[0].token_ids),
+            "logprobs": [o.outputs[0].logprobs[s][t].logprob for s, t in enumerate(o.outputs[0].token_ids)]} for o in outs]  # fmt: skip
+    seqs = [prompt + g["tokens"] for g in gen]
+    check = teacher._generate(seqs, SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False))
+    prompt_lp = [[c.prompt_logprobs[j][x[j]].logprob for j in range(1, len(x))] for x, c in zip(seqs, check)]
+    # topk on rows longer than two KV blocks (32 tokens on CPU), so that the branches read the prefix cache
+    g = np.random.default_rng(3)
+    rows = [g.integers(3, 40, 80).tolist() for _ in range(2)]
+    positions = [[5, 40, 60], [33, 62]]  # 60, 62: a branch fills the block holding i (cached whole next time)
+    topk = {}
+    for plan in ("prompt", "cached", "cached"):  # the second cached call finds its branches cached (asked again)
+        c0 = teacher.counters()
+        res = teacher.rescore_targets(rows, positions, 4, 6, plan=plan)
+        c1 = teacher.counters()
+        topk.setdefault(plan, []).append({"res": [[c.tolist(), lq.tolist()] for c, lq in res],
+                                          "cached_tokens": c1["prompt_tokens_cached"] - c0["prompt_tokens_cached"]})  # fmt: skip
+    return {"generated": gen, "prompt_logprobs": prompt_lp, "topk": topk}

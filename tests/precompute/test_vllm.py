@@ -102,7 +102,7 @@ def test_mc_matches_torch_within_sampling_noise(builds, name):
 
 
 def test_smc_on_vllm_converges_to_the_exact_importance_limit(builds):
-    """Issue 11: smc on the vLLM backend, against the limits computed by enumerating every completion."""
+    """Issue 11: smc on the vLLM backend (both plans), against the limits computed by enumerating every completion."""
     import json
 
     import torch
@@ -119,11 +119,38 @@ def test_smc_on_vllm_converges_to_the_exact_importance_limit(builds):
     assert est["importance"]["resamples"] == 0 and est["smc_off"]["resamples"] == 0
     assert est["smc_off"]["ids"] == est["importance_64"]["ids"]  # resampling off: importance, draw for draw
     assert est["smc_off"]["logprobs"] == est["importance_64"]["logprobs"]
-    for p, i in enumerate(SMC_MASKED):
-        got = torch.tensor(dense(est["smc"]["ids"][p], est["smc"]["logprobs"][p]))[: model.config.vocab_size]
+    assert est["smc_rounds"]["resamples"] == 1
+    for name, p, i in [(n, p, i) for n in ("smc", "smc_rounds") for p, i in enumerate(SMC_MASKED)]:
+        got = torch.tensor(dense(est[name]["ids"][p], est[name]["logprobs"][p]))[: model.config.vocab_size]
         own = limits[i][("importance", "next-token")]
         other = limits[i][("uniform", "next-token")]
         tv_own, tv_other = 0.5 * float((got - own).abs().sum()), 0.5 * float((got - other).abs().sum())
         assert tv_own < 0.04, (i, tv_own)
         if i == 4:  # here the seed's limit is 0.57 away
             assert tv_other > 0.4, tv_other
+
+
+def test_forced_tokens_come_back_with_the_models_raw_logprobs(builds):
+    """Issue 10: the ForceTokens processor emits exactly the forced tokens, samples elsewhere, and the engine
+    returns the forced tokens' raw log-probs (equal to the same sequence's prompt log-probs); topk branches read
+    from the prefix cache score as those that recompute it."""
+    import json
+
+    from tests.precompute.parity import FORCE
+
+    d, _ = builds
+    got = json.loads((d / "vllm" / "forced.json").read_text())
+    free = [s for s, f in enumerate(FORCE) if f < 0]
+    for g, plp in zip(got["generated"], got["prompt_logprobs"]):
+        assert [t for t, f in zip(g["tokens"], FORCE) if f >= 0] == [f for f in FORCE if f >= 0]
+        np.testing.assert_allclose(g["logprobs"], plp, atol=1e-4)
+    # the free steps are sampled: four seeds do not all draw the same tokens there
+    assert len({tuple(g["tokens"][s] for s in free) for g in got["generated"]}) > 1
+    # topk: branches that read the prefix cache equal the plan that recomputes every prefix, also when a
+    # branch was cached whole by the previous call
+    (prompt,), cached = got["topk"]["prompt"], got["topk"]["cached"]
+    assert prompt["cached_tokens"] == 0 and all(c["cached_tokens"] > 0 for c in cached)
+    for c in cached:
+        for (cf, lf), (cp, lp) in zip(c["res"], prompt["res"]):
+            assert cf == cp
+            np.testing.assert_allclose(np.exp(lf), np.exp(lp), atol=1e-4)

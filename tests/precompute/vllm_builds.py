@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from tests.precompute.parity import BUILDS, build_config, smc_estimates
+from tests.precompute.parity import BUILDS, build_config, forced_decoding, smc_estimates
 
 
 def main() -> None:
@@ -23,6 +23,7 @@ def main() -> None:
         for name in BUILDS:
             run_build(build_config(name, teacher, corpus, Path(out) / name, backend="vllm"), teacher=engine)
         (Path(out) / "smc.json").write_text(json.dumps(smc_estimates(engine)))
+        (Path(out) / "forced.json").write_text(json.dumps(forced_decoding(engine)))
     finally:
         engine.close()
     print(json.dumps({"ok": True}), flush=True)
