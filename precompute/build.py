@@ -438,8 +438,8 @@ def run_build(cfg: BuildConfig, teacher=None) -> BuildSummary:
             if teacher is None:  # loaded at the first unfinished shard: a finished build never starts an engine
                 teacher = load_backend(backend, cfg, folder)
             # sequences in chunks of one teacher call: a whole shard for vLLM (the engine schedules it all at
-            # once), else --batch-size sequences (mc: one sequence, whose rows share nothing)
-            chunk = len(ids) if getattr(teacher, "whole_shard", False) else 1 if cfg.mode == "mc" else cfg.batch_size
+            # once), else --batch-size sequences
+            chunk = len(ids) if getattr(teacher, "whole_shard", False) else cfg.batch_size
             b = a + len(ids)
             bar.total += planned_positions(cfg, plen, np.arange(a, b))
             bar.set_postfix_str(f"shard {u}", refresh=False)

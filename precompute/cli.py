@@ -70,7 +70,7 @@ def build(
     world_size: int = typer.Option(1, help="Number of ranks."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16"),
-    batch_size: int = typer.Option(8, help="Rows per teacher call."),
+    batch_size: int = typer.Option(8, help="Sequences per teacher call (torch backend; mc: their K samples each in one forward)."),
     token_budget: int = typer.Option(4096, help="Tokens per packed rescoring forward."),
     engine: list[str] = typer.Option([], help="KEY=VALUE passed to the engine (vLLM), repeatable."),
     progress: bool = typer.Option(True, help="Show a progress bar."),

@@ -56,7 +56,7 @@ class BuildConfig:
     # engine
     device: str = "auto"
     dtype: str = "auto"
-    batch_size: int = 8  # rows per teacher call
+    batch_size: int = 8  # sequences per teacher call (torch backend; vLLM gets a whole shard)
     token_budget: int = 4096  # tokens per packed forward (rescoring branches)
     engine: dict[str, str] = field(default_factory=dict)  # passed through to vllm.LLM(**engine)
     progress: bool = True

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ar2mdm.schemas import TeacherInfo, TokenizerInfo
 from ar2mdm.shared.defaults import default_teacher
 from ar2mdm.shared.errors import UserError
@@ -132,9 +134,15 @@ class TorchTeacher:
 
     def mc_batch(self, rows, masks, seeds, K: int, score: str, weights: str, temperature: float, top_n: int,
                  rescore_k: int, window: int | None, token_budget: int, smc_ess: float = 0.5):  # fmt: skip
-        """MC targets of several rows (one `mc_targets` each: the samples of a row share one KV cache)."""
-        return [self.mc_targets(x, m, s, K, score, weights, temperature, top_n, rescore_k, window, token_budget, smc_ess)
-                for x, m, s in zip(rows, masks, seeds)]  # fmt: skip
+        """MC targets of several rows, every row's K samples in one forward (see `mc_rows`)."""
+        import torch
+
+        from ar2mdm.precompute.mc_rows import mc_targets_rows
+
+        gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+        xs = torch.as_tensor(np.stack(rows), dtype=torch.long, device=self.device)
+        return mc_targets_rows(self.model, xs, [list(m) for m in masks], K, score, weights, temperature, gens, top_n,
+                               rescore_k, window, token_budget, smc_ess)  # fmt: skip
 
     def close(self) -> None:
         pass
