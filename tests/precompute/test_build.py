@@ -237,3 +237,10 @@ def test_vllm_backend_missing_is_a_clear_error(tmp_path, tiny_teacher, tiny_corp
     # auto falls back to the torch backend
     r = _cli(tiny_corpus, "--teacher", tiny_teacher, "--out", tmp_path / "auto", "--backend", "auto", "--max-sequences", "1", "--seq-len", "24")
     assert r.exit_code == 0, r.output
+    # and so it does on a machine without a GPU even where vLLM imports (torch measured faster there)
+    import torch
+
+    monkeypatch.setattr(vb, "vllm_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    r = _cli(tiny_corpus, "--teacher", tiny_teacher, "--out", tmp_path / "auto2", "--backend", "auto", "--max-sequences", "1", "--seq-len", "24")
+    assert r.exit_code == 0 and "(hf backend)" in r.output, r.output
