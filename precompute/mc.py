@@ -202,6 +202,20 @@ def distinct_branches(seqs: list[list[int]], masked: list[int], window: int | No
     return rows, positions, where
 
 
+def pooled_branches(seqs_per_row: list[list[list[int]]], masked_per_row: list[list[int]], window: int | None):
+    """`distinct_branches` of several rows' completions pooled for one rescoring call.
+
+    Returns (seqs, positions, wheres): the pooled completions and their positions to score, and per row its
+    ``where`` (see `distinct_branches`), indexing the pooled lists."""
+    seqs, positions, wheres = [], [], []
+    for row_seqs, masked in zip(seqs_per_row, masked_per_row):
+        rows, pos, where = distinct_branches(row_seqs, masked, window)
+        wheres.append([[(j + len(seqs), q) for j, q in per_k] for per_k in where])
+        seqs += [row_seqs[k] for k in rows]
+        positions += pos
+    return seqs, positions, wheres
+
+
 def full_conditional_per_position(res, where) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Rescoring results of the distinct branches -> per masked position (ids (K, R+1), probs (K, R+1))."""
     out = []

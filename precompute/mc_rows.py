@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from ar2mdm.precompute.mc import (Completions, McTargets, _logits, _top, combine, distinct_branches, ess, final_weights,
-                                  full_conditional_per_position, next_token_keep, resample_due, systematic_resample)  # fmt: skip
+from ar2mdm.precompute.mc import (Completions, McTargets, _logits, _top, combine, ess, final_weights,
+                                  full_conditional_per_position, next_token_keep, pooled_branches, resample_due,
+                                  systematic_resample)  # fmt: skip
 from ar2mdm.precompute.rescoring import rescore
 
 
@@ -90,12 +91,8 @@ def mc_targets_rows(model, xs: torch.Tensor, masked: list[list[int]], K: int, sc
     if score == "next-token":
         per_row = [list(zip(c.next_ids, c.next_probs)) for c in comps]
     else:
-        seqs, positions, wheres = [], [], []
-        for c, m in zip(comps, masked):
-            rows, pos, where = distinct_branches(c.seqs.tolist(), m, window)
-            wheres.append([[(j + len(seqs), q) for j, q in per_k] for per_k in where])
-            seqs += [c.seqs[k] for k in rows]
-            positions += [torch.tensor(p, dtype=torch.long) for p in pos]
-        res = rescore(model, torch.stack(seqs), positions, rescore_k, window, token_budget)
+        seqs, positions, wheres = pooled_branches([c.seqs.tolist() for c in comps], masked, window)
+        res = rescore(model, torch.tensor(seqs, dtype=torch.long, device=xs.device),
+                      [torch.tensor(p, dtype=torch.long) for p in positions], rescore_k, window, token_budget)  # fmt: skip
         per_row = [full_conditional_per_position(res, where) for where in wheres]
     return [combine(pp, final_weights(c.logw, weights), top_n, c.ess_before) for c, pp in zip(comps, per_row)]

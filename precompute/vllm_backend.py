@@ -30,9 +30,10 @@ import torch
 
 from ar2mdm.precompute.fim import fim_prompt
 from ar2mdm.precompute.mc import (McTargets, combine, distinct_branches, ess, final_weights,
-                                  full_conditional_per_position, next_token_keep, resample_due, systematic_resample)
+                                  full_conditional_per_position, next_token_keep, pooled_branches, resample_due,
+                                  systematic_resample)
 from ar2mdm.precompute.rescoring import NEG_INF
-from ar2mdm.precompute.vllm_mc import FORCE_KEY, RowState, _seed, segments
+from ar2mdm.precompute.vllm_mc import FORCE_KEY, RowState, request_seed, segments
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.hfmodel import first_line
 
@@ -75,7 +76,7 @@ FORCE_PROCESSOR = "ar2mdm.precompute.vllm_force:ForceTokens"
 class VllmTeacher:
     llm: object
     device: str = "vllm"
-    forcing: bool = True  # the ForceTokens processor is registered: the forced-decoding plans run
+    forcing: bool = True  # the ForceTokens processor is registered: mc runs by forced decoding
     calls: int = 0  # engine calls (generate) made so far
     whole_shard = True  # the build hands the engine every row of a shard per call: it schedules them together
 
@@ -100,7 +101,7 @@ class VllmTeacher:
             # 32 (the CPU kernels' smallest) instead of 128: the prefix cache reuses whole blocks only.
             kwargs.update(dtype="float32", enforce_eager=True, enable_chunked_prefill=False, block_size=32)
         kwargs.update({k: parse_engine_value(v) if isinstance(v, str) else v for k, v in engine.items()})
-        # vLLM refuses custom logits processors with speculative decoding: then the prompt-logprob plans run
+        # vLLM refuses custom logits processors with speculative decoding: then mc runs the rounds plan
         forcing = not kwargs.get("speculative_config")
         if forcing:
             kwargs["logits_processors"] = [*kwargs.get("logits_processors", []), FORCE_PROCESSOR]
@@ -229,13 +230,13 @@ class VllmTeacher:
         mc = self.llm.llm_engine.model_config
         keep = min(next_token_keep(top_n), mc.get_vocab_size())  # the engine's max_logprobs covers it (build)
         smc = weights == "smc" and smc_ess > 0
-        gen = torch.Generator().manual_seed(_seed(seed, 7))  # resampling offsets
+        gen = torch.Generator().manual_seed(request_seed(seed, 7))  # resampling offsets
         seqs = [list(x) for _ in range(K)]
         logw = torch.zeros(K, dtype=torch.float64)
         next_ids, next_probs, ess_before = [], [], []
 
         def params(r: int, k: int, prompt_logprobs=None, redraw: bool = False):
-            s = _seed(seed, r, k, 1) if redraw else _seed(seed, r, k)
+            s = request_seed(seed, r, k, 1) if redraw else request_seed(seed, r, k)
             return SamplingParams(max_tokens=1, logprobs=keep, temperature=temperature, seed=s,
                                   prompt_logprobs=prompt_logprobs, detokenize=False)  # fmt: skip
 
@@ -309,15 +310,9 @@ class VllmTeacher:
             outs = self._generate([prompt for _, (prompt, _, _) in reqs], params)
             for j, st in enumerate(live):
                 st.absorb(outs[j * K : (j + 1) * K], keep)
-        per_row = []
         if score == "full-conditional":  # every row's distinct branches rescored in one more pair of calls
-            branch_rows, branch_pos, wheres = [], [], []
-            for st in states:
-                r, pos, where = distinct_branches(st.seqs, st.masked, window)
-                wheres.append([[(j + len(branch_rows), q) for j, q in per_k] for per_k in where])
-                branch_rows += [st.seqs[k] for k in r]
-                branch_pos += pos
-            res = self.rescore_targets(branch_rows, branch_pos, rescore_k, window)
+            seqs, positions, wheres = pooled_branches([st.seqs for st in states], [st.masked for st in states], window)
+            res = self.rescore_targets(seqs, positions, rescore_k, window)
             per_row = [full_conditional_per_position(res, where) for where in wheres]
         else:
             per_row = [[(st.next_ids[i], st.next_probs[i]) for i in st.masked] for st in states]

@@ -25,7 +25,7 @@ from ar2mdm.precompute.mc import ess, resample_due, systematic_resample
 FORCE_KEY = "ar2mdm_force"  # SamplingParams.extra_args key of the tokens `vllm_force.ForceTokens` forces
 
 
-def _seed(*parts: int) -> int:
+def request_seed(*parts: int) -> int:
     h = 0
     for p in parts:
         h = (h * 1_000_003 + int(p)) % (2**31 - 1)
@@ -77,7 +77,7 @@ class RowState:
     def __post_init__(self):
         self.seqs = [list(self.x) for _ in range(self.K)]
         self.logw = torch.zeros(self.K, dtype=torch.float64)
-        self.gen = torch.Generator().manual_seed(_seed(self.seed, 7))  # resampling offsets
+        self.gen = torch.Generator().manual_seed(request_seed(self.seed, 7))  # resampling offsets
         self.mset = set(self.masked)
 
     @property
@@ -88,7 +88,7 @@ class RowState:
         """(prompt, force, seed) per particle for the next span; force[s] = -1 where the token is sampled."""
         a, b = self.spans[self.span]
         force = [-1 if j in self.mset else self.x[j] for j in range(a, b)]
-        return [(self.seqs[k][:a], force, _seed(self.seed, self.span, k)) for k in range(self.K)]
+        return [(self.seqs[k][:a], force, request_seed(self.seed, self.span, k)) for k in range(self.K)]
 
     def absorb(self, outs, keep: int) -> None:
         """Write the K outputs of the span just generated into the particles, then resample if due."""
