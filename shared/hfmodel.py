@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ar2mdm.shared.defaults import default_teacher
+from ar2mdm.shared.defaults import code_teacher, default_teacher
 from ar2mdm.shared.errors import UserError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
@@ -60,8 +60,14 @@ def file_sha256_cached(path: Path) -> str:
 
 def resolve_model(spec: str | None) -> tuple[Path, str]:
     """(HF folder to load, weights sha256) for a model given as a folder, a .gguf file, or None / "default"
-    (the embedded default teacher)."""
-    path = Path(spec) if spec and not (spec == "default" and not Path(spec).exists()) else default_teacher()
+    (the embedded default teacher) / "code" (the code teacher with FIM tokens, from its PyPI parts)."""
+    alias = spec in ("default", "code") and not Path(spec).exists()
+    if not spec or (alias and spec == "default"):
+        path = default_teacher()
+    elif alias:
+        path = code_teacher(cache_root())
+    else:
+        path = Path(spec)
     if not path.exists():
         raise UserError(f"model {path} does not exist")
     if path.is_file():

@@ -24,7 +24,7 @@ def run(
     shards: str = typer.Argument(..., help="A kdtargets output folder."),
     out: Optional[str] = typer.Option(None, help="Run folder (default: runs/<shards folder name>)."),
     student: str = typer.Option("small", help="Preset (tiny, small, base) or a JSON file of StudentConfig fields."),
-    init_from: Optional[str] = typer.Option(None, help="AR checkpoint to adapt (HF folder, .gguf, or 'default': the embedded teacher), same tokenizer as the shards."),
+    init_from: Optional[str] = typer.Option(None, help="AR checkpoint to adapt (HF folder, .gguf, 'default': the embedded teacher, or 'code': the fim code teacher), same tokenizer as the shards."),
     ar_shift: Optional[bool] = typer.Option(None, "--ar-shift/--no-ar-shift",
                                             help="Predict x_i from the hidden state at i-1 (Dream). Default: on with --init-from."),
     lam: float = typer.Option(0.5, "--lambda", help="λ in (1-λ)·MDM + λ·KD."),

