@@ -173,19 +173,26 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     return rows
 
 
-def paired_delta(r: dict, base: dict) -> str:
-    """nll_bound(r) - nll_bound(base) with the standard error of the per-row paired differences."""
-    if r is base:
-        return "0"
-    if not r.get("row_nll") or len(r["row_nll"]) != len(base.get("row_nll") or []):
-        return "-"
+def paired_diff(r: dict, base: dict) -> tuple[float, float]:
+    """(nll_bound(r) - nll_bound(base), standard error of the per-row paired differences) of two eval.json
+    results on the same held-out rows and masks."""
     import torch
 
     from ar2mdm.train.evaluate import ratio_se
 
     d = torch.tensor(r["row_nll"], dtype=torch.float64) - torch.tensor(base["row_nll"], dtype=torch.float64)
     tok = torch.tensor(r["row_tokens"], dtype=torch.float64)
-    return f"{float(d.sum() / tok.sum()):+.3f} ± {ratio_se(d, tok):.3f}"
+    return float(d.sum() / tok.sum()), ratio_se(d, tok)
+
+
+def paired_delta(r: dict, base: dict) -> str:
+    """nll_bound(r) - nll_bound(base) with the standard error of the per-row paired differences."""
+    if r is base:
+        return "0"
+    if not r.get("row_nll") or len(r["row_nll"]) != len(base.get("row_nll") or []):
+        return "-"
+    d, se = paired_diff(r, base)
+    return f"{d:+.3f} ± {se:.3f}"
 
 
 def write_results(out: Path, rows: list[dict], keys: list[str]) -> None:

@@ -122,3 +122,15 @@ def test_tail_auto_is_bucket_with_a_truncated_support_and_renormalize_with_an_ex
             kd[tail, exact] = step_losses(model, batch, cfg, model.config.mask_id, replace(spec, exact_support=exact))[1]["kd"]
     assert kd["auto", True] == kd["renormalize", True] and kd["auto", False] == kd["bucket", False]
     assert kd["bucket", False] != kd["renormalize", False]
+
+
+def test_paired_diff_by_hand():
+    """Δ = Σ(row nll differences) / Σ tokens, with the delta-method standard error over rows, worked by hand."""
+    from ar2mdm.train.sweep import paired_diff
+
+    a = {"row_nll": [10.0, 20.0, 30.0], "row_tokens": [5.0, 5.0, 10.0]}
+    b = {"row_nll": [9.0, 21.0, 27.0], "row_tokens": [5.0, 5.0, 10.0]}
+    d, se = paired_diff(a, b)
+    # d = (1 - 1 + 3) / 20; residuals 1-0.75, -1-0.75, 3-1.5; se = sqrt(Σ res² / (3·2)) / mean(tokens)
+    assert d == pytest.approx(0.15)
+    assert se == pytest.approx((5.375 / 6) ** 0.5 / (20 / 3))
