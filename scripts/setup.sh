@@ -5,6 +5,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# Disk first: a full disk would otherwise surface as pip's "[Errno 28] No space left on device" halfway through.
+# GB needed for a fresh venv: ~3 base (CPU torch, transformers), +4 vLLM, +4 code teacher (parts, GGUF, converted).
+need=3
+[ "${AR2MDM_VLLM:-0}" = "1" ] && need=$((need + 4))
+[ "${AR2MDM_CODE_TEACHER:-0}" = "1" ] && need=$((need + 4))
+if [ ! -x .venv/bin/python ]; then
+    free=$(df -Pk . | awk 'NR==2 {print int($4 / 1048576)}')
+    if [ "$free" -lt "$need" ]; then
+        echo "setup.sh: $(pwd) has ${free} GB free, a fresh .venv needs about ${need} GB; free disk space and rerun" >&2
+        exit 1
+    fi
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip >/dev/null
