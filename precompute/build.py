@@ -409,7 +409,7 @@ def run_build(cfg: BuildConfig, teacher=None) -> BuildSummary:
     out = Path(cfg.out)
     if cfg.fresh and out.exists():
         clear_build(out)
-    prepare_out(out, header)
+    prepare_out(out, header, content_digest=lambda: files_sha256(files, corpus))
     if not (out / TOKENIZER_DIR).exists():  # the trainer reads the tokenizer from here, never the teacher
         tmp = out / f"{TOKENIZER_DIR}.tmp{os.getpid()}"
         tokenizer.save_pretrained(tmp)

@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -45,11 +46,13 @@ def clear_build(out: Path) -> int:
     return n
 
 
-def prepare_out(out: Path, header: Manifest) -> None:
+def prepare_out(out: Path, header: Manifest, content_digest: Callable[[], str] | None = None) -> None:
     """Create ``out`` with the manifest header, or check that an existing build there has the same key.
 
     A folder with no finished or partial shard holds no work: its plan is replaced (with a note), so a build
-    that failed before its first shard never blocks the corrected rerun.
+    that failed before its first shard never blocks the corrected rerun. ``content_digest``: the corpus
+    fingerprint as earlier versions recorded it (names and contents: ``files_sha256`` of every file), computed
+    only when that fingerprint is all that differs, so that their finished shards resume instead of being refused.
     """
     out.mkdir(parents=True, exist_ok=True)
     path = out / MANIFEST_NAME
@@ -77,6 +80,11 @@ def prepare_out(out: Path, header: Manifest) -> None:
         shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)  # the teacher may have changed too
         return
     diff = sorted((k for k in set(a) | set(b) if a.get(k) != b.get(k)), key=_priority)
+    if diff == ["corpus.fingerprint"] and content_digest is not None and a[diff[0]] == content_digest():
+        existing.corpus["fingerprint"] = header.corpus["fingerprint"]
+        existing.save(out)
+        warn(f"--out {out}: the build recorded its corpus by content (an earlier ar2mdm); same corpus, record updated")
+        return
     detail = "; ".join(f"{k}: {_short(a.get(k))} there, {_short(b.get(k))} now" for k in diff[:6])
     more = f"; and {len(diff) - 6} more" if len(diff) > 6 else ""
     raise UserError(f"--out {out} holds a build with other parameters ({detail}{more}); "

@@ -44,7 +44,7 @@ def main() -> None:
 
     regimes = list(dict.fromkeys(r[1] for r in rows))
     labels = list(dict.fromkeys(r[0] for r in rows))
-    fig, ax = plt.subplots(figsize=(9.5, 0.55 * len(labels) * len(regimes) + 1.2))
+    fig, ax = plt.subplots(figsize=(11, 0.45 * len(rows) + 0.3 * len(regimes) + 1.4))  # a line per entry
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     y, ticks, names = 0, [], []
     for gi, regime in enumerate(regimes):

@@ -28,7 +28,8 @@ def run(
     ar_shift: Optional[bool] = typer.Option(None, "--ar-shift/--no-ar-shift",
                                             help="Predict x_i from the hidden state at i-1 (Dream). Default: on with --init-from."),
     lam: float = typer.Option(0.5, "--lambda", help="λ in (1-λ)·MDM + λ·KD."),
-    lambda_schedule: str = typer.Option("constant", help="λ over training: constant | linear-decay | cosine-decay | linear-warmup."),
+    lambda_schedule: str = typer.Option("auto", help="λ over training: auto (linear-warmup with --init-from, else constant) | "
+                                                     "constant | linear-decay | cosine-decay | linear-warmup."),
     lambda_t: str = typer.Option("none", help="λ over each row's mask ratio t: none | low-t (2(1-t)) | high-t (2t)."),
     temperature: float = typer.Option(1.0, help="KD temperature T."),
     tail: str = typer.Option("auto", help="Mass outside the stored support: auto (bucket when the shards have a tail, "

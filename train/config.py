@@ -16,7 +16,10 @@ class TrainConfig:
     init_from: str | None = None  # AR checkpoint (HF folder or .gguf) with the shards' tokenizer
     ar_shift: bool | None = None  # predict x_i from h_{i-1} (Dream); None: on with --init-from, off otherwise
     lam: float = 0.5  # λ: weight of the KD term
-    lambda_schedule: str = "constant"  # λ over training progress (losses.kd_weight)
+    # λ over training progress (losses.kd_weight); auto: linear-warmup with --init-from, constant from scratch
+    # (docs/results.md: a warm student first adapts to the mask through the MDM term, and KD from step 0 slows
+    # that; from scratch, KD from step 0 is what helps)
+    lambda_schedule: str = "auto"
     lambda_t: str = "none"  # λ over each row's mask ratio t
     temperature: float = 1.0
     # auto: bucket when the shards keep a truncated support (mc, fim, topk with top_n < K+1), else renormalize
@@ -52,8 +55,8 @@ class TrainConfig:
             raise UserError(f"--lambda must be in [0, 1], got {self.lam}")
         from ar2mdm.train.losses import LAMBDA_SCHEDULES, LAMBDA_T
 
-        if self.lambda_schedule not in LAMBDA_SCHEDULES:
-            raise UserError(f"--lambda-schedule must be one of {', '.join(LAMBDA_SCHEDULES)}, got {self.lambda_schedule!r}")
+        if self.lambda_schedule not in ("auto", *LAMBDA_SCHEDULES):
+            raise UserError(f"--lambda-schedule must be one of auto, {', '.join(LAMBDA_SCHEDULES)}, got {self.lambda_schedule!r}")
         if self.lambda_t not in LAMBDA_T:
             raise UserError(f"--lambda-t must be one of {', '.join(LAMBDA_T)}, got {self.lambda_t!r}")
         if self.temperature <= 0:
@@ -80,6 +83,13 @@ class TrainConfig:
     def shift(self) -> bool:
         """The AR shift the student gets: --ar-shift/--no-ar-shift, else on exactly when adapting an AR model."""
         return self.init_from is not None if self.ar_shift is None else self.ar_shift
+
+    @property
+    def schedule(self) -> str:
+        """The λ schedule the run uses: --lambda-schedule, where auto is linear-warmup when adapting an AR model."""
+        if self.lambda_schedule != "auto":
+            return self.lambda_schedule
+        return "linear-warmup" if self.init_from is not None else "constant"
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -60,8 +60,8 @@ def step_losses(model, batch: Batch, cfg: TrainConfig, mask_id: int, spec: Targe
         weight = elbo_weight(batch.t, batch.mask, maskable_positions(L, batch.prompt_len))  # (B,)
     else:
         weight = torch.ones_like(batch.t)
-    per_row = cfg.lambda_schedule != "constant" or cfg.lambda_t != "none"
-    lam = kd_weight(cfg.lam, progress, batch.t, cfg.lambda_schedule, cfg.lambda_t) if per_row else cfg.lam  # (B,) or float
+    per_row = cfg.lam > 0.0 and (cfg.schedule != "constant" or cfg.lambda_t != "none")  # λ = 0 stays 0: no KD term
+    lam = kd_weight(cfg.lam, progress, batch.t, cfg.schedule, cfg.lambda_t) if per_row else cfg.lam  # (B,) or float
     parts = {}
     mdm = kd = None
     logp = student_logprobs(logits)  # (K, V) at T = 1, shared by both terms; KD tempers from it
@@ -192,7 +192,8 @@ def run_training(cfg: TrainConfig) -> dict:
     if rank == 0:  # say what the run will do before it starts
         per_step = cfg.batch_size * cfg.grad_accum
         print(f"kdtrain: {rows_per_rank} rows per rank x {world} rank(s), {per_step} rows per step and rank -> "
-              f"{steps_per_epoch} steps per epoch; {total} steps = {total * per_step / max(rows_per_rank, 1):.2f} epochs",
+              f"{steps_per_epoch} steps per epoch; {total} steps = {total * per_step / max(rows_per_rank, 1):.2f} epochs; "
+              f"λ = {cfg.lam} ({cfg.schedule})",
               file=sys.stderr, flush=True)  # fmt: skip
         if rows_per_rank < per_step:
             warn(f"fewer rows per rank ({rows_per_rank}) than one step takes ({per_step}): every step repeats rows; "

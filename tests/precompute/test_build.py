@@ -88,6 +88,32 @@ def test_other_parameters_into_same_out_are_refused(tiny_corpus, tiny_teacher, t
     assert "params.k: 3 there, 4 now" in r.output and "Traceback" not in r.output
 
 
+def test_a_build_that_recorded_its_corpus_by_content_resumes_and_another_corpus_is_refused(tiny_corpus, tiny_teacher, tmp_path):
+    """Builds before the per-rank corpus digests recorded the fingerprint over names and contents; rerunning
+    them must resume their shards (the quickstart's own folder did not), and still refuse a changed corpus."""
+    from ar2mdm.shared.corpus import corpus_fingerprint, files_sha256, list_corpus_files
+
+    out = tmp_path / "old"
+    run_build(cfg(tiny_corpus, tiny_teacher, out, max_sequences=4))
+    before = shard_hashes(out)
+    files = list_corpus_files(tiny_corpus)
+    m = json.loads((out / "manifest.json").read_text())
+    m["corpus"]["fingerprint"] = files_sha256(files, tiny_corpus)  # as the earlier version wrote it
+    (out / "manifest.json").write_text(json.dumps(m))
+    run_build(cfg(tiny_corpus, tiny_teacher, out, max_sequences=4))  # refused before the fix
+    assert shard_hashes(out) == before
+    assert json.loads((out / "manifest.json").read_text())["corpus"]["fingerprint"] == corpus_fingerprint(files, tiny_corpus)
+    # a content digest of other text, names and sizes unchanged: still another corpus
+    m["corpus"]["fingerprint"] = files_sha256(files, tiny_corpus)
+    (out / "manifest.json").write_text(json.dumps(m))
+    first = files[0]
+    first.write_text(first.read_text()[::-1])
+    r = runner.invoke(app, ["build", str(tiny_corpus), "--teacher", str(tiny_teacher), "--out", str(out), "--seq-len", "24",
+                            "--k", "3", "--window", "4", "--top-n", "5", "--seqs-per-shard", "2", "--max-sequences", "4",
+                            "--no-progress"])  # fmt: skip
+    assert r.exit_code == 2 and "corpus.fingerprint" in r.output and "Traceback" not in r.output
+
+
 def test_validate_catches_tampering(tiny_corpus, tiny_teacher, tmp_path):
     out = tmp_path / "v"
     run_build(cfg(tiny_corpus, tiny_teacher, out, max_sequences=2))

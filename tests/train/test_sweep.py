@@ -97,6 +97,25 @@ def test_a_scheduled_run_trains_and_logs_its_mean_lambda(tiny_shards, tmp_path):
     assert len(lams) == 4 and lams[-1] < lams[0]  # decays over training
 
 
+def test_lambda_schedule_auto_ramps_kd_in_only_when_adapting_an_ar_model(tiny_shards, tiny_teacher, tmp_path):
+    from ar2mdm.train.config import TrainConfig
+
+    assert TrainConfig(shards="s").schedule == "constant"
+    assert TrainConfig(shards="s", init_from="t").schedule == "linear-warmup"
+    assert TrainConfig(shards="s", init_from="t", lambda_schedule="constant").schedule == "constant"
+    with pytest.raises(UserError, match="lambda-schedule must be one of auto"):
+        TrainConfig(shards="s", lambda_schedule="warmup").check()
+    lams = {}
+    for name, extra in (("scratch", ["--student", "tiny"]), ("warm", ["--init-from", str(tiny_teacher)])):
+        r = runner.invoke(app, ["run", str(tiny_shards), "--out", str(tmp_path / name), "--steps", "4", "--batch-size", "4",
+                                "--log-every", "1", "--no-progress", *extra])  # fmt: skip
+        assert r.exit_code == 0, r.output
+        lams[name] = [json.loads(line).get("lambda") for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert lams["scratch"] == [None] * 4  # constant λ: the scalar path, no per-row λ logged
+    # linear-warmup at progress 0, 1/4, 2/4, 3/4 of 4 steps: λ·min(1, 2p) = 0, 0.25, 0.5, 0.5
+    assert lams["warm"] == pytest.approx([0.0, 0.25, 0.5, 0.5])
+
+
 def test_tail_auto_is_bucket_with_a_truncated_support_and_renormalize_with_an_exact_one(tiny_shards):
     from dataclasses import replace
     from itertools import islice
