@@ -39,6 +39,7 @@ from ar2mdm.precompute.outdir import (
     clear_build,
     finished_work,
     finalize_manifest,
+    finish_rank,
     partial_path,
     prepare_out,
     read_partial,
@@ -59,6 +60,7 @@ from ar2mdm.shared.shards import (
     concat_shards,
     file_sha256,
     offsets_from_lengths,
+    rank_started_name,
     shard_name,
     write_shard,
 )
@@ -74,6 +76,7 @@ class BuildSummary:
     seconds: float
     backend: str = "hf"
     resumed_sequences: int = 0  # sequences taken from partial shards of an interrupted run
+    empty_rank: str | None = None  # why this rank of a world had no row (it finished with no shard)
 
 
 # ------------------------------------------------------------------------------------------- sequences
@@ -95,12 +98,17 @@ def rank_stream(cfg: BuildConfig, files: list, tokenizer, stats: CorpusStats, ps
         yield from ((row, 0) for row in _take(pack_documents(docs, tokenizer, cfg.seq_len, pstats), cfg.max_sequences))
 
 
-def no_rows_error(cfg: BuildConfig, stats: CorpusStats, pstats: PackStats) -> UserError:
+def no_rows_reason(cfg: BuildConfig, stats: CorpusStats, pstats: PackStats) -> str:
     where = cfg.corpus or "the default corpus"
     if stats.documents == 0:
-        return UserError(f"corpus {where} has no usable documents for rank {cfg.rank} ({stats.files} files read)")
-    return UserError(f"corpus {where}: {stats.documents} documents for rank {cfg.rank} give no full row of --seq-len "
-                     f"{cfg.seq_len} ({pstats.tokens_dropped} tokens); lower --seq-len or add text")  # fmt: skip
+        return f"corpus {where} has no usable documents for rank {cfg.rank} ({stats.files} files read)"
+    return (f"corpus {where}: {stats.documents} documents for rank {cfg.rank} give no full row of --seq-len "
+            f"{cfg.seq_len} ({pstats.tokens_dropped} tokens)")  # fmt: skip
+
+
+def no_rows_error(cfg: BuildConfig, stats: CorpusStats, pstats: PackStats) -> UserError:
+    fix = "; add text" if stats.documents == 0 else "; lower --seq-len or add text"
+    return UserError(no_rows_reason(cfg, stats, pstats) + fix)
 
 
 def warn_skipped(stats: CorpusStats) -> None:
@@ -335,7 +343,7 @@ def check_rank_files(out: Path, cfg: BuildConfig, files: list, corpus) -> None:
     only), or check it against the earlier run's: the manifest's fingerprint covers names and sizes only."""
     mine, _ = rank_files(files, cfg.rank, cfg.world_size)
     digest = files_sha256(mine, corpus)
-    rec = out / f"corpus-rank-{cfg.rank:05d}.sha256"
+    rec = out / rank_started_name(cfg.rank)
     if rec.exists() and rec.read_text().strip() != digest and finished_work(out):
         raise UserError(f"--out {out}: the corpus files of rank {cfg.rank} changed since its earlier run (same names "
                         "and sizes, other contents); build into a new --out, or pass --fresh")  # fmt: skip
@@ -386,10 +394,16 @@ def run_build(cfg: BuildConfig, teacher=None) -> BuildSummary:
     stats, pstats = CorpusStats(), PackStats()
     stream = rank_stream(cfg, files, tokenizer, stats, pstats)
     first = next(stream, None)
+    empty = None
     if first is None:
         warn_skipped(stats)
-        raise no_rows_error(cfg, stats, pstats)
-    stream = chain([first], stream)
+        if cfg.world_size == 1:
+            raise no_rows_error(cfg, stats, pstats)
+        # one rank of many with nothing to do (a small corpus, a wide Slurm array) is no failure: it finishes
+        # with no shard and its completion record, so the world can finish
+        empty = no_rows_reason(cfg, stats, pstats)
+    else:
+        stream = chain([first], stream)
     header = Manifest(
         schema_version=SCHEMA_VERSION,
         format=cfg.format,
@@ -405,6 +419,8 @@ def run_build(cfg: BuildConfig, teacher=None) -> BuildSummary:
         world_size=cfg.world_size,
         mask_dependent_targets=cfg.mode == "mc",
         targets_at_all_positions=cfg.positions == "all",
+        ranks=[],
+        sft_format=None if cfg.task != "sft" else "chat-template" if stats.sft_chats else "plain",
     )
     out = Path(cfg.out)
     if cfg.fresh and out.exists():
@@ -430,7 +446,7 @@ def run_build(cfg: BuildConfig, teacher=None) -> BuildSummary:
     bar = tqdm(total=0, unit="pos", desc=f"kdtargets rank {cfg.rank}", disable=not cfg.progress, file=sys.stderr,
                dynamic_ncols=True, smoothing=0.05)  # fmt: skip
     try:
-        for u, a, ids, plen in shard_chunks(stream, cfg.seqs_per_shard):
+        for u, a, ids, plen in shard_chunks(stream if empty is None else iter(()), cfg.seqs_per_shard):
             path = out / shard_name(cfg.rank, u, cfg.format)
             if path.with_name(path.name + DONE_SUFFIX).exists() and path.exists():
                 skipped, path = skipped + 1, None  # finished: its sequences were only re-tokenized to find the next
@@ -483,5 +499,5 @@ def run_build(cfg: BuildConfig, teacher=None) -> BuildSummary:
     finally:
         if own_teacher and teacher is not None:
             teacher.close()
-    finalize_manifest(out)
-    return BuildSummary(str(out), written, skipped, rows, positions, time.time() - t0, backend, resumed)
+    finish_rank(out, cfg.rank)  # every shard of this rank is on disk: its completion record
+    return BuildSummary(str(out), written, skipped, rows, positions, time.time() - t0, backend, resumed, empty)

@@ -66,8 +66,8 @@ def build(
     fresh: bool = typer.Option(False, help="Delete a previous build in --out first (its manifest, tokenizer and shards)."),
     threads: Optional[int] = typer.Option(None, help="torch threads (default: OMP_NUM_THREADS, else this process's CPUs / ranks on the node)."),
     max_sequences: Optional[int] = typer.Option(None, help="Use at most this many sequences per rank."),
-    rank: int = typer.Option(0, help="This process's rank (datatrove-style split of the documents)."),
-    world_size: int = typer.Option(1, help="Number of ranks."),
+    rank: Optional[int] = typer.Option(None, help="This process's rank (datatrove-style split of the documents); default: from the launcher (torchrun RANK, Slurm array task, srun SLURM_PROCID), else 0."),
+    world_size: Optional[int] = typer.Option(None, help="Number of ranks; default: from the launcher (WORLD_SIZE, the Slurm array's task count, SLURM_NTASKS), else 1."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16"),
     batch_size: int = typer.Option(8, help="Sequences per teacher call (torch backend; mc: their K samples each in one forward)."),
@@ -77,7 +77,18 @@ def build(
 ) -> None:
     """Build sparse top-N soft targets for masked positions and write sharded Parquet/safetensors + manifest."""
     from ar2mdm.precompute.build import Interrupted, run_build
+    from ar2mdm.precompute.config import launcher_rank
 
+    if rank is None or world_size is None:  # explicit flags win; the rest comes from the launcher
+        try:
+            launched = launcher_rank()
+        except UserError as e:
+            _fail(str(e))
+        if launched:
+            rank = launched[0] if rank is None else rank
+            world_size = launched[1] if world_size is None else world_size
+            typer.echo(f"kdtargets: rank {rank} of {world_size} (from {launched[2]})", err=True)
+        rank, world_size = (0 if rank is None else rank), (1 if world_size is None else world_size)
     cfg = BuildConfig(
         corpus=corpus, teacher=teacher, out=out, mode=mode, backend=backend, task=task, seq_len=seq_len,
         masks_per_seq=masks_per_seq, mask_eps=mask_eps, seed=seed, k=k, window=window, top_n=top_n,
@@ -94,6 +105,10 @@ def build(
         raise typer.Exit(130)
     except (UserError, SchemaError) as e:
         _fail(str(e))
+    if s.empty_rank:
+        typer.echo(f"{s.out}: rank {cfg.rank} of {cfg.world_size} has nothing to do ({s.empty_rank}); "
+                   "finished with 0 shards")
+        return
     typer.echo(
         f"{s.out}: wrote {s.shards_written} shards ({s.rows} rows, {s.target_positions} target positions), "
         f"skipped {s.shards_skipped} finished, {s.seconds:.1f}s ({s.backend} backend)"

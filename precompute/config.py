@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Mapping
 
 from ar2mdm.shared.errors import UserError
 
@@ -129,3 +130,30 @@ class BuildConfig:
             if self.mc_weights == "smc":
                 p["smc_ess"] = self.smc_ess
         return p
+
+
+def launcher_rank(env: Mapping[str, str] = os.environ) -> tuple[int, int, str] | None:
+    """(rank, world size, where from) as the launcher set them, or None outside a launcher.
+
+    torchrun (and launchers that mimic it): RANK/WORLD_SIZE. A Slurm array: the task's index within the array
+    (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) of SLURM_ARRAY_TASK_COUNT tasks; a step (`srun`) inside an
+    array task multiplies in SLURM_PROCID of SLURM_NTASKS. `srun` alone: SLURM_PROCID of SLURM_NTASKS.
+    """
+    try:
+        if "RANK" in env and "WORLD_SIZE" in env:
+            return int(env["RANK"]), int(env["WORLD_SIZE"]), "RANK/WORLD_SIZE"
+        step = "SLURM_STEP_ID" in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env  # inside srun
+        proc, ntasks = (int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])) if step else (0, 1)
+        if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+            task = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+            count = int(env["SLURM_ARRAY_TASK_COUNT"])
+            if not 0 <= task < count:
+                raise UserError(f"SLURM_ARRAY_TASK_ID {env['SLURM_ARRAY_TASK_ID']} is not one of {count} consecutive "
+                                "tasks (an array with a step, e.g. --array=0-63:2?); pass --rank and --world-size")  # fmt: skip
+            where = "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT" + (" x SLURM_PROCID/SLURM_NTASKS" if step else "")
+            return task * ntasks + proc, count * ntasks, where
+        if step:
+            return proc, ntasks, "SLURM_PROCID/SLURM_NTASKS"
+    except ValueError as e:
+        raise UserError(f"the launcher's rank variables are not integers ({e}); pass --rank and --world-size") from e
+    return None

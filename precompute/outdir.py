@@ -3,11 +3,14 @@
 A folder belongs to one build key (teacher, tokenizer, corpus, mode, parameters). Finished shards are the
 unit of resumption across ranks (``part-R-U.<fmt>`` + ``.done`` marker); within a shard, the sequences done so
 far are flushed every ``--flush-seconds`` and on Ctrl-C to ``part-R-U.<fmt>.partial`` (Parquet, float32, so
-that the finished shard is the same bytes as an uninterrupted run's), and a rerun continues after them.
+that the finished shard is the same bytes as an uninterrupted run's), and a rerun continues after them. A rank
+that has read all of its share of the corpus writes ``rank-R.done`` (its `RankInfo`): the build is finished when
+every rank of the world has one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,10 +20,10 @@ from typing import Callable
 
 import numpy as np
 
-from ar2mdm.schemas import Manifest, SchemaError, ShardInfo
-from ar2mdm.schemas.manifest import MANIFEST_NAME, tmp_path
+from ar2mdm.schemas import Manifest, RankInfo, SchemaError, ShardInfo
+from ar2mdm.schemas.manifest import MANIFEST_NAME, tmp_path, write_atomic
 from ar2mdm.shared.errors import UserError, warn
-from ar2mdm.shared.shards import DONE_SUFFIX, ShardData, read_shard, write_shard
+from ar2mdm.shared.shards import DONE_SUFFIX, RANK_DONE_GLOB, ShardData, rank_done_name, read_shard, write_shard
 
 TOKENIZER_DIR = "tokenizer"
 PARTIAL_SUFFIX = ".partial"
@@ -29,15 +32,16 @@ _FIRST = ("mode", "task", "seq_len", "seed", "params.", "teacher.", "tokenizer."
 
 
 def finished_work(out: Path) -> list[Path]:
-    """Finished shards' markers and partial shards in ``out``: what a change of plan would throw away."""
+    """Finished shards' markers and partial shards in ``out``: what a change of plan would throw away (a rank
+    record alone is no work: it is written again in a second)."""
     return sorted(out.glob(f"part-*{DONE_SUFFIX}")) + sorted(out.glob(f"part-*{PARTIAL_SUFFIX}"))
 
 
 def clear_build(out: Path) -> int:
     """--fresh: remove a build's own files from ``out`` (manifest, tokenizer, shards, markers, partials, the
-    ranks' corpus digests)."""
+    ranks' corpus digests and completion records)."""
     n = 0
-    for p in [out / MANIFEST_NAME, *out.glob("part-*"), *out.glob("corpus-rank-*")]:
+    for p in [out / MANIFEST_NAME, *out.glob("part-*"), *out.glob("corpus-rank-*"), *out.glob(RANK_DONE_GLOB)]:
         if p.is_file():
             p.unlink()
             n += 1
@@ -78,6 +82,8 @@ def prepare_out(out: Path, header: Manifest, content_digest: Callable[[], str] |
         warn(f"--out {out}: replacing the plan of an unfinished build (it had no finished shard)")
         header.save(out)
         shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)  # the teacher may have changed too
+        for p in out.glob(RANK_DONE_GLOB):  # the old plan's ranks (empty ones) finished another build
+            p.unlink()
         return
     diff = sorted((k for k in set(a) | set(b) if a.get(k) != b.get(k)), key=_priority)
     if diff == ["corpus.fingerprint"] and content_digest is not None and a[diff[0]] == content_digest():
@@ -134,18 +140,33 @@ def _short(v) -> str:
 
 
 def finalize_manifest(out: Path) -> Manifest:
-    """Rewrite the manifest's shard list from the ``.done`` markers present.
+    """Rewrite the manifest's shard and rank lists from the ``.done`` markers and rank records present.
 
-    Re-listing until the list is stable makes concurrent ranks converge: the rank whose marker appears last
+    Re-listing until the lists are stable makes concurrent ranks converge: the rank whose marker appears last
     writes last, and its listing includes every earlier marker.
     """
+
+    def markers() -> list[Path]:
+        return sorted(out.glob(f"part-*{DONE_SUFFIX}")) + sorted(out.glob(RANK_DONE_GLOB))
+
     while True:
         manifest = Manifest.load(out)
-        markers = sorted(out.glob(f"part-*{DONE_SUFFIX}"))
-        manifest.shards = [ShardInfo(**json.loads(m.read_text())) for m in markers]
+        seen = markers()
+        manifest.shards = [ShardInfo(**json.loads(m.read_text())) for m in seen if m.name.startswith("part-")]
+        manifest.ranks = [RankInfo(**json.loads(m.read_text())) for m in seen if m.name.startswith("rank-")]
         manifest.save(out)
-        if sorted(out.glob(f"part-*{DONE_SUFFIX}")) == markers:
+        if markers() == seen:
             return manifest
+
+
+def finish_rank(out: Path, rank: int) -> Manifest:
+    """Record that ``rank`` read all of its share of the corpus: its shards (those on disk now, every one of
+    them finished) in ``rank-R.done``, then the manifest."""
+    mine = [s for s in finalize_manifest(out).shards if s.file.startswith(f"part-{rank:05d}-")]
+    info = RankInfo(rank=rank, shards=len(mine), rows=sum(s.rows for s in mine),
+                    target_positions=sum(s.target_positions for s in mine))  # fmt: skip
+    write_atomic(out / rank_done_name(rank), json.dumps(dataclasses.asdict(info)).encode())
+    return finalize_manifest(out)
 
 
 def partial_path(shard: Path) -> Path:

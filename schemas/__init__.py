@@ -10,7 +10,7 @@ from ar2mdm.schemas.v1 import (
     check_table_schema,
     shard_schema,
 )
-from ar2mdm.schemas.manifest import Manifest, ShardInfo, TeacherInfo, TokenizerInfo
+from ar2mdm.schemas.manifest import Manifest, RankInfo, ShardInfo, TeacherInfo, TokenizerInfo
 
 __all__ = [
     "LOGPROB_TYPES",
@@ -19,6 +19,7 @@ __all__ = [
     "check_table_schema",
     "shard_schema",
     "Manifest",
+    "RankInfo",
     "ShardInfo",
     "TeacherInfo",
     "TokenizerInfo",

@@ -47,6 +47,16 @@ class ShardInfo:
 
 
 @dataclass
+class RankInfo:
+    """A rank's completion record: it read all of its share of the corpus and wrote these shards."""
+
+    rank: int
+    shards: int
+    rows: int
+    target_positions: int
+
+
+@dataclass
 class Manifest:
     schema_version: int
     format: str  # "parquet" or "safetensors"
@@ -65,11 +75,19 @@ class Manifest:
     # True when every maskable position carries a target (--positions all): the trainer may resample masks.
     targets_at_all_positions: bool
     shards: list[ShardInfo] = field(default_factory=list)
+    # The ranks that finished (one record each, written as a rank ends). None: a build by an ar2mdm older than
+    # these records, whose completion is known only from its shards.
+    ranks: list[RankInfo] | None = None
+    # --task sft: how prompts were rendered, "chat-template" (rows with `messages`) or "plain" (`prompt` text), so
+    # that eval and sample render a user's prompt the same way. From the corpus (part of the key): not in the key.
+    sft_format: str | None = None
 
     def build_key(self) -> dict[str, Any]:
         """Everything that must be equal for two runs to write into the same output folder."""
         d = dataclasses.asdict(self)
         d.pop("shards")
+        d.pop("ranks")
+        d.pop("sft_format")
         d.pop("software_version")
         d["teacher"].pop("path")  # the same weights may be found at another path
         d["corpus"].pop("path")
@@ -88,6 +106,8 @@ class Manifest:
             d["teacher"] = TeacherInfo(**d["teacher"])
             d["tokenizer"] = TokenizerInfo(**d["tokenizer"])
             d["shards"] = [ShardInfo(**s) for s in d.get("shards", [])]
+            if d.get("ranks") is not None:
+                d["ranks"] = [RankInfo(**r) for r in d["ranks"]]
             return cls(**d)
         except (KeyError, TypeError) as e:
             raise SchemaError(f"{where}: malformed manifest ({e})") from e
@@ -102,6 +122,13 @@ class Manifest:
         except json.JSONDecodeError as e:
             raise SchemaError(f"{path}: not valid JSON ({e})") from e
         return cls.from_dict(d, str(path))
+
+    def missing_ranks(self) -> list[int]:
+        """Ranks of the world without a completion record (empty for builds that predate the records)."""
+        if self.ranks is None:
+            return []
+        done = {r.rank for r in self.ranks}
+        return [r for r in range(self.world_size) if r not in done]
 
     def save(self, directory: str | Path) -> None:
         write_atomic(Path(directory) / MANIFEST_NAME, self.to_json().encode())

@@ -29,6 +29,8 @@ class CorpusStats:
     skipped_empty: int = 0
     skipped_binary: int = 0
     skipped_bad_rows: int = 0
+    sft_chats: int = 0  # --task sft: rows read as a chat (`messages`, rendered through the chat template)
+    sft_pairs: int = 0  # --task sft: rows read as plain `prompt` + `response` text
     notes: list[str] = field(default_factory=list)
 
 
@@ -290,6 +292,7 @@ def iter_sft_examples(files: list[Path | DatasetCorpus], stats: CorpusStats,
                     warn(f"{source}: SFT row without a response (last message is not a non-empty assistant turn), skipped")
                     continue
                 stats.documents += 1
+                stats.sft_chats += 1
                 yield SftExample(source, messages=messages)
                 continue
             prompt, response = rec.get("prompt"), rec.get("response")
@@ -303,4 +306,5 @@ def iter_sft_examples(files: list[Path | DatasetCorpus], stats: CorpusStats,
                 warn(f"{source}: SFT row without a response (expected a non-empty 'response' string; fields found: {found}), skipped")
                 continue
             stats.documents += 1
+            stats.sft_pairs += 1
             yield SftExample(source, prompt=prompt, response=response)

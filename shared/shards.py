@@ -113,6 +113,19 @@ def shard_name(rank: int, index: int, fmt: str) -> str:
     return f"part-{rank:05d}-{index:05d}{FORMATS[fmt]}"
 
 
+RANK_DONE_GLOB = "rank-*.done"
+
+
+def rank_done_name(rank: int) -> str:
+    """A finished rank's completion record (`RankInfo` as JSON)."""
+    return f"rank-{rank:05d}.done"
+
+
+def rank_started_name(rank: int) -> str:
+    """Written as a rank starts (the digest of its corpus files): a rank without it never started."""
+    return f"corpus-rank-{rank:05d}.sha256"
+
+
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

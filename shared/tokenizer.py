@@ -67,14 +67,64 @@ def pack_documents(
     stats.tokens_dropped += len(buf)
 
 
+# End-of-turn tokens of common chat templates; with EOS, what ends a response (`stop_ids`)
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """Token ids that end a response: EOS and the end-of-turn tokens of the chat templates the vocabulary has."""
+    vocab = tokenizer.get_vocab()
+    _, eos = special_ids(tokenizer)
+    return sorted({eos, *(vocab[t] for t in END_OF_TURN if t in vocab)})
+
+
+def response_length(ids: np.ndarray, prompt_len: int, stops: list[int]) -> int:
+    """Tokens of an SFT row's response: from ``prompt_len`` through the first stop token (the end of turn the
+    sampler stops at), without the EOS padding after it; the rest of the row if it has none (truncated)."""
+    tail = np.asarray(ids[prompt_len:])
+    hit = np.flatnonzero(np.isin(tail, stops))
+    return int(hit[0]) + 1 if len(hit) else len(tail)
+
+
+def end_of_turn_id(tokenizer, chat: bool) -> int:
+    """The token that ends an answer: the first stop token the chat template puts after an assistant's reply,
+    or EOS (plain rows: the build appends EOS to a response)."""
+    _, eos = special_ids(tokenizer)
+    if not chat:
+        return eos
+    turn = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    full = list(_ids(tokenizer.apply_chat_template(turn, tokenize=True)))
+    reply = full[len(chat_prompt_ids(tokenizer, turn[:1])) :]
+    return next((t for t in reply if t in stop_ids(tokenizer)), eos)
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict], source: str = "--chat") -> list[int]:
+    """The prompt of a chat as the build renders it: the chat template of ``messages`` with the generation
+    prompt (the assistant's turn opened), without BOS."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"{source}: 'messages' rows need a tokenizer with a chat template")
+    return list(_ids(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)))
+
+
+def sft_prompt_row(prompt_ids: list[int], tokenizer) -> list[int]:
+    """``[BOS] + prompt``: the start of an SFT row (a template that opens with BOS does not get a second)."""
+    bos, _ = special_ids(tokenizer)
+    return [bos] + (prompt_ids[1:] if prompt_ids[:1] == [bos] else prompt_ids)
+
+
+def user_prompt_row(tokenizer, text: str, chat: bool) -> list[int]:
+    """The row start for a user's prompt at sampling time, rendered exactly as the build rendered its rows:
+    through the chat template (``messages`` rows) or as plain text (``prompt``/``response`` rows)."""
+    if chat:
+        return sft_prompt_row(chat_prompt_ids(tokenizer, [{"role": "user", "content": text}]), tokenizer)
+    return sft_prompt_row(tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer)
+
+
 def sft_ids(example: SftExample, tokenizer) -> tuple[list[int], list[int]]:
     """(prompt_ids, response_ids) of an SFT example, without BOS; messages go through the chat template."""
     if example.messages is not None:
-        if not getattr(tokenizer, "chat_template", None):
-            raise UserError(f"{example.source}: 'messages' rows need a tokenizer with a chat template")
-        full = tokenizer.apply_chat_template(example.messages, tokenize=True)
-        prompt = tokenizer.apply_chat_template(example.messages[:-1], tokenize=True, add_generation_prompt=True)
-        full, prompt = list(_ids(full)), list(_ids(prompt))
+        prompt = chat_prompt_ids(tokenizer, example.messages[:-1], example.source)
+        full = list(_ids(tokenizer.apply_chat_template(example.messages, tokenize=True)))
         if full[: len(prompt)] != prompt:
             raise UserError(f"{example.source}: the chat template does not render the prompt as a prefix of the dialogue")
         return prompt, full[len(prompt) :]
@@ -97,17 +147,16 @@ def pack_sft(
     Responses that do not fit are truncated (with a warning); prompts that leave no room are skipped.
     """
     stats = stats if stats is not None else PackStats()
-    bos, eos = special_ids(tokenizer)
+    _, eos = special_ids(tokenizer)
     for ex in examples:
         prompt, response = sft_ids(ex, tokenizer)
-        if prompt[:1] == [bos]:  # a chat template that opens with BOS: ours is already at position 0
-            prompt = prompt[1:]
-        prompt_len = 1 + len(prompt)
+        prompt = sft_prompt_row(prompt, tokenizer)  # a chat template that opens with BOS: ours is at position 0
+        prompt_len = len(prompt)
         if prompt_len >= seq_len:
             stats.too_long += 1
-            warn(f"{ex.source}: prompt is {len(prompt)} tokens, no room for a response in --seq-len {seq_len}; skipped")
+            warn(f"{ex.source}: prompt is {prompt_len - 1} tokens, no room for a response in --seq-len {seq_len}; skipped")
             continue
-        ids = [bos] + prompt + response + [eos]
+        ids = prompt + response + [eos]
         if len(ids) > seq_len:
             warn(f"{ex.source}: response truncated by {len(ids) - seq_len} tokens to fit --seq-len {seq_len}")
             ids = ids[:seq_len]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ar2mdm.schemas import Manifest, SchemaError
 from ar2mdm.shared.errors import UserError
-from ar2mdm.shared.shards import DONE_SUFFIX, FORMATS, ShardData, file_sha256, read_shard
+from ar2mdm.shared.shards import DONE_SUFFIX, FORMATS, ShardData, file_sha256, rank_started_name, read_shard
 
 SUM_TOLERANCE = 1e-3  # float16 storage rounds log-probs down, float32 sums carry rounding noise
 
@@ -17,8 +18,58 @@ class ValidationError(ValueError):
     """The first problem found in a shard folder, as one line."""
 
 
-def shard_paths(directory: Path, manifest: Manifest) -> list[Path]:
-    return [directory / s.file for s in manifest.shards]
+@dataclass
+class WorldStatus:
+    """Which ranks of a build's world have finished, from their completion records in the manifest."""
+
+    world_size: int
+    recorded: bool  # False: built by an ar2mdm older than the rank records (completion known from shards only)
+    finished: list[int] = field(default_factory=list)
+    unfinished: dict[int, int] = field(default_factory=dict)  # started, no record: rank -> finished shards so far
+    never_started: list[int] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.unfinished and not self.never_started
+
+    @property
+    def missing(self) -> list[int]:
+        return sorted([*self.unfinished, *self.never_started])
+
+    def describe(self) -> str:
+        """``2 of 3 finished (rank 1 in progress or stopped: 4 shards so far; rank 2 never started)``."""
+        if not self.recorded:
+            return f"{self.world_size} (completion not recorded: built by an earlier ar2mdm)"
+        parts = [f"rank {r} in progress or stopped: {self.unfinished[r]} shards so far" if r in self.unfinished else f"rank {r} never started"
+                 for r in self.missing]  # fmt: skip
+        more = f"; and {len(parts) - 6} more" if len(parts) > 6 else ""
+        detail = f" ({'; '.join(parts[:6])}{more})" if parts else ""
+        return f"{len(self.finished)} of {self.world_size} finished{detail}"
+
+
+def world_status(directory: Path, manifest: Manifest) -> WorldStatus:
+    """The world's completion: a rank is finished with its record, started once its corpus digest or a shard of
+    it is in ``directory``, and else never started."""
+    if manifest.ranks is None:
+        return WorldStatus(manifest.world_size, recorded=False, finished=list(range(manifest.world_size)))
+    st = WorldStatus(manifest.world_size, recorded=True, finished=sorted(r.rank for r in manifest.ranks))
+    for r in manifest.missing_ranks():
+        prefix = f"part-{r:05d}-"
+        if (directory / rank_started_name(r)).exists() or any(directory.glob(prefix + "*")):
+            st.unfinished[r] = sum(s.file.startswith(prefix) for s in manifest.shards)
+        else:
+            st.never_started.append(r)
+    return st
+
+
+def partial_world_line(directory: Path, manifest: Manifest) -> str | None:
+    """One line for a build whose world is not finished (None when it is): what is there and what is missing."""
+    st = world_status(directory, manifest)
+    if st.complete:
+        return None
+    rows = sum(s.rows for s in manifest.shards)
+    return (f"{directory} is a partial build: ranks {st.describe()}; {rows} rows in {len(manifest.shards)} finished "
+            "shards so far (rerun the missing ranks' commands to finish it)")  # fmt: skip
 
 
 def check_shard_data(data: ShardData, manifest: Manifest, where: str) -> None:
@@ -68,7 +119,10 @@ def validate_dir(directory: str | Path) -> Manifest:
         raise ValidationError(f"{d}: manifest names unknown format {manifest.format!r}")
     listed = {s.file for s in manifest.shards}
     if not listed:
-        raise ValidationError(f"{d}: the manifest lists no shards (build not run or not finished)")
+        world = world_status(d, manifest)
+        if world.recorded and world.complete:
+            raise ValidationError(f"{d}: every rank finished without a row (the corpus gave no full row of --seq-len)")
+        raise ValidationError(partial_world_line(d, manifest) or f"{d}: the manifest lists no shards (build not run or not finished)")
     on_disk = {p.name for p in d.glob("part-*") if p.suffix in FORMATS.values()}
     extra = sorted(on_disk - listed)
     if extra:
@@ -98,6 +152,9 @@ def validate_dir(directory: str | Path) -> Manifest:
                 f"{p}: {data.rows} rows / {data.num_targets} target positions, manifest says {info.rows} / {info.target_positions}"
             )
         check_shard_data(data, manifest, str(p))
+    partial = partial_world_line(d, manifest)  # last: the shards there are all checked first
+    if partial:
+        raise ValidationError(f"{partial}; every listed shard is valid")
     return manifest
 
 
@@ -135,9 +192,15 @@ def summarize_dir(directory: str | Path) -> dict:
     unfinished = [p.name for p in d.glob("part-*.partial")] + [
         p.name for p in d.glob("part-*") if p.suffix in FORMATS.values() and p.name not in {s.file for s in manifest.shards}
     ]
+    world = world_status(d, manifest)
+    if unfinished or not world.complete:
+        status = f"unfinished ({len(unfinished)} shard(s) in progress, {len(world.missing)} rank(s) not finished; rerun the build to finish)"
+    else:
+        status = "finished" if manifest.shards or world.recorded else "unfinished (no shards; run the build)"
     summary = {
         "folder": str(d),
-        "status": f"unfinished ({len(unfinished)} shard(s) in progress; rerun the build to finish)" if unfinished or not manifest.shards else "finished",
+        "status": status,
+        "ranks": world.describe(),
         "mode": manifest.mode,
         "task": manifest.task,
         "teacher": f"{manifest.teacher.architecture} {manifest.teacher.path} (sha256 {manifest.teacher.weights_sha256[:12]})",

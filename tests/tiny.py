@@ -39,12 +39,20 @@ def tiny_llama(vocab_size: int, seed: int = 0, max_positions: int = 256, layers:
 
 
 FIM_TOKENS = ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
+# ChatML in miniature: every turn is <|im_start|> + the role's initial + space + content + <|im_end|> + newline
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'][0] }} {{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>a {% endif %}")  # fmt: skip
 
 
-def save_tiny_teacher(folder: Path, seed: int = 0, max_positions: int = 256, fim: bool = False, hidden: int = 32) -> Path:
+def save_tiny_teacher(folder: Path, seed: int = 0, max_positions: int = 256, fim: bool = False, hidden: int = 32,
+                      chat: bool = False) -> Path:  # fmt: skip
     tok = char_tokenizer()
     if fim:
         tok.add_special_tokens({"additional_special_tokens": FIM_TOKENS})
+    if chat:
+        tok.add_special_tokens({"additional_special_tokens": CHAT_TOKENS})
+        tok.chat_template = CHAT_TEMPLATE
     model = tiny_llama(len(tok), seed=seed, max_positions=max_positions, hidden=hidden)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)

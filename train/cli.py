@@ -36,6 +36,7 @@ def run(
                                           "else renormalize) | renormalize | bucket (docs/design.md)."),
     loss_weighting: str = typer.Option("seed", help="seed (no weight) | elbo (1/t, LLaDA/MDLM; forced masks corrected)."),
     resample_masks: bool = typer.Option(False, help="Fresh masks after epoch 0 (shards with --positions all only)."),
+    allow_partial: bool = typer.Option(False, help="Train on a build whose ranks have not all finished (refused by default)."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: --epochs over the shards); 0 saves the initial student."),
     stop_at: Optional[int] = typer.Option(None, help="Stop after this step (checkpointed); resume later with --resume."),
     epochs: int = typer.Option(1, help="Passes over the shards (when --steps is not given)."),
@@ -69,7 +70,7 @@ def run(
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup, weight_decay=weight_decay, clip=clip,
         seed=seed, resume=resume, save_every=save_every, log_every=log_every, shuffle_buffer=shuffle_buffer,
         num_workers=num_workers, device=device, dtype=dtype, compile=compile, fsdp=fsdp, progress=progress,
-        report_to=report_to,
+        report_to=report_to, allow_partial=allow_partial,
     )  # fmt: skip
     try:
         res = run_training(cfg)
@@ -90,12 +91,15 @@ def eval_(
     by_line: bool = typer.Option(False, help="Raw text: one document per non-empty line."),
     text_field: str = typer.Option("text", help="Raw .jsonl/.parquet/dataset: the field that holds the text."),
     split: str = typer.Option("test", help="A dataset --data: the split evaluated."),
+    task: str = typer.Option("auto", help="auto (the run's own) | pretrain | sft: --data holds chats (messages, or prompt + response), scored on the responses only."),
+    messages_field: str = typer.Option("messages", help="--task sft: the field of the rows holding a chat."),
 ) -> None:
     """Held-out ELBO bound (nats/token) ± standard error, masked-token accuracy, KD loss; last line: JSON."""
     from ar2mdm.train.evaluate import evaluate
 
     try:
-        res = evaluate(run, data, seed, mc_samples, batch_size, max_rows, device, by_line, text_field, split=split)
+        res = evaluate(run, data, seed, mc_samples, batch_size, max_rows, device, by_line, text_field, split=split,
+                       task=task, messages_field=messages_field)  # fmt: skip
     except (UserError, SchemaError) as e:
         _fail(str(e))
     typer.echo(json.dumps(res))
@@ -111,13 +115,15 @@ def sample(
     remasking: str = typer.Option("low-confidence", help="low-confidence (reveal the most confident, LLaDA) | random."),
     seed: int = typer.Option(0, help="Seed of the sampling and of random remasking."),
     raw: bool = typer.Option(False, help="Print prompt + completion as plain text (default: labelled, newlines shown as \\n)."),
+    chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="The prompt is a user turn, rendered as the SFT build rendered its chats, and the answer stops at its first end of turn. Default: on for SFT runs."),
+    block_length: Optional[int] = typer.Option(None, help="Reveal the completion block by block, left to right (LLaDA's semi-autoregressive decoding; --steps shared among the blocks). Default: the whole length at once."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
 ) -> None:
     """Generate with LLaDA's remasking sampler; prints the prompt and the completion."""
     from ar2mdm.train.evaluate import sample as do_sample
 
     try:
-        p, c = do_sample(run, prompt, length, steps, device, seed, temperature, remasking)
+        p, c = do_sample(run, prompt, length, steps, device, seed, temperature, remasking, chat, block_length)
     except UserError as e:
         _fail(str(e))
     if raw:
@@ -132,18 +138,20 @@ def fill(
     run: str = typer.Argument(..., help="A kdtrain run folder."),
     text: str = typer.Option(..., help="Text with [MASK] where the student predicts one token each."),
     top: int = typer.Option(5, help="Predictions shown per mask."),
+    chat: bool = typer.Option(False, help="--text is the answer to the user turn --prompt, rendered as the SFT build renders a chat."),
+    prompt: str = typer.Option("", help="--chat: the user's turn that --text answers."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
 ) -> None:
     """Show the student's top predictions for each [MASK] of a sentence (all masks predicted at once)."""
     from ar2mdm.train.evaluate import fill as do_fill
 
     try:
-        preds = do_fill(run, text, top, device)
+        preds = do_fill(run, text, top, device, chat, prompt)
     except UserError as e:
         _fail(str(e))
     typer.echo(text)
     for j, cands in enumerate(preds, 1):
-        typer.echo(f"[MASK] {j}: " + "  ".join(f"{_visible(t)!s:>8} {p:.3f}" for t, p in cands))
+        typer.echo(f"[MASK] {j}: " + "  ".join(f"{_visible(t)!s:>8} {p:.3g}" for t, p in cands))
 
 
 @app.command()

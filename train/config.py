@@ -27,6 +27,7 @@ class TrainConfig:
     tail: Literal["auto", "renormalize", "bucket"] = "auto"
     loss_weighting: Literal["seed", "elbo"] = "seed"  # elbo: multiply the MDM term by 1/t
     resample_masks: bool = False
+    allow_partial: bool = False  # train on a build whose world is not finished (some ranks missing)
     steps: int | None = None  # default: epochs x (rows per rank / batch)
     stop_at: int | None = None  # stop (with a checkpoint) after this step; the schedule still spans `steps`
     epochs: int = 1

@@ -17,10 +17,52 @@ from ar2mdm.train.loop import load_shard_manifest, resolve_device, step_losses
 from ar2mdm.train.losses import corrupt
 
 
+def run_task(meta: dict) -> tuple[str, str | None]:
+    """(task, sft_format) a run was trained on: from its checkpoint, or for runs of earlier versions from the
+    manifest of the shards it names (pretrain where they are gone)."""
+    if "task" in meta:
+        return meta["task"], meta.get("sft_format")
+    from ar2mdm.schemas import Manifest, SchemaError
+
+    try:
+        m = Manifest.load(meta["shards"])
+    except (SchemaError, KeyError, OSError):
+        return "pretrain", None
+    return m.task, m.sft_format
+
+
+def chat_template_for(meta: dict, tokenizer) -> bool:
+    """Whether a user's prompt goes through the chat template: as the build rendered this run's rows (plain
+    `prompt` rows: no), and where the run does not say, whenever the tokenizer has a template."""
+    if run_task(meta)[1] == "plain":
+        return False
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _sft_rows(data: Path, files: list, tokenizer, meta: dict, max_rows: int, messages_field: str) -> list[Row]:
+    """Held-out chats rendered exactly as `kdtargets build --task sft` renders them (template, truncation)."""
+    from itertools import islice
+
+    from ar2mdm.shared.corpus import CorpusStats, iter_sft_examples
+    from ar2mdm.shared.tokenizer import pack_sft
+
+    examples = iter_sft_examples(files, CorpusStats(), messages_field)
+    rows = [_row(ids, plen) for ids, plen in islice(pack_sft(examples, tokenizer, meta["seq_len"]), max_rows)]
+    if not rows:
+        raise UserError(f"--data {data}: no chat row (prompt + response, or {messages_field}) fits {meta['seq_len']} tokens")
+    return rows
+
+
+def _row(ids: np.ndarray, prompt_len: int) -> Row:
+    """A row without targets (raw held-out text)."""
+    return Row("", ids, prompt_len, 1.0, np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(1, np.int64),
+               np.zeros(0, np.int32), np.zeros(0, np.float32))  # fmt: skip
+
+
 def _rows_from(data: Path, meta: dict, tokenizer, max_rows: int, by_line: bool, text_field: str,
-               split: str = "test") -> tuple[list[Row], object]:  # fmt: skip
+               split: str = "test", task: str = "pretrain", messages_field: str = "messages") -> tuple[list[Row], object]:  # fmt: skip
     """Rows to evaluate: a shard folder's rows (with targets), or a corpus (files or a dataset) packed like the
-    precompute."""
+    precompute (``task`` "sft": chats, rendered like the SFT build)."""
     from ar2mdm.shared.corpus import CorpusStats, is_dataset, iter_documents, list_corpus_files
 
     if not is_dataset(data) and not data.exists():
@@ -30,7 +72,7 @@ def _rows_from(data: Path, meta: dict, tokenizer, max_rows: int, by_line: bool, 
 
         from ar2mdm.train.data import rows_of_shard
 
-        manifest = load_shard_manifest(data)
+        manifest = load_shard_manifest(data, allow_partial=True)  # its first rows are evaluated, finished or not
         if manifest.tokenizer.sha256 != meta["tokenizer_sha256"]:
             raise UserError(f"--data {data}: shards built with another tokenizer than the student's")
         rows = chain.from_iterable(rows_of_shard(data / s.file) for s in manifest.shards)
@@ -38,11 +80,12 @@ def _rows_from(data: Path, meta: dict, tokenizer, max_rows: int, by_line: bool, 
     from ar2mdm.shared.tokenizer import pack_documents
 
     files = list_corpus_files(data, split)
+    if task == "sft":
+        return _sft_rows(data, files, tokenizer, meta, max_rows, messages_field), None
     rows = []
     docs = iter_documents(files, CorpusStats(), by_line=by_line, text_field=text_field)
     for ids in pack_documents(docs, tokenizer, meta["seq_len"]):
-        rows.append(Row("", ids, 0, 1.0, np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(1, np.int64),
-                        np.zeros(0, np.int32), np.zeros(0, np.float32)))  # fmt: skip
+        rows.append(_row(ids, 0))
         if len(rows) >= max_rows:
             break
     if not rows:
@@ -85,7 +128,7 @@ def elbo_row_estimates(model, ids: torch.Tensor, maskable: torch.Tensor, draws: 
 @torch.no_grad()
 def evaluate(run: str, data: str, seed: int = 0, mc_samples: int = 4, batch_size: int = 16, max_rows: int = 256,
              device: str = "auto", by_line: bool = False, text_field: str = "text", per_row: bool = False,
-             split: str = "test") -> dict:  # fmt: skip
+             split: str = "test", task: str = "auto", messages_field: str = "messages") -> dict:  # fmt: skip
     """Held-out ELBO bound (nats/token) with its standard error, masked-token accuracy and, on shards, the
     KD loss against the stored targets.
 
@@ -96,6 +139,11 @@ def evaluate(run: str, data: str, seed: int = 0, mc_samples: int = 4, batch_size
     evaluated alike see the same masks, and their difference is the models'. ``per_row``: also return each
     row's estimate (``row_nll``, nats) and maskable tokens (``row_tokens``), for paired comparisons. ``split``:
     the split of a dataset ``data`` (save_to_disk folder or hf:NAME).
+
+    ``task`` "sft" (``auto``: the run's own task): ``data`` holds chats (``messages``, or ``prompt`` +
+    ``response``), rendered as the SFT build renders them, and the bound covers each response's tokens through
+    its end of turn, given the prompt: neither the prompt and template tokens nor the EOS padding after the
+    response are scored (the padding stays visible, so the bound is given the response's length).
     """
     from dataclasses import replace
 
@@ -104,10 +152,16 @@ def evaluate(run: str, data: str, seed: int = 0, mc_samples: int = 4, batch_size
 
     if mc_samples < 1:
         raise UserError(f"--mc-samples must be at least 1, got {mc_samples}")
+    if task not in ("auto", "pretrain", "sft"):
+        raise UserError(f"--task must be auto, pretrain or sft, got {task!r}")
     device = resolve_device(device)
     model, meta = load_student(Path(run), device)
     tokenizer = load_tokenizer(Path(run))
-    rows, manifest = _rows_from(Path(data), meta, tokenizer, max_rows, by_line, text_field, split)
+    task = run_task(meta)[0] if task == "auto" else task
+    rows, manifest = _rows_from(Path(data), meta, tokenizer, max_rows, by_line, text_field, split, task, messages_field)
+    from ar2mdm.shared.tokenizer import response_length, stop_ids
+
+    stops = stop_ids(tokenizer)
     mask_id = model.config.mask_id
     g = torch.Generator().manual_seed(seed)
     row_est, row_tok = [], []
@@ -120,6 +174,9 @@ def evaluate(run: str, data: str, seed: int = 0, mc_samples: int = 4, batch_size
         ids = torch.as_tensor(np.stack([r.input_ids for r in chunk]), dtype=torch.long, device=device)  # (B, L)
         plen = torch.tensor([r.prompt_len for r in chunk], device=device)
         maskable = maskable_positions(ids.shape[1], plen)  # (B, L)
+        if task == "sft":  # the response through its end of turn: [prompt_len, prompt_len + n)
+            end = torch.tensor([r.prompt_len + response_length(r.input_ids, r.prompt_len, stops) for r in chunk], device=device)
+            maskable &= torch.arange(ids.shape[1], device=device)[None, :] < end[:, None]
         est, hits, k = elbo_row_estimates(model, ids, maskable, mc_samples, g, mask_id)
         correct += hits
         masked += k
@@ -133,7 +190,8 @@ def evaluate(run: str, data: str, seed: int = 0, mc_samples: int = 4, batch_size
     nll_bound = float(est.sum() / tok.sum().clamp(min=1))
     out = {"nll_bound": nll_bound, "nll_bound_se": ratio_se(est, tok), "ppl_bound": math.exp(min(nll_bound, 50)),
            "masked_token_accuracy": correct / max(masked, 1), "rows": len(rows), "tokens": int(tok.sum()),
-           "mc_samples": mc_samples, "seed": seed}  # fmt: skip
+           "mc_samples": mc_samples, "seed": seed, "task": task,
+           "uniform_nll": math.log(model.config.vocab_size)}  # fmt: skip
     if kd_rows:
         out["kd_loss"] = kd_sum / kd_rows
     if per_row:
@@ -141,58 +199,85 @@ def evaluate(run: str, data: str, seed: int = 0, mc_samples: int = 4, batch_size
     return out
 
 
+def _prompt_row(meta: dict, tok, prompt: str, chat: bool) -> list[int]:
+    """The ids a generation starts from: BOS + the prompt, through the chat template as the build rendered this
+    run's rows when ``chat``."""
+    from ar2mdm.shared.tokenizer import special_ids, user_prompt_row
+
+    if chat:
+        return user_prompt_row(tok, prompt, chat_template_for(meta, tok))
+    return [special_ids(tok)[0]] + tok(prompt, add_special_tokens=False)["input_ids"]
+
+
 @torch.no_grad()
 def sample(run: str, prompt: str, length: int, steps: int, device: str = "auto", seed: int = 0,
-           temperature: float = 0.0, remasking: str = "low-confidence") -> tuple[str, str]:  # fmt: skip
+           temperature: float = 0.0, remasking: str = "low-confidence", chat: bool | None = None,
+           block_length: int | None = None) -> tuple[str, str]:  # fmt: skip
     """LLaDA's sampler: start with ``length`` masks after the prompt; at each of ``steps`` steps predict every
     masked token (greedy, or sampled at ``temperature``), reveal as many as a linear schedule allows and keep
     the rest masked. ``remasking``: which predictions are revealed: the most confident (low-confidence
-    remasking, as LLaDA) or random ones. Returns (prompt, completion) as text."""
+    remasking, as LLaDA) or random ones. ``block_length``: reveal block by block, left to right (LLaDA's
+    semi-autoregressive decoding). ``chat`` (default: on for SFT runs): the prompt is a user turn rendered as the
+    build rendered the run's rows, and the answer ends at its first end of turn (nothing after it is returned).
+    Returns (prompt, completion) as text."""
     if length < 1 or steps < 1:
         raise UserError("--length and --steps must be at least 1")
     if temperature < 0:
         raise UserError(f"--temperature must be >= 0, got {temperature}")
     if remasking not in ("low-confidence", "random"):
         raise UserError(f"--remasking must be low-confidence or random, got {remasking!r}")
+    if block_length is not None and block_length < 1:
+        raise UserError(f"--block-length must be at least 1, got {block_length}")
     device = resolve_device(device)
     model, meta = load_student(Path(run), device)
     tok = load_tokenizer(Path(run))
-    from ar2mdm.shared.tokenizer import special_ids
+    from ar2mdm.shared.tokenizer import stop_ids
+    from ar2mdm.train.model import cut_at_stop, denoise
 
-    bos, _ = special_ids(tok)
-    p = [bos] + tok(prompt, add_special_tokens=False)["input_ids"]
+    chat = run_task(meta)[0] == "sft" if chat is None else chat
+    p = _prompt_row(meta, tok, prompt, chat)
     if len(p) + length > model.config.max_positions:
         raise UserError(f"prompt ({len(p)} tokens) + --length {length} exceeds the student's {model.config.max_positions} positions")
-    from ar2mdm.train.model import denoise
-
+    stops = tuple(stop_ids(tok)) if chat else ()
     x = torch.tensor([p + [model.config.mask_id] * length], device=device)  # (1, P+N)
-    x = denoise(model, x, steps, temperature, remasking, torch.Generator().manual_seed(seed))
-    return prompt, tok.decode(x[0, len(p) :].tolist(), skip_special_tokens=False)
+    x = denoise(model, x, steps, temperature, remasking, torch.Generator().manual_seed(seed), block_length, stops)
+    out = x[0, len(p) :].tolist()
+    if chat:
+        out = cut_at_stop(out, stops)
+    return prompt, tok.decode(out, skip_special_tokens=False)
 
 
 MASK_MARK = "[MASK]"
 
 
 @torch.no_grad()
-def fill(run: str, text: str, top: int = 5, device: str = "auto") -> list[list[tuple[str, float]]]:
+def fill(run: str, text: str, top: int = 5, device: str = "auto", chat: bool = False,
+         prompt: str = "") -> list[list[tuple[str, float]]]:  # fmt: skip
     """The student's top predictions for each ``[MASK]`` in ``text`` (one token each), all predicted at once.
 
     A readable look at what a small student has learnt, where free generation is still mostly newlines.
     A space before a mask is left to the masked token (BPE vocabularies attach it to the next word).
+    ``chat``: ``text`` is the answer to the user turn ``prompt``, rendered as the SFT build renders a chat,
+    and it ends the turn (the end-of-turn token follows it).
     """
-    from ar2mdm.shared.tokenizer import special_ids
+    from ar2mdm.shared.tokenizer import end_of_turn_id, special_ids
+
     if MASK_MARK not in text:
         raise UserError(f"--text needs at least one {MASK_MARK}")
+    if prompt and not chat:
+        raise UserError("--prompt goes with --chat (the user turn that --text answers)")
     device = resolve_device(device)
-    model, _ = load_student(Path(run), device)
+    model, meta = load_student(Path(run), device)
     tok = load_tokenizer(Path(run))
     bos, _ = special_ids(tok)
     pieces = text.split(MASK_MARK)
-    ids = [bos]
+    ids = _prompt_row(meta, tok, prompt, True) if chat else [bos]
     for j, piece in enumerate(pieces):
         ids += tok(piece.rstrip(" ") if j < len(pieces) - 1 else piece, add_special_tokens=False)["input_ids"]
         if j < len(pieces) - 1:
             ids.append(model.config.mask_id)
+    if chat:  # the answer ends its turn, as in the rows the student trained on
+        ids.append(end_of_turn_id(tok, chat_template_for(meta, tok)))
     if len(ids) > model.config.max_positions:
         raise UserError(f"--text is {len(ids)} tokens, the student has {model.config.max_positions} positions")
     x = torch.tensor([ids], device=device)

@@ -38,9 +38,11 @@ class Ar2mdmConfig(PretrainedConfig):
 
     model_type = "ar2mdm_student"
 
-    def __init__(self, student=None, mask_token_id=None, **kwargs):
+    def __init__(self, student=None, mask_token_id=None, stop_token_ids=None, chat=False, **kwargs):
         self.student = dict(student or {})
         self.mask_token_id = mask_token_id
+        self.stop_token_ids = list(stop_token_ids or [])  # what ends an answer (EOS, the template's end of turn)
+        self.chat = chat  # trained on chats (--task sft): diffusion_generate stops at the end of turn
         super().__init__(**kwargs)
 
 
@@ -69,12 +71,21 @@ class Ar2mdmForMaskedLM(PreTrainedModel):
 
     @torch.no_grad()
     def diffusion_generate(self, input_ids, max_new_tokens=32, steps=32, temperature=0.0, remasking="low-confidence",
-                           seed=0):
+                           seed=0, block_length=None, stop_at_end_of_turn=None):
         """Append ``max_new_tokens`` masks to ``input_ids`` (1, P) and fill them with ``kdtrain sample``'s sampler
-        (``denoise``: LLaDA's low-confidence remasking). Returns (1, P + max_new_tokens) ids."""
+        (``denoise``: LLaDA's low-confidence remasking; ``block_length``: block by block, left to right).
+        ``stop_at_end_of_turn`` (default: on for a chat student, trained with --task sft): the answer ends at its
+        first end-of-turn/EOS token (``config.stop_token_ids``), which is kept, and nothing after it is returned.
+        Returns (1, P + n) ids, n <= max_new_tokens."""
+        stop = self.config.chat if stop_at_end_of_turn is None else stop_at_end_of_turn
+        stops = tuple(self.config.stop_token_ids or ()) if stop else ()
         masks = torch.full((1, max_new_tokens), self.config.mask_token_id, dtype=torch.long, device=input_ids.device)
         x = torch.cat([input_ids.long(), masks], dim=1)
-        return denoise(self.student, x, steps, temperature, remasking, torch.Generator().manual_seed(seed))
+        x = denoise(self.student, x, steps, temperature, remasking, torch.Generator().manual_seed(seed), block_length, stops)
+        if not stops:
+            return x
+        answer = cut_at_stop(x[0, input_ids.shape[1] :].tolist(), stops, keep_stop=True)
+        return x[:, : input_ids.shape[1] + len(answer)]
 '''
 
 
@@ -127,8 +138,13 @@ def export(run: str, out: str, overwrite: bool = False) -> Path:
     if tok_cfg.exists():
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(tok_dir)
-        special = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+        from ar2mdm.shared.tokenizer import stop_ids
+
+        tok = AutoTokenizer.from_pretrained(tok_dir)  # its chat template travels in these files too
+        special = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "stop_token_ids": stop_ids(tok)}
+    from ar2mdm.train.evaluate import run_task
+
+    special["chat"] = run_task(meta)[0] == "sft"
     cls = f"{MODULE}.Ar2mdmForMaskedLM"
     config = {
         "model_type": MODEL_TYPE,

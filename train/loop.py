@@ -23,6 +23,7 @@ from ar2mdm.train.checkpoint import checkpoint_dir, load_meta, load_student, sav
 from ar2mdm.train.config import TrainConfig
 from ar2mdm.shared.masking import maskable_positions
 from ar2mdm.shared.shards import check_shard_file
+from ar2mdm.shared.validate import partial_world_line
 from ar2mdm.train.data import Batch, BatchLoader, RowStream, TargetSpec
 from ar2mdm.train.losses import (combined_loss, corrupt, elbo_weight, kd_loss, kd_weight, mdm_loss, row_norm,
                                  storage_slack, student_logprobs)
@@ -30,7 +31,10 @@ from ar2mdm.train.model import Student, StudentConfig
 from ar2mdm.train.tracking import open_tracker
 
 
-def load_shard_manifest(shards: str | Path) -> Manifest:
+def load_shard_manifest(shards: str | Path, allow_partial: bool = False) -> Manifest:
+    """The shard folder's manifest, after cheap checks of its files. A build whose world is not finished (some
+    ranks never ran or stopped) is refused unless ``allow_partial``: a student trained on a third of the data
+    without a word is worse than a one-line stop."""
     d = Path(shards)
     if not d.is_dir():
         raise UserError(f"shard folder {d} does not exist")
@@ -38,6 +42,12 @@ def load_shard_manifest(shards: str | Path) -> Manifest:
         m = Manifest.load(d)
     except SchemaError as e:
         raise UserError(str(e)) from e
+    partial = partial_world_line(d, m)
+    if partial and not allow_partial:
+        raise UserError(f"{partial}; or pass --allow-partial to train on what is there")
+    if partial:
+        warn(f"{partial}; using those rows (--allow-partial): the rows the missing ranks would add are known only "
+             "once they finish")  # fmt: skip
     if not m.shards:
         raise UserError(f"shard folder {d} lists no shards (build not run or not finished)")
     if not (d / "tokenizer").is_dir():
@@ -144,7 +154,7 @@ def run_training(cfg: TrainConfig) -> dict:
     """Train (or resume) a student; returns the final metrics. Raises UserError on bad input."""
     cfg.check()
     shards = Path(cfg.shards)
-    manifest = load_shard_manifest(shards)
+    manifest = load_shard_manifest(shards, cfg.allow_partial)
     if cfg.resample_masks and (manifest.mask_dependent_targets or not manifest.targets_at_all_positions):
         raise UserError(
             "--resample-masks needs targets at every position that do not depend on the mask "
@@ -165,7 +175,8 @@ def run_training(cfg: TrainConfig) -> dict:
     np.random.seed(cfg.seed)
 
     meta = {"mask_id": manifest.tokenizer.vocab_size, "tokenizer_sha256": manifest.tokenizer.sha256,
-            "shards": str(shards.resolve()), "train": cfg.to_dict(), "seq_len": manifest.seq_len}  # fmt: skip
+            "shards": str(shards.resolve()), "train": cfg.to_dict(), "seq_len": manifest.seq_len,
+            "task": manifest.task, "sft_format": manifest.sft_format}  # fmt: skip
     state = None
     if cfg.resume:
         old = load_meta(run)

@@ -246,30 +246,52 @@ class Student(nn.Module):
 
 @torch.no_grad()
 def denoise(model: Student, x: torch.Tensor, steps: int, temperature: float = 0.0, remasking: str = "low-confidence",
-            generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
+            generator: torch.Generator | None = None, block_length: int | None = None,
+            stop_ids: tuple[int, ...] = ()) -> torch.Tensor:  # fmt: skip
     """LLaDA's sampler: fill the masked positions of ``x`` (1, S) (mask id = vocab_size) in ``steps`` steps.
 
     At each step every masked token is predicted (greedy, or sampled at ``temperature``) and as many are
     revealed as a linear schedule allows: the most confident (``low-confidence`` remasking, as LLaDA) or random
-    ones; the rest stay masked. ``kdtrain sample`` and an exported student's ``diffusion_generate`` both call it.
+    ones; the rest stay masked. ``block_length``: LLaDA's semi-autoregressive decoding for instruct models: the
+    masked positions are revealed block by block, left to right, with ``steps`` shared evenly among the blocks;
+    a later block stays masked (and attended to) until its turn, and after a block that holds one of
+    ``stop_ids`` the rest stay masked (``cut_at_stop`` then drops them). ``kdtrain sample`` and an exported
+    student's ``diffusion_generate`` both call it.
     """
     mask_id = model.config.mask_id
     x = x.clone()
-    length = int((x == mask_id).sum())
-    steps = min(steps, length)
-    for s in range(steps):
-        masked = x == mask_id  # (1, S)
-        reveal = int(masked.sum()) - int(length * (1 - (s + 1) / steps))
-        if reveal <= 0:
-            continue
-        probs = torch.softmax(model(x, masked).float(), -1).cpu()  # (K, V)
-        if temperature > 0:
-            pred = torch.multinomial(torch.softmax(probs.log() / temperature, -1), 1, generator=generator)[:, 0]  # (K,)
-        else:
-            pred = probs.argmax(-1)
-        conf = probs.gather(1, pred[:, None])[:, 0]  # (K,)
-        score = conf if remasking == "low-confidence" else torch.rand(len(conf), generator=generator)
-        top = score.topk(reveal).indices
-        pos = masked.nonzero()[:, 1].cpu()
-        x[0, pos[top].to(x.device)] = pred[top].to(x.device)
+    todo = (x[0] == mask_id).nonzero()[:, 0]  # (N,) the positions to fill
+    blocks = list(todo.split(block_length)) if block_length else [todo]
+    block_steps = max(1, steps // len(blocks))
+    done = 0  # positions of `todo` in finished blocks
+    for block in blocks:
+        length = len(block)
+        n_steps = min(block_steps, length)
+        for s in range(n_steps):
+            masked = x == mask_id  # (1, S)
+            pos = masked.nonzero()[:, 1]  # (K,) every masked position: the student sees them all
+            mine = torch.isin(pos, block)  # (K,) those of this block, the only ones revealed now
+            reveal = int(mine.sum()) - int(length * (1 - (s + 1) / n_steps))
+            if reveal <= 0:
+                continue
+            probs = torch.softmax(model(x, masked).float(), -1)[mine].cpu()  # (k, V)
+            if temperature > 0:
+                pred = torch.multinomial(torch.softmax(probs.log() / temperature, -1), 1, generator=generator)[:, 0]  # (k,)
+            else:
+                pred = probs.argmax(-1)
+            conf = probs.gather(1, pred[:, None])[:, 0]  # (k,)
+            score = conf if remasking == "low-confidence" else torch.rand(len(conf), generator=generator)
+            top = score.topk(reveal).indices
+            x[0, pos[mine].cpu()[top].to(x.device)] = pred[top].to(x.device)
+        done += length
+        if stop_ids and bool(torch.isin(x[0, todo[:done]], torch.tensor(list(stop_ids), device=x.device)).any()):
+            break  # a response ended: the later blocks are not computed
     return x
+
+
+def cut_at_stop(ids: list[int], stop_ids: tuple[int, ...] | list[int], keep_stop: bool = False) -> list[int]:
+    """``ids`` up to their first stop token (included with ``keep_stop``): nothing after an end of turn."""
+    for j, t in enumerate(ids):
+        if t in stop_ids:
+            return ids[: j + 1] if keep_stop else ids[:j]
+    return ids

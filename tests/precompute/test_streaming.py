@@ -8,7 +8,7 @@ import pytest
 import ar2mdm.shared.corpus as corpus_mod
 from ar2mdm.precompute.build import run_build
 from ar2mdm.shared.errors import UserError
-from ar2mdm.shared.validate import validate_dir
+from ar2mdm.shared.validate import ValidationError, validate_dir
 from tests.precompute.test_build import cfg, shard_hashes
 from tests.tiny import TEXT
 
@@ -61,6 +61,9 @@ def test_a_rank_with_enough_files_reads_only_its_own(many_files, tiny_teacher, t
     run_build(cfg(many_files, tiny_teacher, out, rank=0, world_size=3))
     assert reads == ["doc0.txt", "doc3.txt"]
     assert {f.split("-")[1] for f in shard_hashes(out)} == {"00000", "00001"}
+    with pytest.raises(ValidationError, match=r"ranks 2 of 3 finished \(rank 2 never started\)"):
+        validate_dir(out)  # every shard there is valid, but the world is not finished
+    run_build(cfg(many_files, tiny_teacher, out, rank=2, world_size=3))
     validate_dir(out)
 
 
