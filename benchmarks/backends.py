@@ -48,8 +48,9 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense peak for MFU (default: H100/H200 bf16 989)")
     a = ap.parse_args()
 
-    from ar2mdm.precompute.build import rank_sequences, row_masks
+    from ar2mdm.precompute.build import rank_sequences
     from ar2mdm.precompute.config import BuildConfig
+    from ar2mdm.precompute.targets import row_masks
     from ar2mdm.precompute.teacher import TorchTeacher, load_tokenizer, resolve_teacher
     from ar2mdm.precompute.vllm_backend import VllmTeacher, vllm_available
     from ar2mdm.shared.corpus import list_corpus_files
@@ -87,11 +88,19 @@ def main() -> None:
     params = sum(p.numel() for p in hf.model.parameters())
     mc_args = (MK, "next-token", a.weights, 1.0, 16, 4, None, 4096)
     run("topk torch packed", "topk", lambda: hf.rescore_targets(ids, masks, K, W, 4096))
-    run("mc torch row by row (old)", "mc", lambda: [hf.mc_targets(x, m.tolist(), sd, *mc_args) for x, m, sd in zip(ids, masks, seeds)])
+    run(
+        "mc torch row by row (old)",
+        "mc",
+        lambda: [hf.mc_targets(x, m.tolist(), sd, *mc_args) for x, m, sd in zip(ids, masks, seeds)],
+    )
     run("mc torch rows at once", "mc", lambda: hf.mc_batch(ids, [m.tolist() for m in masks], seeds, *mc_args))
-    del hf
+    hf = None  # frees the torch teacher before vLLM loads (the lambdas above have run)
     peak = a.peak_tflops
-    if peak is None and a.device.startswith("cuda") and any(g in torch.cuda.get_device_name() for g in ("H100", "H200")):
+    if (
+        peak is None
+        and a.device.startswith("cuda")
+        and any(g in torch.cuda.get_device_name() for g in ("H100", "H200"))
+    ):
         peak = 989.0
     vllm = not a.no_vllm and vllm_available()
     if not vllm:
@@ -104,29 +113,48 @@ def main() -> None:
     vt.mc_batch(ids[:1], [masks[0].tolist()[:4]], [99], *mc_args)
     run("topk vllm prompt (old)", "topk", lambda: vt.rescore_targets(ids, masks, K, W, plan="prompt"), vt)
     run("topk vllm cached", "topk", lambda: vt.rescore_targets(ids, masks, K, W, plan="cached"), vt)
-    run("mc vllm rounds (old)", "mc", lambda: vt.mc_batch(ids, [m.tolist() for m in masks], seeds, *mc_args, plan="rounds"), vt)
-    run("mc vllm forced", "mc", lambda: vt.mc_batch(ids, [m.tolist() for m in masks], seeds, *mc_args, plan="forced"), vt)
+    run(
+        "mc vllm rounds (old)",
+        "mc",
+        lambda: vt.mc_batch(ids, [m.tolist() for m in masks], seeds, *mc_args, plan="rounds"),
+        vt,
+    )
+    run(
+        "mc vllm forced",
+        "mc",
+        lambda: vt.mc_batch(ids, [m.tolist() for m in masks], seeds, *mc_args, plan="forced"),
+        vt,
+    )
     vt.close()
 
     report(a, rows, bound, n_pos, L, K, W, MK, len(ids), start, params, peak, out)
 
 
 def report(a, rows, bound, n_pos, L, K, W, MK, n_rows, start, params, peak, out) -> None:
-    print(f"default teacher ({params / 1e6:.0f}M parameters), {a.device} {a.dtype}, one shard: rows={n_rows} L={L}; "
-          f"topk K={K} W={W}; mc K={MK} --mc-weights {a.weights} next-token; target positions={n_pos}"
-          + (f"; vLLM engine start {start:.1f}s" if start is not None else "; vLLM not run"))
-    print(f"{'plan':26s} {'seconds':>8s} {'pos/s':>8s} {'engine tokens':>14s} {'/ bound':>8s} {'calls':>6s} "
-          f"{'tok/s':>9s} {'MFU':>6s}")
+    print(
+        f"default teacher ({params / 1e6:.0f}M parameters), {a.device} {a.dtype}, one shard: rows={n_rows} L={L}; "
+        f"topk K={K} W={W}; mc K={MK} --mc-weights {a.weights} next-token; target positions={n_pos}"
+        + (f"; vLLM engine start {start:.1f}s" if start is not None else "; vLLM not run")
+    )
+    print(
+        f"{'plan':26s} {'seconds':>8s} {'pos/s':>8s} {'engine tokens':>14s} {'/ bound':>8s} {'calls':>6s} "
+        f"{'tok/s':>9s} {'MFU':>6s}"
+    )
     base = {m: sec for name, m, sec, _, _ in rows if name in ("topk torch packed", "mc torch rows at once")}
     for name, mode, sec, tok, calls in rows:
         extra = f"  {base[mode] / sec:.2f}x torch" if mode in base and "torch" not in name else ""
         tps = (tok if tok else bound[mode]) / sec  # torch: the bound (its plans compute about that)
         mfu = f"{2 * params * tps / (peak * 1e12):.1%}" if peak else "-"
-        print(f"{name:26s} {sec:8.2f} {n_pos / sec:8.2f} {tok if tok is not None else '-':>14} "
-              f"{(f'{tok / bound[mode]:.2f}' if tok else '-'):>8s} {calls if calls is not None else '-':>6} "
-              f"{tps:9.0f} {mfu:>6s}{extra}")
-    for old, new in [("topk vllm prompt (old)", "topk vllm cached"), ("mc vllm rounds (old)", "mc vllm forced"),
-                     ("mc torch row by row (old)", "mc torch rows at once")]:
+        print(
+            f"{name:26s} {sec:8.2f} {n_pos / sec:8.2f} {tok if tok is not None else '-':>14} "
+            f"{(f'{tok / bound[mode]:.2f}' if tok else '-'):>8s} {calls if calls is not None else '-':>6} "
+            f"{tps:9.0f} {mfu:>6s}{extra}"
+        )
+    for old, new in [
+        ("topk vllm prompt (old)", "topk vllm cached"),
+        ("mc vllm rounds (old)", "mc vllm forced"),
+        ("mc torch row by row (old)", "mc torch rows at once"),
+    ]:
         t = {n: s for n, _, s, _, _ in rows}
         if old in t and new in t:
             print(f"{new} / {old}: {t[old] / t[new]:.2f}x faster")

@@ -36,14 +36,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for lam in (0.0, a.lam):
             run = Path(tmp) / f"lam{lam}"
-            run_training(TrainConfig(shards=a.shards, out=str(run), student=a.student, lam=lam, steps=a.steps,
-                                     batch_size=a.batch_size, lr=a.lr, save_every=a.steps, progress=False,
-                                     temperature=a.temperature, tail=a.tail))  # fmt: skip
+            run_training(
+                TrainConfig(
+                    shards=a.shards,
+                    out=str(run),
+                    student=a.student,
+                    lam=lam,
+                    steps=a.steps,
+                    batch_size=a.batch_size,
+                    lr=a.lr,
+                    save_every=a.steps,
+                    progress=False,
+                    temperature=a.temperature,
+                    tail=a.tail,
+                )
+            )
             results[lam] = evaluate(str(run), a.heldout, seed=0, mc_samples=4, max_rows=a.max_rows)
             print(f"λ={lam}: " + json.dumps(results[lam]))
     d = results[a.lam]["nll_bound"] - results[0.0]["nll_bound"]
-    print(f"held-out nll_bound: λ=0 {results[0.0]['nll_bound']:.4f}, λ={a.lam} {results[a.lam]['nll_bound']:.4f} "
-          f"(difference {d:+.4f} nats/token; negative means KD helped)")
+    print(
+        f"held-out nll_bound: λ=0 {results[0.0]['nll_bound']:.4f}, λ={a.lam} {results[a.lam]['nll_bound']:.4f} "
+        f"(difference {d:+.4f} nats/token; negative means KD helped)"
+    )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,11 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     a = ap.parse_args()
     folder, _ = resolve_teacher(None)
-    ids, _ = rank_sequences(BuildConfig(seq_len=a.seq_len, max_sequences=a.rows), list_corpus_files(default_corpus()), load_tokenizer(folder))
+    ids, _ = rank_sequences(
+        BuildConfig(seq_len=a.seq_len, max_sequences=a.rows),
+        list_corpus_files(default_corpus()),
+        load_tokenizer(folder),
+    )
     teacher = TorchTeacher.load(folder, a.device, a.dtype)
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -54,8 +58,14 @@ def main() -> None:
     fast_tokens = sum(m[0] + a.k * (a.seq_len - m[0]) for _, m in rows)  # prefix once + K x the rest
     naive_tokens = a.k * sum(sum(m) for _, m in rows)  # a forward of x_<j per sample and masked j
     print(f"device={teacher.device} rows={len(rows)} L={a.seq_len} K={a.k} masked positions={n_mask}")
-    print(f"cached sampler : {t_fast:7.2f} s  {len(rows) / t_fast:6.3f} MC rows/s  {fast_tokens / t_fast:7.0f} teacher tok/s")
-    print(f"naive loop     : {t_naive:7.2f} s  {len(rows) / t_naive:6.3f} MC rows/s  {naive_tokens / t_naive:7.0f} teacher tok/s")
+    print(
+        f"cached sampler : {t_fast:7.2f} s  {len(rows) / t_fast:6.3f} MC rows/s  {fast_tokens / t_fast:7.0f} teacher "
+        f"tok/s"
+    )
+    print(
+        f"naive loop     : {t_naive:7.2f} s  {len(rows) / t_naive:6.3f} MC rows/s  {naive_tokens / t_naive:7.0f} "
+        f"teacher tok/s"
+    )
     print(f"speed-up (naive / cached): {t_naive / t_fast:.2f}x")
 
 

@@ -23,15 +23,23 @@ import time
 import numpy as np
 import torch
 
-from ar2mdm.precompute.build import rank_sequences, row_masks, row_seed
+from ar2mdm.precompute.build import rank_sequences
 from ar2mdm.precompute.config import BuildConfig
 from ar2mdm.precompute.mc import mc_targets
+from ar2mdm.precompute.targets import row_masks
 from ar2mdm.precompute.teacher import TorchTeacher, load_tokenizer, resolve_teacher
 from ar2mdm.shared.corpus import list_corpus_files
 from ar2mdm.shared.defaults import default_corpus
+from ar2mdm.shared.masking import row_seed
 
-ESTIMATORS = [("uniform", "next-token"), ("importance", "next-token"), ("smc", "next-token"),
-              ("uniform", "full-conditional"), ("importance", "full-conditional"), ("smc", "full-conditional")]  # fmt: skip
+ESTIMATORS = [
+    ("uniform", "next-token"),
+    ("importance", "next-token"),
+    ("smc", "next-token"),
+    ("uniform", "full-conditional"),
+    ("importance", "full-conditional"),
+    ("smc", "full-conditional"),
+]
 
 
 class TokenCounter:
@@ -62,14 +70,31 @@ def estimate(teacher, counter, rows, weights, score, K, a, salt=":mc") -> tuple[
     t0 = time.perf_counter()
     for key, x, masked in rows:
         g = torch.Generator(device=teacher.device).manual_seed(row_seed(a.seed, key + salt))
-        res = mc_targets(teacher.model, x, masked, K, score, weights, 1.0, g, top_n=256, rescore_k=a.rescore_k,
-                         window=a.window, smc_ess=a.smc_ess)  # fmt: skip
+        res = mc_targets(
+            teacher.model,
+            x,
+            masked,
+            K,
+            score,
+            weights,
+            1.0,
+            g,
+            top_n=256,
+            rescore_k=a.rescore_k,
+            window=a.window,
+            smc_ess=a.smc_ess,
+        )
         out.append([sparse(i, lp) for i, lp in zip(res.ids, res.logprobs)])
         ess.append(res.ess)
         before += res.ess_before
         resamples.append(len(res.ess_before))
-    return out, dict(seconds=time.perf_counter() - t0, tokens=counter.tokens, ess=float(np.mean(ess)),
-                     ess_before=float(np.mean(before)) if before else None, resamples=float(np.mean(resamples)))  # fmt: skip
+    return out, dict(
+        seconds=time.perf_counter() - t0,
+        tokens=counter.tokens,
+        ess=float(np.mean(ess)),
+        ess_before=float(np.mean(before)) if before else None,
+        resamples=float(np.mean(resamples)),
+    )
 
 
 def metrics(targets, rows, stats, reference=None) -> dict:
@@ -86,10 +111,17 @@ def metrics(targets, rows, stats, reference=None) -> dict:
             if reference is not None:
                 tvs.append(tv(q, reference[r][p]))
     n = len(ptrue)
-    m = {"p_true": float(np.mean(ptrue)), **{f"mass@{k}": float(np.mean(v)) for k, v in mass.items()},
-         "entropy": float(np.mean(ent)), "ess_end": stats["ess"], "ess_before_resampling": stats["ess_before"],
-         "resamples_per_row": stats["resamples"], "tokens_per_position": stats["tokens"] / n,
-         "seconds_per_position": stats["seconds"] / n, "positions": n}  # fmt: skip
+    m = {
+        "p_true": float(np.mean(ptrue)),
+        **{f"mass@{k}": float(np.mean(v)) for k, v in mass.items()},
+        "entropy": float(np.mean(ent)),
+        "ess_end": stats["ess"],
+        "ess_before_resampling": stats["ess_before"],
+        "resamples_per_row": stats["resamples"],
+        "tokens_per_position": stats["tokens"] / n,
+        "seconds_per_position": stats["seconds"] / n,
+        "positions": n,
+    }
     if reference is not None:
         m["tv_to_reference"] = float(np.mean(tvs))
     return m
@@ -100,7 +132,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--k", type=int, default=8)
-    ap.add_argument("--reference-k", type=int, default=0, help="samples of the smc + full-conditional reference (0: none)")
+    ap.add_argument(
+        "--reference-k", type=int, default=0, help="samples of the smc + full-conditional reference (0: none)"
+    )
     ap.add_argument("--rescore-k", type=int, default=8)
     ap.add_argument("--window", type=int, default=16)
     ap.add_argument("--smc-ess", type=float, default=0.5)
@@ -117,11 +151,17 @@ def main() -> None:
     keys, _, masks, src = row_masks(cfg, np.arange(len(ids)), plen)
     teacher = TorchTeacher.load(folder, a.device, a.dtype)
     counter = TokenCounter(teacher.model)
-    rows = [(k, torch.as_tensor(ids[s], dtype=torch.long, device=teacher.device), m.tolist()) for k, m, s in zip(keys, masks, src)]
+    rows = [
+        (k, torch.as_tensor(ids[s], dtype=torch.long, device=teacher.device), m.tolist())
+        for k, m, s in zip(keys, masks, src)
+    ]
     todo = ESTIMATORS if a.estimators == "all" else [tuple(e.split("/")) for e in a.estimators.split(",")]
     reference = None
-    print(f"device={teacher.device} rows={len(rows)} L={a.seq_len} K={a.k} rescore_k={a.rescore_k} window={a.window} "
-          f"smc_ess={a.smc_ess} masked positions={sum(len(m) for _, _, m in rows)}", flush=True)  # fmt: skip
+    print(
+        f"device={teacher.device} rows={len(rows)} L={a.seq_len} K={a.k} rescore_k={a.rescore_k} window={a.window} "
+        f"smc_ess={a.smc_ess} masked positions={sum(len(m) for _, _, m in rows)}",
+        flush=True,
+    )
     table = {}
     if a.reference_k:
         reference, st = estimate(teacher, counter, rows, "smc", "full-conditional", a.reference_k, a, ":reference")
@@ -130,9 +170,21 @@ def main() -> None:
     for weights, score in todo:
         targets, st = estimate(teacher, counter, rows, weights, score, a.k, a)
         table[f"{weights}/{score}"] = metrics(targets, rows, st, reference)
-        print(f"{weights}/{score}: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in table[f'{weights}/{score}'].items()})}", flush=True)
-    cols = ["p_true", "mass@16", "mass@64", "mass@256", "entropy", "ess_end", "ess_before_resampling", "resamples_per_row",
-            "tv_to_reference", "tokens_per_position", "seconds_per_position"]  # fmt: skip
+        row = {k: round(v, 4) if isinstance(v, float) else v for k, v in table[f"{weights}/{score}"].items()}
+        print(f"{weights}/{score}: {json.dumps(row)}", flush=True)
+    cols = [
+        "p_true",
+        "mass@16",
+        "mass@64",
+        "mass@256",
+        "entropy",
+        "ess_end",
+        "ess_before_resampling",
+        "resamples_per_row",
+        "tv_to_reference",
+        "tokens_per_position",
+        "seconds_per_position",
+    ]
     print("\n| estimator | " + " | ".join(cols) + " |")
     print("| --- " * (len(cols) + 1) + "|")
     for name, m in table.items():

@@ -14,8 +14,8 @@ import time
 import numpy as np
 import torch
 
-from ar2mdm.precompute.config import BuildConfig
 from ar2mdm.precompute.build import rank_sequences
+from ar2mdm.precompute.config import BuildConfig
 from ar2mdm.precompute.rescoring import rescore, rescore_naive
 from ar2mdm.precompute.teacher import TorchTeacher, load_tokenizer, resolve_teacher
 from ar2mdm.shared.corpus import list_corpus_files
@@ -61,7 +61,10 @@ def main() -> None:
     naive_tokens = sum(min(i + W, L - 1) * (K + 1) + i for p in positions for i in p.tolist())
     print(f"device={teacher.device} dtype={teacher.dtype} rows={len(ids)} L={L} K={K} W={W} target_positions={n_pos}")
     print(f"packed tree attention : {t_fast:8.2f} s  {n_pos / t_fast:7.2f} positions/s")
-    print(f"naive recomputation   : {t_slow:8.2f} s  {n_pos / t_slow:7.2f} positions/s  ({naive_tokens / t_slow:.0f} teacher tok/s)")
+    print(
+        f"naive recomputation   : {t_slow:8.2f} s  {n_pos / t_slow:7.2f} positions/s  ({naive_tokens / t_slow:.0f} "
+        f"teacher tok/s)"
+    )
     print(f"speed-up (naive / packed): {t_slow / t_fast:.2f}x")
     print(f"max |q_packed - q_naive| = {diff:.2e}; same candidates: {same_cands}")
 

@@ -37,15 +37,23 @@ def main() -> None:
     ap.add_argument("--samples", default="8,16,32,64")
     a = ap.parse_args()
     folder, _ = resolve_teacher(None)
-    ids, _ = rank_sequences(BuildConfig(seq_len=a.seq_len, max_sequences=a.rows), list_corpus_files(default_corpus()),
-                            load_tokenizer(folder))  # fmt: skip
+    ids, _ = rank_sequences(
+        BuildConfig(seq_len=a.seq_len, max_sequences=a.rows),
+        list_corpus_files(default_corpus()),
+        load_tokenizer(folder),
+    )
     teacher = TorchTeacher.load(folder, "auto", "auto")
     with torch.no_grad():
-        lq = torch.log_softmax(teacher.model(torch.as_tensor(ids, dtype=torch.long, device=teacher.device)).logits.float(), -1)
+        lq = torch.log_softmax(
+            teacher.model(torch.as_tensor(ids, dtype=torch.long, device=teacher.device)).logits.float(), -1
+        )
     lq = lq[:, :-1].reshape(-1, lq.shape[-1]).double().cpu()  # (P, V): every position of every row
     q = lq.exp()
     P, V = q.shape
-    print(f"teacher next-token distributions: {P} positions, V = {V}, mean entropy {float(-(q * lq).sum(1).mean()):.2f} nats")
+    print(
+        f"teacher next-token distributions: {P} positions, V = {V}, mean entropy "
+        f"{float(-(q * lq).sum(1).mean()):.2f} nats"
+    )
     print("\n| target | entries | bytes/pos | KL(stored ‖ q) | TV(stored, q) | bias TV(E[stored], q) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for n in map(int, a.top_n.split(",")):
@@ -74,8 +82,10 @@ def main() -> None:
                     tv.append(float(0.5 * (est - q[p]).abs().sum()))
             bias.append(float(0.5 * (mean - q[p]).abs().sum()))
         e = float(np.mean(entries))
-        print(f"| sample S={s} | {e:.1f} | {e * BYTES_PER_ENTRY:.0f} | {np.mean(kl):.3f} | {np.mean(tv):.3f} | "
-              f"{np.mean(bias):.3f} ({np.mean(bias_q):.3f} from {a.draws // 4} draws: sampling noise) |")
+        print(
+            f"| sample S={s} | {e:.1f} | {e * BYTES_PER_ENTRY:.0f} | {np.mean(kl):.3f} | {np.mean(tv):.3f} | "
+            f"{np.mean(bias):.3f} ({np.mean(bias_q):.3f} from {a.draws // 4} draws: sampling noise) |"
+        )
 
 
 if __name__ == "__main__":

@@ -38,11 +38,18 @@ def child(way: str, corpus: str, seq_len: int, per_shard: int) -> None:
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     if way == "stream":
-        rows = sum(len(ids) for _, _, ids, _ in shard_chunks(rank_stream(cfg, files, tok, CorpusStats(), PackStats()), per_shard))
+        rows = sum(
+            len(ids)
+            for _, _, ids, _ in shard_chunks(rank_stream(cfg, files, tok, CorpusStats(), PackStats()), per_shard)
+        )
     else:
         rows = len(rank_sequences(cfg, files, tok)[0])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"rows": rows, "peak_mib": peak / 1024, "growth_mib": (peak - base) / 1024, "s": time.perf_counter() - t0}))
+    print(
+        json.dumps(
+            {"rows": rows, "peak_mib": peak / 1024, "growth_mib": (peak - base) / 1024, "s": time.perf_counter() - t0}
+        )
+    )
 
 
 def measure(args: list[str], env=None) -> dict:
@@ -76,16 +83,32 @@ def main() -> None:
                     shutil.copyfile(f, d / f"{c:03d}-{f.name}")
             mib = sum(f.stat().st_size for f in d.iterdir()) / 2**20
             for way in ("hold", "stream"):
-                res[(scale, way)] = r = measure([__file__, "--child", way, str(d), "--seq-len", str(a.seq_len),
-                                                 "--seqs-per-shard", str(a.seqs_per_shard)])  # fmt: skip
-                print(f"{scale:3d}x corpus ({mib:6.1f} MiB, {r['rows']:6d} rows of {a.seq_len}) {way:6s}: peak RSS "
-                      f"{r['peak_mib']:7.1f} MiB (+{r['growth_mib']:6.1f} MiB over the start), {r['s']:.1f}s", flush=True)  # fmt: skip
+                res[(scale, way)] = r = measure(
+                    [
+                        __file__,
+                        "--child",
+                        way,
+                        str(d),
+                        "--seq-len",
+                        str(a.seq_len),
+                        "--seqs-per-shard",
+                        str(a.seqs_per_shard),
+                    ]
+                )
+                print(
+                    f"{scale:3d}x corpus ({mib:6.1f} MiB, {r['rows']:6d} rows of {a.seq_len}) {way:6s}: peak RSS "
+                    f"{r['peak_mib']:7.1f} MiB (+{r['growth_mib']:6.1f} MiB over the start), {r['s']:.1f}s",
+                    flush=True,
+                )
         scales = sorted({s for s, _ in res})
         if len(scales) > 1:
             lo, hi = scales[0], scales[-1]
             for way in ("hold", "stream"):
-                print(f"{way:6s}: RSS growth {res[(lo, way)]['growth_mib']:.1f} -> {res[(hi, way)]['growth_mib']:.1f} MiB "
-                      f"({hi // lo}x the corpus)")  # fmt: skip
+                print(
+                    f"{way:6s}: RSS growth {res[(lo, way)]['growth_mib']:.1f} -> {res[(hi, way)]['growth_mib']:.1f} "
+                    f"MiB "
+                    f"({hi // lo}x the corpus)"
+                )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

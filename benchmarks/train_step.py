@@ -19,9 +19,9 @@ import torch
 
 from ar2mdm.train import losses
 from ar2mdm.train.config import TrainConfig
-from ar2mdm.train.data import BatchLoader, TargetSpec
-from ar2mdm.train.loop import load_shard_manifest, step_losses
+from ar2mdm.train.data import BatchLoader, TargetSpec, load_shard_manifest
 from ar2mdm.train.model import Student, StudentConfig
+from ar2mdm.train.step import step_losses
 
 
 def timed_steps(model, opt, batches, cfg, mask_id, spec) -> float:
@@ -60,26 +60,35 @@ def main() -> None:
     t_stream = timed_steps(model, opt, stream(), kd_cfg, mask_id, spec)
     t_mdm = timed_steps(model, opt, in_memory, mdm_cfg, mask_id, spec)
     t_kd = timed_steps(model, opt, in_memory, kd_cfg, mask_id, spec)
-    t_kd2 = timed_steps(model, opt, in_memory, TrainConfig(shards=str(shards), lam=0.5, tail="bucket",
-                                                           temperature=2.0), mask_id, spec)
-    t_ren = timed_steps(model, opt, in_memory, TrainConfig(shards=str(shards), lam=0.5, tail="renormalize"), mask_id, spec)
+    t_kd2 = timed_steps(
+        model, opt, in_memory, TrainConfig(shards=str(shards), lam=0.5, tail="bucket", temperature=2.0), mask_id, spec
+    )
+    t_ren = timed_steps(
+        model, opt, in_memory, TrainConfig(shards=str(shards), lam=0.5, tail="renormalize"), mask_id, spec
+    )
     short = losses.COMPLEMENT_MAX_MASS
     losses.COMPLEMENT_MAX_MASS = 1e-300  # every row takes the summed route
     t_sum = timed_steps(model, opt, in_memory, kd_cfg, mask_id, spec)
     losses.COMPLEMENT_MAX_MASS = short
-    print(f"student={a.student} params={sum(p.numel() for p in model.parameters()) / 1e6:.1f}M batch={a.batch_size} "
-          f"seq_len={m.seq_len} steps={a.steps}")
+    print(
+        f"student={a.student} params={sum(p.numel() for p in model.parameters()) / 1e6:.1f}M batch={a.batch_size} "
+        f"seq_len={m.seq_len} steps={a.steps}"
+    )
     print(f"in-memory batches : {a.steps / t_mem:6.2f} steps/s")
     print(f"streaming shards  : {a.steps / t_stream:6.2f} steps/s")
     print(f"streaming / in-memory steps/s ratio: {t_mem / t_stream:.3f} (goal >= 0.9)")
     ms = lambda t: f"{t / a.steps * 1e3:.1f} ms"  # noqa: E731
     print(f"λ=0 step {ms(t_mdm)}")
     print(f"λ=0.5, T=1, tail bucket      {ms(t_kd)}: KD overhead {100 * (t_kd / t_mdm - 1):+.1f}% (goal <= 10%)")
-    print(f"λ=0.5, T=1, bucket, summed   {ms(t_sum)}: KD overhead {100 * (t_sum / t_mdm - 1):+.1f}% "
-          f"(every row's rest summed over V: the baseline; bucket step speed-up {t_sum / t_kd:.2f}x)")
+    print(
+        f"λ=0.5, T=1, bucket, summed   {ms(t_sum)}: KD overhead {100 * (t_sum / t_mdm - 1):+.1f}% "
+        f"(every row's rest summed over V: the baseline; bucket step speed-up {t_sum / t_kd:.2f}x)"
+    )
     print(f"λ=0.5, T=1, tail renormalize {ms(t_ren)}: KD overhead {100 * (t_ren / t_mdm - 1):+.1f}%")
-    print(f"λ=0.5, T=2, tail bucket      {ms(t_kd2)}: KD overhead {100 * (t_kd2 / t_mdm - 1):+.1f}% "
-          "(tempered over the N+1 categories: no second pass over the vocabulary)")
+    print(
+        f"λ=0.5, T=2, tail bucket      {ms(t_kd2)}: KD overhead {100 * (t_kd2 / t_mdm - 1):+.1f}% "
+        "(tempered over the N+1 categories: no second pass over the vocabulary)"
+    )
 
 
 if __name__ == "__main__":

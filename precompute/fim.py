@@ -41,8 +41,13 @@ def fim_prompt(x: list[int], i: int, fim: tuple[int, int, int], window: int | No
 
 @torch.no_grad()
 def fim_targets(
-    model, rows: torch.Tensor, positions: list[torch.Tensor], fim: tuple[int, int, int], window: int | None,
-    top_n: int, token_budget: int = 4096,
+    model,
+    rows: torch.Tensor,
+    positions: list[torch.Tensor],
+    fim: tuple[int, int, int],
+    window: int | None,
+    top_n: int,
+    token_budget: int = 4096,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per row: (ids (P, n), log-probs (P, n)) of the top-n of p_T(. | FIM prompt) at each target position."""
     dev = rows.device

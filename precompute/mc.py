@@ -65,7 +65,7 @@ def resample_due(logw: torch.Tensor, smc_ess: float) -> bool:
     return smc_ess > 0 and ess(logw) < smc_ess * K * (1 - 1e-9)
 
 
-def _top(lp: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+def top_probs(lp: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, probs) of the m most probable entries of (K, V) log-probs."""
     v, i = lp.topk(min(m, lp.shape[-1]), dim=-1)
     return i.cpu(), v.exp().double().cpu()
@@ -85,7 +85,13 @@ def _logits(model, ids: torch.Tensor, cache) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_completions(
-    model, x: torch.Tensor, masked: list[int], K: int, temperature: float, generator: torch.Generator, keep: int = 64,
+    model,
+    x: torch.Tensor,
+    masked: list[int],
+    K: int,
+    temperature: float,
+    generator: torch.Generator,
+    keep: int = 64,
     smc_ess: float = 0.0,
 ) -> Completions:
     """K completions of row ``x`` (L,) with the positions ``masked`` (ascending, all >= 1) sampled.
@@ -111,7 +117,7 @@ def sample_completions(
     while pos < L:
         lp1 = torch.log_softmax(last, dim=-1)  # (K, V) p_T(.|x_<pos) at T = 1
         if pos in mset:
-            ids, probs = _top(lp1, keep)
+            ids, probs = top_probs(lp1, keep)
             next_ids.append(ids)
             next_probs.append(probs)
             lpt = lp1 if temperature == 1.0 else torch.log_softmax(last / temperature, dim=-1)
@@ -247,13 +253,31 @@ def final_weights(logw: torch.Tensor, weights: str) -> torch.Tensor:
 
 @torch.no_grad()
 def mc_targets(
-    model, x: torch.Tensor, masked: list[int], K: int, score: str, weights: str, temperature: float,
-    generator: torch.Generator, top_n: int, rescore_k: int = 8, window: int | None = None,
-    token_budget: int = 4096, smc_ess: float = 0.5,
+    model,
+    x: torch.Tensor,
+    masked: list[int],
+    K: int,
+    score: str,
+    weights: str,
+    temperature: float,
+    generator: torch.Generator,
+    top_n: int,
+    rescore_k: int = 8,
+    window: int | None = None,
+    token_budget: int = 4096,
+    smc_ess: float = 0.5,
 ) -> McTargets:
     """The MC soft targets of one row at its masked positions (see the module docstring)."""
-    comp = sample_completions(model, x, masked, K, temperature, generator, keep=next_token_keep(top_n),
-                              smc_ess=smc_ess if weights == "smc" else 0.0)  # fmt: skip
+    comp = sample_completions(
+        model,
+        x,
+        masked,
+        K,
+        temperature,
+        generator,
+        keep=next_token_keep(top_n),
+        smc_ess=smc_ess if weights == "smc" else 0.0,
+    )
     w = final_weights(comp.logw, weights)
     if score == "next-token":
         per_pos = list(zip(comp.next_ids, comp.next_probs))
@@ -268,7 +292,9 @@ def mc_targets(
 
 
 @torch.no_grad()
-def sample_completions_naive(model, x: torch.Tensor, masked: list[int], K: int, temperature: float, generator) -> torch.Tensor:
+def sample_completions_naive(
+    model, x: torch.Tensor, masked: list[int], K: int, temperature: float, generator
+) -> torch.Tensor:
     """The baseline for the benchmark: one sample at a time, a full forward (no cache) per masked position."""
     out = x.repeat(K, 1)
     for k in range(K):

@@ -16,15 +16,34 @@ from __future__ import annotations
 
 import torch
 
-from ar2mdm.precompute.mc import (Completions, McTargets, _logits, _top, combine, ess, final_weights,
-                                  full_conditional_per_position, next_token_keep, pooled_branches, resample_due,
-                                  systematic_resample)  # fmt: skip
+from ar2mdm.precompute.mc import (
+    Completions,
+    McTargets,
+    _logits,
+    combine,
+    ess,
+    final_weights,
+    full_conditional_per_position,
+    next_token_keep,
+    pooled_branches,
+    resample_due,
+    systematic_resample,
+    top_probs,
+)
 from ar2mdm.precompute.rescoring import rescore
 
 
 @torch.no_grad()
-def sample_completions_rows(model, xs: torch.Tensor, masked: list[list[int]], K: int, temperature: float,
-                            generators: list[torch.Generator], keep: int = 64, smc_ess: float = 0.0) -> list[Completions]:  # fmt: skip
+def sample_completions_rows(
+    model,
+    xs: torch.Tensor,
+    masked: list[list[int]],
+    K: int,
+    temperature: float,
+    generators: list[torch.Generator],
+    keep: int = 64,
+    smc_ess: float = 0.0,
+) -> list[Completions]:
     """`mc.sample_completions` for each row of ``xs`` (R, L), every row's K samples in one batch."""
     from transformers import DynamicCache
 
@@ -50,7 +69,7 @@ def sample_completions_rows(model, xs: torch.Tensor, masked: list[list[int]], K:
                 continue  # the row's own prefix: fed, not weighed
             sl = slice(r * K, (r + 1) * K)
             if pos in msets[r]:
-                ids, probs = _top(lp1[sl], keep)
+                ids, probs = top_probs(lp1[sl], keep)
                 next_ids[r].append(ids)
                 next_probs[r].append(probs)
                 lpt = lp1[sl] if temperature == 1.0 else torch.log_softmax(last[sl] / temperature, dim=-1)
@@ -75,24 +94,52 @@ def sample_completions_rows(model, xs: torch.Tensor, masked: list[list[int]], K:
             cache.reorder_cache(order.to(dev))
         if pos + 1 < L:
             last = _logits(model, seqs[:, pos : pos + 1], cache)[:, -1]
-    return [Completions(seqs[r * K : (r + 1) * K], logw[r].clone(), next_ids[r], next_probs[r], ess_before[r])
-            for r in range(R)]  # fmt: skip
+    return [
+        Completions(seqs[r * K : (r + 1) * K], logw[r].clone(), next_ids[r], next_probs[r], ess_before[r])
+        for r in range(R)
+    ]
 
 
 @torch.no_grad()
-def mc_targets_rows(model, xs: torch.Tensor, masked: list[list[int]], K: int, score: str, weights: str,
-                    temperature: float, generators: list[torch.Generator], top_n: int, rescore_k: int = 8,
-                    window: int | None = None, token_budget: int = 4096, smc_ess: float = 0.5) -> list[McTargets]:  # fmt: skip
+def mc_targets_rows(
+    model,
+    xs: torch.Tensor,
+    masked: list[list[int]],
+    K: int,
+    score: str,
+    weights: str,
+    temperature: float,
+    generators: list[torch.Generator],
+    top_n: int,
+    rescore_k: int = 8,
+    window: int | None = None,
+    token_budget: int = 4096,
+    smc_ess: float = 0.5,
+) -> list[McTargets]:
     """`mc.mc_targets` for each row of ``xs`` (R, L); the full-conditional rescoring of every row in one call."""
     if score not in ("next-token", "full-conditional"):
         raise ValueError(f"score must be next-token or full-conditional, got {score!r}")
-    comps = sample_completions_rows(model, xs, masked, K, temperature, generators, keep=next_token_keep(top_n),
-                                    smc_ess=smc_ess if weights == "smc" else 0.0)  # fmt: skip
+    comps = sample_completions_rows(
+        model,
+        xs,
+        masked,
+        K,
+        temperature,
+        generators,
+        keep=next_token_keep(top_n),
+        smc_ess=smc_ess if weights == "smc" else 0.0,
+    )
     if score == "next-token":
         per_row = [list(zip(c.next_ids, c.next_probs)) for c in comps]
     else:
         seqs, positions, wheres = pooled_branches([c.seqs.tolist() for c in comps], masked, window)
-        res = rescore(model, torch.tensor(seqs, dtype=torch.long, device=xs.device),
-                      [torch.tensor(p, dtype=torch.long) for p in positions], rescore_k, window, token_budget)  # fmt: skip
+        res = rescore(
+            model,
+            torch.tensor(seqs, dtype=torch.long, device=xs.device),
+            [torch.tensor(p, dtype=torch.long) for p in positions],
+            rescore_k,
+            window,
+            token_budget,
+        )
         per_row = [full_conditional_per_position(res, where) for where in wheres]
     return [combine(pp, final_weights(c.logw, weights), top_n, c.ess_before) for c, pp in zip(comps, per_row)]

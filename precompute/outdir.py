@@ -11,10 +11,12 @@ every rank of the world has one.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -39,9 +41,9 @@ def finished_work(out: Path) -> list[Path]:
 
 def clear_build(out: Path) -> int:
     """--fresh: remove a build's own files from ``out`` (manifest, tokenizer, shards, markers, partials, the
-    ranks' corpus digests and completion records)."""
+    ranks' corpus digests, completion records and locks)."""
     n = 0
-    for p in [out / MANIFEST_NAME, *out.glob("part-*"), *out.glob("corpus-rank-*"), *out.glob(RANK_DONE_GLOB)]:
+    for p in [out / MANIFEST_NAME, *out.glob("part-*"), *out.glob("corpus-rank-*"), *out.glob("rank-*")]:
         if p.is_file():
             p.unlink()
             n += 1
@@ -93,8 +95,34 @@ def prepare_out(out: Path, header: Manifest, content_digest: Callable[[], str] |
         return
     detail = "; ".join(f"{k}: {_short(a.get(k))} there, {_short(b.get(k))} now" for k in diff[:6])
     more = f"; and {len(diff) - 6} more" if len(diff) > 6 else ""
-    raise UserError(f"--out {out} holds a build with other parameters ({detail}{more}); "
-                    "rerun with its parameters to resume it, or use another --out, or --fresh to delete it")  # fmt: skip
+    raise UserError(
+        f"--out {out} holds a build with other parameters ({detail}{more}); "
+        "rerun with its parameters to resume it, or use another --out, or --fresh to delete it"
+    )
+
+
+@contextmanager
+def rank_lock(out: Path, rank: int):
+    """Hold ``rank-R.lock`` in ``out`` while this rank builds: a second build of the same rank into the same
+    folder (two shells, a resubmitted array task) is refused in one line naming the first, instead of both doing
+    all the work. flock: released by the kernel whenever the holder exits, kill -9 included."""
+    path = out / f"rank-{rank:05d}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = path.read_text().strip() or "another process"
+        os.close(fd)
+        raise UserError(
+            f"--out {out}: rank {rank} is being built there by {holder}; wait for it to finish, or use "
+            "another --out (other ranks may build into the same --out at once)"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    try:
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays (harmless, and reused by the next run)
 
 
 def remove_stale_tmps(out: Path) -> None:
@@ -163,8 +191,12 @@ def finish_rank(out: Path, rank: int) -> Manifest:
     """Record that ``rank`` read all of its share of the corpus: its shards (those on disk now, every one of
     them finished) in ``rank-R.done``, then the manifest."""
     mine = [s for s in finalize_manifest(out).shards if s.file.startswith(f"part-{rank:05d}-")]
-    info = RankInfo(rank=rank, shards=len(mine), rows=sum(s.rows for s in mine),
-                    target_positions=sum(s.target_positions for s in mine))  # fmt: skip
+    info = RankInfo(
+        rank=rank,
+        shards=len(mine),
+        rows=sum(s.rows for s in mine),
+        target_positions=sum(s.target_positions for s in mine),
+    )
     write_atomic(out / rank_done_name(rank), json.dumps(dataclasses.asdict(info)).encode())
     return finalize_manifest(out)
 

@@ -26,7 +26,9 @@ NEG_INF = float("-inf")
 
 def hidden_states(model, input_ids: torch.Tensor, attention_mask=None, position_ids=None) -> torch.Tensor:
     """(B, S, H) last hidden states of a causal LM; the default mask is causal."""
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    out = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
     return out.last_hidden_state
 
 
@@ -58,14 +60,20 @@ def check_head_path(model) -> None:
     got = head_logits(model, hidden_states(model, x)[0])
     tol = 1e-3 + 2e-2 * (next(model.parameters()).dtype != torch.float32)
     if not torch.allclose(got, ref, atol=tol * max(1.0, float(ref.abs().max())), rtol=0):
-        raise UserError(f"teacher {model.config.model_type}: its forward transforms the logits in a way ar2mdm does "
-                        "not reproduce (an unknown logit scaling); --mode topk/fim would be wrong with it")
+        raise UserError(
+            f"teacher {model.config.model_type}: its forward transforms the logits in a way ar2mdm does "
+            "not reproduce (an unknown logit scaling); --mode topk/fim would be wrong with it"
+        )
 
 
 def log_softmax_head(model, h: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """(N, V) float32 log-probs from (N, H) hidden states (chunked: N x V logits are large)."""
     outs = [torch.log_softmax(head_logits(model, h[a : a + chunk]), dim=-1) for a in range(0, h.shape[0], chunk)]
-    return torch.cat(outs) if outs else h.new_zeros((0, model.get_output_embeddings().weight.shape[0]), dtype=torch.float32)
+    return (
+        torch.cat(outs)
+        if outs
+        else h.new_zeros((0, model.get_output_embeddings().weight.shape[0]), dtype=torch.float32)
+    )
 
 
 def token_logliks(model, h: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
@@ -143,14 +151,34 @@ def _segments(branches: list[Branch], max_tokens: int) -> list[list[Branch]]:
     return segs
 
 
-def _segment_tensors(x: torch.Tensor, seg: list[Branch]):
-    """Token ids, position ids, tree-mask bounds and targets of one packed segment (all 1-D, length S).
+@dataclass
+class PackedSegment:
+    """One packed segment of branches: a shared prefix, then each branch's block (tensors of length S)."""
+
+    tokens: torch.Tensor  # (S,) token ids
+    positions: torch.Tensor  # (S,) position ids
+    prefix_end: torch.Tensor  # (S,) row r attends columns c < prefix_end[r] (its branch's x_<i) ...
+    block_start: torch.Tensor  # (S,) ... and block_start[r] <= c <= r (the earlier tokens of its own block)
+    prefix_len: int  # rows before this one are the shared prefix (no targets)
+    targets: torch.Tensor  # (S - prefix_len,) the token each branch row predicts
+    owner: torch.Tensor  # (S - prefix_len,) the output slot each branch row adds its log-likelihood to
+
+
+def pack_segment(x: torch.Tensor, seg: list[Branch]) -> PackedSegment:
+    """Token ids, position ids, tree-mask bounds and targets of one packed segment.
 
     A row r of the segment attends the columns c with c < pre[r] (the shared prefix x_<i of its branch) or
     lo[r] <= c <= r (the earlier tokens of its own block). Prefix rows have pre=0, lo=0: plain causal.
     """
     Lp = max(br.pos for br in seg)  # prefix x_0..x_{Lp-1} covers every branch's x_<i
-    toks, pos, pre, lo, tgt, owner = [x[:Lp]], [torch.arange(Lp)], [torch.zeros(Lp, dtype=torch.long)], [torch.zeros(Lp, dtype=torch.long)], [], []
+    toks, pos, pre, lo, tgt, owner = (
+        [x[:Lp]],
+        [torch.arange(Lp)],
+        [torch.zeros(Lp, dtype=torch.long)],
+        [torch.zeros(Lp, dtype=torch.long)],
+        [],
+        [],
+    )
     start = Lp
     for br in seg:
         n, i = br.n, br.pos
@@ -162,12 +190,16 @@ def _segment_tensors(x: torch.Tensor, seg: list[Branch]):
         owner.append(torch.full((n,), br.out, dtype=torch.long))
         start += n
     cat = torch.cat
-    return cat(toks), cat(pos), cat(pre), cat(lo), Lp, cat(tgt), cat(owner)
+    return PackedSegment(cat(toks), cat(pos), cat(pre), cat(lo), Lp, cat(tgt), cat(owner))
 
 
 @torch.no_grad()
 def branch_logliks(
-    model, input_ids: torch.Tensor, branches: list[Branch], num_out: int, token_budget: int = 4096,
+    model,
+    input_ids: torch.Tensor,
+    branches: list[Branch],
+    num_out: int,
+    token_budget: int = 4096,
     segment_tokens: int = 1024,
 ) -> torch.Tensor:
     """sum_j log p_T(x_j | x_<i, v, x_{i+1..j-1}) for every branch, as a (num_out,) float32 tensor.
@@ -185,18 +217,18 @@ def branch_logliks(
     for row, brs in by_row.items():
         brs.sort(key=lambda b: b.pos)
         for seg in _segments(brs, segment_tokens):
-            packed.append(_segment_tensors(x_cpu[row], seg))
-    for idx in budget_batches([len(p[0]) for p in packed], token_budget):
+            packed.append(pack_segment(x_cpu[row], seg))
+    for idx in budget_batches([len(p.tokens) for p in packed], token_budget):
         batch = [packed[j] for j in idx]
-        S = max(len(p[0]) for p in batch)
+        S = max(len(p.tokens) for p in batch)
         Bn = len(batch)
         toks = torch.zeros(Bn, S, dtype=torch.long)
         posi = torch.zeros(Bn, S, dtype=torch.long)
         pre = torch.zeros(Bn, S, dtype=torch.long)
         lo = torch.arange(S).repeat(Bn, 1)  # padding rows attend only themselves (no all-masked rows: no NaN)
-        for j, (t, p, pr, l, _, _, _) in enumerate(batch):
-            n = len(t)
-            toks[j, :n], posi[j, :n], pre[j, :n], lo[j, :n] = t, p, pr, l
+        for j, p in enumerate(batch):
+            n = len(p.tokens)
+            toks[j, :n], posi[j, :n], pre[j, :n], lo[j, :n] = p.tokens, p.positions, p.prefix_end, p.block_start
         col = torch.arange(S)
         row = torch.arange(S)[:, None]
         allowed = (col[None, None, :] < pre[:, :, None]) | (
@@ -204,10 +236,10 @@ def branch_logliks(
         )  # (Bn, S, S)
         h = hidden_states(model, toks.to(dev), attention_mask=allowed[:, None].to(dev), position_ids=posi.to(dev))
         sel_h, sel_t, sel_o = [], [], []
-        for j, (t, _, _, _, Lp, tgt, owner) in enumerate(batch):
-            sel_h.append(h[j, Lp : len(t)])
-            sel_t.append(tgt)
-            sel_o.append(owner)
+        for j, p in enumerate(batch):
+            sel_h.append(h[j, p.prefix_len : len(p.tokens)])
+            sel_t.append(p.targets)
+            sel_o.append(p.owner)
         ll = token_logliks(model, torch.cat(sel_h), torch.cat(sel_t).to(dev))  # (N,)
         result.index_add_(0, torch.cat(sel_o).to(dev), ll)
     return result
@@ -215,7 +247,11 @@ def branch_logliks(
 
 @torch.no_grad()
 def rescore(
-    model, input_ids: torch.Tensor, positions: list[torch.Tensor], k: int, window: int | None,
+    model,
+    input_ids: torch.Tensor,
+    positions: list[torch.Tensor],
+    k: int,
+    window: int | None,
     token_budget: int = 4096,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Rescoring targets for a batch of rows.

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 
-def sample_sparse(ids: torch.Tensor, logq: torch.Tensor, samples: int, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+def sample_sparse(
+    ids: torch.Tensor, logq: torch.Tensor, samples: int, generator: torch.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """S draws from the (sub-)distribution exp(logq) over ``ids`` (C,) -> (distinct ids, log q̂), most drawn first.
 
     Entries with logq = -inf are never drawn; q̂(v) = m · count(v)/S with m = Σ exp(logq).
@@ -33,10 +35,3 @@ def sample_sparse(ids: torch.Tensor, logq: torch.Tensor, samples: int, generator
     uniq, counts = uniq[order], counts[order]
     lp = torch.log(counts.double() * (m / samples))
     return ids.cpu()[uniq].numpy().astype(np.int32), lp.numpy().astype(np.float32)
-
-
-def wide_support(top_n: int, vocab: int) -> int:
-    """Entries a mode keeps before sampling (fim's and mc's distributions are cut there; the rest is the tail)."""
-    from ar2mdm.precompute.mc import next_token_keep
-
-    return min(next_token_keep(top_n), vocab)

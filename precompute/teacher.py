@@ -14,7 +14,7 @@ from ar2mdm.shared.defaults import default_teacher
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.hfmodel import first_line as _first_line
 from ar2mdm.shared.hfmodel import quiet_transformers
-from ar2mdm.shared.hfmodel import resolve_model as resolve_teacher
+from ar2mdm.shared.hfmodel import resolve_model as resolve_teacher  # noqa: F401  (the build's name for it)
 from ar2mdm.shared.tokenizer import special_ids, tokenizer_hash
 
 # config keys that say how a file was loaded, not what the model computes
@@ -91,7 +91,9 @@ class TorchTeacher:
             dtype = "bfloat16" if device.startswith("cuda") else "float32"
         quiet_transformers()
         try:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), attn_implementation="sdpa")
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=getattr(torch, dtype), attn_implementation="sdpa"
+            )
         except Exception as e:
             raise UserError(f"teacher {folder} does not load: {_first_line(e)}") from e
         model.to(device).eval()
@@ -120,8 +122,21 @@ class TorchTeacher:
         x, pos = self._rows(rows, positions)
         return fim_targets(self.model, x, pos, fim_ids, window, top_n, token_budget)
 
-    def mc_targets(self, row, masked: list[int], seed: int, K: int, score: str, weights: str, temperature: float,
-                   top_n: int, rescore_k: int, window: int | None, token_budget: int, smc_ess: float = 0.5):  # fmt: skip
+    def mc_targets(
+        self,
+        row,
+        masked: list[int],
+        seed: int,
+        K: int,
+        score: str,
+        weights: str,
+        temperature: float,
+        top_n: int,
+        rescore_k: int,
+        window: int | None,
+        token_budget: int,
+        smc_ess: float = 0.5,
+    ):
         """MC targets of one row at its masked positions; see `mc.mc_targets`."""
         import torch
 
@@ -129,11 +144,25 @@ class TorchTeacher:
 
         gen = torch.Generator(device=self.device).manual_seed(seed)
         x = torch.as_tensor(row, dtype=torch.long, device=self.device)
-        return mc_targets(self.model, x, masked, K, score, weights, temperature, gen, top_n, rescore_k, window, token_budget,
-                          smc_ess)
+        return mc_targets(
+            self.model, x, masked, K, score, weights, temperature, gen, top_n, rescore_k, window, token_budget, smc_ess
+        )
 
-    def mc_batch(self, rows, masks, seeds, K: int, score: str, weights: str, temperature: float, top_n: int,
-                 rescore_k: int, window: int | None, token_budget: int, smc_ess: float = 0.5):  # fmt: skip
+    def mc_batch(
+        self,
+        rows,
+        masks,
+        seeds,
+        K: int,
+        score: str,
+        weights: str,
+        temperature: float,
+        top_n: int,
+        rescore_k: int,
+        window: int | None,
+        token_budget: int,
+        smc_ess: float = 0.5,
+    ):
         """MC targets of several rows, every row's K samples in one forward (see `mc_rows`)."""
         import torch
 
@@ -141,8 +170,21 @@ class TorchTeacher:
 
         gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
         xs = torch.as_tensor(np.stack(rows), dtype=torch.long, device=self.device)
-        return mc_targets_rows(self.model, xs, [list(m) for m in masks], K, score, weights, temperature, gens, top_n,
-                               rescore_k, window, token_budget, smc_ess)  # fmt: skip
+        return mc_targets_rows(
+            self.model,
+            xs,
+            [list(m) for m in masks],
+            K,
+            score,
+            weights,
+            temperature,
+            gens,
+            top_n,
+            rescore_k,
+            window,
+            token_budget,
+            smc_ess,
+        )
 
     def close(self) -> None:
         pass

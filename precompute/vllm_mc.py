@@ -52,7 +52,9 @@ def step_arrays(c, keep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ids = np.asarray(fl.token_ids, dtype=np.int64)
     lps = np.asarray(fl.logprobs, dtype=np.float64)
     if ids.size != S * (keep + 1):
-        raise RuntimeError(f"vLLM returned {ids.size} log-probs for {S} steps of {keep} + 1 (flat_logprobs unsupported?)")
+        raise RuntimeError(
+            f"vLLM returned {ids.size} log-probs for {S} steps of {keep} + 1 (flat_logprobs unsupported?)"
+        )
     ids, lps = ids.reshape(S, keep + 1), lps.reshape(S, keep + 1)
     return lps[:, 0], ids[:, 1:], lps[:, 1:]
 
@@ -106,8 +108,10 @@ class RowState:
                 raise RuntimeError(f"vLLM returned {len(c.token_ids)} tokens for a span of {b - a} (a stop token?)")
             toks = np.asarray(c.token_ids)
             if (toks[~is_masked] != visible[~is_masked]).any():
-                raise RuntimeError("the vLLM engine did not force a visible token: is the ForceTokens logits "
-                                   "processor registered (and speculative decoding off)?")  # fmt: skip
+                raise RuntimeError(
+                    "the vLLM engine did not force a visible token: is the ForceTokens logits "
+                    "processor registered (and speculative decoding off)?"
+                )
             emitted_lp, top_ids, top_lp = step_arrays(c, keep)
             self.logw[k] += float(emitted_lp[~is_masked].sum())
             for s in np.flatnonzero(is_masked).tolist():

@@ -3,6 +3,7 @@
 Writers always pass these schemas; readers check them. Nothing is ever inferred from the first row.
 """
 
+from ar2mdm.schemas.manifest import Manifest, RankInfo, ShardInfo, TeacherInfo, TokenizerInfo
 from ar2mdm.schemas.v1 import (
     LOGPROB_TYPES,
     SCHEMA_VERSION,
@@ -10,7 +11,6 @@ from ar2mdm.schemas.v1 import (
     check_table_schema,
     shard_schema,
 )
-from ar2mdm.schemas.manifest import Manifest, RankInfo, ShardInfo, TeacherInfo, TokenizerInfo
 
 __all__ = [
     "LOGPROB_TYPES",

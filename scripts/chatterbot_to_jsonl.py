@@ -48,15 +48,20 @@ def main() -> None:
     def write(path: str, pairs: list) -> None:
         with open(path, "w") as out:
             for q, r in pairs:
-                row = ({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": r}]}
-                       if a.format == "messages" else {"prompt": q, "response": r})  # fmt: skip
+                row = (
+                    {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": r}]}
+                    if a.format == "messages"
+                    else {"prompt": q, "response": r}
+                )
                 out.write(json.dumps(row) + "\n")
 
     write(a.out, train)
     print(f"{a.out}: {len(train)} rows from {root}")
     if a.heldout:
         write(a.heldout, held)
-        print(f"{a.heldout}: {len(held)} held-out rows (every {a.heldout_every}th of {d} dialogues, none also in {a.out})")
+        print(
+            f"{a.heldout}: {len(held)} held-out rows (every {a.heldout_every}th of {d} dialogues, none also in {a.out})"
+        )
 
 
 if __name__ == "__main__":

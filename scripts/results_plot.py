@@ -56,7 +56,9 @@ def main() -> None:
             mean = sum(d for d, _ in ds) / len(ds)
             ax.barh(y, mean, color=colors[gi % len(colors)], alpha=0.35, height=0.7)
             for k, (d, se) in enumerate(ds):
-                ax.errorbar(d, y + (k - (len(ds) - 1) / 2) * 0.22, xerr=se, fmt="o", ms=3.5, color=colors[gi % len(colors)])
+                ax.errorbar(
+                    d, y + (k - (len(ds) - 1) / 2) * 0.22, xerr=se, fmt="o", ms=3.5, color=colors[gi % len(colors)]
+                )
             ticks.append(y)
             names.append(f"{label} ({regime})")
             y += 1
@@ -64,7 +66,10 @@ def main() -> None:
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(ticks, names)
     ax.invert_yaxis()
-    ax.set_xlabel("held-out nll_bound: KD (λ = 0.5) − plain MDM (λ = 0), nats/token\n(bars: mean of the seeds; dots: each seed ± paired s.e.)")
+    ax.set_xlabel(
+        "held-out nll_bound: KD (λ = 0.5) − plain MDM (λ = 0), nats/token\n(bars: mean of the seeds; dots: each seed "
+        "± paired s.e.)"
+    )
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(a.out, dpi=110)

@@ -25,11 +25,14 @@ def main() -> None:
     for name, r in res.items():
         base = res.get(name.replace("lam0.5", "lam0")) if "lam0.5" in name else None
         delta = paired_delta(r, base) if base else ""
-        print(f"| {name} | {r['nll_bound']:.3f} ± {r['nll_bound_se']:.3f} | {delta} | {r['masked_token_accuracy']:.3f} |")
+        print(
+            f"| {name} | {r['nll_bound']:.3f} ± {r['nll_bound_se']:.3f} | {delta} | {r['masked_token_accuracy']:.3f} |"
+        )
     first = next(iter(res.values()))
     print(f"\n{first['rows']} held-out chats, {first['tokens']} response tokens; uniform: {first['uniform_nll']:.2f}")
-    (d / "eval" / "table.json").write_text(json.dumps({k: {x: v[x] for x in ("nll_bound", "nll_bound_se", "tokens")}
-                                                       for k, v in res.items()}, indent=2))  # fmt: skip
+    (d / "eval" / "table.json").write_text(
+        json.dumps({k: {x: v[x] for x in ("nll_bound", "nll_bound_se", "tokens")} for k, v in res.items()}, indent=2)
+    )
 
 
 if __name__ == "__main__":

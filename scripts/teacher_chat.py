@@ -55,15 +55,25 @@ def main() -> None:
         answers = {}
         for q in a.ask:
             p = torch.tensor([user_prompt_row(tok, q, chat=bool(tok.chat_template))])
-            out = model.generate(p, max_new_tokens=a.max_new_tokens, do_sample=False, eos_token_id=stops,
-                                 pad_token_id=tok.eos_token_id)  # fmt: skip
+            out = model.generate(
+                p, max_new_tokens=a.max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=tok.eos_token_id
+            )
             answers[q] = tok.decode([t for t in out[0, p.shape[1] :].tolist() if t not in stops])
             print(f"teacher: {q!r} -> {answers[q]!r}")
     from ar2mdm.train.evaluate import ratio_se  # the standard error kdtrain eval reports
 
     est, tokens = torch.tensor(nll, dtype=torch.float64), torch.tensor(count, dtype=torch.float64)
-    print(json.dumps({"teacher_response_nll": float(est.sum() / tokens.sum()), "teacher_response_nll_se": ratio_se(est, tokens),
-                      "rows": len(est), "tokens": int(tokens.sum()), "answers": answers}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "teacher_response_nll": float(est.sum() / tokens.sum()),
+                "teacher_response_nll_se": ratio_se(est, tokens),
+                "rows": len(est),
+                "tokens": int(tokens.sum()),
+                "answers": answers,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -80,8 +80,10 @@ class DatasetCorpus:
             try:
                 return datasets.load_dataset(name, config or None, split=self.split)
             except Exception as e:  # datasets raises many types; the first line says which
-                raise UserError(f"dataset {name}: cannot be loaded offline ({first_line(e)}); load it once where there "
-                                f"is network, or pass a save_to_disk folder") from e  # fmt: skip
+                raise UserError(
+                    f"dataset {name}: cannot be loaded offline ({first_line(e)}); load it once where there "
+                    f"is network, or pass a save_to_disk folder"
+                ) from e
         try:
             ds = datasets.load_from_disk(self.spec)
         except Exception as e:
@@ -96,13 +98,17 @@ class DatasetCorpus:
         """datasets' own fingerprint of the loaded split (derived from its files and the transforms applied)."""
         return hashlib.sha256(f"{self.name}\0{self.dataset._fingerprint}".encode()).hexdigest()
 
-    def records(self, fields: tuple[str, ...], stats: CorpusStats, batch: int = 1024) -> Iterator[tuple[str, dict[str, Any]]]:
+    def records(
+        self, fields: tuple[str, ...], stats: CorpusStats, batch: int = 1024
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
         """(source, record) pairs with only ``fields`` (those the dataset has) read."""
         ds = self.dataset
         have = [f for f in fields if f in ds.column_names]
         if not have:
-            raise UserError(f"{self.name}: none of the fields {', '.join(fields)} (columns: {', '.join(ds.column_names)}); "
-                            f"pass --text-field or --messages-field")  # fmt: skip
+            raise UserError(
+                f"{self.name}: none of the fields {', '.join(fields)} (columns: {', '.join(ds.column_names)}); "
+                f"pass --text-field or --messages-field"
+            )
         if len(ds) == 0:
             stats.skipped_empty += 1
             warn(f"skipping empty dataset {self.name}")
@@ -116,7 +122,9 @@ class DatasetCorpus:
 def is_dataset(path: str | Path) -> bool:
     """``hf:NAME`` or a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
     p = Path(path)
-    return str(path).startswith(HF_PREFIX) or (p.is_dir() and ((p / "state.json").exists() or (p / "dataset_dict.json").exists()))
+    return str(path).startswith(HF_PREFIX) or (
+        p.is_dir() and ((p / "state.json").exists() or (p / "dataset_dict.json").exists())
+    )
 
 
 def list_corpus_files(path: str | Path, split: str = "train") -> list[Path | DatasetCorpus]:
@@ -173,7 +181,9 @@ def files_sha256(files: list[Path | DatasetCorpus], root: str | Path) -> str:
     return h.hexdigest()
 
 
-def rank_files(files: list[Path | DatasetCorpus], rank: int, world_size: int) -> tuple[list[Path | DatasetCorpus], bool]:
+def rank_files(
+    files: list[Path | DatasetCorpus], rank: int, world_size: int
+) -> tuple[list[Path | DatasetCorpus], bool]:
     """The files a rank reads, and whether it keeps only documents ``[rank::world_size]`` of them.
 
     With at least as many files as ranks, rank r reads ``files[r::world_size]`` alone (datatrove's split: no
@@ -192,10 +202,10 @@ def _read_text(path: Path, stats: CorpusStats) -> str | None:
         return None
     try:
         text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        stats.skipped_binary += 1
-        warn(f"skipping {path}: not UTF-8 text (byte {e.start})")
-        return None
+    except UnicodeDecodeError as e:  # text with a stray byte (latin-1, a damaged line): kept, the byte replaced
+        text = data.decode("utf-8", errors="replace")
+        n = text.count("\ufffd") - data.count("\ufffd".encode())
+        warn(f"{path}: {n} byte sequence(s) that are not UTF-8 (the first at byte {e.start}) replaced by U+FFFD")
     if not text.strip():
         stats.skipped_empty += 1
         warn(f"skipping empty file {path}")
@@ -203,7 +213,9 @@ def _read_text(path: Path, stats: CorpusStats) -> str | None:
     return text
 
 
-def _iter_records(path: Path | DatasetCorpus, stats: CorpusStats, fields: tuple[str, ...]) -> Iterator[tuple[str, dict[str, Any]]]:
+def _iter_records(
+    path: Path | DatasetCorpus, stats: CorpusStats, fields: tuple[str, ...]
+) -> Iterator[tuple[str, dict[str, Any]]]:
     """(source, record) pairs of a .jsonl or .parquet file, or of a dataset (only ``fields`` read from it)."""
     if isinstance(path, DatasetCorpus):
         yield from path.records(fields, stats)
@@ -276,8 +288,9 @@ def iter_documents(
             yield Document(source, value)
 
 
-def iter_sft_examples(files: list[Path | DatasetCorpus], stats: CorpusStats,
-                      messages_field: str = "messages") -> Iterator[SftExample]:  # fmt: skip
+def iter_sft_examples(
+    files: list[Path | DatasetCorpus], stats: CorpusStats, messages_field: str = "messages"
+) -> Iterator[SftExample]:
     """SFT examples from .jsonl/.parquet/dataset records with ``prompt`` + ``response``, or ``messages_field``."""
     for path in files:
         stats.files += 1
@@ -289,7 +302,10 @@ def iter_sft_examples(files: list[Path | DatasetCorpus], stats: CorpusStats,
                 last = messages[-1]
                 if not isinstance(last, dict) or last.get("role") != "assistant" or not last.get("content"):
                     stats.skipped_bad_rows += 1
-                    warn(f"{source}: SFT row without a response (last message is not a non-empty assistant turn), skipped")
+                    warn(
+                        f"{source}: SFT row without a response (last message is not a non-empty assistant turn), "
+                        f"skipped"
+                    )
                     continue
                 stats.documents += 1
                 stats.sft_chats += 1
@@ -303,7 +319,10 @@ def iter_sft_examples(files: list[Path | DatasetCorpus], stats: CorpusStats,
                 continue
             if not isinstance(response, str) or not response.strip():
                 stats.skipped_bad_rows += 1
-                warn(f"{source}: SFT row without a response (expected a non-empty 'response' string; fields found: {found}), skipped")
+                warn(
+                    f"{source}: SFT row without a response (expected a non-empty 'response' string; fields found: "
+                    f"{found}), skipped"
+                )
                 continue
             stats.documents += 1
             stats.sft_pairs += 1

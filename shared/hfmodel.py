@@ -114,5 +114,3 @@ def _converted_gguf(gguf: Path, sha: str) -> Path:
 def first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"
-
-

@@ -74,10 +74,14 @@ def stratified_counts(n: torch.Tensor, draws: int, generator: torch.Generator | 
     u = torch.rand(n.shape[0], 1, generator=generator)  # (B, 1)
     j = torch.arange(draws, dtype=torch.float32)[None]  # (1, draws)
     frac = (j + u) / draws  # (B, draws) in [0, 1)
-    return torch.where(n[:, None] > 0, 1 + torch.floor(frac * n[:, None]).long(), torch.zeros_like(frac, dtype=torch.long))
+    return torch.where(
+        n[:, None] > 0, 1 + torch.floor(frac * n[:, None]).long(), torch.zeros_like(frac, dtype=torch.long)
+    )
 
 
-def sample_count_masks(maskable: torch.Tensor, count: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_count_masks(
+    maskable: torch.Tensor, count: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """(B, L) bool: exactly count_b positions of each row, uniformly among its maskable ones.
 
     maskable: (B, L) bool; count: (B,) long, at most the row's maskable count.

@@ -89,9 +89,19 @@ def concat_shards(parts: list[ShardData]) -> ShardData:
         mask_offsets=offsets("mask_offsets"),
         target_offsets=offsets("target_offsets"),
         entry_offsets=offsets("entry_offsets"),
-        **{k: cat(k) for k in ("prompt_len", "t", "mask_positions", "target_positions", "target_ids",
-                               "target_logprobs", *MC_COLUMNS)},
-    )  # fmt: skip
+        **{
+            k: cat(k)
+            for k in (
+                "prompt_len",
+                "t",
+                "mask_positions",
+                "target_positions",
+                "target_ids",
+                "target_logprobs",
+                *MC_COLUMNS,
+            )
+        },
+    )
 
 
 def offsets_from_lengths(lengths) -> np.ndarray:
@@ -146,7 +156,9 @@ def to_table(data: ShardData, logprob_dtype: str) -> pa.Table:
     schema = shard_schema(logprob_dtype)
     R, L = data.input_ids.shape
     ints = schema.field("input_ids").type  # list<int32>
-    lp_np = to_float16_down(data.target_logprobs) if logprob_dtype == "float16" else data.target_logprobs.astype(np.float32)
+    lp_np = (
+        to_float16_down(data.target_logprobs) if logprob_dtype == "float16" else data.target_logprobs.astype(np.float32)
+    )
     inner_ids = _list(data.entry_offsets, pa.array(data.target_ids.astype(np.int32)), ints)
     inner_lp = _list(data.entry_offsets, pa.array(lp_np), schema.field("target_logprobs").type.value_type)
     nulls = pa.nulls(R)
@@ -211,9 +223,17 @@ def from_table(table: pa.Table) -> ShardData:
 # ------------------------------------------------------------------------------------------- safetensors
 
 _ST_ARRAYS = (
-    "input_ids", "prompt_len", "t", "mask_offsets", "mask_positions", "target_offsets",
-    "target_positions", "entry_offsets", "target_ids", "target_logprobs",
-)  # fmt: skip
+    "input_ids",
+    "prompt_len",
+    "t",
+    "mask_offsets",
+    "mask_positions",
+    "target_offsets",
+    "target_positions",
+    "entry_offsets",
+    "target_ids",
+    "target_logprobs",
+)
 
 
 def _write_safetensors(data: ShardData, path: Path, logprob_dtype: str) -> None:
@@ -266,7 +286,9 @@ def write_shard(data: ShardData, path: str | Path, fmt: str, logprob_dtype: str)
         table = to_table(data, logprob_dtype)
         # zstd + byte-stream-split on float32 columns: log-probs compress poorly as plain bytes. Not on float16,
         # which DuckDB cannot read split (and which gains < 1% from it: 8,877 vs 8,893 bytes on the quickstart shard).
-        split = ["t", "mc_ess", "mc_resample_ess"] + (["target_logprobs.list.element.list.element"] if logprob_dtype == "float32" else [])
+        split = ["t", "mc_ess", "mc_resample_ess"] + (
+            ["target_logprobs.list.element.list.element"] if logprob_dtype == "float32" else []
+        )
         pq.write_table(
             table,
             path,
@@ -309,19 +331,28 @@ def iter_shard_batches(path: str | Path, rows_per_batch: int = 256) -> Iterator[
     if shard_format(path) == "safetensors":
         yield read_shard(path)  # memory-mapped by safetensors; one piece
         return
-    pf = pq.ParquetFile(path)
-    check_table_schema(pf.schema_arrow, str(path))
-    for batch in pf.iter_batches(batch_size=rows_per_batch):
-        yield from_table(pa.Table.from_batches([batch]))
+    try:
+        pf = pq.ParquetFile(path)
+        check_table_schema(pf.schema_arrow, str(path))
+        for batch in pf.iter_batches(batch_size=rows_per_batch):
+            yield from_table(pa.Table.from_batches([batch]))
+    except (OSError, pa.ArrowException) as e:  # damaged in place (same size): found only when its pages are read
+        raise SchemaError(f"{path}: damaged ({str(e).splitlines()[0]}); {repair_hint(path)}") from e
+
+
+def repair_hint(path: Path) -> str:
+    return f"run `kdtargets validate {path.parent}`; to rebuild it, delete it and its .done marker and rerun the build"
 
 
 def check_shard_file(path: Path, size: int) -> None:
     """Refuse a missing, truncated or unreadable shard in one line (size and footer only: cheap)."""
-    hint = f"run `kdtargets validate {path.parent}`; to rebuild it, delete it and its .done marker and rerun the build"
+    hint = repair_hint(path)
     if not path.exists():
         raise SchemaError(f"{path}: listed in the manifest but missing; {hint}")
     if path.stat().st_size != size:
-        raise SchemaError(f"{path}: {path.stat().st_size} bytes, the manifest says {size} (truncated or changed); {hint}")
+        raise SchemaError(
+            f"{path}: {path.stat().st_size} bytes, the manifest says {size} (truncated or changed); {hint}"
+        )
     if shard_format(path) == "parquet":
         try:
             check_table_schema(pq.ParquetFile(path).schema_arrow, str(path))
@@ -329,13 +360,3 @@ def check_shard_file(path: Path, size: int) -> None:
             raise
         except Exception as e:
             raise SchemaError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]}); {hint}") from e
-
-
-def read_done_marker(path: Path) -> dict | None:
-    marker = path.with_name(path.name + DONE_SUFFIX)
-    if not marker.exists() or not path.exists():
-        return None
-    try:
-        return json.loads(marker.read_text())
-    except json.JSONDecodeError:
-        return None

@@ -126,7 +126,9 @@ def sft_ids(example: SftExample, tokenizer) -> tuple[list[int], list[int]]:
         prompt = chat_prompt_ids(tokenizer, example.messages[:-1], example.source)
         full = list(_ids(tokenizer.apply_chat_template(example.messages, tokenize=True)))
         if full[: len(prompt)] != prompt:
-            raise UserError(f"{example.source}: the chat template does not render the prompt as a prefix of the dialogue")
+            raise UserError(
+                f"{example.source}: the chat template does not render the prompt as a prefix of the dialogue"
+            )
         return prompt, full[len(prompt) :]
     prompt = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
     response = tokenizer(example.response, add_special_tokens=False)["input_ids"]
@@ -154,7 +156,10 @@ def pack_sft(
         prompt_len = len(prompt)
         if prompt_len >= seq_len:
             stats.too_long += 1
-            warn(f"{ex.source}: prompt is {prompt_len - 1} tokens, no room for a response in --seq-len {seq_len}; skipped")
+            warn(
+                f"{ex.source}: prompt is {prompt_len - 1} tokens, no room for a response in --seq-len {seq_len}; "
+                f"skipped"
+            )
             continue
         ids = prompt + response + [eos]
         if len(ids) > seq_len:

@@ -40,8 +40,12 @@ class WorldStatus:
         """``2 of 3 finished (rank 1 in progress or stopped: 4 shards so far; rank 2 never started)``."""
         if not self.recorded:
             return f"{self.world_size} (completion not recorded: built by an earlier ar2mdm)"
-        parts = [f"rank {r} in progress or stopped: {self.unfinished[r]} shards so far" if r in self.unfinished else f"rank {r} never started"
-                 for r in self.missing]  # fmt: skip
+        parts = [
+            f"rank {r} in progress or stopped: {self.unfinished[r]} shards so far"
+            if r in self.unfinished
+            else f"rank {r} never started"
+            for r in self.missing
+        ]
         more = f"; and {len(parts) - 6} more" if len(parts) > 6 else ""
         detail = f" ({'; '.join(parts[:6])}{more})" if parts else ""
         return f"{len(self.finished)} of {self.world_size} finished{detail}"
@@ -68,8 +72,10 @@ def partial_world_line(directory: Path, manifest: Manifest) -> str | None:
     if st.complete:
         return None
     rows = sum(s.rows for s in manifest.shards)
-    return (f"{directory} is a partial build: ranks {st.describe()}; {rows} rows in {len(manifest.shards)} finished "
-            "shards so far (rerun the missing ranks' commands to finish it)")  # fmt: skip
+    return (
+        f"{directory} is a partial build: ranks {st.describe()}; {rows} rows in {len(manifest.shards)} finished "
+        "shards so far (rerun the missing ranks' commands to finish it)"
+    )
 
 
 def check_shard_data(data: ShardData, manifest: Manifest, where: str) -> None:
@@ -86,7 +92,9 @@ def check_shard_data(data: ShardData, manifest: Manifest, where: str) -> None:
         raise ValidationError(f"{where}: a target log-prob is > 0 (max {lp.max()})")
     counts = np.diff(data.entry_offsets)
     if counts.size and (counts.min() < 1 or (top_n and counts.max() > top_n)):
-        raise ValidationError(f"{where}: a target position holds {counts.min()}..{counts.max()} entries, expected 1..{top_n}")
+        raise ValidationError(
+            f"{where}: a target position holds {counts.min()}..{counts.max()} entries, expected 1..{top_n}"
+        )
     if counts.size:
         sums = np.add.reduceat(np.exp(lp), data.entry_offsets[:-1])
         if sums.max() > 1 + SUM_TOLERANCE:
@@ -122,7 +130,9 @@ def validate_dir(directory: str | Path) -> Manifest:
         world = world_status(d, manifest)
         if world.recorded and world.complete:
             raise ValidationError(f"{d}: every rank finished without a row (the corpus gave no full row of --seq-len)")
-        raise ValidationError(partial_world_line(d, manifest) or f"{d}: the manifest lists no shards (build not run or not finished)")
+        raise ValidationError(
+            partial_world_line(d, manifest) or f"{d}: the manifest lists no shards (build not run or not finished)"
+        )
     on_disk = {p.name for p in d.glob("part-*") if p.suffix in FORMATS.values()}
     extra = sorted(on_disk - listed)
     if extra:
@@ -149,7 +159,8 @@ def validate_dir(directory: str | Path) -> Manifest:
             raise ValidationError(str(e)) from e
         if data.rows != info.rows or data.num_targets != info.target_positions:
             raise ValidationError(
-                f"{p}: {data.rows} rows / {data.num_targets} target positions, manifest says {info.rows} / {info.target_positions}"
+                f"{p}: {data.rows} rows / {data.num_targets} target positions, manifest says {info.rows} / "
+                f"{info.target_positions}"
             )
         check_shard_data(data, manifest, str(p))
     partial = partial_world_line(d, manifest)  # last: the shards there are all checked first
@@ -190,11 +201,16 @@ def summarize_dir(directory: str | Path) -> dict:
             resample_ess.extend(data.mc_resample_ess.tolist())
     total_bytes = sum(s.bytes for s in manifest.shards)
     unfinished = [p.name for p in d.glob("part-*.partial")] + [
-        p.name for p in d.glob("part-*") if p.suffix in FORMATS.values() and p.name not in {s.file for s in manifest.shards}
+        p.name
+        for p in d.glob("part-*")
+        if p.suffix in FORMATS.values() and p.name not in {s.file for s in manifest.shards}
     ]
     world = world_status(d, manifest)
     if unfinished or not world.complete:
-        status = f"unfinished ({len(unfinished)} shard(s) in progress, {len(world.missing)} rank(s) not finished; rerun the build to finish)"
+        status = (
+            f"unfinished ({len(unfinished)} shard(s) in progress, {len(world.missing)} rank(s) not finished; "
+            "rerun the build to finish)"
+        )
     else:
         status = "finished" if manifest.shards or world.recorded else "unfinished (no shards; run the build)"
     summary = {
@@ -203,7 +219,8 @@ def summarize_dir(directory: str | Path) -> dict:
         "ranks": world.describe(),
         "mode": manifest.mode,
         "task": manifest.task,
-        "teacher": f"{manifest.teacher.architecture} {manifest.teacher.path} (sha256 {manifest.teacher.weights_sha256[:12]})",
+        "teacher": f"{manifest.teacher.architecture} {manifest.teacher.path} (sha256 "
+        f"{manifest.teacher.weights_sha256[:12]})",
         "format": manifest.format,
         "shards": len(manifest.shards),
         "rows": rows,

@@ -14,8 +14,25 @@ runner = CliRunner()
 @pytest.mark.slow
 def test_default_teacher_build_train_eval(tmp_path):
     out, run = tmp_path / "shards", tmp_path / "run"
-    r = runner.invoke(kdtargets, ["build", "--out", str(out), "--seq-len", "32", "--k", "4", "--window", "4",
-                                  "--max-sequences", "3", "--seqs-per-shard", "2", "--no-progress"])  # fmt: skip
+    r = runner.invoke(
+        kdtargets,
+        [
+            "build",
+            "--out",
+            str(out),
+            "--seq-len",
+            "32",
+            "--k",
+            "4",
+            "--window",
+            "4",
+            "--max-sequences",
+            "3",
+            "--seqs-per-shard",
+            "2",
+            "--no-progress",
+        ],
+    )
     assert r.exit_code == 0, r.output
     r = runner.invoke(kdtargets, ["validate", str(out)])
     assert r.exit_code == 0 and "ok:" in r.output, r.output
@@ -24,8 +41,10 @@ def test_default_teacher_build_train_eval(tmp_path):
     assert s["rows"] == 3 and s["mode"] == "topk" and "LlamaForCausalLM" in s["teacher"]
     # a real teacher on real text puts real mass on the true token, far above uniform (1/49152)
     assert s["mean_true_token_prob"] > 0.2
-    r = runner.invoke(kdtrain, ["run", str(out), "--out", str(run), "--student", "tiny", "--steps", "2",
-                                "--batch-size", "2", "--no-progress"])  # fmt: skip
+    r = runner.invoke(
+        kdtrain,
+        ["run", str(out), "--out", str(run), "--student", "tiny", "--steps", "2", "--batch-size", "2", "--no-progress"],
+    )
     assert r.exit_code == 0, r.output
     r = runner.invoke(kdtrain, ["eval", str(run), "--data", str(out), "--mc-samples", "1"])
     res = json.loads(r.output.strip().splitlines()[-1])

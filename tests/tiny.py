@@ -21,16 +21,24 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def tiny_llama(vocab_size: int, seed: int = 0, max_positions: int = 256, layers: int = 2, sharpness: float = 20.0,
-               hidden: int = 32):
+def tiny_llama(
+    vocab_size: int, seed: int = 0, max_positions: int = 256, layers: int = 2, sharpness: float = 20.0, hidden: int = 32
+):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
-        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg).eval()
     # Larger logits than the default init, so distributions are far from uniform and errors show.
     with torch.no_grad():
@@ -41,12 +49,15 @@ def tiny_llama(vocab_size: int, seed: int = 0, max_positions: int = 256, layers:
 FIM_TOKENS = ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
 # ChatML in miniature: every turn is <|im_start|> + the role's initial + space + content + <|im_end|> + newline
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'][0] }} {{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>a {% endif %}")  # fmt: skip
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'][0] }} {{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>a {% endif %}"
+)
 
 
-def save_tiny_teacher(folder: Path, seed: int = 0, max_positions: int = 256, fim: bool = False, hidden: int = 32,
-                      chat: bool = False) -> Path:  # fmt: skip
+def save_tiny_teacher(
+    folder: Path, seed: int = 0, max_positions: int = 256, fim: bool = False, hidden: int = 32, chat: bool = False
+) -> Path:
     tok = char_tokenizer()
     if fim:
         tok.add_special_tokens({"additional_special_tokens": FIM_TOKENS})

@@ -19,7 +19,9 @@ from ar2mdm.train.model import Student, StudentConfig
 CKPT = "checkpoint"
 
 
-def save_checkpoint(run: Path, state_dict: dict, config: StudentConfig, meta: dict, state: dict, tokenizer_dir: Path) -> None:
+def save_checkpoint(
+    run: Path, state_dict: dict, config: StudentConfig, meta: dict, state: dict, tokenizer_dir: Path
+) -> None:
     """Write RUN/checkpoint atomically: weights (an unsharded state dict), config, training state, tokenizer."""
     final = run / CKPT
     tmp = run / f"{CKPT}.tmp"

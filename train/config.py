@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal
 
 from ar2mdm.shared.errors import UserError
+from ar2mdm.shared.paths import check_output_folder
+
+LAMBDA_SCHEDULES = ("constant", "linear-decay", "cosine-decay", "linear-warmup")  # losses.kd_weight
+LAMBDA_T = ("none", "low-t", "high-t")
+REPORT_TO = ("none", "tensorboard", "wandb")  # train/tracking.py
 
 
 @dataclass
@@ -54,10 +60,10 @@ class TrainConfig:
     def check(self) -> None:
         if not 0.0 <= self.lam <= 1.0:
             raise UserError(f"--lambda must be in [0, 1], got {self.lam}")
-        from ar2mdm.train.losses import LAMBDA_SCHEDULES, LAMBDA_T
-
         if self.lambda_schedule not in ("auto", *LAMBDA_SCHEDULES):
-            raise UserError(f"--lambda-schedule must be one of auto, {', '.join(LAMBDA_SCHEDULES)}, got {self.lambda_schedule!r}")
+            raise UserError(
+                f"--lambda-schedule must be one of auto, {', '.join(LAMBDA_SCHEDULES)}, got {self.lambda_schedule!r}"
+            )
         if self.lambda_t not in LAMBDA_T:
             raise UserError(f"--lambda-t must be one of {', '.join(LAMBDA_T)}, got {self.lambda_t!r}")
         if self.temperature <= 0:
@@ -73,12 +79,28 @@ class TrainConfig:
             raise UserError(f"--steps must be at least 0 (0 saves the initial student), got {self.steps}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        from ar2mdm.train.tracking import REPORT_TO
-
         if self.report_to not in REPORT_TO:
             raise UserError(f"--report-to must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
         if self.lr <= 0:
             raise UserError(f"--lr must be > 0, got {self.lr}")
+
+    @property
+    def run_dir(self) -> Path:
+        """--out, default runs/<shards folder name>."""
+        return Path(self.out or Path("runs") / Path(self.shards).resolve().name)
+
+    def check_paths(self) -> None:
+        """Raise UserError on a missing shard folder or a run folder that cannot be written (cheap: no torch)."""
+        if not Path(self.shards).is_dir():
+            raise UserError(f"shard folder {self.shards} does not exist")
+        check_output_folder(self.run_dir, "--out")
+
+    def tail_for(self, exact_support: bool) -> str:
+        """The tail the KD term uses: --tail, where auto is renormalize for shards whose stored entries are the
+        whole target (``TargetSpec.exact_support``) and bucket for the rest."""
+        if self.tail != "auto":
+            return self.tail
+        return "renormalize" if exact_support else "bucket"
 
     @property
     def shift(self) -> bool:

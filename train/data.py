@@ -15,9 +15,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ar2mdm.schemas import Manifest
+from ar2mdm.schemas import Manifest, SchemaError
+from ar2mdm.shared.errors import UserError, warn
 from ar2mdm.shared.masking import sample_row_mask
-from ar2mdm.shared.shards import iter_shard_batches
+from ar2mdm.shared.shards import check_shard_file, iter_shard_batches
+from ar2mdm.shared.validate import partial_world_line
 
 
 @dataclass
@@ -74,8 +76,8 @@ class Batch:
     mask: torch.Tensor  # (B, L) bool
     t: torch.Tensor  # (B,) float32
     prompt_len: torch.Tensor  # (B,) long
-    target_ids: torch.Tensor  # (K, N) long, K = mask.sum(), in mask.nonzero() order
-    target_logprobs: torch.Tensor  # (K, N) float32, -inf on padding
+    target_ids: torch.Tensor  # (M, N) long, M = mask.sum(), in mask.nonzero() order
+    target_logprobs: torch.Tensor  # (M, N) float32, -inf on padding
 
     def to(self, device) -> "Batch":
         return Batch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
@@ -108,8 +110,17 @@ class RowStream:
     ``[consumer::consumers]``. Either way no row is seen twice in an epoch.
     """
 
-    def __init__(self, directory: Path, manifest: Manifest, consumer: int, consumers: int, seed: int,
-                 shuffle_buffer: int = 1024, resample_masks: bool = False, mask_eps: float = 1e-3):  # fmt: skip
+    def __init__(
+        self,
+        directory: Path,
+        manifest: Manifest,
+        consumer: int,
+        consumers: int,
+        seed: int,
+        shuffle_buffer: int = 1024,
+        resample_masks: bool = False,
+        mask_eps: float = 1e-3,
+    ):
         self.files = [directory / s.file for s in manifest.shards]
         self.consumer, self.consumers = consumer, consumers
         self.seed, self.buffer = seed, shuffle_buffer
@@ -210,20 +221,52 @@ class BatchLoader(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, directory, manifest, rank, world, seed, batch_size, skip_batches=0, **stream_kw):
-        self.args = (Path(directory), manifest, rank, world, seed, batch_size, skip_batches, stream_kw)
+        self.directory, self.manifest = Path(directory), manifest
+        self.rank, self.world, self.seed = rank, world, seed
+        self.batch_size, self.skip_batches, self.stream_kw = batch_size, skip_batches, stream_kw
 
     def __iter__(self):
-        directory, manifest, rank, world, seed, bs, skip, kw = self.args
         info = torch.utils.data.get_worker_info()
         nw, wid = (info.num_workers, info.id) if info else (1, 0)
         # A fresh DataLoader starts its round robin at worker 0, so after `skip` batches worker w takes the
         # role of the worker that would have produced batch `skip + w`.
+        skip, bs = self.skip_batches, self.batch_size
         role = (wid + skip) % nw
-        stream = RowStream(directory, manifest, rank * nw + role, world * nw, seed, **kw)
-        spec = TargetSpec.from_manifest(manifest)
+        stream = RowStream(
+            self.directory, self.manifest, self.rank * nw + role, self.world * nw, self.seed, **self.stream_kw
+        )
+        spec = TargetSpec.from_manifest(self.manifest)
         it = iter(stream)
         for _ in range(len(range(role, skip, nw)) * bs):
             next(it)
         while True:
             rows = [next(it)[1] for _ in range(bs)]
             yield collate(rows, spec)
+
+
+def load_shard_manifest(shards: str | Path, allow_partial: bool = False) -> Manifest:
+    """The shard folder's manifest, after cheap checks of its files. A build whose world is not finished (some
+    ranks never ran or stopped) is refused unless ``allow_partial``: a student trained on a third of the data
+    without a word is worse than a one-line stop."""
+    d = Path(shards)
+    if not d.is_dir():
+        raise UserError(f"shard folder {d} does not exist")
+    try:
+        m = Manifest.load(d)
+    except SchemaError as e:
+        raise UserError(str(e)) from e
+    partial = partial_world_line(d, m)
+    if partial and not allow_partial:
+        raise UserError(f"{partial}; or pass --allow-partial to train on what is there")
+    if partial:
+        warn(
+            f"{partial}; using those rows (--allow-partial): the rows the missing ranks would add are known only "
+            "once they finish"
+        )
+    if not m.shards:
+        raise UserError(f"shard folder {d} lists no shards (build not run or not finished)")
+    if not (d / "tokenizer").is_dir():
+        raise UserError(f"shard folder {d} has no tokenizer/ (kdtargets build writes it; the student needs it)")
+    for s in m.shards:  # cheap checks of every file before anything starts (`kdtargets validate` does them all)
+        check_shard_file(d / s.file, s.bytes)
+    return m

@@ -12,9 +12,9 @@ import torch
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.masking import maskable_positions, sample_count_masks, stratified_counts
 from ar2mdm.train.checkpoint import load_student, load_tokenizer
-from ar2mdm.train.data import Row, collate
-from ar2mdm.train.loop import load_shard_manifest, resolve_device, step_losses
+from ar2mdm.train.data import Row, collate, load_shard_manifest
 from ar2mdm.train.losses import corrupt
+from ar2mdm.train.step import resolve_device, step_losses
 
 
 def run_task(meta: dict) -> tuple[str, str | None]:
@@ -49,18 +49,38 @@ def _sft_rows(data: Path, files: list, tokenizer, meta: dict, max_rows: int, mes
     examples = iter_sft_examples(files, CorpusStats(), messages_field)
     rows = [_row(ids, plen) for ids, plen in islice(pack_sft(examples, tokenizer, meta["seq_len"]), max_rows)]
     if not rows:
-        raise UserError(f"--data {data}: no chat row (prompt + response, or {messages_field}) fits {meta['seq_len']} tokens")
+        raise UserError(
+            f"--data {data}: no chat row (prompt + response, or {messages_field}) fits {meta['seq_len']} tokens"
+        )
     return rows
 
 
 def _row(ids: np.ndarray, prompt_len: int) -> Row:
     """A row without targets (raw held-out text)."""
-    return Row("", ids, prompt_len, 1.0, np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(1, np.int64),
-               np.zeros(0, np.int32), np.zeros(0, np.float32))  # fmt: skip
+    return Row(
+        "",
+        ids,
+        prompt_len,
+        1.0,
+        np.zeros(0, np.int32),
+        np.zeros(0, np.int32),
+        np.zeros(1, np.int64),
+        np.zeros(0, np.int32),
+        np.zeros(0, np.float32),
+    )
 
 
-def _rows_from(data: Path, meta: dict, tokenizer, max_rows: int, by_line: bool, text_field: str,
-               split: str = "test", task: str = "pretrain", messages_field: str = "messages") -> tuple[list[Row], object]:  # fmt: skip
+def _rows_from(
+    data: Path,
+    meta: dict,
+    tokenizer,
+    max_rows: int,
+    by_line: bool,
+    text_field: str,
+    split: str = "test",
+    task: str = "pretrain",
+    messages_field: str = "messages",
+) -> tuple[list[Row], object]:
     """Rows to evaluate: a shard folder's rows (with targets), or a corpus (files or a dataset) packed like the
     precompute (``task`` "sft": chats, rendered like the SFT build)."""
     from ar2mdm.shared.corpus import CorpusStats, is_dataset, iter_documents, list_corpus_files
@@ -103,8 +123,9 @@ def ratio_se(num: torch.Tensor, den: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def elbo_row_estimates(model, ids: torch.Tensor, maskable: torch.Tensor, draws: int, g: torch.Generator,
-                       mask_id: int) -> tuple[torch.Tensor, float, float]:  # fmt: skip
+def elbo_row_estimates(
+    model, ids: torch.Tensor, maskable: torch.Tensor, draws: int, g: torch.Generator, mask_id: int
+) -> tuple[torch.Tensor, float, float]:
     """(B,) float64 unbiased estimates of each row's ELBO bound on -log p(maskable tokens | the rest), in nats,
     and the masked-token hits and count. ids, maskable: (B, L); masks are drawn on the CPU from ``g``.
 
@@ -116,8 +137,8 @@ def elbo_row_estimates(model, ids: torch.Tensor, maskable: torch.Tensor, draws: 
     hits = total = 0.0
     for j in range(draws):
         mask = sample_count_masks(maskable.cpu(), counts[:, j], g).to(ids.device)  # (B, L)
-        logits = model(corrupt(ids, mask, mask_id), mask).float()  # (K, V)
-        nll = torch.nn.functional.cross_entropy(logits, ids[mask], reduction="none")  # (K,)
+        logits = model(corrupt(ids, mask, mask_id), mask).float()  # (M, V)
+        nll = torch.nn.functional.cross_entropy(logits, ids[mask], reduction="none")  # (M,)
         per_row = torch.zeros(ids.shape[0], device=ids.device).index_add(0, mask.nonzero()[:, 0], nll)  # (B,)
         est += per_row.cpu().double() * n / counts[:, j].clamp(min=1) / draws
         hits += float((logits.argmax(-1) == ids[mask]).sum())
@@ -126,9 +147,21 @@ def elbo_row_estimates(model, ids: torch.Tensor, maskable: torch.Tensor, draws: 
 
 
 @torch.no_grad()
-def evaluate(run: str, data: str, seed: int = 0, mc_samples: int = 4, batch_size: int = 16, max_rows: int = 256,
-             device: str = "auto", by_line: bool = False, text_field: str = "text", per_row: bool = False,
-             split: str = "test", task: str = "auto", messages_field: str = "messages") -> dict:  # fmt: skip
+def evaluate(
+    run: str,
+    data: str,
+    seed: int = 0,
+    mc_samples: int = 4,
+    batch_size: int = 16,
+    max_rows: int = 256,
+    device: str = "auto",
+    by_line: bool = False,
+    text_field: str = "text",
+    per_row: bool = False,
+    split: str = "test",
+    task: str = "auto",
+    messages_field: str = "messages",
+) -> dict:
     """Held-out ELBO bound (nats/token) with its standard error, masked-token accuracy and, on shards, the
     KD loss against the stored targets.
 
@@ -175,7 +208,9 @@ def evaluate(run: str, data: str, seed: int = 0, mc_samples: int = 4, batch_size
         plen = torch.tensor([r.prompt_len for r in chunk], device=device)
         maskable = maskable_positions(ids.shape[1], plen)  # (B, L)
         if task == "sft":  # the response through its end of turn: [prompt_len, prompt_len + n)
-            end = torch.tensor([r.prompt_len + response_length(r.input_ids, r.prompt_len, stops) for r in chunk], device=device)
+            end = torch.tensor(
+                [r.prompt_len + response_length(r.input_ids, r.prompt_len, stops) for r in chunk], device=device
+            )
             maskable &= torch.arange(ids.shape[1], device=device)[None, :] < end[:, None]
         est, hits, k = elbo_row_estimates(model, ids, maskable, mc_samples, g, mask_id)
         correct += hits
@@ -188,10 +223,18 @@ def evaluate(run: str, data: str, seed: int = 0, mc_samples: int = 4, batch_size
             kd_rows += len(chunk)
     est, tok = torch.cat(row_est), torch.cat(row_tok)
     nll_bound = float(est.sum() / tok.sum().clamp(min=1))
-    out = {"nll_bound": nll_bound, "nll_bound_se": ratio_se(est, tok), "ppl_bound": math.exp(min(nll_bound, 50)),
-           "masked_token_accuracy": correct / max(masked, 1), "rows": len(rows), "tokens": int(tok.sum()),
-           "mc_samples": mc_samples, "seed": seed, "task": task,
-           "uniform_nll": math.log(model.config.vocab_size)}  # fmt: skip
+    out = {
+        "nll_bound": nll_bound,
+        "nll_bound_se": ratio_se(est, tok),
+        "ppl_bound": math.exp(min(nll_bound, 50)),
+        "masked_token_accuracy": correct / max(masked, 1),
+        "rows": len(rows),
+        "tokens": int(tok.sum()),
+        "mc_samples": mc_samples,
+        "seed": seed,
+        "task": task,
+        "uniform_nll": math.log(model.config.vocab_size),
+    }
     if kd_rows:
         out["kd_loss"] = kd_sum / kd_rows
     if per_row:
@@ -210,9 +253,18 @@ def _prompt_row(meta: dict, tok, prompt: str, chat: bool) -> list[int]:
 
 
 @torch.no_grad()
-def sample(run: str, prompt: str, length: int, steps: int, device: str = "auto", seed: int = 0,
-           temperature: float = 0.0, remasking: str = "low-confidence", chat: bool | None = None,
-           block_length: int | None = None) -> tuple[str, str]:  # fmt: skip
+def sample(
+    run: str,
+    prompt: str,
+    length: int,
+    steps: int,
+    device: str = "auto",
+    seed: int = 0,
+    temperature: float = 0.0,
+    remasking: str = "low-confidence",
+    chat: bool | None = None,
+    block_length: int | None = None,
+) -> tuple[str, str]:
     """LLaDA's sampler: start with ``length`` masks after the prompt; at each of ``steps`` steps predict every
     masked token (greedy, or sampled at ``temperature``), reveal as many as a linear schedule allows and keep
     the rest masked. ``remasking``: which predictions are revealed: the most confident (low-confidence
@@ -237,7 +289,9 @@ def sample(run: str, prompt: str, length: int, steps: int, device: str = "auto",
     chat = run_task(meta)[0] == "sft" if chat is None else chat
     p = _prompt_row(meta, tok, prompt, chat)
     if len(p) + length > model.config.max_positions:
-        raise UserError(f"prompt ({len(p)} tokens) + --length {length} exceeds the student's {model.config.max_positions} positions")
+        raise UserError(
+            f"prompt ({len(p)} tokens) + --length {length} exceeds the student's {model.config.max_positions} positions"
+        )
     stops = tuple(stop_ids(tok)) if chat else ()
     x = torch.tensor([p + [model.config.mask_id] * length], device=device)  # (1, P+N)
     x = denoise(model, x, steps, temperature, remasking, torch.Generator().manual_seed(seed), block_length, stops)
@@ -251,8 +305,9 @@ MASK_MARK = "[MASK]"
 
 
 @torch.no_grad()
-def fill(run: str, text: str, top: int = 5, device: str = "auto", chat: bool = False,
-         prompt: str = "") -> list[list[tuple[str, float]]]:  # fmt: skip
+def fill(
+    run: str, text: str, top: int = 5, device: str = "auto", chat: bool = False, prompt: str = ""
+) -> list[list[tuple[str, float]]]:
     """The student's top predictions for each ``[MASK]`` in ``text`` (one token each), all predicted at once.
 
     A readable look at what a small student has learnt, where free generation is still mostly newlines.
@@ -282,7 +337,7 @@ def fill(run: str, text: str, top: int = 5, device: str = "auto", chat: bool = F
         raise UserError(f"--text is {len(ids)} tokens, the student has {model.config.max_positions} positions")
     x = torch.tensor([ids], device=device)
     masked = x == model.config.mask_id
-    probs = torch.softmax(model(x, masked).float(), -1).cpu()  # (K, V)
+    probs = torch.softmax(model(x, masked).float(), -1).cpu()  # (M, V)
     val, idx = probs.topk(top, -1)
     return [[(tok.decode([int(i)]), float(v)) for v, i in zip(vs, ix)] for vs, ix in zip(val, idx)]
 
@@ -308,7 +363,7 @@ def plot_runs(runs: list[Path], out: Path, key: str | None = None) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     for run in runs:
         recs = _metrics(run)
-        for k in (("loss", "mdm", "kd") if len(runs) == 1 and key is None else (key or "loss",)):
+        for k in ("loss", "mdm", "kd") if len(runs) == 1 and key is None else (key or "loss",):
             pts = [(r["step"], r[k]) for r in recs if k in r]
             if pts:
                 ax.plot(*zip(*pts), label=k if len(runs) == 1 else f"{Path(run).name} {k}")

@@ -45,7 +45,9 @@ def student_from_ar(spec: str, vocab_size: int, tokenizer_sha: str, max_position
     if c.model_type not in SUPPORTED:
         raise UserError(f"--init-from {spec}: model type {c.model_type!r}, supported: {', '.join(SUPPORTED)}")
     if tokenizer_hash(tok) != tokenizer_sha:
-        raise UserError(f"--init-from {spec}: its tokenizer differs from the shards' (teacher/student tokenizer mismatch)")
+        raise UserError(
+            f"--init-from {spec}: its tokenizer differs from the shards' (teacher/student tokenizer mismatch)"
+        )
     if c.vocab_size != vocab_size:
         raise UserError(f"--init-from {spec}: vocabulary {c.vocab_size} != the shards' {vocab_size}")
     src = ar.state_dict()
@@ -85,7 +87,9 @@ def student_from_ar(spec: str, vocab_size: int, tokenizer_sha: str, max_position
     tied = {"lm_head.weight"} if sc.tie_embeddings else set()
     extra = sorted(k for k in src if k not in dst and k not in tied and "rotary_emb" not in k)
     if extra:
-        raise UserError(f"--init-from {spec}: the student has no place for {len(extra)} checkpoint parameter(s), "
-                        f"e.g. {extra[0]} ({c.model_type} layers differ from Llama's)")
+        raise UserError(
+            f"--init-from {spec}: the student has no place for {len(extra)} checkpoint parameter(s), "
+            f"e.g. {extra[0]} ({c.model_type} layers differ from Llama's)"
+        )
     student.load_state_dict(dst)
     return student

@@ -1,7 +1,7 @@
 """Losses of seed sections 1-2 as pure tensor functions.
 
 Shapes: B rows, L positions, V vocabulary, N stored target entries per position. Every function takes the
-student's log-probabilities only at the positions that carry a loss (``K`` of them, gathered from (B, L, V)),
+student's log-probabilities only at the positions that carry a loss (``M`` of them, gathered from (B, L, V)),
 so that the V-sized work is proportional to the masked positions, and the log-softmax at T = 1 is computed
 once and shared by the MDM and KD terms (`student_logprobs`); the KD term tempers from it.
 """
@@ -31,21 +31,25 @@ def row_norm(prompt_len: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 
 def student_logprobs(logits: torch.Tensor) -> torch.Tensor:
-    """log softmax(z) over the vocabulary: (K, V) logits -> (K, V) log-probs, at least float32."""
+    """log softmax(z) over the vocabulary: (M, V) logits -> (M, V) log-probs, at least float32."""
     return torch.log_softmax(_up(logits), dim=-1)
 
 
 def mdm_loss(
-    logp: torch.Tensor, targets: torch.Tensor, row: torch.Tensor, norm: torch.Tensor, weight: torch.Tensor,
+    logp: torch.Tensor,
+    targets: torch.Tensor,
+    row: torch.Tensor,
+    norm: torch.Tensor,
+    weight: torch.Tensor,
     per_row: bool = False,
 ) -> torch.Tensor:
     """Seed §1: mean over rows of -(1/norm_b) · weight_b · Σ_{i masked in b} log p_θ(x_0,i | x_t).
 
-    logp: (K, V) student log-probs (T = 1) at the masked positions; targets: (K,) clean tokens; row: (K,) row
+    logp: (M, V) student log-probs (T = 1) at the masked positions; targets: (M,) clean tokens; row: (M,) row
     of each position; norm: (B,) L for pretrain rows, the response length for SFT rows; weight: (B,) 1, or 1/t.
     ``per_row``: the (B,) row terms instead of their mean.
     """
-    nll = -logp.gather(1, targets[:, None])[:, 0]  # (K,)
+    nll = -logp.gather(1, targets[:, None])[:, 0]  # (M,)
     rows = torch.zeros_like(norm, dtype=nll.dtype).index_add(0, row, nll) * weight / norm  # (B,)
     return rows if per_row else rows.mean()
 
@@ -64,17 +68,17 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 def storage_slack(target_logprobs: torch.Tensor, logprob_dtype: str) -> torch.Tensor:
-    """(K,) the largest leftover mass 1 - Σ_S q that rounding alone can leave at each position.
+    """(M,) the largest leftover mass 1 - Σ_S q that rounding alone can leave at each position.
 
     Stored log-probs are rounded towards -inf (float16 by default), so a stored q_v is at most
     q_v·(1 - exp(-ulp(log q_v))) below the true one; a leftover below the sum of those bounds is rounding,
-    not mass outside the support. target_logprobs: (K, N) as stored, -inf on padding.
+    not mass outside the support. target_logprobs: (M, N) as stored, -inf on padding.
     """
     mant = {"float16": 10, "float32": 23}[logprob_dtype]
     lp = target_logprobs.float()
     finite = torch.isfinite(lp)
     mag = lp.abs().masked_fill(~finite, 1.0).clamp(min=2.0**-14)
-    ulp = torch.exp2(torch.floor(torch.log2(mag)) - mant)  # (K, N) spacing of the stored values
+    ulp = torch.exp2(torch.floor(torch.log2(mag)) - mant)  # (M, N) spacing of the stored values
     slack = (lp.exp() * torch.expm1(ulp)).masked_fill(~finite, 0.0).sum(-1)
     return slack + 1e-6  # + float32 summation error of the leftover itself
 
@@ -86,12 +90,15 @@ COMPLEMENT_MAX_MASS = 0.5
 
 
 def rest_logmass(
-    logp: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, logp_s: torch.Tensor,
+    logp: torch.Tensor,
+    ids: torch.Tensor,
+    valid: torch.Tensor,
+    logp_s: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log Σ_{v∉S} p_θ(v), whether S leaves any of the vocabulary out), both (K,), for the bucket tail.
+    """(log Σ_{v∉S} p_θ(v), whether S leaves any of the vocabulary out), both (M,), for the bucket tail.
 
-    logp: (K, V) student log-probs; ids: (K, N) stored ids (any value where not valid); valid: (K, N);
-    logp_s: (K, N) = logp.gather(1, ids). Why two routes: summing the complement touches all K·V entries
+    logp: (M, V) student log-probs; ids: (M, N) stored ids (any value where not valid); valid: (M, N);
+    logp_s: (M, N) = logp.gather(1, ids). Why two routes: summing the complement touches all M·V entries
     (forward and backward, several passes: it tripled the KD step's cost), while log(1 - Σ_S p) needs only
     the N stored entries and has the same value and the same gradient with respect to the logits (both are
     log Σ_{v∉S} e^z - log Σ_V e^z). The short route is used where it is accurate: distinct ids, S smaller
@@ -100,12 +107,12 @@ def rest_logmass(
     shares the log-softmax's normalisation error with log p_θ(S), so it cancels when `sparse_kl` renormalises
     over the N+1 categories; 1 - Σ_S p does not share it, hence the cap on Σ_S p.
     """
-    K, V = logp.shape
-    in_s = torch.logsumexp(logp_s.masked_fill(~valid, NEG_INF), dim=-1)  # (K,) log Σ_S p_θ
-    srt = ids.masked_fill(~valid, -1).sort(dim=-1).values  # (K, N) repeated ids would be counted twice
+    M, V = logp.shape
+    in_s = torch.logsumexp(logp_s.masked_fill(~valid, NEG_INF), dim=-1)  # (M,) log Σ_S p_θ
+    srt = ids.masked_fill(~valid, -1).sort(dim=-1).values  # (M, N) repeated ids would be counted twice
     repeated = ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any(-1)
-    exact = repeated | (valid.sum(-1) >= V) | (in_s > math.log(COMPLEMENT_MAX_MASS))  # (K,)
-    out = _log1mexp(in_s)  # (K,) rows routed to `exact` are overwritten below
+    exact = repeated | (valid.sum(-1) >= V) | (in_s > math.log(COMPLEMENT_MAX_MASS))  # (M,)
+    out = _log1mexp(in_s)  # (M,) rows routed to `exact` are overwritten below
     has_rest = torch.ones_like(exact)
     if bool(exact.any()):
         r = exact.nonzero()[:, 0]  # (k,)
@@ -122,49 +129,53 @@ def rest_logmass(
 
 
 def sparse_kl(
-    logp: torch.Tensor, target_ids: torch.Tensor, target_logprobs: torch.Tensor, temperature: float, tail: str,
+    logp: torch.Tensor,
+    target_ids: torch.Tensor,
+    target_logprobs: torch.Tensor,
+    temperature: float,
+    tail: str,
     slack: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-position T²·KL(q_T ‖ p_θ^T) against a sparse stored target.
 
-    logp: (K, V) student log-probs at T = 1 (`student_logprobs(logits)`); target_ids: (K, N) ids;
-    target_logprobs: (K, N) stored log q at T = 1, -inf on padding; exp sums to <= 1 (the rest, the leftover,
+    logp: (M, V) student log-probs at T = 1 (`student_logprobs(logits)`); target_ids: (M, N) ids;
+    target_logprobs: (M, N) stored log q at T = 1, -inf on padding; exp sums to <= 1 (the rest, the leftover,
     is the teacher's mass outside the stored support S).
 
     tail="renormalize": S is treated as the whole target: q_T ∝ q^(1/T) over S; p_θ^T = softmax(z/T) over V.
     tail="bucket": both distributions are first coarse-grained to the N+1 categories S ∪ {rest} at T = 1
     (q_rest = the leftover, p_rest = Σ_{v∉S} p_θ(v)), then tempered alike: π_T(c) ∝ π(c)^(1/T). The target's
     tail is known only as a lump, so this is the one definition both sides can share (docs/design.md).
-    A leftover at or below ``slack`` (K,) is rounding, not mass: q_rest = 0 there (``storage_slack``;
+    A leftover at or below ``slack`` (M,) is rounding, not mass: q_rest = 0 there (``storage_slack``;
     default 1e-6, float32 summation error).
-    Positions without any finite entry return 0 with a zero gradient. Returns (K,) in logp's dtype.
+    Positions without any finite entry return 0 with a zero gradient. Returns (M,) in logp's dtype.
     """
     T = float(temperature)
-    has = torch.isfinite(target_logprobs).any(-1)  # (K,)
+    has = torch.isfinite(target_logprobs).any(-1)  # (M,)
     # safe inputs: a position with no entry gets a dummy one (log q = 0 at slot 0), so that no softmax sees
     # only -inf (NaN in the forward and in the gradient); its KL is zeroed at the end
     lq = target_logprobs.to(logp.dtype)
     dummy = torch.full_like(lq, NEG_INF)
     dummy[:, 0] = 0.0
-    lq = torch.where(has[:, None], lq, dummy)  # (K, N)
-    valid = torch.isfinite(lq)  # (K, N)
+    lq = torch.where(has[:, None], lq, dummy)  # (M, N)
+    valid = torch.isfinite(lq)  # (M, N)
     ids = target_ids.long().masked_fill(~valid, 0)
-    logp_s = logp.gather(1, ids)  # (K, N) log p_θ(v), T = 1
+    logp_s = logp.gather(1, ids)  # (M, N) log p_θ(v), T = 1
     if tail == "renormalize":
-        logq = torch.log_softmax(lq / T, dim=-1)  # (K, N)
+        logq = torch.log_softmax(lq / T, dim=-1)  # (M, N)
         logp_t = logp_s if T == 1.0 else logp_s / T - torch.logsumexp(logp / T, dim=-1, keepdim=True)
         kl = (logq.exp() * (logq - logp_t)).masked_fill(~valid, 0.0).sum(-1)
     elif tail == "bucket":
-        mass = torch.logsumexp(lq, dim=-1)  # (K,) log Σ_S q
+        mass = torch.logsumexp(lq, dim=-1)  # (M,) log Σ_S q
         slack = torch.full_like(mass, 1e-6) if slack is None else slack.to(mass.dtype)
-        logp_rest, has_rest = rest_logmass(logp, ids, valid, logp_s)  # (K,), (K,)
-        leftover = -torch.expm1(mass)  # (K,) 1 - Σ_S q
-        tail_on = (leftover > slack) & has_rest  # (K,)
-        tail_lq = torch.where(tail_on, _log1mexp(mass), torch.full_like(mass, NEG_INF))  # (K,) log q_rest
-        ok = torch.cat([valid, has_rest[:, None]], dim=-1)  # (K, N+1) categories the student can hold
-        a = torch.cat([logp_s, logp_rest[:, None]], dim=-1).masked_fill(~ok, NEG_INF)  # (K, N+1)
+        logp_rest, has_rest = rest_logmass(logp, ids, valid, logp_s)  # (M,), (M,)
+        leftover = -torch.expm1(mass)  # (M,) 1 - Σ_S q
+        tail_on = (leftover > slack) & has_rest  # (M,)
+        tail_lq = torch.where(tail_on, _log1mexp(mass), torch.full_like(mass, NEG_INF))  # (M,) log q_rest
+        ok = torch.cat([valid, has_rest[:, None]], dim=-1)  # (M, N+1) categories the student can hold
+        a = torch.cat([logp_s, logp_rest[:, None]], dim=-1).masked_fill(~ok, NEG_INF)  # (M, N+1)
         logp_t = a / T - torch.logsumexp(a / T, dim=-1, keepdim=True)
-        logq = torch.log_softmax(torch.cat([lq, tail_lq[:, None]], dim=-1) / T, dim=-1)  # (K, N+1)
+        logq = torch.log_softmax(torch.cat([lq, tail_lq[:, None]], dim=-1) / T, dim=-1)  # (M, N+1)
         qok = torch.cat([valid, tail_on[:, None]], dim=-1)
         kl = (logq.exp() * (logq - logp_t.masked_fill(~ok, 0.0))).masked_fill(~qok, 0.0).sum(-1)
     else:
@@ -173,14 +184,20 @@ def sparse_kl(
 
 
 def kd_loss(
-    logp: torch.Tensor, target_ids: torch.Tensor, target_logprobs: torch.Tensor, row: torch.Tensor,
-    norm: torch.Tensor, temperature: float, tail: str = "renormalize", slack: torch.Tensor | None = None,
+    logp: torch.Tensor,
+    target_ids: torch.Tensor,
+    target_logprobs: torch.Tensor,
+    row: torch.Tensor,
+    norm: torch.Tensor,
+    temperature: float,
+    tail: str = "renormalize",
+    slack: torch.Tensor | None = None,
     per_row: bool = False,
 ) -> torch.Tensor:
     """Seed §2: mean over rows of (1/norm_b) Σ_{i masked in b} T²·KL(q_T ‖ p_θ^T); positions without a
-    stored target (all entries -inf) contribute 0. logp: (K, V) student log-probs at T = 1.
+    stored target (all entries -inf) contribute 0. logp: (M, V) student log-probs at T = 1.
     ``per_row``: the (B,) row terms instead of their mean."""
-    kl = sparse_kl(logp, target_ids, target_logprobs, temperature, tail, slack)  # (K,)
+    kl = sparse_kl(logp, target_ids, target_logprobs, temperature, tail, slack)  # (M,)
     rows = torch.zeros_like(norm, dtype=kl.dtype).index_add(0, row, kl) / norm  # (B,)
     return rows if per_row else rows.mean()
 
@@ -214,11 +231,9 @@ def combined_loss(mdm: torch.Tensor, kd: torch.Tensor, lam: float | torch.Tensor
     return (1.0 - lam) * mdm + lam * kd
 
 
-LAMBDA_SCHEDULES = ("constant", "linear-decay", "cosine-decay", "linear-warmup")
-LAMBDA_T = ("none", "low-t", "high-t")
-
-
-def kd_weight(lam: float, progress: float, t: torch.Tensor, schedule: str = "constant", t_mode: str = "none") -> torch.Tensor:
+def kd_weight(
+    lam: float, progress: float, t: torch.Tensor, schedule: str = "constant", t_mode: str = "none"
+) -> torch.Tensor:
     """(B,) λ_b = min(1, λ · s(progress) · g(t_b)): the KD weight of each row (docs/design.md).
 
     s over training progress p ∈ [0, 1]: constant 1, linear-decay 1 - p, cosine-decay (1 + cos πp)/2,
@@ -227,7 +242,11 @@ def kd_weight(lam: float, progress: float, t: torch.Tensor, schedule: str = "con
     TIDAL): none 1, low-t 2(1 - t), high-t 2t; both have mean 1 over t ~ U(0, 1), so λ keeps its meaning.
     """
     p = min(max(float(progress), 0.0), 1.0)
-    s = {"constant": 1.0, "linear-decay": 1.0 - p, "cosine-decay": 0.5 * (1.0 + math.cos(math.pi * p)),
-         "linear-warmup": min(1.0, 2.0 * p)}[schedule]  # fmt: skip
+    s = {
+        "constant": 1.0,
+        "linear-decay": 1.0 - p,
+        "cosine-decay": 0.5 * (1.0 + math.cos(math.pi * p)),
+        "linear-warmup": min(1.0, 2.0 * p),
+    }[schedule]
     g = {"none": torch.ones_like(t), "low-t": 2.0 * (1.0 - t), "high-t": 2.0 * t}[t_mode]
     return (lam * s * g).clamp(0.0, 1.0)

@@ -9,14 +9,13 @@ token; the output head predicts only the teacher's vocabulary.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import math
 
 from ar2mdm.shared.errors import UserError
 
@@ -64,7 +63,9 @@ class StudentConfig:
             raise UserError("student config: head dimension must be even for RoPE")
         kind = (self.rope_scaling or {}).get("rope_type", "default")
         if kind not in ROPE_TYPES:
-            raise UserError(f"student config: RoPE scaling {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+            raise UserError(
+                f"student config: RoPE scaling {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})"
+            )
 
     @classmethod
     def from_spec(cls, spec: str, vocab_size: int, max_positions: int, shift: bool = False) -> "StudentConfig":
@@ -80,7 +81,10 @@ class StudentConfig:
             except json.JSONDecodeError as e:
                 raise UserError(f"--student {spec}: not valid JSON ({e.msg})") from e
             if "vocab_size" in fields and fields["vocab_size"] != vocab_size:
-                raise UserError(f"--student {spec}: vocab_size {fields['vocab_size']} does not fit the shards' vocabulary ({vocab_size})")
+                raise UserError(
+                    f"--student {spec}: vocab_size {fields['vocab_size']} does not fit the shards' vocabulary "
+                    f"({vocab_size})"
+                )
             fields.pop("vocab_size", None)
         fields.setdefault("max_positions", max_positions)
         fields.setdefault("shift", shift)
@@ -233,7 +237,7 @@ class Student(nn.Module):
         return h @ self.model.embed_tokens.weight[: self.config.vocab_size].T
 
     def forward(self, x_t: torch.Tensor, select: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
-        """Logits (B, L, V), or (K, V) at the K positions where ``select`` (B, L) is True.
+        """Logits (B, L, V), or (M, V) at the M positions where ``select`` (B, L) is True.
 
         Selecting before the head keeps the V-sized work proportional to the masked positions. With the AR
         shift, position i reads the hidden state of i-1 (position 0, BOS, is never predicted).
@@ -245,9 +249,16 @@ class Student(nn.Module):
 
 
 @torch.no_grad()
-def denoise(model: Student, x: torch.Tensor, steps: int, temperature: float = 0.0, remasking: str = "low-confidence",
-            generator: torch.Generator | None = None, block_length: int | None = None,
-            stop_ids: tuple[int, ...] = ()) -> torch.Tensor:  # fmt: skip
+def denoise(
+    model: Student,
+    x: torch.Tensor,
+    steps: int,
+    temperature: float = 0.0,
+    remasking: str = "low-confidence",
+    generator: torch.Generator | None = None,
+    block_length: int | None = None,
+    stop_ids: tuple[int, ...] = (),
+) -> torch.Tensor:
     """LLaDA's sampler: fill the masked positions of ``x`` (1, S) (mask id = vocab_size) in ``steps`` steps.
 
     At each step every masked token is predicted (greedy, or sampled at ``temperature``) and as many are
@@ -269,14 +280,16 @@ def denoise(model: Student, x: torch.Tensor, steps: int, temperature: float = 0.
         n_steps = min(block_steps, length)
         for s in range(n_steps):
             masked = x == mask_id  # (1, S)
-            pos = masked.nonzero()[:, 1]  # (K,) every masked position: the student sees them all
-            mine = torch.isin(pos, block)  # (K,) those of this block, the only ones revealed now
+            pos = masked.nonzero()[:, 1]  # (M,) every masked position: the student sees them all
+            mine = torch.isin(pos, block)  # (M,) those of this block, the only ones revealed now
             reveal = int(mine.sum()) - int(length * (1 - (s + 1) / n_steps))
             if reveal <= 0:
                 continue
             probs = torch.softmax(model(x, masked).float(), -1)[mine].cpu()  # (k, V)
             if temperature > 0:
-                pred = torch.multinomial(torch.softmax(probs.log() / temperature, -1), 1, generator=generator)[:, 0]  # (k,)
+                pred = torch.multinomial(torch.softmax(probs.log() / temperature, -1), 1, generator=generator)[
+                    :, 0
+                ]  # (k,)
             else:
                 pred = probs.argmax(-1)
             conf = probs.gather(1, pred[:, None])[:, 0]  # (k,)

@@ -122,14 +122,34 @@ def run_point(cfg: SweepConfig, point: dict) -> dict:
         res["wall_s"] = round(time.time() - t0, 1)
         trained.write_text(json.dumps(res))
     res = json.loads(trained.read_text())
-    ev = evaluate(str(run), cfg.eval_data, seed=cfg.eval_seed, mc_samples=cfg.eval_samples, max_rows=cfg.eval_rows,
-                  device=tc.device, by_line=cfg.by_line, text_field=cfg.text_field, per_row=True)  # fmt: skip
-    row = {"name": point_name(point), **{("lambda" if k == "lam" else k): v for k, v in point.items()},
-           "nll_bound": ev["nll_bound"], "nll_bound_se": ev["nll_bound_se"], "ppl_bound": ev["ppl_bound"],
-           "masked_token_accuracy": ev["masked_token_accuracy"], "eval_rows": ev["rows"], "steps": res["steps"],
-           "train_loss": res.get("loss"), "train_mdm": res.get("mdm"), "train_kd": res.get("kd"),
-           "tokens_per_s": res.get("tokens_per_s"), "wall_s": res["wall_s"],
-           "row_nll": ev["row_nll"], "row_tokens": ev["row_tokens"]}  # fmt: skip
+    ev = evaluate(
+        str(run),
+        cfg.eval_data,
+        seed=cfg.eval_seed,
+        mc_samples=cfg.eval_samples,
+        max_rows=cfg.eval_rows,
+        device=tc.device,
+        by_line=cfg.by_line,
+        text_field=cfg.text_field,
+        per_row=True,
+    )
+    row = {
+        "name": point_name(point),
+        **{("lambda" if k == "lam" else k): v for k, v in point.items()},
+        "nll_bound": ev["nll_bound"],
+        "nll_bound_se": ev["nll_bound_se"],
+        "ppl_bound": ev["ppl_bound"],
+        "masked_token_accuracy": ev["masked_token_accuracy"],
+        "eval_rows": ev["rows"],
+        "steps": res["steps"],
+        "train_loss": res.get("loss"),
+        "train_mdm": res.get("mdm"),
+        "train_kd": res.get("kd"),
+        "tokens_per_s": res.get("tokens_per_s"),
+        "wall_s": res["wall_s"],
+        "row_nll": ev["row_nll"],
+        "row_tokens": ev["row_tokens"],
+    }
     done.write_text(json.dumps(row))
     return row
 
@@ -197,25 +217,45 @@ def paired_delta(r: dict, base: dict) -> str:
 
 def write_results(out: Path, rows: list[dict], keys: list[str]) -> None:
     keys = ["lambda" if k == "lam" else k for k in keys]
-    cols = ["name", *keys, "nll_bound", "nll_bound_se", "ppl_bound", "masked_token_accuracy", "eval_rows", "steps",
-            "train_loss", "train_mdm", "train_kd", "tokens_per_s", "wall_s"]  # fmt: skip
+    cols = [
+        "name",
+        *keys,
+        "nll_bound",
+        "nll_bound_se",
+        "ppl_bound",
+        "masked_token_accuracy",
+        "eval_rows",
+        "steps",
+        "train_loss",
+        "train_mdm",
+        "train_kd",
+        "tokens_per_s",
+        "wall_s",
+    ]
     with open(out / "sweep.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     best = min(rows, key=lambda r: r["nll_bound"])
-    lines = [f"| {' | '.join(keys)} | held-out nll_bound (nats/token) | Δ vs best (paired s.e.) | masked acc. | "
-             "train kd | tokens/s | wall s |", "|" + " --- |" * (len(keys) + 6)]  # fmt: skip
+    lines = [
+        f"| {' | '.join(keys)} | held-out nll_bound (nats/token) | Δ vs best (paired s.e.) | masked acc. | "
+        "train kd | tokens/s | wall s |",
+        "|" + " --- |" * (len(keys) + 6),
+    ]
     for r in sorted(rows, key=lambda r: r["nll_bound"]):
         kd = f"{r['train_kd']:.3f}" if r.get("train_kd") is not None else "-"
         mark = " **best**" if r is best else ""
-        lines.append(f"| {' | '.join(str(r[k]) for k in keys)} | {r['nll_bound']:.3f} ± {r['nll_bound_se']:.3f}{mark} | "
-                     f"{paired_delta(r, best)} | {r['masked_token_accuracy']:.3f} | {kd} | {r.get('tokens_per_s') or 0:.0f} | "
-                     f"{r['wall_s']} |")  # fmt: skip
+        lines.append(
+            f"| {' | '.join(str(r[k]) for k in keys)} | {r['nll_bound']:.3f} ± {r['nll_bound_se']:.3f}{mark} | "
+            f"{paired_delta(r, best)} | {r['masked_token_accuracy']:.3f} | {kd} | {r.get('tokens_per_s') or 0:.0f} | "
+            f"{r['wall_s']} |"
+        )
     lines.append("")
-    lines.append(f"Held-out rows: {best['eval_rows']}; ± is the standard error over rows. Every run is evaluated on the "
-                 "same rows with the same masks, so a difference is paired: its standard error (Δ column) is far "
-                 "smaller than the runs' own. Seeds (init, data order) vary more than that: compare across seeds.")  # fmt: skip
+    lines.append(
+        f"Held-out rows: {best['eval_rows']}; ± is the standard error over rows. Every run is evaluated on the "
+        "same rows with the same masks, so a difference is paired: its standard error (Δ column) is far "
+        "smaller than the runs' own. Seeds (init, data order) vary more than that: compare across seeds."
+    )
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     from ar2mdm.train.evaluate import plot_runs
 

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ar2mdm.shared.errors import UserError
-
-REPORT_TO = ("none", "tensorboard", "wandb")
+from ar2mdm.train.config import REPORT_TO
 
 
 @dataclass
@@ -60,9 +59,13 @@ def open_tracker(report_to: str, run: Path, config: dict) -> Tracker | None:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            return Tracker("tensorboard", SummaryWriter(str(run / "tb")), f"TensorBoard: tensorboard --logdir {run / 'tb'}")
+            return Tracker(
+                "tensorboard", SummaryWriter(str(run / "tb")), f"TensorBoard: tensorboard --logdir {run / 'tb'}"
+            )
         except ImportError as e:
-            raise UserError(f"--report-to tensorboard needs the tensorboard package ({e}); pip install 'ar2mdm[track]'") from e
+            raise UserError(
+                f"--report-to tensorboard needs the tensorboard package ({e}); pip install 'ar2mdm[track]'"
+            ) from e
     if report_to == "wandb":
         try:
             import wandb
@@ -72,8 +75,15 @@ def open_tracker(report_to: str, run: Path, config: dict) -> Tracker | None:
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         mode = _wandb_mode()
-        w = wandb.init(project=os.environ.get("WANDB_PROJECT", "ar2mdm"), name=run.name, id=run_id, resume="allow",
-                       dir=str(run), config=config, mode=mode)  # fmt: skip
+        w = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "ar2mdm"),
+            name=run.name,
+            id=run_id,
+            resume="allow",
+            dir=str(run),
+            config=config,
+            mode=mode,
+        )
         where = f"W&B ({mode}): {run / 'wandb'}" + ("; upload with `wandb sync` later" if mode == "offline" else "")
         return Tracker("wandb", w, where)
     raise UserError(f"--report-to must be one of {', '.join(REPORT_TO)}, got {report_to!r}")

@@ -8,14 +8,26 @@ BUILDS = {
     "topk": dict(mode="topk", k=4, window=6),
     "fim": dict(mode="fim", window=8),
     "mc_next_uniform": dict(mode="mc", k=256, mc_score="next-token", mc_weights="uniform"),
-    "mc_full_importance": dict(mode="mc", k=64, mc_score="full-conditional", mc_weights="importance", rescore_k=4, window=4),
+    "mc_full_importance": dict(
+        mode="mc", k=64, mc_score="full-conditional", mc_weights="importance", rescore_k=4, window=4
+    ),
 }
 
 
 def build_config(name, teacher, corpus, out, backend) -> BuildConfig:
-    return BuildConfig(corpus=str(corpus), teacher=str(teacher), out=str(out), backend=backend, seq_len=24,
-                       max_sequences=2, seqs_per_shard=2, top_n=8, logprob_dtype="float32", progress=False,
-                       **BUILDS[name])  # fmt: skip
+    return BuildConfig(
+        corpus=str(corpus),
+        teacher=str(teacher),
+        out=str(out),
+        backend=backend,
+        seq_len=24,
+        max_sequences=2,
+        seqs_per_shard=2,
+        top_n=8,
+        logprob_dtype="float32",
+        progress=False,
+        **BUILDS[name],
+    )
 
 
 # smc on vLLM against exact enumeration: a row whose limits differ at position 4 (uniform vs importance TV 0.57)
@@ -28,15 +40,25 @@ def smc_estimates(teacher) -> dict:
     """Dense next-token estimates of SMC_ROW from a backend: smc (forced resampling), importance, and smc with
     resampling off at small K (which must equal importance draw for draw)."""
     out = {}
-    runs = [("smc", "smc", SMC_K, 1.0, ""), ("importance", "importance", SMC_K, 0.5, ""), ("smc_off", "smc", 64, 0.0, ""),
-            ("importance_64", "importance", 64, 0.5, "")]  # fmt: skip
+    runs = [
+        ("smc", "smc", SMC_K, 1.0, ""),
+        ("importance", "importance", SMC_K, 0.5, ""),
+        ("smc_off", "smc", 64, 0.0, ""),
+        ("importance_64", "importance", 64, 0.5, ""),
+    ]
     if hasattr(teacher, "forcing"):  # vLLM: the fallback plan (no forcing processor) too
         runs.append(("smc_rounds", "smc", SMC_K, 1.0, "rounds"))
     for name, weights, K, smc_ess, plan in runs:
         kw = {"plan": plan} if plan else {}
-        res = teacher.mc_batch([SMC_ROW], [SMC_MASKED], [5], K, "next-token", weights, 1.0, 64, 8, None, 4096, smc_ess, **kw)[0]
-        out[name] = {"ids": [i.tolist() for i in res.ids], "logprobs": [lp.tolist() for lp in res.logprobs],
-                     "ess": res.ess, "resamples": len(res.ess_before)}  # fmt: skip
+        res = teacher.mc_batch(
+            [SMC_ROW], [SMC_MASKED], [5], K, "next-token", weights, 1.0, 64, 8, None, 4096, smc_ess, **kw
+        )[0]
+        out[name] = {
+            "ids": [i.tolist() for i in res.ids],
+            "logprobs": [lp.tolist() for lp in res.logprobs],
+            "ess": res.ess,
+            "resamples": len(res.ess_before),
+        }
     return out
 
 
@@ -53,10 +75,27 @@ def forced_decoding(teacher) -> dict:
     from ar2mdm.precompute.vllm_mc import FORCE_KEY
 
     prompt = FORCE_ROW[:1]
-    outs = teacher._generate([prompt] * 4, [SamplingParams(max_tokens=len(FORCE), logprobs=3, seed=s, ignore_eos=True,
-                                                           detokenize=False, extra_args={FORCE_KEY: FORCE}) for s in range(4)])  # fmt: skip
-    gen = [{"tokens": list(o.outputs[0].token_ids),
-            "logprobs": [o.outputs[0].logprobs[s][t].logprob for s, t in enumerate(o.outputs[0].token_ids)]} for o in outs]  # fmt: skip
+    outs = teacher._generate(
+        [prompt] * 4,
+        [
+            SamplingParams(
+                max_tokens=len(FORCE),
+                logprobs=3,
+                seed=s,
+                ignore_eos=True,
+                detokenize=False,
+                extra_args={FORCE_KEY: FORCE},
+            )
+            for s in range(4)
+        ],
+    )
+    gen = [
+        {
+            "tokens": list(o.outputs[0].token_ids),
+            "logprobs": [o.outputs[0].logprobs[s][t].logprob for s, t in enumerate(o.outputs[0].token_ids)],
+        }
+        for o in outs
+    ]
     seqs = [prompt + g["tokens"] for g in gen]
     check = teacher._generate(seqs, SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False))
     prompt_lp = [[c.prompt_logprobs[j][x[j]].logprob for j in range(1, len(x))] for x, c in zip(seqs, check)]
@@ -69,6 +108,10 @@ def forced_decoding(teacher) -> dict:
         c0 = teacher.counters()
         res = teacher.rescore_targets(rows, positions, 4, 6, plan=plan)
         c1 = teacher.counters()
-        topk.setdefault(plan, []).append({"res": [[c.tolist(), lq.tolist()] for c, lq in res],
-                                          "cached_tokens": c1["prompt_tokens_cached"] - c0["prompt_tokens_cached"]})  # fmt: skip
+        topk.setdefault(plan, []).append(
+            {
+                "res": [[c.tolist(), lq.tolist()] for c, lq in res],
+                "cached_tokens": c1["prompt_tokens_cached"] - c0["prompt_tokens_cached"],
+            }
+        )
     return {"generated": gen, "prompt_logprobs": prompt_lp, "topk": topk}

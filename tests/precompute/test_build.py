@@ -21,8 +21,17 @@ runner = CliRunner()
 
 
 def cfg(corpus, teacher, out, **kw) -> BuildConfig:
-    base = dict(corpus=str(corpus), teacher=str(teacher), out=str(out), seq_len=24, k=3, window=4, top_n=5,
-                seqs_per_shard=2, progress=False)  # fmt: skip
+    base = dict(
+        corpus=str(corpus),
+        teacher=str(teacher),
+        out=str(out),
+        seq_len=24,
+        k=3,
+        window=4,
+        top_n=5,
+        seqs_per_shard=2,
+        progress=False,
+    )
     base.update(kw)
     return BuildConfig(**base)
 
@@ -72,23 +81,63 @@ def test_ranks_split_documents_and_share_one_manifest(tiny_corpus, tiny_teacher,
     m = validate_dir(out)
     files = [s.file for s in m.shards]
     assert any(f.startswith("part-00000-") for f in files) and any(f.startswith("part-00001-") for f in files)
-    r = runner.invoke(app, ["build", str(tiny_corpus), "--teacher", str(tiny_teacher), "--out", str(out),
-                            "--seq-len", "24", "--k", "3", "--window", "4", "--top-n", "5", "--seqs-per-shard", "2",
-                            "--no-progress"])  # fmt: skip
+    r = runner.invoke(
+        app,
+        [
+            "build",
+            str(tiny_corpus),
+            "--teacher",
+            str(tiny_teacher),
+            "--out",
+            str(out),
+            "--seq-len",
+            "24",
+            "--k",
+            "3",
+            "--window",
+            "4",
+            "--top-n",
+            "5",
+            "--seqs-per-shard",
+            "2",
+            "--no-progress",
+        ],
+    )
     assert r.exit_code == 2 and "world_size: 2 there, 1 now" in r.output
 
 
 def test_other_parameters_into_same_out_are_refused(tiny_corpus, tiny_teacher, tmp_path):
     out = tmp_path / "o"
     run_build(cfg(tiny_corpus, tiny_teacher, out, max_sequences=1))
-    args = ["build", str(tiny_corpus), "--teacher", str(tiny_teacher), "--out", str(out), "--seq-len", "24",
-            "--k", "4", "--window", "4", "--top-n", "5", "--seqs-per-shard", "2", "--max-sequences", "1", "--no-progress"]  # fmt: skip
+    args = [
+        "build",
+        str(tiny_corpus),
+        "--teacher",
+        str(tiny_teacher),
+        "--out",
+        str(out),
+        "--seq-len",
+        "24",
+        "--k",
+        "4",
+        "--window",
+        "4",
+        "--top-n",
+        "5",
+        "--seqs-per-shard",
+        "2",
+        "--max-sequences",
+        "1",
+        "--no-progress",
+    ]
     r = runner.invoke(app, args)
     assert r.exit_code == 2
     assert "params.k: 3 there, 4 now" in r.output and "Traceback" not in r.output
 
 
-def test_a_build_that_recorded_its_corpus_by_content_resumes_and_another_corpus_is_refused(tiny_corpus, tiny_teacher, tmp_path):
+def test_a_build_that_recorded_its_corpus_by_content_resumes_and_another_corpus_is_refused(
+    tiny_corpus, tiny_teacher, tmp_path
+):
     """Builds before the per-rank corpus digests recorded the fingerprint over names and contents; rerunning
     them must resume their shards (the quickstart's own folder did not), and still refuse a changed corpus."""
     from ar2mdm.shared.corpus import corpus_fingerprint, files_sha256, list_corpus_files
@@ -102,15 +151,38 @@ def test_a_build_that_recorded_its_corpus_by_content_resumes_and_another_corpus_
     (out / "manifest.json").write_text(json.dumps(m))
     run_build(cfg(tiny_corpus, tiny_teacher, out, max_sequences=4))  # refused before the fix
     assert shard_hashes(out) == before
-    assert json.loads((out / "manifest.json").read_text())["corpus"]["fingerprint"] == corpus_fingerprint(files, tiny_corpus)
+    assert json.loads((out / "manifest.json").read_text())["corpus"]["fingerprint"] == corpus_fingerprint(
+        files, tiny_corpus
+    )
     # a content digest of other text, names and sizes unchanged: still another corpus
     m["corpus"]["fingerprint"] = files_sha256(files, tiny_corpus)
     (out / "manifest.json").write_text(json.dumps(m))
     first = files[0]
     first.write_text(first.read_text()[::-1])
-    r = runner.invoke(app, ["build", str(tiny_corpus), "--teacher", str(tiny_teacher), "--out", str(out), "--seq-len", "24",
-                            "--k", "3", "--window", "4", "--top-n", "5", "--seqs-per-shard", "2", "--max-sequences", "4",
-                            "--no-progress"])  # fmt: skip
+    r = runner.invoke(
+        app,
+        [
+            "build",
+            str(tiny_corpus),
+            "--teacher",
+            str(tiny_teacher),
+            "--out",
+            str(out),
+            "--seq-len",
+            "24",
+            "--k",
+            "3",
+            "--window",
+            "4",
+            "--top-n",
+            "5",
+            "--seqs-per-shard",
+            "2",
+            "--max-sequences",
+            "4",
+            "--no-progress",
+        ],
+    )
     assert r.exit_code == 2 and "corpus.fingerprint" in r.output and "Traceback" not in r.output
 
 
@@ -127,9 +199,28 @@ def test_validate_catches_tampering(tiny_corpus, tiny_teacher, tmp_path):
 
 
 def _build_cmd(corpus, teacher, out):
-    return [sys.executable, "-m", "ar2mdm.precompute.cli", "build", str(corpus), "--teacher", str(teacher),
-            "--out", str(out), "--seq-len", "24", "--k", "3", "--top-n", "5", "--seqs-per-shard", "1",
-            "--masks-per-seq", "2", "--no-progress"]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "ar2mdm.precompute.cli",
+        "build",
+        str(corpus),
+        "--teacher",
+        str(teacher),
+        "--out",
+        str(out),
+        "--seq-len",
+        "24",
+        "--k",
+        "3",
+        "--top-n",
+        "5",
+        "--seqs-per-shard",
+        "1",
+        "--masks-per-seq",
+        "2",
+        "--no-progress",
+    ]
 
 
 def test_killed_build_resumes_to_identical_shards(tmp_path, tiny_teacher):
@@ -218,13 +309,13 @@ def test_sft_build_masks_only_the_response(tmp_path, tiny_teacher):
         assert data.target_positions[data.target_offsets[r]] == pl
 
 
-
-
-@pytest.mark.parametrize("score,weights", [("next-token", "importance"), ("full-conditional", "uniform"),
-                                           ("full-conditional", "smc")])  # fmt: skip
+@pytest.mark.parametrize(
+    "score,weights", [("next-token", "importance"), ("full-conditional", "uniform"), ("full-conditional", "smc")]
+)
 def test_mc_build_is_reproducible_and_resumes_identically(tiny_corpus, tiny_teacher, tmp_path, score, weights):
-    kw = dict(mode="mc", k=4, mc_score=score, mc_weights=weights, rescore_k=3, max_sequences=4, masks_per_seq=2,
-              smc_ess=1.0)  # smc: resample at every visible run
+    kw = dict(
+        mode="mc", k=4, mc_score=score, mc_weights=weights, rescore_k=3, max_sequences=4, masks_per_seq=2, smc_ess=1.0
+    )  # smc: resample at every visible run
     a, b = tmp_path / "a", tmp_path / "b"
     run_build(cfg(tiny_corpus, tiny_teacher, a, **kw))
     m = validate_dir(a)
@@ -261,12 +352,36 @@ def test_vllm_backend_missing_is_a_clear_error(tmp_path, tiny_teacher, tiny_corp
     assert r.exit_code == 2 and "vLLM is not installed" in r.output
     assert not (tmp_path / "o").exists()
     # auto falls back to the torch backend
-    r = _cli(tiny_corpus, "--teacher", tiny_teacher, "--out", tmp_path / "auto", "--backend", "auto", "--max-sequences", "1", "--seq-len", "24")
+    r = _cli(
+        tiny_corpus,
+        "--teacher",
+        tiny_teacher,
+        "--out",
+        tmp_path / "auto",
+        "--backend",
+        "auto",
+        "--max-sequences",
+        "1",
+        "--seq-len",
+        "24",
+    )
     assert r.exit_code == 0, r.output
     # and so it does on a machine without a GPU even where vLLM imports (torch measured faster there)
     import torch
 
     monkeypatch.setattr(vb, "vllm_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    r = _cli(tiny_corpus, "--teacher", tiny_teacher, "--out", tmp_path / "auto2", "--backend", "auto", "--max-sequences", "1", "--seq-len", "24")
+    r = _cli(
+        tiny_corpus,
+        "--teacher",
+        tiny_teacher,
+        "--out",
+        tmp_path / "auto2",
+        "--backend",
+        "auto",
+        "--max-sequences",
+        "1",
+        "--seq-len",
+        "24",
+    )
     assert r.exit_code == 0 and "(hf backend)" in r.output, r.output

@@ -19,8 +19,17 @@ SENTENCES = [s.strip() + "." for s in TEXT.replace("?", ".").replace("!", ".").s
 
 
 def cfg(corpus, teacher, out, **kw) -> BuildConfig:
-    base = dict(corpus=str(corpus), teacher=str(teacher), out=str(out), seq_len=24, k=3, window=4, top_n=5,
-                seqs_per_shard=4, progress=False)  # fmt: skip
+    base = dict(
+        corpus=str(corpus),
+        teacher=str(teacher),
+        out=str(out),
+        seq_len=24,
+        k=3,
+        window=4,
+        top_n=5,
+        seqs_per_shard=4,
+        progress=False,
+    )
     base.update(kw)
     return BuildConfig(**base)
 
@@ -33,8 +42,12 @@ def rows(out):
 
 def test_a_saved_dataset_split_builds_the_rows_its_documents_give_as_files(tiny_teacher, tmp_path):
     train, test = SENTENCES[: len(SENTENCES) // 2], SENTENCES[len(SENTENCES) // 2 :]
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"content": train, "n": list(range(len(train)))}),
-                               "test": datasets.Dataset.from_dict({"content": test, "n": list(range(len(test)))})})  # fmt: skip
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"content": train, "n": list(range(len(train)))}),
+            "test": datasets.Dataset.from_dict({"content": test, "n": list(range(len(test)))}),
+        }
+    )
     dd.save_to_disk(str(tmp_path / "ds"))
     (tmp_path / "files").mkdir()
     (tmp_path / "files" / "test.jsonl").write_text("".join(json.dumps({"content": t}) + "\n" for t in test))
@@ -56,7 +69,9 @@ def test_a_saved_dataset_split_builds_the_rows_its_documents_give_as_files(tiny_
 def test_hf_name_reads_a_dataset_offline_with_a_messages_field(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    chats = [[{"role": "user", "content": s}, {"role": "assistant", "content": t}] for s, t in zip(SENTENCES, SENTENCES[1:])]
+    chats = [
+        [{"role": "user", "content": s}, {"role": "assistant", "content": t}] for s, t in zip(SENTENCES, SENTENCES[1:])
+    ]
     repo = tmp_path / "repo" / "data"
     repo.mkdir(parents=True)
     datasets.Dataset.from_dict({"conversation": chats}).to_parquet(str(repo / "train-00000-of-00001.parquet"))
@@ -69,7 +84,9 @@ def test_hf_name_reads_a_dataset_offline_with_a_messages_field(tmp_path, monkeyp
     tok.chat_template = "<s>{% for m in messages %}{{ m['content'] }}{% if not loop.last %} {% endif %}{% endfor %}"
     tok.save_pretrained(teacher)
     tiny_llama(len(tok)).save_pretrained(teacher)
-    run_build(cfg(f"hf:{tmp_path / 'repo'}", teacher, tmp_path / "a", messages_field="conversation", task="sft", seq_len=48))
+    run_build(
+        cfg(f"hf:{tmp_path / 'repo'}", teacher, tmp_path / "a", messages_field="conversation", task="sft", seq_len=48)
+    )
     run_build(cfg(tmp_path / "files", teacher, tmp_path / "b", task="sft", seq_len=48))
     _, ia, ta = rows(tmp_path / "a")
     assert len(ia) > 0

@@ -1,5 +1,3 @@
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -50,8 +48,19 @@ def test_fim_targets_equal_a_direct_teacher_call(fim_teacher):
 
 def test_fim_build_end_to_end(fim_teacher, tiny_corpus, tmp_path):
     out = tmp_path / "fim"
-    run_build(BuildConfig(corpus=str(tiny_corpus), teacher=str(fim_teacher), out=str(out), mode="fim", seq_len=24,
-                          top_n=6, seqs_per_shard=2, max_sequences=3, progress=False))  # fmt: skip
+    run_build(
+        BuildConfig(
+            corpus=str(tiny_corpus),
+            teacher=str(fim_teacher),
+            out=str(out),
+            mode="fim",
+            seq_len=24,
+            top_n=6,
+            seqs_per_shard=2,
+            max_sequences=3,
+            progress=False,
+        )
+    )
     m = validate_dir(out)
     data = read_shard(out / m.shards[0].file)
     counts = np.diff(data.entry_offsets)
@@ -61,7 +70,19 @@ def test_fim_build_end_to_end(fim_teacher, tiny_corpus, tmp_path):
 
 
 def test_teacher_without_fim_tokens_is_refused(tiny_teacher, tiny_corpus, tmp_path):
-    r = CliRunner().invoke(app, ["build", str(tiny_corpus), "--teacher", str(tiny_teacher), "--out", str(tmp_path / "o"),
-                                 "--mode", "fim", "--no-progress"])  # fmt: skip
+    r = CliRunner().invoke(
+        app,
+        [
+            "build",
+            str(tiny_corpus),
+            "--teacher",
+            str(tiny_teacher),
+            "--out",
+            str(tmp_path / "o"),
+            "--mode",
+            "fim",
+            "--no-progress",
+        ],
+    )
     assert r.exit_code == 2 and "<|fim_prefix|>" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "o").exists()

@@ -49,8 +49,15 @@ def exact_limits(model, x, masked, V=V):
     return out
 
 
-@pytest.mark.parametrize("weights,score", [("uniform", "next-token"), ("importance", "next-token"),
-                                           ("uniform", "full-conditional"), ("importance", "full-conditional")])  # fmt: skip
+@pytest.mark.parametrize(
+    "weights,score",
+    [
+        ("uniform", "next-token"),
+        ("importance", "next-token"),
+        ("uniform", "full-conditional"),
+        ("importance", "full-conditional"),
+    ],
+)
 def test_each_estimator_converges_to_its_own_limit(weights, score):
     model = tiny_llama(V, seed=5, sharpness=4.0)
     x = torch.tensor([1, 3, 0, 5, 0, 2])
@@ -80,8 +87,18 @@ def test_three_masked_positions_posterior_marginal():
     x = torch.tensor([1, 0, 4, 0, 0, 6])
     masked = [1, 3, 4]
     limits = exact_limits(model, x, masked)
-    est = mc_targets(model, x, masked, 1500, "full-conditional", "importance", 1.0, torch.Generator().manual_seed(1),
-                     top_n=V, rescore_k=V)  # fmt: skip
+    est = mc_targets(
+        model,
+        x,
+        masked,
+        1500,
+        "full-conditional",
+        "importance",
+        1.0,
+        torch.Generator().manual_seed(1),
+        top_n=V,
+        rescore_k=V,
+    )
     for p, i in enumerate(masked):
         assert tv(dense(est.ids[p], est.logprobs[p]), limits[i][("importance", "full-conditional")]) < 0.04
 
@@ -112,8 +129,12 @@ def test_seeded_runs_reproduce_and_mixture_sums():
     for p in range(2):
         assert torch.equal(a.ids[p], b.ids[p]) and torch.equal(a.logprobs[p], b.logprobs[p])
         assert float(a.logprobs[p].exp().sum()) <= 1 + 1e-9
-    ids, lp = mixture(torch.tensor([[1, 2], [2, 3]]), torch.tensor([[0.5, 0.5], [0.25, 0.75]]), torch.tensor([0.5, 0.5]), 3)
-    assert ids.tolist() == [2, 3, 1] and torch.allclose(lp.exp(), torch.tensor([0.375, 0.375, 0.25], dtype=torch.float64))
+    ids, lp = mixture(
+        torch.tensor([[1, 2], [2, 3]]), torch.tensor([[0.5, 0.5], [0.25, 0.75]]), torch.tensor([0.5, 0.5]), 3
+    )
+    assert ids.tolist() == [2, 3, 1] and torch.allclose(
+        lp.exp(), torch.tensor([0.375, 0.375, 0.25], dtype=torch.float64)
+    )
 
 
 def test_both_backends_keep_the_same_next_token_entries_for_large_top_n(tmp_path):
@@ -121,8 +142,7 @@ def test_both_backends_keep_the_same_next_token_entries_for_large_top_n(tmp_path
     from ar2mdm.precompute.build import engine_max_logprobs
     from ar2mdm.precompute.config import BuildConfig
     from ar2mdm.precompute.mc import next_token_keep
-
-    from ar2mdm.precompute.build import support_size
+    from ar2mdm.precompute.targets import support_size
 
     for top_n in (8, 16, 32, 100):
         cfg = BuildConfig(corpus=str(tmp_path), out=str(tmp_path / "o"), mode="mc", top_n=top_n)
@@ -140,9 +160,12 @@ SMC_MASKED = [2, 4, 6]  # visible runs at 3 and 5 are resampling points (a maske
 def test_smc_that_never_resamples_is_importance_sampling_draw_for_draw():
     model = tiny_llama(V, seed=5, sharpness=4.0)
     for score in ("next-token", "full-conditional"):
-        a = mc_targets(model, SMC_ROW, SMC_MASKED, 32, score, "importance", 1.0, torch.Generator().manual_seed(4), top_n=V)
-        b = mc_targets(model, SMC_ROW, SMC_MASKED, 32, score, "smc", 1.0, torch.Generator().manual_seed(4), top_n=V,
-                       smc_ess=0.0)  # fmt: skip
+        a = mc_targets(
+            model, SMC_ROW, SMC_MASKED, 32, score, "importance", 1.0, torch.Generator().manual_seed(4), top_n=V
+        )
+        b = mc_targets(
+            model, SMC_ROW, SMC_MASKED, 32, score, "smc", 1.0, torch.Generator().manual_seed(4), top_n=V, smc_ess=0.0
+        )
         assert b.ess_before == [] and a.ess == b.ess
         for p in range(len(SMC_MASKED)):
             assert torch.equal(a.ids[p], b.ids[p]) and torch.equal(a.logprobs[p], b.logprobs[p])
@@ -173,7 +196,9 @@ def test_systematic_resampling_copies_each_particle_floor_or_ceil_of_K_w_times()
         counts = torch.bincount(a, minlength=4).double()
         assert (counts >= torch.floor(4 * w)).all() and (counts <= torch.ceil(4 * w)).all() and counts.sum() == 4
         assert torch.equal(a, a.sort().values)
-    mean = torch.stack([torch.bincount(systematic_resample(w.log(), u), minlength=4) for u in torch.rand(4000).tolist()])
+    mean = torch.stack(
+        [torch.bincount(systematic_resample(w.log(), u), minlength=4) for u in torch.rand(4000).tolist()]
+    )
     assert torch.allclose(mean.double().mean(0) / 4, w, atol=0.01)  # unbiased: E[count] = K·w
 
 
@@ -183,8 +208,19 @@ def test_smc_converges_to_the_importance_limit(score, smc_ess):
     model = tiny_llama(V, seed=5, sharpness=4.0)
     limits = exact_limits(model, SMC_ROW, SMC_MASKED)
     K = 4000 if score == "next-token" else 1500
-    est = mc_targets(model, SMC_ROW, SMC_MASKED, K, score, "smc", 1.0, torch.Generator().manual_seed(0), top_n=V,
-                     rescore_k=V, smc_ess=smc_ess)  # fmt: skip
+    est = mc_targets(
+        model,
+        SMC_ROW,
+        SMC_MASKED,
+        K,
+        score,
+        "smc",
+        1.0,
+        torch.Generator().manual_seed(0),
+        top_n=V,
+        rescore_k=V,
+        smc_ess=smc_ess,
+    )
     assert 1 <= len(est.ess_before) <= 2 and (len(est.ess_before) == 2 or smc_ess < 1)  # 2 = every visible run
     differing = 0
     for p, i in enumerate(SMC_MASKED):

@@ -11,9 +11,7 @@ from tests.tiny import tiny_llama
 
 V = 8
 # rows of equal length with different masks: first masked positions 1, 2 and 4, runs of several lengths
-ROWS = torch.tensor([[1, 3, 0, 5, 0, 2, 6, 4, 7, 1],
-                     [1, 6, 2, 2, 7, 0, 3, 5, 1, 2],
-                     [1, 4, 4, 0, 6, 3, 3, 7, 2, 5]])  # fmt: skip
+ROWS = torch.tensor([[1, 3, 0, 5, 0, 2, 6, 4, 7, 1], [1, 6, 2, 2, 7, 0, 3, 5, 1, 2], [1, 4, 4, 0, 6, 3, 3, 7, 2, 5]])
 MASKED = [[1, 2, 5, 8], [2, 4, 7], [4, 5, 6]]
 
 
@@ -21,11 +19,20 @@ MASKED = [[1, 2, 5, 8], [2, 4, 7], [4, 5, 6]]
 def test_rows_at_once_equal_row_by_row_draw_for_draw(temperature, smc_ess):
     model = tiny_llama(V, seed=3, sharpness=3.0).double()
     K = 16
-    got = sample_completions_rows(model, ROWS, MASKED, K, temperature,
-                                  [torch.Generator().manual_seed(10 + r) for r in range(3)], keep=5, smc_ess=smc_ess)  # fmt: skip
+    got = sample_completions_rows(
+        model,
+        ROWS,
+        MASKED,
+        K,
+        temperature,
+        [torch.Generator().manual_seed(10 + r) for r in range(3)],
+        keep=5,
+        smc_ess=smc_ess,
+    )
     for r in range(3):
-        ref = sample_completions(model, ROWS[r], MASKED[r], K, temperature, torch.Generator().manual_seed(10 + r),
-                                 keep=5, smc_ess=smc_ess)  # fmt: skip
+        ref = sample_completions(
+            model, ROWS[r], MASKED[r], K, temperature, torch.Generator().manual_seed(10 + r), keep=5, smc_ess=smc_ess
+        )
         assert torch.equal(got[r].seqs, ref.seqs)
         torch.testing.assert_close(got[r].logw, ref.logw, atol=1e-5, rtol=0)  # _logits returns float32
         assert got[r].ess_before == pytest.approx(ref.ess_before)
@@ -42,8 +49,20 @@ def test_rows_at_once_targets_equal_row_by_row(score):
     gens = [torch.Generator().manual_seed(r) for r in range(3)]
     got = mc_targets_rows(model, ROWS, MASKED, 12, score, "smc", 1.0, gens, top_n=V, rescore_k=4, window=3, smc_ess=1.0)
     for r in range(3):
-        ref = mc_targets(model, ROWS[r], MASKED[r], 12, score, "smc", 1.0, torch.Generator().manual_seed(r), top_n=V,
-                         rescore_k=4, window=3, smc_ess=1.0)  # fmt: skip
+        ref = mc_targets(
+            model,
+            ROWS[r],
+            MASKED[r],
+            12,
+            score,
+            "smc",
+            1.0,
+            torch.Generator().manual_seed(r),
+            top_n=V,
+            rescore_k=4,
+            window=3,
+            smc_ess=1.0,
+        )
         assert got[r].ess == pytest.approx(ref.ess)
         for (ia, la), (ib, lb) in zip(zip(got[r].ids, got[r].logprobs), zip(ref.ids, ref.logprobs)):
             assert tv(dense(ia, la), dense(ib, lb)) < 1e-5
@@ -55,8 +74,18 @@ def test_rows_at_once_converge_to_the_exact_limit():
     masked = [2, 4]
     limits = exact_limits(model, x, masked)
     # the same row twice, other draws: each estimate near the importance limit
-    got = mc_targets_rows(model, x.repeat(2, 1), [masked, masked], 3000, "next-token", "smc", 1.0,
-                          [torch.Generator().manual_seed(s) for s in (1, 2)], top_n=V, smc_ess=1.0)  # fmt: skip
+    got = mc_targets_rows(
+        model,
+        x.repeat(2, 1),
+        [masked, masked],
+        3000,
+        "next-token",
+        "smc",
+        1.0,
+        [torch.Generator().manual_seed(s) for s in (1, 2)],
+        top_n=V,
+        smc_ess=1.0,
+    )
     for est in got:
         for p, i in enumerate(masked):
             own = limits[i][("importance", "next-token")]

@@ -40,9 +40,31 @@ def test_a_build_that_fails_before_its_first_shard_blocks_nothing(tmp_path, tiny
 
 
 def _cmd(corpus, teacher, out, *extra):
-    return [sys.executable, "-m", "ar2mdm.precompute.cli", "build", str(corpus), "--teacher", str(teacher),
-            "--out", str(out), "--seq-len", "24", "--k", "3", "--top-n", "5", "--seqs-per-shard", "64",
-            "--masks-per-seq", "2", "--batch-size", "1", "--no-progress", *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "ar2mdm.precompute.cli",
+        "build",
+        str(corpus),
+        "--teacher",
+        str(teacher),
+        "--out",
+        str(out),
+        "--seq-len",
+        "24",
+        "--k",
+        "3",
+        "--top-n",
+        "5",
+        "--seqs-per-shard",
+        "64",
+        "--masks-per-seq",
+        "2",
+        "--batch-size",
+        "1",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_ctrl_c_keeps_the_finished_sequences_says_so_and_resumes_to_the_same_shard(tmp_path, tiny_teacher):
@@ -57,9 +79,14 @@ def test_ctrl_c_keeps_the_finished_sequences_says_so_and_resumes_to_the_same_sha
     out = tmp_path / "int"
     # SIGINT at its default in the child: a shell that started the tests in the background ignores it, and Python
     # then never turns it into KeyboardInterrupt (seen when CI ran under `bash -c "... &"`)
-    proc = subprocess.Popen(_cmd(corpus, tiny_teacher, out, "--flush-seconds", "0"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    proc = subprocess.Popen(
+        _cmd(corpus, tiny_teacher, out, "--flush-seconds", "0"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not list(out.glob("*.partial")):
         time.sleep(0.01)
@@ -85,11 +112,26 @@ def test_ctrl_c_keeps_the_finished_sequences_says_so_and_resumes_to_the_same_sha
 def test_a_changed_plan_names_what_changed_first_and_fresh_starts_over(tmp_path, tiny_teacher, tiny_corpus):
     out = tmp_path / "o"
     run_build(cfg(tiny_corpus, tiny_teacher, out, max_sequences=2))
-    args = ["build", str(tiny_corpus), "--teacher", str(tiny_teacher), "--out", str(out), "--mode", "mc", "--k", "8",
-            "--seq-len", "32", "--no-progress", "--max-sequences", "1"]  # fmt: skip
+    args = [
+        "build",
+        str(tiny_corpus),
+        "--teacher",
+        str(tiny_teacher),
+        "--out",
+        str(out),
+        "--mode",
+        "mc",
+        "--k",
+        "8",
+        "--seq-len",
+        "32",
+        "--no-progress",
+        "--max-sequences",
+        "1",
+    ]
     r = runner.invoke(app, args)
     assert r.exit_code == 2
-    for field in ("mode: \"topk\" there, \"mc\" now", "seq_len: 24 there, 32 now", "params.k: 3 there, 8 now", "--fresh"):
+    for field in ('mode: "topk" there, "mc" now', "seq_len: 24 there, 32 now", "params.k: 3 there, 8 now", "--fresh"):
         assert field in r.output, r.output
     r = runner.invoke(app, args + ["--fresh"])
     assert r.exit_code == 0, r.output
@@ -116,8 +158,20 @@ def test_backend_help_lists_every_backend_and_every_option_has_help():
 def test_sft_skip_warning_names_the_expected_and_the_found_fields(tmp_path, tiny_teacher):
     sft = tmp_path / "sft.jsonl"
     sft.write_text('{"prompt": "hello", "answer": "hi"}\n')
-    r = runner.invoke(app, ["build", str(sft), "--teacher", str(tiny_teacher), "--out", str(tmp_path / "o"),
-                            "--task", "sft", "--no-progress"])  # fmt: skip
+    r = runner.invoke(
+        app,
+        [
+            "build",
+            str(sft),
+            "--teacher",
+            str(tiny_teacher),
+            "--out",
+            str(tmp_path / "o"),
+            "--task",
+            "sft",
+            "--no-progress",
+        ],
+    )
     assert r.exit_code == 2
     assert "'response'" in r.output and "fields found: answer, prompt" in r.output
 
@@ -126,7 +180,9 @@ def test_threads_are_shared_among_the_ranks_of_a_node():
     code = "from ar2mdm.precompute.build import size_threads; print(size_threads(None))"
     cores = len(os.sched_getaffinity(0))
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    one = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, "LOCAL_WORLD_SIZE": "2"})
+    one = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**env, "LOCAL_WORLD_SIZE": "2"}
+    )
     assert int(one.stdout.strip()) == max(1, cores // 2)
     assert size_threads(torch.get_num_threads()) == torch.get_num_threads()  # an explicit --threads wins
 
@@ -137,7 +193,7 @@ def test_the_progress_bar_counts_the_positions_the_teacher_scores(tmp_path, tiny
     what the teacher then scores."""
     import numpy as np
 
-    from ar2mdm.precompute.build import build_shard, planned_positions
+    from ar2mdm.precompute.targets import build_rows, planned_positions
     from ar2mdm.precompute.teacher import TorchTeacher
     from ar2mdm.shared.hfmodel import resolve_model
 
@@ -148,5 +204,5 @@ def test_the_progress_bar_counts_the_positions_the_teacher_scores(tmp_path, tiny
     ids[:, 0] = 1
     plen = np.zeros(3, np.int32)
     seen = []
-    build_shard(c, teacher, ids, plen, np.arange(3), None, seen.append)
+    build_rows(c, teacher, ids, plen, np.arange(3), None, seen.append)
     assert sum(seen) == planned_positions(c, plen, np.arange(3)) > 0

@@ -1,10 +1,8 @@
-import itertools
-
 import pytest
 import torch
 
-from ar2mdm.precompute.build import select_top_n
 from ar2mdm.precompute.rescoring import rescore, rescore_naive
+from ar2mdm.precompute.targets import select_top_n
 from tests.tiny import tiny_llama
 
 V = 12
@@ -18,9 +16,9 @@ def joint_logprob(model, seq: torch.Tensor) -> torch.Tensor:
 
 def dense(cand, logq, vocab):
     q = torch.zeros(vocab, dtype=torch.float64)
-    for c, l in zip(cand.tolist(), logq.tolist()):
-        if l > float("-inf"):
-            q[c] += torch.tensor(l).exp()
+    for c, lq in zip(cand.tolist(), logq.tolist()):
+        if lq > float("-inf"):
+            q[c] += torch.tensor(lq).exp()
     return q
 
 
@@ -104,9 +102,20 @@ def test_head_path_applies_the_models_logit_scaling(arch):
         "cohere": (transformers.CohereConfig, transformers.CohereForCausalLM, dict(logit_scale=0.3)),
     }[arch]
     torch.manual_seed(0)
-    model = model_cls(cfg_cls(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                              num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
-                              eos_token_id=2, **kw)).eval()  # fmt: skip
+    model = model_cls(
+        cfg_cls(
+            vocab_size=40,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            **kw,
+        )
+    ).eval()
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(10)
         x = torch.randint(3, 40, (1, 10))

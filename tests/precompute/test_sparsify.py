@@ -57,15 +57,25 @@ def test_the_kd_gradient_on_sampled_targets_is_unbiased():
     acc = torch.zeros_like(z)
     for _ in range(draws):
         i, lp = sample_sparse(torch.arange(V), q.log(), S, g)
-        loss = sparse_kl(torch.log_softmax(z, -1), torch.as_tensor(i)[None].long(), torch.as_tensor(lp)[None], 1.0,
-                         "renormalize")  # fmt: skip
+        loss = sparse_kl(
+            torch.log_softmax(z, -1), torch.as_tensor(i)[None].long(), torch.as_tensor(lp)[None], 1.0, "renormalize"
+        )
         acc += torch.autograd.grad(loss.sum(), z)[0]
     assert torch.allclose(acc / draws, g_dense, atol=0.01), (acc / draws - g_dense).abs().max()
 
 
 def test_a_sampled_topk_build_draws_from_the_candidates_and_resumes_identically(tiny_corpus, tiny_teacher, tmp_path):
-    kw = dict(corpus=str(tiny_corpus), teacher=str(tiny_teacher), seq_len=24, k=3, window=4, seqs_per_shard=2,
-              max_sequences=4, progress=False, logprob_dtype="float32")  # fmt: skip
+    kw = dict(
+        corpus=str(tiny_corpus),
+        teacher=str(tiny_teacher),
+        seq_len=24,
+        k=3,
+        window=4,
+        seqs_per_shard=2,
+        max_sequences=4,
+        progress=False,
+        logprob_dtype="float32",
+    )
     run_build(BuildConfig(out=str(tmp_path / "top"), top_n=4, **kw))  # top-4 of the K+1 = 4 candidates: all of them
     run_build(BuildConfig(out=str(tmp_path / "s"), sparsify="sample", samples=8, **kw))
     run_build(BuildConfig(out=str(tmp_path / "s2"), sparsify="sample", samples=8, **kw))
@@ -85,8 +95,19 @@ def test_a_sampled_topk_build_draws_from_the_candidates_and_resumes_identically(
     from ar2mdm.train.loop import run_training
 
     with pytest.raises(UserError, match="sampled targets"):
-        run_training(TrainConfig(shards=str(tmp_path / "s"), out=str(tmp_path / "run"), student="tiny", temperature=2.0,
-                                 steps=1, progress=False))  # fmt: skip
-    res = run_training(TrainConfig(shards=str(tmp_path / "s"), out=str(tmp_path / "run"), student="tiny", steps=2,
-                                   batch_size=2, progress=False))  # fmt: skip
+        run_training(
+            TrainConfig(
+                shards=str(tmp_path / "s"),
+                out=str(tmp_path / "run"),
+                student="tiny",
+                temperature=2.0,
+                steps=1,
+                progress=False,
+            )
+        )
+    res = run_training(
+        TrainConfig(
+            shards=str(tmp_path / "s"), out=str(tmp_path / "run"), student="tiny", steps=2, batch_size=2, progress=False
+        )
+    )
     assert res["steps"] == 2 and np.isfinite(res["kd"])

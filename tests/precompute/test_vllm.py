@@ -33,8 +33,14 @@ def builds(tmp_path_factory):
     corpus = d / "corpus"
     corpus.mkdir()
     (corpus / "a.txt").write_text(TEXT * 2)
-    proc = subprocess.Popen([sys.executable, "-m", "tests.precompute.vllm_builds", str(teacher), str(corpus), str(d / "vllm")],
-                            cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.precompute.vllm_builds", str(teacher), str(corpus), str(d / "vllm")],
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         log, _ = proc.communicate(timeout=600)
     finally:
@@ -62,8 +68,12 @@ def dense_targets(d: Path):
     assert len(m.shards) == 1
     data = read_shard(d / m.shards[0].file)
     e = data.entry_offsets
-    return data, np.stack([dense(data.target_ids[e[p] : e[p + 1]], data.target_logprobs[e[p] : e[p + 1]])
-                           for p in range(data.num_targets)])  # fmt: skip
+    return data, np.stack(
+        [
+            dense(data.target_ids[e[p] : e[p + 1]], data.target_logprobs[e[p] : e[p + 1]])
+            for p in range(data.num_targets)
+        ]
+    )
 
 
 @pytest.mark.parametrize("name", ["topk", "fim"])
@@ -90,8 +100,19 @@ def test_mc_matches_torch_within_sampling_noise(builds, name):
     cfg = BUILDS[name]
     qh1 = []
     for r in range(dh.rows):
-        res = t.mc_targets(dh.input_ids[r], dh.row_masks(r).tolist(), 12345 + r, cfg["k"], cfg["mc_score"],
-                           cfg["mc_weights"], 1.0, 8, cfg.get("rescore_k", 8), cfg.get("window"), 4096)  # fmt: skip
+        res = t.mc_targets(
+            dh.input_ids[r],
+            dh.row_masks(r).tolist(),
+            12345 + r,
+            cfg["k"],
+            cfg["mc_score"],
+            cfg["mc_weights"],
+            1.0,
+            8,
+            cfg.get("rescore_k", 8),
+            cfg.get("window"),
+            4096,
+        )
         qh1 += [dense(i, lp) for i, lp in zip(res.ids, res.logprobs)]
     qh1 = np.stack(qh1)
     tv_backends = (0.5 * np.abs(qv - qh).sum(1)).mean()
@@ -108,7 +129,7 @@ def test_smc_on_vllm_converges_to_the_exact_importance_limit(builds):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tests.precompute.parity import SMC_K, SMC_MASKED, SMC_ROW
+    from tests.precompute.parity import SMC_MASKED, SMC_ROW
     from tests.precompute.test_mc import exact_limits
 
     d, teacher = builds

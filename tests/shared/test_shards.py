@@ -1,5 +1,3 @@
-import json
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,7 +8,10 @@ from ar2mdm.shared.shards import ShardData, offsets_from_lengths, read_shard, to
 
 
 def make_data(rng, rows=5, L=16, mc=False) -> ShardData:
-    masks = [np.sort(rng.choice(np.arange(1, L), size=rng.integers(1, 6), replace=False)).astype(np.int32) for _ in range(rows)]
+    masks = [
+        np.sort(rng.choice(np.arange(1, L), size=rng.integers(1, 6), replace=False)).astype(np.int32)
+        for _ in range(rows)
+    ]
     entries = [int(rng.integers(1, 5)) for m in masks for _ in m]
     lp = np.log(rng.dirichlet(np.ones(6), size=len(entries))[:, :4]).astype(np.float32)
     return ShardData(
@@ -41,8 +42,17 @@ def test_roundtrip(tmp_path, fmt, dtype, mc):
     write_shard(data, path, fmt, dtype)
     back = read_shard(path)
     assert back.example_ids == data.example_ids
-    for name in ["input_ids", "prompt_len", "t", "mask_offsets", "mask_positions", "target_offsets",
-                 "target_positions", "entry_offsets", "target_ids"]:  # fmt: skip
+    for name in [
+        "input_ids",
+        "prompt_len",
+        "t",
+        "mask_offsets",
+        "mask_positions",
+        "target_offsets",
+        "target_positions",
+        "entry_offsets",
+        "target_ids",
+    ]:
         np.testing.assert_array_equal(getattr(back, name), getattr(data, name), err_msg=name)
     tol = 1e-2 if dtype == "float16" else 0
     np.testing.assert_allclose(back.target_logprobs.astype(np.float32), data.target_logprobs, atol=tol, rtol=tol)

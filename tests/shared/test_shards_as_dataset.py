@@ -26,8 +26,9 @@ def own_rows(shards):
 def test_datasets_load_dataset_reads_the_shards(tiny_shards, tmp_path):
     import datasets
 
-    ds = datasets.load_dataset("parquet", data_files=str(tiny_shards / "*.parquet"), split="train",
-                               cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    ds = datasets.load_dataset(
+        "parquet", data_files=str(tiny_shards / "*.parquet"), split="train", cache_dir=str(tmp_path / "cache")
+    )
     assert ds.column_names == COLUMNS
     parts = own_rows(tiny_shards)
     assert ds.num_rows == sum(p.rows for p in parts)
@@ -39,7 +40,9 @@ def test_datasets_load_dataset_reads_the_shards(tiny_shards, tmp_path):
             assert row["input_ids"] == data.input_ids[r].tolist()
             assert row["target_positions"] == pos.tolist()
             assert row["target_ids"] == [i.tolist() for i in ids]
-            np.testing.assert_allclose(np.concatenate(row["target_logprobs"]), np.concatenate(lps).astype(np.float32), rtol=1e-3)
+            np.testing.assert_allclose(
+                np.concatenate(row["target_logprobs"]), np.concatenate(lps).astype(np.float32), rtol=1e-3
+            )
 
 
 def test_pandas_and_duckdb_read_the_shards(tiny_shards):
@@ -55,6 +58,11 @@ def test_pandas_and_duckdb_read_the_shards(tiny_shards):
     # the mass each stored target keeps, in SQL (the docs' example)
     q = duckdb.sql(f"""select avg(s) from (select list_sum(list_transform(l, lambda x: exp(x))) as s
                        from (select unnest(target_logprobs) as l from '{tiny_shards}/*.parquet'))""").fetchall()[0][0]
-    mass = np.mean([np.exp(p.target_logprobs[p.entry_offsets[j]:p.entry_offsets[j + 1]].astype(np.float64)).sum()
-                    for p in parts for j in range(p.num_targets)])  # fmt: skip
+    mass = np.mean(
+        [
+            np.exp(p.target_logprobs[p.entry_offsets[j] : p.entry_offsets[j + 1]].astype(np.float64)).sum()
+            for p in parts
+            for j in range(p.num_targets)
+        ]
+    )
     assert q == pytest.approx(mass, rel=1e-3) and 0 < q <= 1 + 1e-6

@@ -10,8 +10,18 @@ from tests.tiny import TEXT
 def build_tiny_shards(out: Path, teacher: Path, corpus_dir: Path, **kw) -> Path:
     corpus_dir.mkdir(parents=True, exist_ok=True)
     (corpus_dir / "a.txt").write_text(TEXT * 4)
-    base = dict(corpus=str(corpus_dir), teacher=str(teacher), out=str(out), seq_len=32, k=3, window=4, top_n=4,
-                seqs_per_shard=3, masks_per_seq=2, progress=False)  # fmt: skip
+    base = dict(
+        corpus=str(corpus_dir),
+        teacher=str(teacher),
+        out=str(out),
+        seq_len=32,
+        k=3,
+        window=4,
+        top_n=4,
+        seqs_per_shard=3,
+        masks_per_seq=2,
+        progress=False,
+    )
     base.update(kw)
     run_build(BuildConfig(**base))
     return out

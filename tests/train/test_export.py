@@ -29,7 +29,8 @@ with torch.no_grad():
     logits, logits2 = m(x).logits, base(input_ids=x).logits
 out = m.diffusion_generate(x[:1, :5], max_new_tokens=8, steps=4, temperature=0.7, seed=3)
 print(json.dumps({"logits": logits.tolist(), "same": torch.equal(logits, logits2), "generated": out.tolist(),
-                  "mask_token_id": m.config.mask_token_id, "vocab": len(tok), "ar2mdm_loaded": "ar2mdm" in sys.modules}))
+                  "mask_token_id": m.config.mask_token_id, "vocab": len(tok),
+                  "ar2mdm_loaded": "ar2mdm" in sys.modules}))
 """
 
 
@@ -38,14 +39,27 @@ def test_exported_student_loads_in_a_fresh_process_and_matches_kdtrain(tiny_shar
     spec = student
     if student == "untied-shift":
         spec = tmp_path / "student.json"
-        spec.write_text(json.dumps(dict(hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=96,
-                                        tie_embeddings=False, shift=True)))  # fmt: skip
+        spec.write_text(
+            json.dumps(
+                dict(
+                    hidden_size=64,
+                    num_layers=1,
+                    num_heads=4,
+                    num_kv_heads=2,
+                    intermediate_size=96,
+                    tie_embeddings=False,
+                    shift=True,
+                )
+            )
+        )
     run = tmp_path / "run"
     run_training(TrainConfig(shards=str(tiny_shards), out=str(run), student=str(spec), steps=2, progress=False))
     out = tmp_path / "export"
     r = CliRunner().invoke(app, ["export", str(run), "--out", str(out)])
     assert r.exit_code == 0, r.output
-    assert {"config.json", "model.safetensors", "modeling_ar2mdm.py", "tokenizer.json", "README.md"} <= {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "modeling_ar2mdm.py", "tokenizer.json", "README.md"} <= {
+        p.name for p in out.iterdir()
+    }
     model, _ = load_student(run)
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -53,8 +67,14 @@ def test_exported_student_loads_in_a_fresh_process_and_matches_kdtrain(tiny_shar
     ids[:, 0] = 1
     ids[0, 3:7] = model.config.mask_id  # some masked positions
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
-    p = subprocess.run([sys.executable, "-c", LOAD, str(out), json.dumps(ids.tolist())], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "-c", LOAD, str(out), json.dumps(ids.tolist())],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert not res["ar2mdm_loaded"] and res["same"] and res["mask_token_id"] == V

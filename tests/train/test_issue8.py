@@ -27,8 +27,17 @@ runner = CliRunner()
 
 
 def tcfg(shards, out, **kw):
-    base = dict(shards=str(shards), out=str(out), student="tiny", batch_size=4, steps=6, save_every=3, log_every=1,
-                progress=False, lr=1e-3)  # fmt: skip
+    base = dict(
+        shards=str(shards),
+        out=str(out),
+        student="tiny",
+        batch_size=4,
+        steps=6,
+        save_every=3,
+        log_every=1,
+        progress=False,
+        lr=1e-3,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -87,9 +96,19 @@ def _llama_folder(path: Path, **cfg_kw) -> Path:
 
     tok = char_tokenizer()
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
-                      eos_token_id=2, tie_word_embeddings=False, **cfg_kw)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        **cfg_kw,
+    )
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -100,8 +119,13 @@ def _llama_folder(path: Path, **cfg_kw) -> Path:
     return path
 
 
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 16}  # fmt: skip
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
 
 
 @pytest.mark.parametrize("kw", [{}, {"rope_scaling": LLAMA3, "attention_bias": True, "mlp_bias": True}])
@@ -142,8 +166,17 @@ def test_init_from_refuses_parameters_it_cannot_place(tiny_shards, tmp_path):
     from ar2mdm.train.init import student_from_ar
 
     tok = char_tokenizer()
-    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    cfg = Qwen3Config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     Qwen3ForCausalLM(cfg).save_pretrained(tmp_path / "q3")
     tok.save_pretrained(tmp_path / "q3")
     m = Manifest.load(tiny_shards)
@@ -158,8 +191,21 @@ def test_steps_0_saves_the_warm_start_and_eval_reports_a_standard_error(tiny_sha
     for shift in (True, False):
         run = tmp_path / f"a2d-{shift}"
         flag = "--ar-shift" if shift else "--no-ar-shift"
-        r = runner.invoke(app, ["run", str(tiny_shards), "--out", str(run), "--init-from", str(tiny_teacher),
-                                "--steps", "0", flag, "--no-progress"])  # fmt: skip
+        r = runner.invoke(
+            app,
+            [
+                "run",
+                str(tiny_shards),
+                "--out",
+                str(run),
+                "--init-from",
+                str(tiny_teacher),
+                "--steps",
+                "0",
+                flag,
+                "--no-progress",
+            ],
+        )
         assert r.exit_code == 0, r.output
         assert json.loads((run / "checkpoint" / "config.json").read_text())["student"]["shift"] is shift
         r = runner.invoke(app, ["eval", str(run), "--data", str(corpus), "--by-line", "--mc-samples", "2"])
@@ -194,8 +240,9 @@ def test_elbo_estimator_is_unbiased_against_exact_enumeration():
     estimator kdtrain eval uses, averaged over many draws."""
     torch.manual_seed(0)
     V, L = 7, 6
-    student = Student(StudentConfig(vocab_size=V, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=2,
-                                    intermediate_size=32)).eval()  # fmt: skip
+    student = Student(
+        StudentConfig(vocab_size=V, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=32)
+    ).eval()
     with torch.no_grad():
         for p in student.parameters():
             p.mul_(20)  # far from uniform predictions, so a biased estimator shows
@@ -215,6 +262,8 @@ def test_elbo_estimator_is_unbiased_against_exact_enumeration():
             exact += math.gamma(k) * math.gamma(n - k + 1) / math.gamma(n + 1) * nll  # ∫ t^(k-1) (1-t)^(n-k) dt
     g = torch.Generator().manual_seed(1)
     reps = 400
-    ests = torch.cat([elbo_row_estimates(student, ids.repeat(50, 1), maskable.repeat(50, 1), 4, g, V)[0] for _ in range(reps // 50)])
+    ests = torch.cat(
+        [elbo_row_estimates(student, ids.repeat(50, 1), maskable.repeat(50, 1), 4, g, V)[0] for _ in range(reps // 50)]
+    )
     se = float(ests.std() / math.sqrt(len(ests)))
     assert abs(float(ests.mean()) - exact) < 4 * se + 1e-6, (float(ests.mean()), exact, se)

@@ -56,7 +56,9 @@ def test_gradcheck_sparse_kl(tail):
     logits = torch.randn(3, 6, generator=g, dtype=torch.float64, requires_grad=True)
     ids = torch.tensor([[0, 2, 5], [1, 3, 0], [4, 5, 2]])
     lp = torch.log(torch.tensor([[0.5, 0.3, 0.1], [0.7, 0.2, 0.05], [0.4, 0.4, 0.1]], dtype=torch.float64))
-    assert torch.autograd.gradcheck(lambda z: sparse_kl(student_logprobs(z), ids, lp, 1.7, tail), (logits,), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(
+        lambda z: sparse_kl(student_logprobs(z), ids, lp, 1.7, tail), (logits,), eps=1e-6, atol=1e-5
+    )
 
 
 def test_gradcheck_mdm():

@@ -25,8 +25,12 @@ from tests.tiny import save_tiny_teacher
 
 runner = CliRunner()
 SEQ = 48
-CHATS = [("where is the heath?", "upon the heath."), ("who comes here?", "a drum, a drum! macbeth doth come."),
-         ("when shall we meet?", "when the battle's lost and won."), ("what is foul?", "fair is foul.")] * 3  # fmt: skip
+CHATS = [
+    ("where is the heath?", "upon the heath."),
+    ("who comes here?", "a drum, a drum! macbeth doth come."),
+    ("when shall we meet?", "when the battle's lost and won."),
+    ("what is foul?", "fair is foul."),
+] * 3
 HELD_OUT = [("what bloody man is that?", "he can report."), ("is this a dagger?", "a dagger of the mind.")]
 
 
@@ -45,8 +49,19 @@ def sft_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("sft")
     teacher = save_tiny_teacher(d / "teacher", chat=True)
     shards = d / "shards"
-    run_build(BuildConfig(corpus=str(chats_file(d / "train.jsonl", CHATS)), teacher=str(teacher), out=str(shards),
-                          task="sft", mode="mc", k=2, seq_len=SEQ, top_n=4, progress=False))  # fmt: skip
+    run_build(
+        BuildConfig(
+            corpus=str(chats_file(d / "train.jsonl", CHATS)),
+            teacher=str(teacher),
+            out=str(shards),
+            task="sft",
+            mode="mc",
+            k=2,
+            seq_len=SEQ,
+            top_n=4,
+            progress=False,
+        )
+    )
     run = d / "run"
     run_training(TrainConfig(shards=str(shards), out=str(run), student="tiny", steps=2, batch_size=4, progress=False))
     return shards, run, chats_file(d / "heldout.jsonl", HELD_OUT)
@@ -96,7 +111,9 @@ def test_eval_scores_the_responses_only_against_a_hand_count(sft_run, monkeypatc
             pos = mask[b].nonzero()[:, 0]
             plen, n = row.prompt_len, len(HELD_OUT[b][1]) + 1
             assert pos.min() >= plen and pos.max() < plen + n
-            assert row.input_ids[plen + n - 1] == end and row.input_ids[plen : plen + n - 1].tolist() == ids(tok, HELD_OUT[b][1])
+            assert row.input_ids[plen + n - 1] == end and row.input_ids[plen : plen + n - 1].tolist() == ids(
+                tok, HELD_OUT[b][1]
+            )
 
 
 class Scripted(torch.nn.Module):
@@ -144,9 +161,13 @@ def test_chat_sample_prints_the_answer_up_to_its_end_of_turn(sft_run, monkeypatc
         return y
 
     monkeypatch.setattr(model_mod, "denoise", fake_denoise)
-    r = runner.invoke(app, ["sample", str(run), "--prompt", "where is the heath?", "--length", "20", "--block-length", "4"])
+    r = runner.invoke(
+        app, ["sample", str(run), "--prompt", "where is the heath?", "--length", "20", "--block-length", "4"]
+    )
     assert r.exit_code == 0, r.output
-    assert r.output.splitlines()[1] == "completion: " + tok.decode(ids(tok, "upon the heath"))  # SFT runs chat by default
+    assert r.output.splitlines()[1] == "completion: " + tok.decode(
+        ids(tok, "upon the heath")
+    )  # SFT runs chat by default
     assert end in seen["stops"] and seen["block"] == 4
     assert seen["prompt"][:-20] == _prompt_row(load_meta(run), tok, "where is the heath?", chat=True)
     r = runner.invoke(app, ["sample", str(run), "--prompt", "where is the heath?", "--length", "20", "--no-chat"])
@@ -170,7 +191,15 @@ def test_the_export_carries_the_template_and_stops_like_kdtrain(sft_run, tmp_pat
     meta = load_meta(run)
     ids = torch.tensor([_prompt_row(meta, tok, "where is the heath?", chat=True)])
     out = model.diffusion_generate(ids, max_new_tokens=12, steps=12, temperature=1.0, seed=3, block_length=4)
-    mine = denoise(model.student, torch.cat([ids, torch.full((1, 12), model.config.mask_token_id)], 1), 12, 1.0,
-                   "low-confidence", torch.Generator().manual_seed(3), 4, tuple(model.config.stop_token_ids))  # fmt: skip
+    mine = denoise(
+        model.student,
+        torch.cat([ids, torch.full((1, 12), model.config.mask_token_id)], 1),
+        12,
+        1.0,
+        "low-confidence",
+        torch.Generator().manual_seed(3),
+        4,
+        tuple(model.config.stop_token_ids),
+    )
     want = cut_at_stop(mine[0, ids.shape[1] :].tolist(), model.config.stop_token_ids, keep_stop=True)
     assert out[0, ids.shape[1] :].tolist() == want

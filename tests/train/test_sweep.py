@@ -25,13 +25,39 @@ def heldout(tmp_path):
 
 def test_a_2x2_sweep_runs_evaluates_and_skips_finished_points(tiny_shards, heldout, tmp_path):
     out = tmp_path / "sw"
-    args = ["sweep", str(tiny_shards), "--out", str(out), "--grid", "lambda=0,0.5", "--grid", "temperature=1,2",
-            "--set", "steps=4", "--set", "student=tiny", "--set", "batch_size=4", "--set", "log_every=1",
-            "--eval-data", str(heldout), "--eval-rows", "8", "--eval-samples", "2"]  # fmt: skip
+    args = [
+        "sweep",
+        str(tiny_shards),
+        "--out",
+        str(out),
+        "--grid",
+        "lambda=0,0.5",
+        "--grid",
+        "temperature=1,2",
+        "--set",
+        "steps=4",
+        "--set",
+        "student=tiny",
+        "--set",
+        "batch_size=4",
+        "--set",
+        "log_every=1",
+        "--eval-data",
+        str(heldout),
+        "--eval-rows",
+        "8",
+        "--eval-samples",
+        "2",
+    ]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     rows = list(csv.DictReader(open(out / "sweep.csv")))
-    assert {(row["lambda"], row["temperature"]) for row in rows} == {("0.0", "1.0"), ("0.0", "2.0"), ("0.5", "1.0"), ("0.5", "2.0")}
+    assert {(row["lambda"], row["temperature"]) for row in rows} == {
+        ("0.0", "1.0"),
+        ("0.0", "2.0"),
+        ("0.5", "1.0"),
+        ("0.5", "2.0"),
+    }
     assert all(float(row["nll_bound"]) > 0 and float(row["nll_bound_se"]) > 0 and row["steps"] == "4" for row in rows)
     # λ = 0 ignores the temperature: same seed, same data order, same eval masks -> the same student and number
     same = {row["temperature"]: row["nll_bound"] for row in rows if row["lambda"] == "0.0"}
@@ -52,8 +78,14 @@ def test_a_2x2_sweep_runs_evaluates_and_skips_finished_points(tiny_shards, heldo
 
 
 def test_parallel_points_give_the_same_results_as_sequential(tiny_shards, heldout, tmp_path):
-    base = dict(shards=str(tiny_shards), grid={"lam": [0.0, 0.5]}, eval_data=str(heldout), eval_rows=8, eval_samples=2,
-                fixed={"steps": 3, "student": "tiny", "batch_size": 4})  # fmt: skip
+    base = dict(
+        shards=str(tiny_shards),
+        grid={"lam": [0.0, 0.5]},
+        eval_data=str(heldout),
+        eval_rows=8,
+        eval_samples=2,
+        fixed={"steps": 3, "student": "tiny", "batch_size": 4},
+    )
     seq = run_sweep(SweepConfig(out=str(tmp_path / "a"), **base))
     par = run_sweep(SweepConfig(out=str(tmp_path / "b"), parallel=2, **base))
     assert [r["nll_bound"] for r in seq] == pytest.approx([r["nll_bound"] for r in par], rel=1e-4)
@@ -61,7 +93,10 @@ def test_parallel_points_give_the_same_results_as_sequential(tiny_shards, heldou
 
 def test_grid_parsing_refuses_unknown_settings_and_bad_values():
     assert parse_assignments(["lambda=0,0.5", "tail=renormalize,bucket", "init-from=none"], True) == {
-        "lam": [0.0, 0.5], "tail": ["renormalize", "bucket"], "init_from": [None]}
+        "lam": [0.0, 0.5],
+        "tail": ["renormalize", "bucket"],
+        "init_from": [None],
+    }
     with pytest.raises(UserError, match="not a kdtrain run setting"):
         parse_assignments(["lamda=0.5"], True)
     with pytest.raises(UserError, match="is not a float"):
@@ -89,9 +124,28 @@ def test_per_row_lambda_combines_row_terms():
 
 
 def test_a_scheduled_run_trains_and_logs_its_mean_lambda(tiny_shards, tmp_path):
-    r = runner.invoke(app, ["run", str(tiny_shards), "--out", str(tmp_path / "s"), "--student", "tiny", "--steps", "4",
-                            "--batch-size", "4", "--log-every", "1", "--lambda-schedule", "linear-decay",
-                            "--lambda-t", "low-t", "--no-progress"])  # fmt: skip
+    r = runner.invoke(
+        app,
+        [
+            "run",
+            str(tiny_shards),
+            "--out",
+            str(tmp_path / "s"),
+            "--student",
+            "tiny",
+            "--steps",
+            "4",
+            "--batch-size",
+            "4",
+            "--log-every",
+            "1",
+            "--lambda-schedule",
+            "linear-decay",
+            "--lambda-t",
+            "low-t",
+            "--no-progress",
+        ],
+    )
     assert r.exit_code == 0, r.output
     lams = [json.loads(line)["lambda"] for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
     assert len(lams) == 4 and lams[-1] < lams[0]  # decays over training
@@ -107,10 +161,27 @@ def test_lambda_schedule_auto_ramps_kd_in_only_when_adapting_an_ar_model(tiny_sh
         TrainConfig(shards="s", lambda_schedule="warmup").check()
     lams = {}
     for name, extra in (("scratch", ["--student", "tiny"]), ("warm", ["--init-from", str(tiny_teacher)])):
-        r = runner.invoke(app, ["run", str(tiny_shards), "--out", str(tmp_path / name), "--steps", "4", "--batch-size", "4",
-                                "--log-every", "1", "--no-progress", *extra])  # fmt: skip
+        r = runner.invoke(
+            app,
+            [
+                "run",
+                str(tiny_shards),
+                "--out",
+                str(tmp_path / name),
+                "--steps",
+                "4",
+                "--batch-size",
+                "4",
+                "--log-every",
+                "1",
+                "--no-progress",
+                *extra,
+            ],
+        )
         assert r.exit_code == 0, r.output
-        lams[name] = [json.loads(line).get("lambda") for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        lams[name] = [
+            json.loads(line).get("lambda") for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        ]
     assert lams["scratch"] == [None] * 4  # constant λ: the scalar path, no per-row λ logged
     # linear-warmup at progress 0, 1/4, 2/4, 3/4 of 4 steps: λ·min(1, 2p) = 0, 0.25, 0.5, 0.5
     assert lams["warm"] == pytest.approx([0.0, 0.25, 0.5, 0.5])
@@ -123,8 +194,8 @@ def test_tail_auto_is_bucket_with_a_truncated_support_and_renormalize_with_an_ex
     from ar2mdm.schemas import Manifest
     from ar2mdm.train.config import TrainConfig
     from ar2mdm.train.data import TargetSpec, collate, rows_of_shard
-    from ar2mdm.train.loop import step_losses
     from ar2mdm.train.model import Student, StudentConfig
+    from ar2mdm.train.step import step_losses
 
     m = Manifest.load(tiny_shards)
     spec = TargetSpec.from_manifest(m)
@@ -132,13 +203,23 @@ def test_tail_auto_is_bucket_with_a_truncated_support_and_renormalize_with_an_ex
     rows = list(islice(rows_of_shard(tiny_shards / m.shards[0].file), 4))
     batch = collate(rows, replace(spec, top_n=2))  # truncated to 2 entries: a real tail now
     torch.manual_seed(0)
-    model = Student(StudentConfig(vocab_size=m.tokenizer.vocab_size, hidden_size=32, num_layers=1, num_heads=2,
-                                  num_kv_heads=2, intermediate_size=64))  # fmt: skip
+    model = Student(
+        StudentConfig(
+            vocab_size=m.tokenizer.vocab_size,
+            hidden_size=32,
+            num_layers=1,
+            num_heads=2,
+            num_kv_heads=2,
+            intermediate_size=64,
+        )
+    )
     kd = {}
     for tail in ("auto", "renormalize", "bucket"):
         for exact in (True, False):
             cfg = TrainConfig(shards="", lam=1.0, temperature=2.0, tail=tail)
-            kd[tail, exact] = step_losses(model, batch, cfg, model.config.mask_id, replace(spec, exact_support=exact))[1]["kd"]
+            kd[tail, exact] = step_losses(model, batch, cfg, model.config.mask_id, replace(spec, exact_support=exact))[
+                1
+            ]["kd"]
     assert kd["auto", True] == kd["renormalize", True] and kd["auto", False] == kd["bucket", False]
     assert kd["bucket", False] != kd["renormalize", False]
 

@@ -10,8 +10,17 @@ from ar2mdm.train.loop import run_training
 
 
 def cfg(shards, out, **kw):
-    return TrainConfig(shards=str(shards), out=str(out), student="tiny", batch_size=4, steps=4, log_every=1,
-                       save_every=2, progress=False, **kw)  # fmt: skip
+    return TrainConfig(
+        shards=str(shards),
+        out=str(out),
+        student="tiny",
+        batch_size=4,
+        steps=4,
+        log_every=1,
+        save_every=2,
+        progress=False,
+        **kw,
+    )
 
 
 def jsonl_losses(run):

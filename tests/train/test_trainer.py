@@ -22,8 +22,17 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def tcfg(shards, out, **kw):
-    base = dict(shards=str(shards), out=str(out), student="tiny", batch_size=4, steps=6, save_every=3, log_every=1,
-                progress=False, lr=1e-3)  # fmt: skip
+    base = dict(
+        shards=str(shards),
+        out=str(out),
+        student="tiny",
+        batch_size=4,
+        steps=6,
+        save_every=3,
+        log_every=1,
+        progress=False,
+        lr=1e-3,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -36,7 +45,7 @@ def test_trains_checkpoints_and_resumes_exactly(tiny_shards, tmp_path):
     res = run_training(tcfg(tiny_shards, tmp_path / "a"))
     assert res["steps"] == 6 and res["loss"] == res["loss"]
     lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
-    first, last = json.loads(lines[0]), json.loads(lines[-1])
+    first = json.loads(lines[0])
     assert {"loss", "mdm", "kd", "lr", "tokens_per_s"} <= set(first)
     run_training(tcfg(tiny_shards, tmp_path / "b", stop_at=3))
     assert weights(tmp_path / "b").keys() == weights(tmp_path / "a").keys()
@@ -59,7 +68,7 @@ def test_resume_is_exact_with_dataloader_workers(tiny_shards, tmp_path):
 
 def test_training_reduces_the_loss(tiny_shards, tmp_path):
     run_training(tcfg(tiny_shards, tmp_path / "r", steps=40, save_every=100, lr=3e-3, log_every=1))
-    recs = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     early = sum(r["loss"] for r in recs[:5]) / 5
     late = sum(r["loss"] for r in recs[-5:]) / 5
     assert late < 0.9 * early
@@ -91,7 +100,13 @@ def test_eval_prints_json_last_line_and_sample_runs(tiny_shards, tmp_path):
     r = runner.invoke(app, ["eval", str(tmp_path / "e"), "--data", str(tiny_shards), "--mc-samples", "2"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.output.strip().splitlines()[-1])
-    assert res["nll_bound"] > 0 and abs(res["ppl_bound"] - __import__("math").exp(res["nll_bound"])) < 1e-6 * res["ppl_bound"]
+    # the bound comes with its scale: log V, the score of a uniform guess
+    assert res["uniform_nll"] == __import__("math").log(Manifest.load(tiny_shards).tokenizer.vocab_size)
+    assert f"nll_bound {res['nll_bound']:.3f} ± " in r.output and f"log V = {res['uniform_nll']:.2f})" in r.output
+    assert (
+        res["nll_bound"] > 0
+        and abs(res["ppl_bound"] - __import__("math").exp(res["nll_bound"])) < 1e-6 * res["ppl_bound"]
+    )
     assert "kd_loss" in res and 0 <= res["masked_token_accuracy"] <= 1
     corpus = tmp_path / "held.txt"
     corpus.write_text("fair is foul and foul is fair, hover through the fog and filthy air. " * 3)
@@ -146,7 +161,9 @@ def test_init_from_ar_checkpoint_is_the_ar_model_with_bidirectional_attention(ti
     from ar2mdm.train.init import student_from_ar
 
     m = Manifest.load(tiny_shards)
-    student = student_from_ar(str(tiny_teacher), m.tokenizer.vocab_size, m.tokenizer.sha256, m.seq_len, shift=False).eval()
+    student = student_from_ar(
+        str(tiny_teacher), m.tokenizer.vocab_size, m.tokenizer.sha256, m.seq_len, shift=False
+    ).eval()
     ar = AutoModelForCausalLM.from_pretrained(tiny_teacher, attn_implementation="sdpa").eval()
     x = torch.randint(3, m.tokenizer.vocab_size, (2, 12))
     full = torch.ones(2, 1, 12, 12, dtype=torch.bool)  # every position sees every other: bidirectional
@@ -159,12 +176,30 @@ def test_init_from_ar_checkpoint_is_the_ar_model_with_bidirectional_attention(ti
     run_training(tcfg(tiny_shards, tmp_path / "init", init_from=str(tiny_teacher), steps=2))
 
 
-def test_train_package_never_imports_precompute():
-    for f in (REPO / "train").glob("*.py"):
+@pytest.mark.parametrize(
+    "package, other",
+    [
+        ("train", "precompute"),
+        ("precompute", "train"),
+        ("shared", "precompute"),
+        ("shared", "train"),
+        ("schemas", "shared"),
+    ],
+)
+def test_the_layers_never_import_each_other_the_wrong_way(package, other):
+    """schemas <- shared <- precompute | train: the two stages meet only through files, and what they share
+    imports neither."""
+    for f in (REPO / package).glob("*.py"):
         tree = ast.parse(f.read_text())
         for node in ast.walk(tree):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            assert not any("precompute" in n for n in names), f"{f.name} imports {names}"
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            assert not any(n.startswith(f"ar2mdm.{other}") for n in names), f"{package}/{f.name} imports {names}"
 
 
 def test_training_runs_without_teacher_or_precompute(tiny_shards, tmp_path):
@@ -175,8 +210,13 @@ def test_training_runs_without_teacher_or_precompute(tiny_shards, tmp_path):
         "import sys; from ar2mdm.train.cli import app; "
         f"app(['run', {str(shards)!r}, '--out', {str(tmp_path / 'run')!r}, '--student', 'tiny', '--steps', '2', "
         "'--batch-size', '2', '--no-progress'], standalone_mode=False); "
-        "from ar2mdm.train.evaluate import evaluate; evaluate(" + repr(str(tmp_path / 'run')) + ", " + repr(str(shards)) + ", mc_samples=1); "
-        "assert not [m for m in sys.modules if m.startswith('ar2mdm.precompute')], 'precompute imported'; print('CLEAN')"
+        "from ar2mdm.train.evaluate import evaluate; evaluate("
+        + repr(str(tmp_path / "run"))
+        + ", "
+        + repr(str(shards))
+        + ", mc_samples=1); "
+        "assert not [m for m in sys.modules if m.startswith('ar2mdm.precompute')], 'precompute imported'; "
+        "print('CLEAN')"
     )
     env = {**os.environ, "AR2MDM_CACHE": str(tmp_path / "empty_cache")}  # no converted teacher to find either
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
@@ -184,9 +224,28 @@ def test_training_runs_without_teacher_or_precompute(tiny_shards, tmp_path):
 
 
 def test_ddp_two_cpu_processes_gloo(tiny_shards, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "-m", "ar2mdm.train.cli", "run", str(tiny_shards), "--out", str(tmp_path / "ddp"), "--student", "tiny",
-           "--steps", "3", "--batch-size", "2", "--no-progress"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "ar2mdm.train.cli",
+        "run",
+        str(tiny_shards),
+        "--out",
+        str(tmp_path / "ddp"),
+        "--student",
+        "tiny",
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--no-progress",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
@@ -194,9 +253,29 @@ def test_ddp_two_cpu_processes_gloo(tiny_shards, tmp_path):
 
 
 def _torchrun(tiny_shards, out, port, *extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "ar2mdm.train.cli", "run", str(tiny_shards), "--out", str(out), "--student", "tiny",
-           "--steps", "4", "--batch-size", "2", "--no-progress", *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        "-m",
+        "ar2mdm.train.cli",
+        "run",
+        str(tiny_shards),
+        "--out",
+        str(out),
+        "--student",
+        "tiny",
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--no-progress",
+        *extra,
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
 
