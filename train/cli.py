@@ -10,6 +10,8 @@ import typer
 
 from ar2mdm.schemas import SchemaError
 from ar2mdm.shared.errors import UserError
+from ar2mdm.shared.settings import cli_signature
+from ar2mdm.train.config import TrainConfig
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Train a masked-diffusion student on kdtargets shards."
@@ -22,111 +24,10 @@ def _fail(msg: str) -> None:
 
 
 @app.command()
-def run(
-    shards: str = typer.Argument(..., help="A kdtargets output folder."),
-    out: Optional[str] = typer.Option(None, help="Run folder (default: runs/<shards folder name>)."),
-    student: str = typer.Option("small", help="Preset (tiny, small, base) or a JSON file of StudentConfig fields."),
-    init_from: Optional[str] = typer.Option(
-        None,
-        help="AR checkpoint to adapt (HF folder, .gguf, 'default': the embedded teacher, or 'code': the fim code "
-        "teacher), same tokenizer as the shards.",
-    ),
-    ar_shift: Optional[bool] = typer.Option(
-        None,
-        "--ar-shift/--no-ar-shift",
-        help="Predict x_i from the hidden state at i-1 (Dream). Default: on with --init-from.",
-    ),
-    lam: float = typer.Option(0.5, "--lambda", help="λ in (1-λ)·MDM + λ·KD."),
-    lambda_schedule: str = typer.Option(
-        "auto",
-        help="λ over training: auto (linear-warmup with --init-from, else constant) | "
-        "constant | linear-decay | cosine-decay | linear-warmup.",
-    ),
-    lambda_t: str = typer.Option("none", help="λ over each row's mask ratio t: none | low-t (2(1-t)) | high-t (2t)."),
-    temperature: float = typer.Option(1.0, help="KD temperature T."),
-    tail: str = typer.Option(
-        "auto",
-        help="Mass outside the stored support: auto (bucket when the shards have a tail, "
-        "else renormalize) | renormalize | bucket (docs/design.md).",
-    ),
-    loss_weighting: str = typer.Option(
-        "seed", help="seed (no weight) | elbo (1/t, LLaDA/MDLM; forced masks corrected)."
-    ),
-    resample_masks: bool = typer.Option(False, help="Fresh masks after epoch 0 (shards with --positions all only)."),
-    allow_partial: bool = typer.Option(
-        False, help="Train on a build whose ranks have not all finished (refused by default)."
-    ),
-    steps: Optional[int] = typer.Option(
-        None, help="Optimizer steps (default: --epochs over the shards); 0 saves the initial student."
-    ),
-    stop_at: Optional[int] = typer.Option(
-        None, help="Stop after this step (checkpointed); resume later with --resume."
-    ),
-    epochs: int = typer.Option(1, help="Passes over the shards (when --steps is not given)."),
-    batch_size: int = typer.Option(16, help="Rows per micro-batch per rank."),
-    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
-    lr: float = typer.Option(3e-4, help="Peak learning rate (AdamW; linear warmup, cosine decay to 0.1x)."),
-    warmup: float = typer.Option(0.05, help="Warmup as a fraction of the steps."),
-    weight_decay: float = typer.Option(0.1, help="AdamW weight decay (matrices only)."),
-    clip: float = typer.Option(1.0, help="Gradient-norm clipping."),
-    seed: int = typer.Option(0, help="Seed of the student's init and of the data order."),
-    resume: bool = typer.Option(False, help="Continue the checkpoint in --out exactly."),
-    save_every: int = typer.Option(200, help="Checkpoint every N steps (and at the end)."),
-    log_every: int = typer.Option(10, help="Append a line to RUN/metrics.jsonl (and to --report-to) every N steps."),
-    report_to: str = typer.Option(
-        "none",
-        help="Also log to: none | tensorboard (RUN/tb) | wandb (offline without a W&B key); pip install "
-        "'ar2mdm[track]'.",
-    ),
-    shuffle_buffer: int = typer.Option(1024, help="Rows held for shuffling the stream."),
-    num_workers: int = typer.Option(0, help="DataLoader worker processes reading shards."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
-    dtype: str = typer.Option(
-        "auto", help="Autocast: auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16."
-    ),
-    compile: bool = typer.Option(False, help="torch.compile the student."),
-    fsdp: bool = typer.Option(False, help="FSDP2 instead of DDP under torchrun."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
-) -> None:
+@cli_signature(TrainConfig)
+def run(**settings) -> None:
     """Train with (1-λ)·MDM + λ·T²·KL(q‖p_θ) on precomputed sparse teacher targets; never loads the teacher."""
-    from ar2mdm.train.config import TrainConfig
-
-    cfg = TrainConfig(
-        shards=shards,
-        out=out,
-        student=student,
-        init_from=init_from,
-        ar_shift=ar_shift,
-        lam=lam,
-        lambda_schedule=lambda_schedule,
-        lambda_t=lambda_t,
-        temperature=temperature,
-        tail=tail,
-        loss_weighting=loss_weighting,
-        resample_masks=resample_masks,
-        steps=steps,
-        stop_at=stop_at,
-        epochs=epochs,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        lr=lr,
-        warmup=warmup,
-        weight_decay=weight_decay,
-        clip=clip,
-        seed=seed,
-        resume=resume,
-        save_every=save_every,
-        log_every=log_every,
-        shuffle_buffer=shuffle_buffer,
-        num_workers=num_workers,
-        device=device,
-        dtype=dtype,
-        compile=compile,
-        fsdp=fsdp,
-        progress=progress,
-        report_to=report_to,
-        allow_partial=allow_partial,
-    )
+    cfg = TrainConfig(**settings)
     try:  # settings and paths first: a mistake costs a second, not the import of torch
         cfg.check()
         cfg.check_paths()

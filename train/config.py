@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.paths import check_output_folder
+from ar2mdm.shared.settings import setting
 
 LAMBDA_SCHEDULES = ("constant", "linear-decay", "cosine-decay", "linear-warmup")  # losses.kd_weight
 LAMBDA_T = ("none", "low-t", "high-t")
@@ -16,46 +18,76 @@ REPORT_TO = ("none", "tensorboard", "wandb")  # train/tracking.py
 
 @dataclass
 class TrainConfig:
-    shards: str
-    out: str | None = None  # default: runs/<shards folder name>
-    student: str = "small"  # preset (tiny, small, base) or a JSON file
-    init_from: str | None = None  # AR checkpoint (HF folder or .gguf) with the shards' tokenizer
-    ar_shift: bool | None = None  # predict x_i from h_{i-1} (Dream); None: on with --init-from, off otherwise
-    lam: float = 0.5  # λ: weight of the KD term
+    shards: str = setting(dataclasses.MISSING, "A kdtargets output folder.", argument=True)
+    out: str | None = setting(None, "Run folder (default: runs/<shards folder name>).")
+    student: str = setting("small", "Preset (tiny, small, base) or a JSON file of StudentConfig fields.")
+    init_from: str | None = setting(
+        None,
+        "AR checkpoint to adapt (HF folder, .gguf, 'default': the embedded teacher, or 'code': the fim code "
+        "teacher), same tokenizer as the shards.",
+    )
+    ar_shift: bool | None = setting(
+        None,
+        "Predict x_i from the hidden state at i-1 (Dream). Default: on with --init-from.",
+        flag="--ar-shift/--no-ar-shift",
+    )
+    # λ: weight of the KD term
+    lam: float = setting(0.5, "λ in (1-λ)·MDM + λ·KD.", flag="--lambda")
     # λ over training progress (losses.kd_weight); auto: linear-warmup with --init-from, constant from scratch
     # (docs/results.md: a warm student first adapts to the mask through the MDM term, and KD from step 0 slows
     # that; from scratch, KD from step 0 is what helps)
-    lambda_schedule: str = "auto"
-    lambda_t: str = "none"  # λ over each row's mask ratio t
-    temperature: float = 1.0
+    lambda_schedule: str = setting(
+        "auto",
+        "λ over training: auto (linear-warmup with --init-from, else constant) | constant | linear-decay | "
+        "cosine-decay | linear-warmup.",
+    )
+    lambda_t: str = setting("none", "λ over each row's mask ratio t: none | low-t (2(1-t)) | high-t (2t).")
+    temperature: float = setting(1.0, "KD temperature T.")
     # auto: bucket when the shards keep a truncated support (mc, fim, topk with top_n < K+1), else renormalize
     # (docs/results.md: on mc targets bucket beat renormalize by 0.12 nats/token held out, and made T = 2 usable)
-    tail: Literal["auto", "renormalize", "bucket"] = "auto"
-    loss_weighting: Literal["seed", "elbo"] = "seed"  # elbo: multiply the MDM term by 1/t
-    resample_masks: bool = False
-    allow_partial: bool = False  # train on a build whose world is not finished (some ranks missing)
-    steps: int | None = None  # default: epochs x (rows per rank / batch)
-    stop_at: int | None = None  # stop (with a checkpoint) after this step; the schedule still spans `steps`
-    epochs: int = 1
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 3e-4
+    tail: Literal["auto", "renormalize", "bucket"] = setting(
+        "auto",
+        "Mass outside the stored support: auto (bucket when the shards have a tail, else renormalize) | renormalize "
+        "| bucket (docs/design.md).",
+    )
+    # elbo: multiply the MDM term by 1/t
+    loss_weighting: Literal["seed", "elbo"] = setting(
+        "seed", "seed (no weight) | elbo (1/t, LLaDA/MDLM; forced masks corrected)."
+    )
+    resample_masks: bool = setting(False, "Fresh masks after epoch 0 (shards with --positions all only).")
+    allow_partial: bool = setting(False, "Train on a build whose ranks have not all finished (refused by default).")
+    # default: epochs x (rows per rank / batch)
+    steps: int | None = setting(
+        None, "Optimizer steps (default: --epochs over the shards); 0 saves the initial student."
+    )
+    # stop (with a checkpoint) after this step; the schedule still spans `steps`
+    stop_at: int | None = setting(None, "Stop after this step (checkpointed); resume later with --resume.")
+    epochs: int = setting(1, "Passes over the shards (when --steps is not given).")
+    batch_size: int = setting(16, "Rows per micro-batch per rank.")
+    grad_accum: int = setting(1, "Micro-batches per optimizer step.")
+    lr: float = setting(3e-4, "Peak learning rate (AdamW; linear warmup, cosine decay to 0.1x).")
     min_lr_ratio: float = 0.1
-    warmup: float = 0.05  # fraction of the steps
-    weight_decay: float = 0.1
-    clip: float = 1.0
-    seed: int = 0
-    resume: bool = False
-    save_every: int = 200
-    log_every: int = 10
-    shuffle_buffer: int = 1024
-    num_workers: int = 0
-    device: str = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # autocast; auto: bf16 on CUDA, fp32 on CPU
-    compile: bool = False
-    fsdp: bool = False
-    progress: bool = True
-    report_to: str = "none"  # none | tensorboard | wandb (train/tracking.py); RUN/metrics.jsonl is always written
+    warmup: float = setting(0.05, "Warmup as a fraction of the steps.")
+    weight_decay: float = setting(0.1, "AdamW weight decay (matrices only).")
+    clip: float = setting(1.0, "Gradient-norm clipping.")
+    seed: int = setting(0, "Seed of the student's init and of the data order.")
+    resume: bool = setting(False, "Continue the checkpoint in --out exactly.")
+    save_every: int = setting(200, "Checkpoint every N steps (and at the end).")
+    log_every: int = setting(10, "Append a line to RUN/metrics.jsonl (and to --report-to) every N steps.")
+    shuffle_buffer: int = setting(1024, "Rows held for shuffling the stream.")
+    num_workers: int = setting(0, "DataLoader worker processes reading shards.")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
+        "auto", "Autocast: auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16."
+    )
+    compile: bool = setting(False, "torch.compile the student.")
+    fsdp: bool = setting(False, "FSDP2 instead of DDP under torchrun.")
+    progress: bool = setting(True, "Show a progress bar.")
+    # none | tensorboard | wandb (train/tracking.py); RUN/metrics.jsonl is always written
+    report_to: str = setting(
+        "none",
+        "Also log to: none | tensorboard (RUN/tb) | wandb (offline without a W&B key); pip install 'ar2mdm[track]'.",
+    )
 
     def check(self) -> None:
         if not 0.0 <= self.lam <= 1.0:

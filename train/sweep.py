@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ar2mdm.shared.errors import UserError
+from ar2mdm.shared.settings import field_of, flag_of
 from ar2mdm.train.config import TrainConfig
 
-# the names a user may write for a field (the CLI's spelling: --lambda is `lam`)
-ALIASES = {"lambda": "lam"}
 NOT_SWEPT = {"shards", "out", "resume", "progress", "stop_at"}
 
 
@@ -85,14 +84,14 @@ def parse_assignments(items: list[str], many: bool) -> dict:
         if "=" not in item:
             raise UserError(f"expected KEY=VALUE{'S' if many else ''}, got {item!r}")
         key, vals = item.split("=", 1)
-        name = ALIASES.get(key.strip().replace("-", "_"), key.strip().replace("-", "_"))
+        name = field_of(TrainConfig, key)  # the CLI's spelling (lambda, batch-size) or the field's (lam)
         parsed = [parse_value(name, v.strip()) for v in vals.split(",")] if many else parse_value(name, vals.strip())
         out[name] = parsed
     return out
 
 
 def point_name(point: dict) -> str:
-    return ",".join(f"{'lambda' if k == 'lam' else k}={v}" for k, v in point.items()) or "base"
+    return ",".join(f"{flag_of(TrainConfig, k)}={v}" for k, v in point.items()) or "base"
 
 
 def points(cfg: SweepConfig) -> list[dict]:
@@ -135,7 +134,7 @@ def run_point(cfg: SweepConfig, point: dict) -> dict:
     )
     row = {
         "name": point_name(point),
-        **{("lambda" if k == "lam" else k): v for k, v in point.items()},
+        **{flag_of(TrainConfig, k): v for k, v in point.items()},
         "nll_bound": ev["nll_bound"],
         "nll_bound_se": ev["nll_bound_se"],
         "ppl_bound": ev["ppl_bound"],
@@ -216,7 +215,7 @@ def paired_delta(r: dict, base: dict) -> str:
 
 
 def write_results(out: Path, rows: list[dict], keys: list[str]) -> None:
-    keys = ["lambda" if k == "lam" else k for k in keys]
+    keys = [flag_of(TrainConfig, k) for k in keys]
     cols = [
         "name",
         *keys,

@@ -1,0 +1,93 @@
+"""Settings written once: each field of a settings dataclass (`BuildConfig`, `TrainConfig`) carries its default,
+type and help, and the command line is made from the fields. No default is restated in a CLI.
+
+    k: int = setting(8, "topk: candidates per position; mc: samples.")
+    lam: float = setting(0.5, "λ in (1-λ)·MDM + λ·KD.", flag="--lambda")
+
+`cli_signature(cls)` turns the fields that carry help into typer parameters; fields without help are settings
+of the API only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from typing import Any, Callable, Literal, Optional
+
+
+def setting(default: Any, help: str, *, flag: str | None = None, argument: bool = False) -> Any:
+    """A dataclass field with its command-line help (and flag, where it is not ``--field-name``)."""
+    meta = {"help": help, "flag": flag, "argument": argument}
+    if isinstance(default, (dict, list)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _cli_type(tp: Any) -> Any:
+    """The type typer parses: Literal -> str, X | None -> Optional[X], dict -> repeated KEY=VALUE strings."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return type(typing.get_args(tp)[0])
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return Optional[_cli_type(args[0])]
+    if origin is dict or tp is dict:
+        return list[str]
+    return tp
+
+
+def cli_signature(cls: type, defaults: dict[str, Any] | None = None) -> Callable[[Callable], Callable]:
+    """Decorator: give a typer command one keyword parameter per field of ``cls`` that has help, with that
+    field's type, default and help. ``defaults`` replaces a field's default on the command line only (e.g.
+    None where the command fills the value in from elsewhere)."""
+    import typer  # only where a command line is made: the settings themselves need no CLI library
+
+    hints = typing.get_type_hints(cls)
+    params = []
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if "help" not in meta:
+            continue
+        default = f.default
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        if defaults and f.name in defaults:
+            default = defaults[f.name]
+        if isinstance(default, dict):
+            default = [f"{k}={v}" for k, v in default.items()]
+        ann = _cli_type(hints[f.name])
+        if defaults and f.name in defaults and defaults[f.name] is None:
+            ann = Optional[ann] if typing.get_origin(ann) is not typing.Union else ann
+        if meta["argument"]:
+            info = typer.Argument(... if default is dataclasses.MISSING else default, help=meta["help"])
+        else:
+            info = typer.Option(default, *([meta["flag"]] if meta["flag"] else []), help=meta["help"])
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=ann))
+
+    def wrap(fn: Callable) -> Callable:
+        fn.__signature__ = inspect.Signature(params)
+        fn.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
+        return fn
+
+    return wrap
+
+
+def flag_of(cls: type, name: str) -> str:
+    """A field's name as the command line spells it, with underscores (``lam`` -> ``lambda``, ``batch_size``):
+    sweep keys, point names and result columns use it."""
+    for f in dataclasses.fields(cls):
+        if f.name == name and f.metadata.get("flag"):
+            return f.metadata["flag"].split("/")[0].lstrip("-").replace("-", "_")
+    return name
+
+
+def field_of(cls: type, key: str) -> str:
+    """The field a key names: its command-line spelling or the field's own (``lambda``, ``lam``; dashes or
+    underscores)."""
+    key = key.strip().lstrip("-").replace("-", "_")
+    for f in dataclasses.fields(cls):
+        if key in (f.name, flag_of(cls, f.name)):
+            return f.name
+    return key
