@@ -9,7 +9,7 @@ from typing import Literal, Mapping
 
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.paths import check_output_folder
-from ar2mdm.shared.settings import setting
+from ar2mdm.shared.settings import check_choices, setting
 
 Mode = Literal["topk", "mc", "fim"]
 Backend = Literal["hf", "vllm", "auto"]
@@ -97,7 +97,9 @@ class BuildConfig:
     )
     # engine
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
-    dtype: str = setting("auto", "auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
+        "auto", "auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16"
+    )
     # sequences per teacher call (torch backend; vLLM gets a whole shard)
     batch_size: int = setting(8, "Sequences per teacher call (torch backend; mc: their K samples each in one forward).")
     token_budget: int = setting(4096, "Tokens per packed rescoring forward.")
@@ -109,14 +111,7 @@ class BuildConfig:
 
     def check(self) -> None:
         """Raise UserError on settings that can be refused before anything is loaded."""
-        if self.mode not in ("topk", "mc", "fim"):
-            raise UserError(f"--mode must be topk, mc or fim, got {self.mode!r}")
-        if self.backend not in ("hf", "vllm", "auto"):
-            raise UserError(f"--backend must be hf, vllm or auto, got {self.backend!r}")
-        if self.task not in ("pretrain", "sft"):
-            raise UserError(f"--task must be pretrain or sft, got {self.task!r}")
-        if self.positions not in ("masked", "all"):
-            raise UserError(f"--positions must be masked or all, got {self.positions!r}")
+        check_choices(self)  # every Literal field: --mode, --backend, --task, --positions, --mc-*, ...
         if self.seq_len < 2:
             raise UserError(f"--seq-len must be at least 2, got {self.seq_len}")
         if self.k < 1:
@@ -147,14 +142,8 @@ class BuildConfig:
             )
         if self.max_sequences is not None and self.max_sequences < 1:
             raise UserError(f"--max-sequences must be at least 1, got {self.max_sequences}")
-        if self.mc_score not in ("next-token", "full-conditional"):
-            raise UserError(f"--mc-score must be next-token or full-conditional, got {self.mc_score!r}")
-        if self.mc_weights not in ("uniform", "importance", "smc"):
-            raise UserError(f"--mc-weights must be uniform, importance or smc, got {self.mc_weights!r}")
         if not 0.0 <= self.smc_ess <= 1.0:
             raise UserError(f"--smc-ess is a fraction of --k in [0, 1] (0 never resamples), got {self.smc_ess}")
-        if self.sparsify not in ("topn", "sample"):
-            raise UserError(f"--sparsify must be topn or sample, got {self.sparsify!r}")
         if self.samples < 1:
             raise UserError(f"--samples must be at least 1, got {self.samples}")
         if self.mode == "mc" and self.positions == "all":

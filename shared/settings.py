@@ -16,6 +16,8 @@ import types
 import typing
 from typing import Any, Callable, Literal, Optional
 
+from ar2mdm.shared.errors import UserError
+
 
 def setting(default: Any, help: str, *, flag: str | None = None, argument: bool = False) -> Any:
     """A dataclass field with its command-line help (and flag, where it is not ``--field-name``)."""
@@ -91,3 +93,20 @@ def field_of(cls: type, key: str) -> str:
         if key in (f.name, flag_of(cls, f.name)):
             return f.name
     return key
+
+
+def _choices(tp: Any) -> tuple | None:
+    """A Literal type's values (None for any other type)."""
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+
+
+def check_choices(settings: Any) -> None:
+    """Refuse a value outside its Literal field's choices, in the command line's words (every mode of a settings
+    dataclass is decoded here, once): ``--mode must be one of topk, mc, fim, got 'x'``."""
+    hints = typing.get_type_hints(type(settings))
+    for f in dataclasses.fields(settings):
+        choices = _choices(hints[f.name])
+        value = getattr(settings, f.name)
+        if choices is not None and value not in choices:
+            flag = (f.metadata.get("flag") or f"--{f.name.replace('_', '-')}").split("/")[0]
+            raise UserError(f"{flag} must be one of {', '.join(map(str, choices))}, got {value!r}")

@@ -5,15 +5,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.paths import check_output_folder
-from ar2mdm.shared.settings import setting
+from ar2mdm.shared.settings import check_choices, setting
 
-LAMBDA_SCHEDULES = ("constant", "linear-decay", "cosine-decay", "linear-warmup")  # losses.kd_weight
-LAMBDA_T = ("none", "low-t", "high-t")
-REPORT_TO = ("none", "tensorboard", "wandb")  # train/tracking.py
+LambdaSchedule = Literal["constant", "linear-decay", "cosine-decay", "linear-warmup"]  # losses.kd_weight
+LambdaT = Literal["none", "low-t", "high-t"]
+ReportTo = Literal["none", "tensorboard", "wandb"]  # train/tracking.py
+LAMBDA_SCHEDULES, LAMBDA_T, REPORT_TO = get_args(LambdaSchedule), get_args(LambdaT), get_args(ReportTo)
 
 
 @dataclass
@@ -36,12 +37,12 @@ class TrainConfig:
     # λ over training progress (losses.kd_weight); auto: linear-warmup with --init-from, constant from scratch
     # (docs/results.md: a warm student first adapts to the mask through the MDM term, and KD from step 0 slows
     # that; from scratch, KD from step 0 is what helps)
-    lambda_schedule: str = setting(
+    lambda_schedule: Literal["auto", LambdaSchedule] = setting(
         "auto",
         "λ over training: auto (linear-warmup with --init-from, else constant) | constant | linear-decay | "
         "cosine-decay | linear-warmup.",
     )
-    lambda_t: str = setting("none", "λ over each row's mask ratio t: none | low-t (2(1-t)) | high-t (2t).")
+    lambda_t: LambdaT = setting("none", "λ over each row's mask ratio t: none | low-t (2(1-t)) | high-t (2t).")
     temperature: float = setting(1.0, "KD temperature T.")
     # auto: bucket when the shards keep a truncated support (mc, fim, topk with top_n < K+1), else renormalize
     # (docs/results.md: on mc targets bucket beat renormalize by 0.12 nats/token held out, and made T = 2 usable)
@@ -84,7 +85,7 @@ class TrainConfig:
     fsdp: bool = setting(False, "FSDP2 instead of DDP under torchrun.")
     progress: bool = setting(True, "Show a progress bar.")
     # none | tensorboard | wandb (train/tracking.py); RUN/metrics.jsonl is always written
-    report_to: str = setting(
+    report_to: ReportTo = setting(
         "none",
         "Also log to: none | tensorboard (RUN/tb) | wandb (offline without a W&B key); pip install 'ar2mdm[track]'.",
     )
@@ -92,27 +93,14 @@ class TrainConfig:
     def check(self) -> None:
         if not 0.0 <= self.lam <= 1.0:
             raise UserError(f"--lambda must be in [0, 1], got {self.lam}")
-        if self.lambda_schedule not in ("auto", *LAMBDA_SCHEDULES):
-            raise UserError(
-                f"--lambda-schedule must be one of auto, {', '.join(LAMBDA_SCHEDULES)}, got {self.lambda_schedule!r}"
-            )
-        if self.lambda_t not in LAMBDA_T:
-            raise UserError(f"--lambda-t must be one of {', '.join(LAMBDA_T)}, got {self.lambda_t!r}")
+        check_choices(self)  # every Literal field: --lambda-schedule, --lambda-t, --tail, --dtype, --report-to, ...
         if self.temperature <= 0:
             raise UserError(f"--temperature must be > 0, got {self.temperature}")
-        if self.tail not in ("auto", "renormalize", "bucket"):
-            raise UserError(f"--tail must be auto, renormalize or bucket, got {self.tail!r}")
-        if self.loss_weighting not in ("seed", "elbo"):
-            raise UserError(f"--loss-weighting must be seed or elbo, got {self.loss_weighting!r}")
         for name in ("batch_size", "grad_accum", "epochs", "save_every", "log_every", "shuffle_buffer"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.steps is not None and self.steps < 0:
             raise UserError(f"--steps must be at least 0 (0 saves the initial student), got {self.steps}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.report_to not in REPORT_TO:
-            raise UserError(f"--report-to must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
         if self.lr <= 0:
             raise UserError(f"--lr must be > 0, got {self.lr}")
 
