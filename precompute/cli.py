@@ -11,6 +11,7 @@ import typer
 
 from ar2mdm.precompute.config import BuildConfig
 from ar2mdm.schemas import SchemaError
+from ar2mdm.shared.cpus import passive_threads_when_busy
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.settings import cli_signature
 
@@ -62,6 +63,7 @@ def build(**settings) -> None:
         cfg.check_paths()
     except UserError as e:
         _fail(str(e))
+    passive_threads_when_busy("kdtargets")  # before torch starts OpenMP (shared/cpus.py: measured)
     from ar2mdm.precompute.build import Interrupted, run_build
 
     try:

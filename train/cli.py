@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from ar2mdm.schemas import SchemaError
+from ar2mdm.shared.cpus import passive_threads_when_busy
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.settings import cli_signature
 from ar2mdm.train.config import TrainConfig
@@ -33,6 +34,7 @@ def run(**settings) -> None:
         cfg.check_paths()
     except UserError as e:
         _fail(str(e))
+    passive_threads_when_busy("kdtrain")  # before torch starts OpenMP (shared/cpus.py: measured)
     from ar2mdm.train.loop import run_training
 
     try:
