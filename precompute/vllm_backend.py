@@ -71,6 +71,18 @@ def parse_engine_value(v: str):
         return v
 
 
+@dataclass
+class CandidateBranch:
+    """One rescoring branch ``[x_<i, v, x_{i+1..i+n}]`` of a vLLM topk request."""
+
+    row: int  # row in the batch
+    slot: int  # index of the target position among the row's positions
+    cand: int  # index of the candidate among the position's K+1
+    pos: int  # target position i
+    n: int  # right-context tokens scored
+    token: int  # candidate v placed at i
+
+
 def top_entries(d: dict, n: int) -> list[tuple[int, float]]:
     """(token id, log-prob) of the n best-ranked entries of a vLLM logprobs dict, best first."""
     return [(tid, lp) for _, tid, lp in sorted((v.rank, t, v.logprob) for t, v in d.items() if v.rank <= n)[:n]]
@@ -188,7 +200,7 @@ class VllmTeacher:
                 lp0[p] = torch.tensor([d[t].logprob for t in ids])
                 n = L - 1 - i if window is None else min(L - 1 - i, window)
                 if n > 0:
-                    branches += [(b, p, c, i, n, ids[c]) for c in range(k + 1) if valid[p, c]]
+                    branches += [CandidateBranch(b, p, c, i, n, ids[c]) for c in range(k + 1) if valid[p, c]]
             cands.append(cand)
             valids.append(valid)
             firsts.append(lp0)
@@ -196,28 +208,32 @@ class VllmTeacher:
         if branches:
             cached = plan == "cached"
             if cached:  # the true token's branch is the row itself: its scores came with the first pass
-                for b, p, c, i, n, v in branches:
-                    if v == rows[b][i]:
-                        right[b][p, c] = sum(
-                            first[b].prompt_logprobs[j][rows[b][j]].logprob for j in range(i + 1, i + n + 1)
+                for br in branches:
+                    if br.token == rows[br.row][br.pos]:
+                        right[br.row][br.slot, br.cand] = sum(
+                            first[br.row].prompt_logprobs[j][rows[br.row][j]].logprob
+                            for j in range(br.pos + 1, br.pos + br.n + 1)
                         )
-                branches = [br for br in branches if br[5] != rows[br[0]][br[3]]]
-            prompts = [rows[b][:i] + [v] + rows[b][i + 1 : i + 1 + n] for b, p, c, i, n, v in branches]
+                branches = [br for br in branches if br.token != rows[br.row][br.pos]]
+            prompts = [
+                rows[br.row][: br.pos] + [br.token] + rows[br.row][br.pos + 1 : br.pos + 1 + br.n] for br in branches
+            ]
             outs = self._generate(
                 prompts,
                 SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, skip_reading_prefix_cache=not cached),
             )
             # read from the cache, a request has prompt log-probs only after its cached prefix; a branch whose
             # position i was cached too (the same row and branch seen before) is asked again without the cache
-            again = [q for q, o in enumerate(outs) if cached and (o.num_cached_tokens or 0) > branches[q][3]]
+            again = [q for q, o in enumerate(outs) if cached and (o.num_cached_tokens or 0) > branches[q].pos]
             redo = self._generate(
                 [prompts[q] for q in again], SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
             )
             outs = [*outs]
             for q, o in zip(again, redo):
                 outs[q] = o
-            for (b, p, c, i, n, v), prompt, o in zip(branches, prompts, outs):
-                right[b][p, c] = sum(o.prompt_logprobs[j][prompt[j]].logprob for j in range(i + 1, i + n + 1))
+            for br, prompt, o in zip(branches, prompts, outs):
+                span = range(br.pos + 1, br.pos + br.n + 1)
+                right[br.row][br.slot, br.cand] = sum(o.prompt_logprobs[j][prompt[j]].logprob for j in span)
         res = []
         for b in range(len(rows)):
             s = (firsts[b].double() + right[b]).masked_fill(~valids[b], NEG_INF)
