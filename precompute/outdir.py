@@ -190,7 +190,7 @@ def finalize_manifest(out: Path) -> Manifest:
 def finish_rank(out: Path, rank: int) -> Manifest:
     """Record that ``rank`` read all of its share of the corpus: its shards (those on disk now, every one of
     them finished) in ``rank-R.done``, then the manifest."""
-    mine = [s for s in finalize_manifest(out).shards if s.file.startswith(f"part-{rank:05d}-")]
+    mine = [ShardInfo(**json.loads(m.read_text())) for m in out.glob(f"part-{rank:05d}-*{DONE_SUFFIX}")]
     info = RankInfo(
         rank=rank,
         shards=len(mine),

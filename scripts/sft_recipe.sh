@@ -22,14 +22,12 @@ kdtargets validate "$D/shards"
 python scripts/teacher_chat.py "$D/heldout.jsonl" --seq-len "$SEQ" "${ASK[@]/#/--ask=}" | tee "$D/eval/teacher.txt"
 # the warm start before any training: what the adaptation starts from
 kdtrain run "$D/shards" --out "$D/runs/start" --init-from default --steps 0 --no-progress > /dev/null
-kdtrain eval "$D/runs/start" --data "$D/heldout.jsonl" --max-rows 256 | tail -1 > "$D/eval/start.json"
 for seed in $SEEDS; do
   for lam in 0 0.5; do
     run="$D/runs/lam$lam-seed$seed"
     rm -rf "$run"
     kdtrain run "$D/shards" --out "$run" --init-from default --lambda "$lam" --steps "$STEPS" --batch-size 8 \
         --lr 1e-4 --warmup 0.1 --seed "$seed" --save-every 100000 --log-every 8 --no-progress > /dev/null
-    kdtrain eval "$run" --data "$D/heldout.jsonl" --max-rows 256 | tail -1 > "$D/eval/lam$lam-seed$seed.json"
     for q in "${ASK[@]}"; do
       for block in "" "--block-length 8"; do
         # shellcheck disable=SC2086
@@ -38,4 +36,5 @@ for seed in $SEEDS; do
     done | tee -a "$D/eval/samples.txt"
   done
 done
+# every student on the same held-out rows and masks (kdtrain eval's estimator, per row: paired differences)
 python scripts/sft_table.py "$D"

@@ -95,7 +95,8 @@ def end_of_turn_id(tokenizer, chat: bool) -> int:
     turn = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
     full = list(_ids(tokenizer.apply_chat_template(turn, tokenize=True)))
     reply = full[len(chat_prompt_ids(tokenizer, turn[:1])) :]
-    return next((t for t in reply if t in stop_ids(tokenizer)), eos)
+    stops = set(stop_ids(tokenizer))
+    return next((t for t in reply if t in stops), eos)
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict], source: str = "--chat") -> list[int]:

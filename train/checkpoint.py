@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ar2mdm.schemas import Manifest, SchemaError
 from ar2mdm.shared.errors import UserError
 from ar2mdm.train.model import Student, StudentConfig
 
@@ -52,6 +53,18 @@ def checkpoint_dir(run: Path) -> Path:
 
 def load_meta(run: Path) -> dict:
     return json.loads((checkpoint_dir(run) / "config.json").read_text())
+
+
+def run_task(meta: dict) -> tuple[str, str | None]:
+    """(task, sft_format) a run was trained on: from its checkpoint, or for runs of earlier versions from the
+    manifest of the shards it names (pretrain where they are gone)."""
+    if "task" in meta:
+        return meta["task"], meta.get("sft_format")
+    try:
+        m = Manifest.load(meta["shards"])
+    except (SchemaError, KeyError, OSError):
+        return "pretrain", None
+    return m.task, m.sft_format
 
 
 def load_student(run: Path, device: str = "cpu") -> tuple[Student, dict]:

@@ -11,24 +11,10 @@ import torch
 
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.masking import maskable_positions, sample_count_masks, stratified_counts
-from ar2mdm.train.checkpoint import load_student, load_tokenizer
+from ar2mdm.train.checkpoint import load_student, load_tokenizer, run_task
 from ar2mdm.train.data import Row, collate, load_shard_manifest
 from ar2mdm.train.losses import corrupt
 from ar2mdm.train.step import resolve_device, step_losses
-
-
-def run_task(meta: dict) -> tuple[str, str | None]:
-    """(task, sft_format) a run was trained on: from its checkpoint, or for runs of earlier versions from the
-    manifest of the shards it names (pretrain where they are gone)."""
-    if "task" in meta:
-        return meta["task"], meta.get("sft_format")
-    from ar2mdm.schemas import Manifest, SchemaError
-
-    try:
-        m = Manifest.load(meta["shards"])
-    except (SchemaError, KeyError, OSError):
-        return "pretrain", None
-    return m.task, m.sft_format
 
 
 def chat_template_for(meta: dict, tokenizer) -> bool:

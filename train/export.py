@@ -149,7 +149,7 @@ def export(run: str, out: str, overwrite: bool = False) -> Path:
 
         tok = AutoTokenizer.from_pretrained(tok_dir)  # its chat template travels in these files too
         special = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "stop_token_ids": stop_ids(tok)}
-    from ar2mdm.train.evaluate import run_task
+    from ar2mdm.train.checkpoint import run_task
 
     special["chat"] = run_task(meta)[0] == "sft"
     cls = f"{MODULE}.Ar2mdmForMaskedLM"

@@ -14,7 +14,7 @@ from ar2mdm.precompute.config import launcher_rank
 from ar2mdm.shared.shards import read_shard
 from ar2mdm.shared.validate import summarize_dir, validate_dir
 from ar2mdm.train.cli import app as kdtrain
-from tests.precompute.test_build import cfg, shard_hashes
+from tests.precompute.test_build import _cli, cfg, shard_hashes
 from tests.tiny import CHARS
 
 runner = CliRunner()
@@ -100,45 +100,18 @@ def test_a_rank_with_nothing_to_do_finishes_with_no_shard(tiny_teacher, tmp_path
     corpus = tmp_path / "one.txt"
     corpus.write_text("fair is foul, and foul is fair: hover through the fog and filthy air.\n")
     out = tmp_path / "o"
-    base = [
-        "build",
-        str(corpus),
-        "--teacher",
-        str(tiny_teacher),
-        "--out",
-        str(out),
-        "--seq-len",
-        "24",
-        "--k",
-        "3",
-        "--top-n",
-        "5",
-        "--no-progress",
-        "--world-size",
-        "2",
-    ]
-    r = runner.invoke(kdtargets, [*base, "--rank", "1"])  # one document: rank 1 has none
+    base = [corpus, "--teacher", tiny_teacher, "--out", out, "--seq-len", 24, "--k", 3, "--top-n", 5, "--world-size", 2]
+    r = _cli(*base, "--rank", 1)  # one document: rank 1 has none
     assert r.exit_code == 0, r.output
     assert "rank 1 of 2 has nothing to do (corpus" in r.output and "finished with 0 shards" in r.output
     assert summarize_dir(out)["ranks"] == "1 of 2 finished (rank 0 never started)"
-    r = runner.invoke(kdtargets, [*base, "--rank", "0"])
+    r = _cli(*base, "--rank", 0)
     assert r.exit_code == 0, r.output
     m = validate_dir(out)
     assert [(x.rank, x.shards, x.rows) for x in m.ranks] == [(0, 1, m.shards[0].rows), (1, 0, 0)]
     # a lone rank with nothing to do is still bad input
     (tmp_path / "empty.txt").write_text("")
-    r = runner.invoke(
-        kdtargets,
-        [
-            "build",
-            str(tmp_path / "empty.txt"),
-            "--teacher",
-            str(tiny_teacher),
-            "--out",
-            str(tmp_path / "e"),
-            "--no-progress",
-        ],
-    )
+    r = _cli(tmp_path / "empty.txt", "--teacher", tiny_teacher, "--out", tmp_path / "e")
     assert r.exit_code == 2 and "no usable documents" in r.output
 
 
@@ -173,30 +146,16 @@ def test_the_launchers_rank_is_printed_and_explicit_flags_win(tiny_teacher, tiny
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "0")
-    base = [
-        "build",
-        str(tiny_corpus),
-        "--teacher",
-        str(tiny_teacher),
-        "--seq-len",
-        "24",
-        "--k",
-        "3",
-        "--top-n",
-        "5",
-        "--max-sequences",
-        "1",
-        "--no-progress",
-    ]
-    r = runner.invoke(kdtargets, [*base, "--out", str(tmp_path / "a")])
+    base = [tiny_corpus, "--teacher", tiny_teacher, "--seq-len", 24, "--k", 3, "--top-n", 5, "--max-sequences", 1]
+    r = _cli(*base, "--out", tmp_path / "a")
     assert r.exit_code == 0, r.output
     assert "rank 1 of 2 (from SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT)" in r.output
     assert json.loads((tmp_path / "a" / "manifest.json").read_text())["world_size"] == 2
     assert list((tmp_path / "a").glob("part-00001-*.parquet")) and not list((tmp_path / "a").glob("part-00000-*"))
-    r = runner.invoke(kdtargets, [*base, "--out", str(tmp_path / "b"), "--rank", "0", "--world-size", "1"])
+    r = _cli(*base, "--out", tmp_path / "b", "--rank", 0, "--world-size", 1)
     assert r.exit_code == 0 and "from SLURM" not in r.output
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")  # an array with a step: its ids are not 0..count-1
-    r = runner.invoke(kdtargets, [*base, "--out", str(tmp_path / "c")])
+    r = _cli(*base, "--out", tmp_path / "c")
     assert r.exit_code == 2 and "pass --rank and --world-size" in r.output
 
 
