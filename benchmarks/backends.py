@@ -6,10 +6,9 @@ tokens not served by the prefix cache + generated tokens) over the bound, and en
 - topk: torch packed (the reference), vLLM "prompt" (prompt log-probs of [x_<i, v, window], every prefix
   recomputed: the old plan), vLLM "cached" (the same requests reading the prefix cache; the true token's branch
   read off the first pass). Bound per row: L + Σ_i (K+1)·(n_i+1), every prefix free.
-- mc: torch row by row (each row's K samples in one KV cache, visible runs prefilled: the old plan), torch rows
-  at once (every row's K samples in one forward per position), vLLM "rounds" (one call per masked position per
-  row, the old plan),
-  vLLM "forced" (every (row, sample) of the shard in flight; smc: one call per span). Bound per row: K·L.
+- mc: torch (`particles`: every row's K particles in one forward per position), vLLM "forced" (every (row,
+  sample) of the shard in flight; smc: one call per span). Bound per row: K·L. The torch sampler against its
+  previous version: benchmarks/mc.py.
 
     python benchmarks/backends.py [--rows 4] [--seq-len 128] [--k 8] [--window 16] [--mc-k 8] [--weights smc]
 
@@ -41,7 +40,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=16)
     ap.add_argument("--mc-k", type=int, default=8)
     ap.add_argument("--weights", default="smc")
-    ap.add_argument("--skip", default="", help="comma-separated plans to skip, e.g. 'mc vllm rounds (old)'")
+    ap.add_argument("--skip", default="", help="comma-separated plans to skip, e.g. 'topk vllm prompt (old)'")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--no-vllm", action="store_true")
@@ -50,6 +49,7 @@ def main() -> None:
 
     from ar2mdm.precompute.build import rank_sequences
     from ar2mdm.precompute.config import BuildConfig
+    from ar2mdm.precompute.particles import McSettings
     from ar2mdm.precompute.targets import row_masks
     from ar2mdm.precompute.teacher import TorchTeacher, load_tokenizer, resolve_teacher
     from ar2mdm.precompute.vllm_backend import VllmTeacher, vllm_available
@@ -86,14 +86,9 @@ def main() -> None:
 
     hf = TorchTeacher.load(folder, a.device, a.dtype)
     params = sum(p.numel() for p in hf.model.parameters())
-    mc_args = (MK, "next-token", a.weights, 1.0, 16, 4, None, 4096)
+    mc = McSettings(k=MK, score="next-token", weights=a.weights, top_n=16, rescore_k=4)
     run("topk torch packed", "topk", lambda: hf.rescore_targets(ids, masks, K, W, 4096))
-    run(
-        "mc torch row by row (old)",
-        "mc",
-        lambda: [hf.mc_targets(x, m.tolist(), sd, *mc_args) for x, m, sd in zip(ids, masks, seeds)],
-    )
-    run("mc torch rows at once", "mc", lambda: hf.mc_batch(ids, [m.tolist() for m in masks], seeds, *mc_args))
+    run("mc torch", "mc", lambda: hf.mc_batch(ids, [m.tolist() for m in masks], seeds, mc))
     hf = None  # frees the torch teacher before vLLM loads (the lambdas above have run)
     peak = a.peak_tflops
     if (
@@ -110,21 +105,10 @@ def main() -> None:
     vt = VllmTeacher.load(folder, {}, 64, 0)
     start = time.perf_counter() - t0
     vt.rescore_targets(ids[:1], masks[:1], K, W)  # warm-up
-    vt.mc_batch(ids[:1], [masks[0].tolist()[:4]], [99], *mc_args)
+    vt.mc_batch(ids[:1], [masks[0].tolist()[:4]], [99], mc)
     run("topk vllm prompt (old)", "topk", lambda: vt.rescore_targets(ids, masks, K, W, plan="prompt"), vt)
     run("topk vllm cached", "topk", lambda: vt.rescore_targets(ids, masks, K, W, plan="cached"), vt)
-    run(
-        "mc vllm rounds (old)",
-        "mc",
-        lambda: vt.mc_batch(ids, [m.tolist() for m in masks], seeds, *mc_args, plan="rounds"),
-        vt,
-    )
-    run(
-        "mc vllm forced",
-        "mc",
-        lambda: vt.mc_batch(ids, [m.tolist() for m in masks], seeds, *mc_args, plan="forced"),
-        vt,
-    )
+    run("mc vllm forced", "mc", lambda: vt.mc_batch(ids, [m.tolist() for m in masks], seeds, mc), vt)
     vt.close()
 
     report(a, rows, bound, n_pos, L, K, W, MK, len(ids), start, params, peak, out)
@@ -140,7 +124,7 @@ def report(a, rows, bound, n_pos, L, K, W, MK, n_rows, start, params, peak, out)
         f"{'plan':26s} {'seconds':>8s} {'pos/s':>8s} {'engine tokens':>14s} {'/ bound':>8s} {'calls':>6s} "
         f"{'tok/s':>9s} {'MFU':>6s}"
     )
-    base = {m: sec for name, m, sec, _, _ in rows if name in ("topk torch packed", "mc torch rows at once")}
+    base = {m: sec for name, m, sec, _, _ in rows if name in ("topk torch packed", "mc torch")}
     for name, mode, sec, tok, calls in rows:
         extra = f"  {base[mode] / sec:.2f}x torch" if mode in base and "torch" not in name else ""
         tps = (tok if tok else bound[mode]) / sec  # torch: the bound (its plans compute about that)
@@ -150,11 +134,7 @@ def report(a, rows, bound, n_pos, L, K, W, MK, n_rows, start, params, peak, out)
             f"{(f'{tok / bound[mode]:.2f}' if tok else '-'):>8s} {calls if calls is not None else '-':>6} "
             f"{tps:9.0f} {mfu:>6s}{extra}"
         )
-    for old, new in [
-        ("topk vllm prompt (old)", "topk vllm cached"),
-        ("mc vllm rounds (old)", "mc vllm forced"),
-        ("mc torch row by row (old)", "mc torch rows at once"),
-    ]:
+    for old, new in [("topk vllm prompt (old)", "topk vllm cached")]:
         t = {n: s for n, _, s, _, _ in rows}
         if old in t and new in t:
             print(f"{new} / {old}: {t[old] / t[new]:.2f}x faster")

@@ -1,72 +1,182 @@
-"""MC completions: the cached sampler (shared prefix, one prefill per visible run) vs a naive per-sample loop
-(a full forward of x_<j for every sample and masked position), same rows, same run, default teacher.
+"""The mc sampler alone: today's `particles` sampler against the sampler of an earlier commit (default: the last one
+before issue 19's rewrite, `mc_rows.sample_completions_rows`, read from git), same rows, masks and teacher, same run.
 
-    python benchmarks/mc.py [--rows 2] [--k 8] [--seq-len 128] [--t 0.3]
+    python benchmarks/mc.py [--rows 8] [--k 8] [--seq-len 128] [--weights smc] [--shape default|135m|1.7b|8b]
+
+Prints seconds, teacher tokens/s (R·p0 + R·K·(L - p0): every token the decode computes), the ratio new/old, and on
+CUDA the MFU (2·params·tokens/s over the device's dense bf16 peak) and the fraction of the memory-bandwidth limit:
+each decode step must read the weights and every particle's KV cache; the limit is those bytes over the bandwidth
+of a device-to-device copy timed in the same run. ``--shape`` other than default: a random-initialised teacher of
+that shape with the default teacher's tokenizer (throughput does not depend on the weights' values).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
-from ar2mdm.precompute.build import rank_sequences
-from ar2mdm.precompute.config import BuildConfig
-from ar2mdm.precompute.mc import sample_completions, sample_completions_naive
-from ar2mdm.precompute.teacher import TorchTeacher, load_tokenizer, resolve_teacher
-from ar2mdm.shared.corpus import list_corpus_files
-from ar2mdm.shared.defaults import default_corpus
+ROOT = Path(__file__).resolve().parents[1]
+BEFORE = "c23c40f"  # the last commit with precompute/mc_rows.py
+SHAPES = {  # hidden, layers, heads, KV heads, intermediate (Llama-style, the default tokenizer's vocabulary)
+    "135m": (576, 30, 9, 3, 1536),
+    "1.7b": (2048, 24, 32, 32, 8192),
+    "8b": (4096, 32, 32, 8, 14336),
+}
+
+
+def baseline_sampler(rev: str):
+    """`sample_completions_rows` as it was at ``rev`` (its mc.py and mc_rows.py from git), or None without git."""
+    d = Path(tempfile.mkdtemp(prefix="ar2mdm-baseline-"))
+    try:
+        for name in ("mc", "mc_rows"):
+            src = subprocess.run(
+                ["git", "show", f"{rev}:precompute/{name}.py"], cwd=ROOT, capture_output=True, text=True, check=True
+            ).stdout
+            (d / f"baseline_{name}.py").write_text(src.replace("ar2mdm.precompute.mc import", "baseline_mc import"))
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    sys.path.insert(0, str(d))
+    for name in ("baseline_mc", "baseline_mc_rows"):
+        spec = importlib.util.spec_from_file_location(name, d / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["baseline_mc_rows"].sample_completions_rows
+
+
+def load_teacher(shape: str, device: str, dtype: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ar2mdm.precompute.teacher import TorchTeacher, resolve_teacher
+
+    folder, _ = resolve_teacher(None)
+    if shape == "default":
+        return TorchTeacher.load(folder, device, dtype).model, folder
+    cfg = AutoConfig.from_pretrained(folder)
+    h, n, a, kv, inter = SHAPES[shape]
+    cfg.update(
+        dict(
+            hidden_size=h,
+            num_hidden_layers=n,
+            num_attention_heads=a,
+            num_key_value_heads=kv,
+            intermediate_size=inter,
+            head_dim=h // a,
+        )
+    )
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype), attn_implementation="sdpa")
+    return model.eval(), folder
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes/s of a 1 GiB device-to-device copy (read + write counted)."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    return 2 * 10 * a.numel() / (time.perf_counter() - t0)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--t", type=float, default=0.3, help="masking ratio of the benchmark rows")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--weights", default="smc")
+    ap.add_argument("--shape", default="default", choices=["default", *SHAPES])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--baseline", default=BEFORE, help="git revision of the old sampler ('' to skip it)")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100/H200: 989)")
     a = ap.parse_args()
-    folder, _ = resolve_teacher(None)
-    ids, _ = rank_sequences(
-        BuildConfig(seq_len=a.seq_len, max_sequences=a.rows),
-        list_corpus_files(default_corpus()),
-        load_tokenizer(folder),
-    )
-    teacher = TorchTeacher.load(folder, a.device, a.dtype)
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for x in ids:
-        m = (torch.rand(a.seq_len, generator=g) < a.t).nonzero()[:, 0]
-        rows.append((torch.as_tensor(x, dtype=torch.long, device=teacher.device), [int(i) for i in m if i >= 1]))
-    sync = torch.cuda.synchronize if teacher.device.startswith("cuda") else (lambda: None)
-    gen = torch.Generator(device=teacher.device).manual_seed(0)
-    sample_completions(teacher.model, rows[0][0][:16], [j for j in rows[0][1] if j < 16] or [1], 2, 1.0, gen)  # warm-up
-    sync()
-    t0 = time.perf_counter()
-    for x, m in rows:
-        sample_completions(teacher.model, x, m, a.k, 1.0, gen)
-    sync()
-    t_fast = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for x, m in rows:
-        sample_completions_naive(teacher.model, x, m, a.k, 1.0, gen)
-    sync()
-    t_naive = time.perf_counter() - t0
-    n_mask = sum(len(m) for _, m in rows)
-    fast_tokens = sum(m[0] + a.k * (a.seq_len - m[0]) for _, m in rows)  # prefix once + K x the rest
-    naive_tokens = a.k * sum(sum(m) for _, m in rows)  # a forward of x_<j per sample and masked j
-    print(f"device={teacher.device} rows={len(rows)} L={a.seq_len} K={a.k} masked positions={n_mask}")
+    dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
+
+    from ar2mdm.precompute.build import rank_sequences
+    from ar2mdm.precompute.config import BuildConfig
+    from ar2mdm.precompute.decode import TorchDecoder
+    from ar2mdm.precompute.particles import McSettings, sample_particles
+    from ar2mdm.precompute.targets import row_masks
+    from ar2mdm.precompute.teacher import load_tokenizer
+    from ar2mdm.shared.corpus import list_corpus_files
+    from ar2mdm.shared.defaults import default_corpus
+
+    model, folder = load_teacher(a.shape, a.device, dtype)
+    cfg = BuildConfig(seq_len=a.seq_len, max_sequences=a.rows, k=a.k, mode="mc", mc_weights=a.weights)
+    ids, plen = rank_sequences(cfg, list_corpus_files(default_corpus()), load_tokenizer(folder))
+    _, _, masks, _ = row_masks(cfg, np.arange(len(ids)), plen)  # the build's own masks (t ~ U(0, 1))
+    xs = torch.as_tensor(np.stack(ids), dtype=torch.long, device=a.device)
+    R, L, K = xs.shape[0], a.seq_len, a.k
+    seeds = list(range(R))
+    s = McSettings(k=K, weights=a.weights, top_n=16)
+    cuda = a.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def timed(fn) -> float:
+        fn()  # warm-up (allocator, kernels)
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    with torch.no_grad():
+        new = timed(lambda: sample_particles(TorchDecoder(model), xs, masks, seeds, s))
+        old_fn = baseline_sampler(a.baseline) if a.baseline else None
+        old = None
+        if old_fn is not None:
+            masks_l = [m.tolist() for m in masks]
+
+            def run_old():
+                gens = [torch.Generator(device=a.device).manual_seed(q) for q in seeds]
+                return old_fn(model, xs, masks_l, K, 1.0, gens, keep=s.keep, smc_ess=s.resample_below)
+
+            old = timed(run_old)
+
+    params = sum(p.numel() for p in model.parameters())
+    p0 = min(int(m[0]) for m in masks)
+    tokens = R * p0 + R * K * (L - p0)
+    name = torch.cuda.get_device_name() if cuda else "CPU"
     print(
-        f"cached sampler : {t_fast:7.2f} s  {len(rows) / t_fast:6.3f} MC rows/s  {fast_tokens / t_fast:7.0f} teacher "
-        f"tok/s"
+        f"{name}, torch {torch.__version__}, {dtype}; teacher {a.shape} ({params / 1e6:.0f}M parameters); rows={R} "
+        f"L={L} K={K} --mc-weights {a.weights}; {sum(len(m) for m in masks)} masked positions"
     )
-    print(
-        f"naive loop     : {t_naive:7.2f} s  {len(rows) / t_naive:6.3f} MC rows/s  {naive_tokens / t_naive:7.0f} "
-        f"teacher tok/s"
-    )
-    print(f"speed-up (naive / cached): {t_naive / t_fast:.2f}x")
+    rows = [("particles (new)", new)] + ([(f"mc_rows @ {a.baseline} (old)", old)] if old is not None else [])
+    for label, sec in rows:
+        line = f"{label:28s} {sec:8.2f} s  {tokens / sec:10.0f} teacher tok/s"
+        if cuda:
+            line += f"  MFU {2 * params * tokens / sec / (a.peak_tflops * 1e12):.2%}"
+        print(line)
+    if old is not None:
+        print(f"speed-up (old / new): {old / new:.2f}x")
+    elif a.baseline:
+        print(f"old sampler not measured: git revision {a.baseline} not readable here")
+    if cuda:
+        c = model.config
+        kv_heads = getattr(c, "num_key_value_heads", c.num_attention_heads)
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        elt = torch.finfo(getattr(torch, dtype)).bits // 8
+        # per decode step j: the weights once, and every particle's KV cache of j positions
+        steps = range(p0, L)
+        per_kv = 2 * c.num_hidden_layers * kv_heads * head_dim * elt
+        read = sum(params * elt + R * K * j * per_kv for j in steps)
+        bw = copy_bandwidth(a.device)
+        print(
+            f"memory-bandwidth limit: {read / 1e9:.1f} GB read over {len(steps)} decode steps at {bw / 1e12:.2f} TB/s "
+            f"(copy) = {read / bw:.3f} s; the new sampler reaches {read / bw / new:.1%} of it"
+        )
 
 
 if __name__ == "__main__":

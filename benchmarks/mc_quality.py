@@ -26,6 +26,7 @@ import torch
 from ar2mdm.precompute.build import rank_sequences
 from ar2mdm.precompute.config import BuildConfig
 from ar2mdm.precompute.mc import mc_targets
+from ar2mdm.precompute.particles import McSettings
 from ar2mdm.precompute.targets import row_masks
 from ar2mdm.precompute.teacher import TorchTeacher, load_tokenizer, resolve_teacher
 from ar2mdm.shared.corpus import list_corpus_files
@@ -69,21 +70,10 @@ def estimate(teacher, counter, rows, weights, score, K, a, salt=":mc") -> tuple[
     out, ess, before, resamples = [], [], [], []
     t0 = time.perf_counter()
     for key, x, masked in rows:
-        g = torch.Generator(device=teacher.device).manual_seed(row_seed(a.seed, key + salt))
-        res = mc_targets(
-            teacher.model,
-            x,
-            masked,
-            K,
-            score,
-            weights,
-            1.0,
-            g,
-            top_n=256,
-            rescore_k=a.rescore_k,
-            window=a.window,
-            smc_ess=a.smc_ess,
+        s = McSettings(
+            k=K, score=score, weights=weights, top_n=256, rescore_k=a.rescore_k, window=a.window, smc_ess=a.smc_ess
         )
+        res = mc_targets(teacher.model, x[None], [np.asarray(masked)], [row_seed(a.seed, key + salt)], s)[0]
         out.append([sparse(i, lp) for i, lp in zip(res.ids, res.logprobs)])
         ess.append(res.ess)
         before += res.ess_before

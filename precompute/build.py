@@ -163,7 +163,7 @@ def _take(it, n):
 
 def engine_max_logprobs(cfg: BuildConfig) -> int:
     """The most log-probs any request of this build asks vLLM for (its engine must allow that many)."""
-    from ar2mdm.precompute.mc import next_token_keep
+    from ar2mdm.precompute.particles import next_token_keep
 
     # fim asks for support_size entries; mc keeps next_token_keep(support_size) of each next-token distribution
     return max(cfg.k, cfg.top_n, cfg.rescore_k, next_token_keep(support_size(cfg)))
@@ -374,7 +374,7 @@ def write_shards(plan: BuildPlan, out: Path, teacher=None) -> BuildSummary:
             chunk = len(ids) if getattr(teacher, "whole_shard", False) else cfg.batch_size
             b = a + len(ids)
             bar.total += planned_positions(cfg, plen, np.arange(a, b))
-            bar.set_postfix_str(f"shard {u}", refresh=False)
+            bar.set_postfix_str(f"shard {u}")  # and shows the new total at once
             old = read_partial(path, row_masks(cfg, np.arange(a, b), plen)[0])
             parts = [old] if old is not None else []
             flushed, last = len(parts), time.time()

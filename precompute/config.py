@@ -184,6 +184,8 @@ class BuildConfig:
             )
             if self.mc_weights == "smc":
                 p["smc_ess"] = self.smc_ess
+            # the draws' source (particles.row_uniforms): a build begun with another sampler's draws does not resume
+            p["mc_draws"] = "philox-row"
         return p
 
 

@@ -1,8 +1,8 @@
-"""Monte Carlo completion targets (seed §4), on a transformers causal LM.
+"""Monte Carlo completion targets (seed §4): the estimators over the K completions (particles) of each row.
 
 For a row x with masked positions M (visible tokens V = the rest), K completions z^(1..K) are drawn left to
-right: at a masked position j, x_j ~ p_T(.|x_<j) (at the sampling temperature), at a visible position the row's
-token is kept. The target at a masked position i is
+right (`particles`: x_j ~ p_T(.|x_<j) at a masked j, the row's token at a visible j). The target at a masked
+position i is
 
     q̂(v) = Σ_k w_k · score_k(v)
 
@@ -13,173 +13,78 @@ token is kept. The target at a masked position i is
 - weights "importance": self-normalised w_k ∝ Π_{j ∈ V, j > first masked} p_T(x_j | x_<j^(k)) (times the
   proposal correction p_T/p_T^τ for the sampled tokens when τ != 1): the sampler never looks at the visible
   tokens to its right; these weights make the estimate consistent for the posterior (docs/mc.md derives it).
-- weights "smc": the same weights, but accumulated run by run; after a visible run, when the effective sample
-  size of the weights falls below ``smc_ess · K`` (and a masked position is still ahead), the K particles are
-  resampled (systematic resampling, from the row's generator), their KV cache reordered with them and their
-  weights reset. The next-token scores recorded earlier follow their particle's ancestry. Same limits as
-  "importance"; resampling spends the samples on the completions the visible tokens support.
+- weights "smc": the same weights, accumulated run by run, with resampling between runs when the effective
+  sample size falls below ``smc_ess · K`` (`particles.resample`); the scores recorded earlier follow their
+  particle's ancestry. Same limits as "importance"; resampling spends the samples on the completions the visible
+  tokens support.
 
-Cost: the prefix before the first masked position is computed once and its KV cache shared by the K samples;
-each visible run is one prefill for all K samples; each masked position is one decode step for all K.
+Both backends end here: the torch backend through `mc_targets`, vLLM (`vllm_mc`) through `row_targets`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
+import numpy as np
 import torch
 
+from ar2mdm.precompute.decode import TorchDecoder
+from ar2mdm.precompute.particles import McSettings, sample_particles
 from ar2mdm.precompute.rescoring import rescore
 
 
 @dataclass
-class Completions:
-    seqs: torch.Tensor  # (K, L) long: the completed sequences
-    logw: torch.Tensor  # (K,) float64: unnormalised log importance weights (since the last resampling)
-    next_ids: list[torch.Tensor]  # per masked position (ascending): (K, m) ids of p_T(.|x_<i^(k)), top-m
-    next_probs: list[torch.Tensor]  # per masked position: (K, m) their probabilities at T = 1
-    ess_before: list[float] = field(default_factory=list)  # the ESS at each resampling, before it
-
-
-def ess(logw: torch.Tensor) -> float:
-    """Effective sample size 1/Σ w_k² of self-normalised weights with log-weights ``logw`` (K,)."""
-    w = torch.softmax(logw.double(), dim=0)
-    return float(1.0 / (w**2).sum())
-
-
-def systematic_resample(logw: torch.Tensor, u0: float) -> torch.Tensor:
-    """Ancestor indices (K,) long for weights softmax(logw), by systematic resampling with offset u0 in [0, 1).
-
-    Particle k is copied ⌊K·w_k⌋ or ⌈K·w_k⌉ times (the lowest-variance of the standard schemes), in order.
-    """
-    w = torch.softmax(logw.double(), dim=0)  # (K,)
-    K = len(w)
-    cdf = torch.cumsum(w, 0)
-    u = (u0 + torch.arange(K, dtype=torch.float64)) / K  # (K,) one stratum each
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=K - 1)
-
-
-def resample_due(logw: torch.Tensor, smc_ess: float) -> bool:
-    """Whether the particles are resampled: ESS < smc_ess · K (0 never; 1 whenever the weights differ)."""
-    K = len(logw)
-    return smc_ess > 0 and ess(logw) < smc_ess * K * (1 - 1e-9)
-
-
-def top_probs(lp: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, probs) of the m most probable entries of (K, V) log-probs."""
-    v, i = lp.topk(min(m, lp.shape[-1]), dim=-1)
-    return i.cpu(), v.exp().double().cpu()
-
-
-def _cache_arg(model) -> str:
-    # transformers renamed `past_key_values` to `cache` (5.x); pass whichever this version's forward takes
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _logits(model, ids: torch.Tensor, cache) -> torch.Tensor:
-    out = model(input_ids=ids, use_cache=True, **{_cache_arg(model): cache})
-    return out.logits.float()  # (K, n, V)
-
-
-@torch.no_grad()
-def sample_completions(
-    model,
-    x: torch.Tensor,
-    masked: list[int],
-    K: int,
-    temperature: float,
-    generator: torch.Generator,
-    keep: int = 64,
-    smc_ess: float = 0.0,
-) -> Completions:
-    """K completions of row ``x`` (L,) with the positions ``masked`` (ascending, all >= 1) sampled.
-
-    keep: entries of each next-token distribution kept for the mixture (the rest of its mass is dropped, so
-    stored sums stay <= 1). smc_ess: resample after a visible run when ESS < smc_ess · K (0: never, which is
-    plain importance sampling with the same random draws).
-    """
-    from transformers import DynamicCache
-
-    L = x.shape[0]
-    dev = x.device
-    mset = set(masked)
-    first = masked[0]
-    seqs = x.repeat(K, 1)  # (K, L)
-    logw = torch.zeros(K, dtype=torch.float64)
-    cache = DynamicCache()
-    last = _logits(model, x[None, :first], cache)[:, -1]  # (1, V): the shared prefix, computed once
-    cache.batch_repeat_interleave(K)
-    last = last.expand(K, -1)  # (K, V)
-    next_ids, next_probs, ess_before = [], [], []
-    pos = first
-    while pos < L:
-        lp1 = torch.log_softmax(last, dim=-1)  # (K, V) p_T(.|x_<pos) at T = 1
-        if pos in mset:
-            ids, probs = top_probs(lp1, keep)
-            next_ids.append(ids)
-            next_probs.append(probs)
-            lpt = lp1 if temperature == 1.0 else torch.log_softmax(last / temperature, dim=-1)
-            z = torch.multinomial(lpt.exp(), 1, generator=generator)[:, 0]  # (K,)
-            if temperature != 1.0:  # proposal correction: target p_T, proposal p_T^τ
-                logw += (lp1.gather(1, z[:, None]) - lpt.gather(1, z[:, None]))[:, 0].double().cpu()
-            seqs[:, pos] = z
-            if pos + 1 < L:
-                last = _logits(model, z[:, None], cache)[:, -1]
-            pos += 1
-            continue
-        end = pos
-        while end < L and end not in mset:
-            end += 1
-        run = seqs[:, pos:end]  # (K, n) visible tokens, the same for every sample
-        logw += lp1.gather(1, run[:, :1])[:, 0].double().cpu()
-        if end < L or end - pos > 1:
-            out = _logits(model, run, cache)  # one prefill for the whole visible run
-            if end - pos > 1:
-                lps = torch.log_softmax(out[:, :-1], dim=-1)  # (K, n-1, V)
-                logw += lps.gather(2, run[:, 1:, None])[..., 0].sum(1).double().cpu()
-            last = out[:, -1]
-        if end < L and resample_due(logw, smc_ess):  # a masked position is ahead: spend samples where w is
-            ess_before.append(ess(logw))
-            u0 = float(torch.rand(1, generator=generator, device=generator.device))
-            a = systematic_resample(logw, u0)  # (K,) ancestors
-            seqs, last = seqs[a.to(dev)], last[a.to(last.device)]
-            cache.reorder_cache(a.to(dev))
-            next_ids = [t[a] for t in next_ids]  # the recorded scores follow their particle's ancestry
-            next_probs = [t[a] for t in next_probs]
-            logw = torch.zeros(K, dtype=torch.float64)
-        pos = end
-    return Completions(seqs, logw, next_ids, next_probs, ess_before)
-
-
-def next_token_keep(top_n: int) -> int:
-    """Entries of each next-token distribution kept for the mixture: the same on every backend."""
-    return max(64, 4 * top_n)
-
-
-def mixture(ids: torch.Tensor, probs: torch.Tensor, w: torch.Tensor, top_n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Σ_k w_k · score_k as sparse (ids, log-probs), top_n most probable first.
-
-    ids, probs: (K, m) sparse scores (probs 0 on unused entries); w: (K,) weights summing to 1.
-    """
-    flat_ids = ids.reshape(-1)
-    flat_p = (w[:, None].double() * probs.double()).reshape(-1)
-    uniq, inv = torch.unique(flat_ids, return_inverse=True)
-    mass = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, flat_p)
-    keep = mass > 0
-    uniq, mass = uniq[keep], mass[keep]
-    order = torch.argsort(mass, descending=True, stable=True)[:top_n]
-    return uniq[order], mass[order].log()
-
-
-@dataclass
 class McTargets:
-    ids: list[torch.Tensor]  # per masked position
-    logprobs: list[torch.Tensor]
+    ids: list[torch.Tensor]  # per masked position (ascending): the entries' ids, most probable first
+    logprobs: list[torch.Tensor]  # per masked position: their log-probs
     ess: float  # of the final weights
     samples: int
     ess_before: list[float] = field(default_factory=list)  # smc: the ESS at each resampling, before it
+
+
+def final_weights(logw: torch.Tensor, weights: str) -> torch.Tensor:
+    """(R, K) float64 normalised weights from log-weights (R, K): uniform, or their softmax (importance, smc)."""
+    if weights == "uniform":
+        return torch.full_like(logw, 1.0 / logw.shape[-1], dtype=torch.float64)
+    return torch.softmax(logw.double(), dim=-1)
+
+
+def mixture(ids: torch.Tensor, probs: torch.Tensor, w: torch.Tensor, top_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ_k w_k · score_k for B positions at once, as sparse (ids, log-probs), the top_n most probable first.
+
+    ids, probs: (B, K, m) each particle's sparse scores (probs 0 on unused entries); w: (B, K) weights summing to
+    1. Returns ids (B, n) long and log-probs (B, n) float64, n = min(top_n, K·m), -inf past a position's last
+    entry of positive mass. Ties go to the smaller id."""
+    B = ids.shape[0]
+    flat_ids = ids.reshape(B, -1).long()  # (B, K·m)
+    flat_p = (w[:, :, None].double() * probs.double()).reshape(B, -1)
+    sid, order = flat_ids.sort(dim=1, stable=True)
+    sp = flat_p.gather(1, order)
+    new = torch.ones_like(sid, dtype=torch.bool)
+    new[:, 1:] = sid[:, 1:] != sid[:, :-1]
+    seg = new.long().cumsum(1) - 1  # (B, K·m): index of each entry's distinct id, in ascending id order
+    mass = torch.zeros_like(sp).scatter_add_(1, seg, sp)  # summed per distinct id (exact, no cancellation)
+    uniq = torch.zeros_like(sid).scatter_(1, seg, sid)
+    mass, pick = mass.sort(dim=1, descending=True, stable=True)
+    n = min(top_n, sid.shape[1])
+    mass, pick = mass[:, :n], pick[:, :n]
+    logp = torch.where(mass > 0, mass.log(), torch.full_like(mass, -float("inf")))
+    return uniq.gather(1, pick), logp
+
+
+def targets(ids, probs, w: torch.Tensor, top_n: int, ess_before: list[float]) -> McTargets:
+    """One row's targets: the mixture at each of its P masked positions. ids, probs: (P, K, m); w: (K,)."""
+    mid, mlp = mixture(ids, probs, w.expand(ids.shape[0], -1), top_n)
+    mid, mlp = mid.cpu(), mlp.cpu()
+    keep = torch.isfinite(mlp)
+    return McTargets(
+        [mid[p][keep[p]] for p in range(len(mid))],
+        [mlp[p][keep[p]] for p in range(len(mid))],
+        float(1.0 / (w.double() ** 2).sum()),
+        len(w),
+        ess_before,
+    )
 
 
 def distinct_branches(seqs: list[list[int]], masked: list[int], window: int | None):
@@ -222,83 +127,61 @@ def pooled_branches(seqs_per_row: list[list[list[int]]], masked_per_row: list[li
     return seqs, positions, wheres
 
 
-def full_conditional_per_position(res, where) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Rescoring results of the distinct branches -> per masked position (ids (K, R+1), probs (K, R+1))."""
-    out = []
-    for per_k in where:
-        cand = torch.stack([res[j][0][q] for j, q in per_k])  # (K, R+1)
-        prob = torch.stack([res[j][1][q] for j, q in per_k]).exp().double()  # (K, R+1), 0 on invalid slots
-        out.append((cand, prob))
-    return out
+def full_conditional_scores(res, where) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescoring results of the distinct branches -> one row's scores: ids (P, K, R+1), probs (P, K, R+1)."""
+    cand = torch.stack([torch.stack([res[j][0][q] for j, q in per_k]) for per_k in where])
+    prob = torch.stack([torch.stack([res[j][1][q] for j, q in per_k]) for per_k in where]).exp().double()
+    return cand, prob  # probs 0 on invalid slots (log-prob -inf)
 
 
-def combine(per_pos, w: torch.Tensor, top_n: int, ess_before=()) -> McTargets:
-    """The weighted mixture at every masked position, with the effective sample size of the weights."""
-    out_ids, out_lp = [], []
-    for ids, probs in per_pos:
-        i, lp = mixture(ids, probs, w, top_n)
-        out_ids.append(i)
-        out_lp.append(lp)
-    return McTargets(out_ids, out_lp, float(1.0 / (w**2).sum()), len(w), list(ess_before))
+def full_conditional_targets(rescore_rows, seqs, masks, w: torch.Tensor, s: McSettings, ess_before) -> list[McTargets]:
+    """Every row's distinct branches rescored in one call, then each row's mixture.
 
-
-def final_weights(logw: torch.Tensor, weights: str) -> torch.Tensor:
-    """(K,) float64 normalised weights: uniform, or softmax of the log-weights (importance, smc)."""
-    if weights == "uniform":
-        return torch.full((len(logw),), 1.0 / len(logw), dtype=torch.float64)
-    if weights in ("importance", "smc"):
-        return torch.softmax(logw.double(), dim=0)
-    raise ValueError(f"weights must be uniform, importance or smc, got {weights!r}")
+    rescore_rows(seqs, positions) -> per sequence (cand (P, R+1), logq (P, R+1)): the backend's top-K rescoring.
+    seqs: per row its K completions (lists); masks: per row its masked positions; w: (R, K) final weights."""
+    flat, positions, wheres = pooled_branches(seqs, masks, s.window)
+    res = rescore_rows(flat, positions)
+    return [
+        targets(*full_conditional_scores(res, where), w[r].cpu(), s.top_n, ess_before[r])
+        for r, where in enumerate(wheres)
+    ]
 
 
 @torch.no_grad()
 def mc_targets(
     model,
-    x: torch.Tensor,
-    masked: list[int],
-    K: int,
-    score: str,
-    weights: str,
-    temperature: float,
-    generator: torch.Generator,
-    top_n: int,
-    rescore_k: int = 8,
-    window: int | None = None,
-    token_budget: int = 4096,
-    smc_ess: float = 0.5,
-) -> McTargets:
-    """The MC soft targets of one row at its masked positions (see the module docstring)."""
-    comp = sample_completions(
-        model,
-        x,
-        masked,
-        K,
-        temperature,
-        generator,
-        keep=next_token_keep(top_n),
-        smc_ess=smc_ess if weights == "smc" else 0.0,
-    )
-    w = final_weights(comp.logw, weights)
-    if score == "next-token":
-        per_pos = list(zip(comp.next_ids, comp.next_probs))
-    elif score == "full-conditional":
-        rows, positions, where = distinct_branches(comp.seqs.tolist(), masked, window)
-        pos = [torch.tensor(p, dtype=torch.long) for p in positions]
-        res = rescore(model, comp.seqs[rows], pos, rescore_k, window, token_budget)
-        per_pos = full_conditional_per_position(res, where)
-    else:
-        raise ValueError(f"score must be next-token or full-conditional, got {score!r}")
-    return combine(per_pos, w, top_n, comp.ess_before)
+    xs: torch.Tensor,
+    masks: list[np.ndarray],
+    seeds: list[int],
+    s: McSettings,
+    on_step: Callable[[int], None] | None = None,
+) -> list[McTargets]:
+    """The MC soft targets of the rows ``xs`` (R, L) at their masked positions, on a transformers causal LM."""
+    masks = [np.asarray(m, dtype=np.int64) for m in masks]
+    p = sample_particles(TorchDecoder(model), xs, masks, seeds, s, on_step)
+    R, K = p.logw.shape
+    w = final_weights(p.logw, s.weights)  # (R, K)
+    ess_at = p.ess_at.cpu().numpy()  # the one host copy of the sampler's bookkeeping
+    ess_before = [[float(e) for e in row[~np.isnan(row)]] for row in ess_at]
+    if s.score == "full-conditional":
 
+        def rescore_rows(flat, positions):
+            x = torch.tensor(flat, dtype=torch.long, device=xs.device)
+            pos = [torch.tensor(q, dtype=torch.long) for q in positions]
+            return rescore(model, x, pos, s.rescore_k, s.window, s.token_budget)
 
-@torch.no_grad()
-def sample_completions_naive(
-    model, x: torch.Tensor, masked: list[int], K: int, temperature: float, generator
-) -> torch.Tensor:
-    """The baseline for the benchmark: one sample at a time, a full forward (no cache) per masked position."""
-    out = x.repeat(K, 1)
-    for k in range(K):
-        for j in masked:
-            logits = model(input_ids=out[k : k + 1, :j]).logits[0, -1].float()
-            out[k, j] = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[0]
+        seqs = p.seqs.view(R, K, -1).tolist()
+        return full_conditional_targets(rescore_rows, seqs, [m.tolist() for m in masks], w, s, ess_before)
+    # next-token: every row's recorded scores mixed in one call: (R·M, K, m) positions by slot
+    M, m = p.top_ids.shape[1:]
+    ids = p.top_ids.view(R, K, M, m).transpose(1, 2).reshape(R * M, K, m)
+    probs = p.top_probs.view(R, K, M, m).transpose(1, 2).reshape(R * M, K, m)
+    mid, mlp = mixture(ids, probs, w.repeat_interleave(M, 0), s.top_n)
+    mid, mlp = mid.view(R, M, -1).cpu(), mlp.view(R, M, -1).cpu()
+    out = []
+    for r, mk in enumerate(masks):
+        keep = torch.isfinite(mlp[r])
+        ids_r = [mid[r, q][keep[q]] for q in range(len(mk))]
+        lps_r = [mlp[r, q][keep[q]] for q in range(len(mk))]
+        out.append(McTargets(ids_r, lps_r, float(1.0 / (w[r] ** 2).sum()), K, ess_before[r]))
     return out

@@ -61,7 +61,7 @@ def sparse_targets(cfg: BuildConfig, cand: torch.Tensor, logq: torch.Tensor, key
 
 def support_size(cfg: BuildConfig) -> int:
     """Entries a mode hands over per position: top_n, or a wider support to sample from."""
-    from ar2mdm.precompute.mc import next_token_keep
+    from ar2mdm.precompute.particles import next_token_keep
 
     return cfg.top_n if cfg.sparsify == "topn" else next_token_keep(cfg.top_n)
 
@@ -91,23 +91,15 @@ def clean_context_targets(
     return out
 
 
-def mc_targets_of(cfg: BuildConfig, teacher, xs: list[np.ndarray], masks: list[np.ndarray], keys: list[str]):
+def mc_targets_of(
+    cfg: BuildConfig, teacher, xs: list[np.ndarray], masks: list[np.ndarray], keys: list[str], on_step=None
+):
     """MC targets of some rows at their masked positions, one teacher call: per row (ids list, logprobs list,
-    McTargets)."""
-    res = teacher.mc_batch(
-        xs,
-        [m.tolist() for m in masks],
-        [row_seed(cfg.seed, key + ":mc") for key in keys],
-        cfg.k,
-        cfg.mc_score,
-        cfg.mc_weights,
-        cfg.sample_temperature,
-        support_size(cfg),
-        cfg.rescore_k,
-        cfg.window,
-        cfg.token_budget,
-        cfg.smc_ess,
-    )
+    McTargets). ``on_step(n)``: as the teacher draws n more masked positions."""
+    from ar2mdm.precompute.particles import McSettings
+
+    seeds = [row_seed(cfg.seed, key + ":mc") for key in keys]
+    res = teacher.mc_batch(xs, [m.tolist() for m in masks], seeds, McSettings.of(cfg, support_size(cfg)), on_step)
     out = []
     for r, key in zip(res, keys):
         if cfg.sparsify == "sample":
@@ -179,13 +171,12 @@ def build_rows(
     mc = {}
     if cfg.mode == "mc":
         # mc targets depend on the mask: every row is its own computation, all rows in one teacher call
+        # progress advances with every decode step (on_batch per step), not per finished batch
         res = []
-        for i, lp, r in mc_targets_of(cfg, teacher, [ids[local[s]] for s in src], masks, ex):
+        for i, lp, r in mc_targets_of(cfg, teacher, [ids[local[s]] for s in src], masks, ex, on_batch):
             tids += i
             tlps += lp
             res.append(r)
-        if on_batch:
-            on_batch(sum(len(m) for m in masks))
         mc = dict(
             mc_samples=np.full(len(ex), cfg.k, np.int32),
             mc_ess=np.asarray([r.ess for r in res], np.float32),

@@ -6,6 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -66,13 +67,33 @@ def vocab_size_of(config) -> int:
     return int(text.vocab_size)
 
 
+class Backend(Protocol):
+    """What the build asks of a teacher backend (`TorchTeacher`, `vllm_backend.VllmTeacher`): the same calls
+    with the same outputs, so the build does not know which one it drives."""
+
+    device: str
+    whole_shard: bool  # the build hands over a whole shard per call (else --batch-size sequences)
+
+    def rescore_targets(self, rows, positions, k: int, window: int | None, token_budget: int) -> list:
+        """topk: per row (cand (P, k+1), logq (P, k+1)) at its positions."""
+        ...
+
+    def fim_targets(self, rows, positions, fim_ids, window: int | None, top_n: int, token_budget: int) -> list:
+        """fim: per row (ids (P, n), logprobs (P, n)) at its positions."""
+        ...
+
+    def mc_batch(self, rows, masks, seeds: list[int], s, on_step=None) -> list:
+        """mc: per row its `mc.McTargets` (s: `particles.McSettings`; on_step(n) as masked positions are drawn)."""
+        ...
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class TorchTeacher:
     """The torch backend: a causal LM loaded with transformers, in eval mode.
 
-    Both backends (this one and `VllmTeacher`) answer the same three calls with the same outputs, so the build
-    stage does not know which one it drives: `rescore_targets`, `fim_targets`, `mc_batch`. The build hands
-    each call a batch of rows: ``--batch-size`` sequences here, a whole shard to vLLM (``whole_shard``).
+    A `Backend`: the build hands each call a batch of rows, ``--batch-size`` sequences here.
     """
 
     model: object
@@ -122,69 +143,14 @@ class TorchTeacher:
         x, pos = self._rows(rows, positions)
         return fim_targets(self.model, x, pos, fim_ids, window, top_n, token_budget)
 
-    def mc_targets(
-        self,
-        row,
-        masked: list[int],
-        seed: int,
-        K: int,
-        score: str,
-        weights: str,
-        temperature: float,
-        top_n: int,
-        rescore_k: int,
-        window: int | None,
-        token_budget: int,
-        smc_ess: float = 0.5,
-    ):
-        """MC targets of one row at its masked positions; see `mc.mc_targets`."""
+    def mc_batch(self, rows, masks, seeds: list[int], s, on_step=None):
+        """MC targets of several rows, all their particles advancing together (see `particles`, `mc`)."""
         import torch
 
         from ar2mdm.precompute.mc import mc_targets
 
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        x = torch.as_tensor(row, dtype=torch.long, device=self.device)
-        return mc_targets(
-            self.model, x, masked, K, score, weights, temperature, gen, top_n, rescore_k, window, token_budget, smc_ess
-        )
-
-    def mc_batch(
-        self,
-        rows,
-        masks,
-        seeds,
-        K: int,
-        score: str,
-        weights: str,
-        temperature: float,
-        top_n: int,
-        rescore_k: int,
-        window: int | None,
-        token_budget: int,
-        smc_ess: float = 0.5,
-    ):
-        """MC targets of several rows, every row's K samples in one forward (see `mc_rows`)."""
-        import torch
-
-        from ar2mdm.precompute.mc_rows import mc_targets_rows
-
-        gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
         xs = torch.as_tensor(np.stack(rows), dtype=torch.long, device=self.device)
-        return mc_targets_rows(
-            self.model,
-            xs,
-            [list(m) for m in masks],
-            K,
-            score,
-            weights,
-            temperature,
-            gens,
-            top_n,
-            rescore_k,
-            window,
-            token_budget,
-            smc_ess,
-        )
+        return mc_targets(self.model, xs, masks, seeds, s, on_step)
 
     def close(self) -> None:
         pass

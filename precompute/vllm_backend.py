@@ -15,8 +15,8 @@ and plans"; measured by benchmarks/backends.py):
 - fim: one request per target position with ``max_tokens=1, logprobs=N`` (greedy, so the N returned entries
   are exactly the top-N).
 Returned log-probs are the model's raw ones (``logprobs_mode=raw_logprobs``, set explicitly), also for forced
-tokens. With speculative decoding vLLM refuses logits processors: mc then runs `mc_targets` row by row, one call
-per masked position (``plan="rounds"``; the old plan, also the benchmark's baseline).
+tokens. With speculative decoding vLLM refuses logits processors: mc then stops with a one-line error (topk and fim
+run as usual).
 """
 
 from __future__ import annotations
@@ -29,20 +29,10 @@ from pathlib import Path
 import torch
 
 from ar2mdm.precompute.fim import fim_prompt
-from ar2mdm.precompute.mc import (
-    McTargets,
-    combine,
-    distinct_branches,
-    ess,
-    final_weights,
-    full_conditional_per_position,
-    next_token_keep,
-    pooled_branches,
-    resample_due,
-    systematic_resample,
-)
+from ar2mdm.precompute.mc import McTargets, final_weights, full_conditional_targets, targets
+from ar2mdm.precompute.particles import McSettings
 from ar2mdm.precompute.rescoring import NEG_INF
-from ar2mdm.precompute.vllm_mc import FORCE_KEY, RowState, request_seed, segments
+from ar2mdm.precompute.vllm_mc import FORCE_KEY, RowState, segments
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.hfmodel import first_line
 
@@ -88,14 +78,6 @@ def top_entries(d: dict, n: int) -> list[tuple[int, float]]:
     return [(tid, lp) for _, tid, lp in sorted((v.rank, t, v.logprob) for t, v in d.items() if v.rank <= n)[:n]]
 
 
-def _prompt_logliks(outs, seqs: list[list[int]], positions) -> torch.Tensor:
-    """(K,) float64: Σ_j log p(seqs[k][j] | seqs[k][:j]) over ``positions``, from prompt_logprobs=0 outputs."""
-    return torch.tensor(
-        [sum(o.prompt_logprobs[j][seqs[k][j]].logprob for j in positions) for k, o in enumerate(outs)],
-        dtype=torch.float64,
-    )
-
-
 FORCE_PROCESSOR = "ar2mdm.precompute.vllm_force:ForceTokens"
 
 
@@ -136,7 +118,7 @@ class VllmTeacher:
             # 32 (the CPU kernels' smallest) instead of 128: the prefix cache reuses whole blocks only.
             kwargs.update(dtype="float32", enforce_eager=True, enable_chunked_prefill=False, block_size=32)
         kwargs.update({k: parse_engine_value(v) if isinstance(v, str) else v for k, v in engine.items()})
-        # vLLM refuses custom logits processors with speculative decoding: then mc runs the rounds plan
+        # vLLM refuses custom logits processors with speculative decoding: then mc refuses to run
         forcing = not kwargs.get("speculative_config")
         if forcing:
             kwargs["logits_processors"] = [*kwargs.get("logits_processors", []), FORCE_PROCESSOR]
@@ -262,143 +244,34 @@ class VllmTeacher:
 
     # --------------------------------------------------------------------------------------------- mc
 
-    def mc_targets(
-        self,
-        row,
-        masked: list[int],
-        seed: int,
-        K: int,
-        score: str,
-        weights: str,
-        temperature: float,
-        top_n: int,
-        rescore_k: int,
-        window: int | None,
-        token_budget: int = 0,
-        smc_ess: float = 0.5,
-    ) -> McTargets:
+    def mc_batch(self, rows, masks, seeds: list[int], s: McSettings, on_step=None) -> list[McTargets]:
+        """MC targets of every row handed over (see `vllm_mc`): every (row, sample) in flight together, the
+        visible tokens forced; smc: one engine call per span. ``on_step(n)`` after each call: masked positions
+        whose tokens it drew."""
         from vllm import SamplingParams
 
-        if weights in ("importance", "smc") and temperature != 1.0:
+        if not self.forcing:
             raise UserError(
-                f"--mc-weights {weights} with --sample-temperature != 1 needs --backend hf (vLLM does not "
+                "--mode mc on vLLM forces the visible tokens with a logits processor, which vLLM refuses with "
+                "speculative decoding: drop speculative_config from --engine (or use --backend hf)"
+            )
+        if s.weights in ("importance", "smc") and s.temperature != 1.0:
+            raise UserError(
+                f"--mc-weights {s.weights} with --sample-temperature != 1 needs --backend hf (vLLM does not "
                 "return the tempered proposal's log-probs), or --mc-weights uniform"
             )
-        x = list(map(int, row))
-        L = len(x)
-        mc = self.llm.llm_engine.model_config
-        keep = min(next_token_keep(top_n), mc.get_vocab_size())  # the engine's max_logprobs covers it (build)
-        smc = weights == "smc" and smc_ess > 0
-        gen = torch.Generator().manual_seed(request_seed(seed, 7))  # resampling offsets
-        seqs = [list(x) for _ in range(K)]
-        logw = torch.zeros(K, dtype=torch.float64)
-        next_ids, next_probs, ess_before = [], [], []
-
-        def params(r: int, k: int, prompt_logprobs=None, redraw: bool = False):
-            s = request_seed(seed, r, k, 1) if redraw else request_seed(seed, r, k)
-            return SamplingParams(
-                max_tokens=1,
-                logprobs=keep,
-                temperature=temperature,
-                seed=s,
-                prompt_logprobs=prompt_logprobs,
-                detokenize=False,
-            )
-
-        for r, m in enumerate(masked):
-            run = range(masked[r - 1] + 1, m) if r else range(0)  # the visible run before m (after the first masked)
-            weigh = smc and len(run) > 0
-            outs = self._generate([s[:m] for s in seqs], [params(r, k, 0 if weigh else None) for k in range(K)])
-            if weigh:  # the visible run's log-likelihood under each particle, from the same pass
-                logw += _prompt_logliks(outs, seqs, run)
-                if resample_due(logw, smc_ess):
-                    ess_before.append(ess(logw))
-                    a = systematic_resample(logw, float(torch.rand(1, generator=gen))).tolist()
-                    seqs = [list(seqs[i]) for i in a]
-                    next_ids = [t[a] for t in next_ids]
-                    next_probs = [t[a] for t in next_probs]
-                    logw = torch.zeros(K, dtype=torch.float64)
-                    # the first copy of an ancestor keeps its draw at m; the other copies draw again (prefix cached)
-                    first_copy = {i: k for k, i in reversed(list(enumerate(a)))}
-                    again = [k for k, i in enumerate(a) if first_copy[i] != k]
-                    redrawn = dict(
-                        zip(
-                            again,
-                            self._generate([seqs[k][:m] for k in again], [params(r, k, None, True) for k in again]),
-                        )
-                    )
-                    outs = [redrawn.get(k, outs[i]) for k, i in enumerate(a)]
-            ids = torch.zeros(K, keep, dtype=torch.long)
-            probs = torch.zeros(K, keep, dtype=torch.float64)
-            for k, o in enumerate(outs):
-                c = o.outputs[0]
-                seqs[k][m] = c.token_ids[0]
-                top = top_entries(c.logprobs[0], keep)
-                ids[k, : len(top)] = torch.tensor([t for t, _ in top])
-                probs[k, : len(top)] = torch.tensor([lp for _, lp in top], dtype=torch.float64).exp()
-            next_ids.append(ids)
-            next_probs.append(probs)
-        mset = set(masked)
-        # importance: every visible token after the first masked one; smc: only those not yet weighed (the tail)
-        vis = [j for j in range((masked[-1] if smc else masked[0]) + 1, L) if j not in mset]
-        if weights != "uniform" and vis:
-            outs = self._generate(seqs, SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False))
-            logw += _prompt_logliks(outs, seqs, vis)
-        w = final_weights(logw, weights)
-        if score == "full-conditional":
-            rows, positions, where = distinct_branches(seqs, masked, window)
-            res = self.rescore_targets([seqs[k] for k in rows], positions, rescore_k, window)
-            per_pos = full_conditional_per_position(res, where)
-        else:
-            per_pos = list(zip(next_ids, next_probs))
-        return combine(per_pos, w, top_n, ess_before)
-
-    def mc_batch(
-        self,
-        rows,
-        masks: list[list[int]],
-        seeds: list[int],
-        K: int,
-        score: str,
-        weights: str,
-        temperature: float,
-        top_n: int,
-        rescore_k: int,
-        window: int | None,
-        token_budget: int = 0,
-        smc_ess: float = 0.5,
-        plan: str = "",
-    ) -> list[McTargets]:
-        """MC targets of every row handed over (see `vllm_mc`). ``plan``: "forced" (default when the processor is
-        registered): every (row, sample) in flight together; "rounds": `mc_targets` row by row (the fallback)."""
-        from vllm import SamplingParams
-
-        plan = plan or ("forced" if self.forcing else "rounds")
-        if plan == "rounds":
-            return [
-                self.mc_targets(
-                    x, m, s, K, score, weights, temperature, top_n, rescore_k, window, token_budget, smc_ess
-                )
-                for x, m, s in zip(rows, masks, seeds)
-            ]
-        if weights in ("importance", "smc") and temperature != 1.0:
-            raise UserError(
-                f"--mc-weights {weights} with --sample-temperature != 1 needs --backend hf (vLLM does not "
-                "return the tempered proposal's log-probs), or --mc-weights uniform"
-            )
-        keep = min(next_token_keep(top_n), self.llm.llm_engine.model_config.get_vocab_size())
-        keep = 0 if score == "full-conditional" else keep  # only the emitted tokens' log-probs are needed
-        smc = weights == "smc" and smc_ess > 0
+        keep = min(s.keep, self.llm.llm_engine.model_config.get_vocab_size())
+        keep = 0 if s.score == "full-conditional" else keep  # only the emitted tokens' log-probs are needed
         states = [
             RowState(
                 [int(t) for t in x],
                 list(m),
-                s,
-                K,
-                segments(len(x), list(m), smc, weights != "uniform"),
-                smc_ess if smc else 0.0,
+                seed,
+                s.k,
+                segments(len(x), list(m), s.resample_below > 0, s.weights != "uniform"),
+                s.resample_below,
             )
-            for x, m, s in zip(rows, masks, seeds)
+            for x, m, seed in zip(rows, masks, seeds)
         ]
         while live := [st for st in states if not st.done]:  # one call: the next span of every unfinished row
             reqs = [(st, r) for st in live for r in st.requests()]
@@ -406,7 +279,7 @@ class VllmTeacher:
                 SamplingParams(
                     max_tokens=len(force),
                     logprobs=keep,
-                    temperature=temperature,
+                    temperature=s.temperature,
                     seed=seed,
                     ignore_eos=True,
                     detokenize=False,
@@ -416,12 +289,33 @@ class VllmTeacher:
                 for _, (_, force, seed) in reqs
             ]
             outs = self._generate([prompt for _, (prompt, _, _) in reqs], params)
+            drawn = 0
             for j, st in enumerate(live):
-                st.absorb(outs[j * K : (j + 1) * K], keep)
-        if score == "full-conditional":  # every row's distinct branches rescored in one more pair of calls
-            seqs, positions, wheres = pooled_branches([st.seqs for st in states], [st.masked for st in states], window)
-            res = self.rescore_targets(seqs, positions, rescore_k, window)
-            per_row = [full_conditional_per_position(res, where) for where in wheres]
-        else:
-            per_row = [[(st.next_ids[i], st.next_probs[i]) for i in st.masked] for st in states]
-        return [combine(pp, final_weights(st.logw, weights), top_n, st.ess_before) for st, pp in zip(states, per_row)]
+                drawn += st.absorb(outs[j * s.k : (j + 1) * s.k], keep)
+            if on_step and drawn:
+                on_step(drawn)
+        logw = torch.stack([st.logw for st in states])  # (R, K)
+        w = final_weights(logw, s.weights)
+        if s.score == "full-conditional":  # every row's distinct branches rescored in one more pair of calls
+
+            def rescore_rows(seqs, positions):
+                return self.rescore_targets(seqs, positions, s.rescore_k, s.window)
+
+            return full_conditional_targets(
+                rescore_rows,
+                [st.seqs for st in states],
+                [st.masked for st in states],
+                w,
+                s,
+                [st.ess_before for st in states],
+            )
+        return [
+            targets(
+                torch.stack([st.next_ids[i] for i in st.masked]).to(torch.long),
+                torch.stack([st.next_probs[i] for i in st.masked]),
+                w[r],
+                s.top_n,
+                st.ess_before,
+            )
+            for r, st in enumerate(states)
+        ]

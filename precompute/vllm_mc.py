@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ar2mdm.precompute.mc import ess, resample_due, systematic_resample
+from ar2mdm.precompute.particles import resample, row_uniforms
 
 FORCE_KEY = "ar2mdm_force"  # SamplingParams.extra_args key of the tokens `vllm_force.ForceTokens` forces
 
@@ -79,7 +79,7 @@ class RowState:
     def __post_init__(self):
         self.seqs = [list(self.x) for _ in range(self.K)]
         self.logw = torch.zeros(self.K, dtype=torch.float64)
-        self.gen = torch.Generator().manual_seed(request_seed(self.seed, 7))  # resampling offsets
+        self.u0 = row_uniforms([self.seed], self.K, len(self.x))[1][0]  # (L,) resampling offsets, as on torch
         self.mset = set(self.masked)
 
     @property
@@ -92,8 +92,9 @@ class RowState:
         force = [-1 if j in self.mset else self.x[j] for j in range(a, b)]
         return [(self.seqs[k][:a], force, request_seed(self.seed, self.span, k)) for k in range(self.K)]
 
-    def absorb(self, outs, keep: int) -> None:
-        """Write the K outputs of the span just generated into the particles, then resample if due."""
+    def absorb(self, outs, keep: int) -> int:
+        """Write the K outputs of the span just generated into the particles, then resample if due. Returns the
+        masked positions the span drew."""
         a, b = self.spans[self.span]
         for j in range(a, b):
             if j in self.mset:
@@ -120,11 +121,16 @@ class RowState:
                 self.next_ids[j][k] = torch.from_numpy(top_ids[s])
                 self.next_probs[j][k] = torch.from_numpy(np.exp(top_lp[s]))
         self.span += 1
-        if not self.done and resample_due(self.logw, self.smc_ess):  # only smc has spans after the first
-            self.ess_before.append(ess(self.logw))
-            anc = systematic_resample(self.logw, float(torch.rand(1, generator=self.gen))).tolist()
-            self.seqs = [list(self.seqs[i]) for i in anc]
-            for j in self.next_ids:  # the scores recorded so far follow their particle's ancestry
-                self.next_ids[j] = self.next_ids[j][anc]
-                self.next_probs[j] = self.next_probs[j][anc]
-            self.logw = torch.zeros(self.K, dtype=torch.float64)
+        drawn = int(is_masked.sum())
+        if not self.done and self.smc_ess > 0:  # only smc has spans after the first
+            j = self.spans[self.span][0] - 1  # the visible position before the next masked run
+            anc, due, e = resample(self.logw[None], self.u0[j : j + 1], self.smc_ess)
+            if bool(due[0]):
+                self.ess_before.append(float(e[0]))
+                anc = anc[0].tolist()
+                self.seqs = [list(self.seqs[i]) for i in anc]
+                for i in self.next_ids:  # the scores recorded so far follow their particle's ancestry
+                    self.next_ids[i] = self.next_ids[i][anc]
+                    self.next_probs[i] = self.next_probs[i][anc]
+                self.logw = torch.zeros(self.K, dtype=torch.float64)
+        return drawn

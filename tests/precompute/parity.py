@@ -39,20 +39,18 @@ SMC_K = 3000
 def smc_estimates(teacher) -> dict:
     """Dense next-token estimates of SMC_ROW from a backend: smc (forced resampling), importance, and smc with
     resampling off at small K (which must equal importance draw for draw)."""
+    from ar2mdm.precompute.particles import McSettings
+
     out = {}
     runs = [
-        ("smc", "smc", SMC_K, 1.0, ""),
-        ("importance", "importance", SMC_K, 0.5, ""),
-        ("smc_off", "smc", 64, 0.0, ""),
-        ("importance_64", "importance", 64, 0.5, ""),
+        ("smc", "smc", SMC_K, 1.0),
+        ("importance", "importance", SMC_K, 0.5),
+        ("smc_off", "smc", 64, 0.0),
+        ("importance_64", "importance", 64, 0.5),
     ]
-    if hasattr(teacher, "forcing"):  # vLLM: the fallback plan (no forcing processor) too
-        runs.append(("smc_rounds", "smc", SMC_K, 1.0, "rounds"))
-    for name, weights, K, smc_ess, plan in runs:
-        kw = {"plan": plan} if plan else {}
-        res = teacher.mc_batch(
-            [SMC_ROW], [SMC_MASKED], [5], K, "next-token", weights, 1.0, 64, 8, None, 4096, smc_ess, **kw
-        )[0]
+    for name, weights, K, smc_ess in runs:
+        s = McSettings(k=K, score="next-token", weights=weights, top_n=64, rescore_k=8, smc_ess=smc_ess)
+        res = teacher.mc_batch([SMC_ROW], [SMC_MASKED], [5], s)[0]
         out[name] = {
             "ids": [i.tolist() for i in res.ids],
             "logprobs": [lp.tolist() for lp in res.logprobs],

@@ -344,6 +344,21 @@ def test_mc_build_is_reproducible_and_resumes_identically(tiny_corpus, tiny_teac
         assert (data.mc_resamples == 0).all() and "mean_mc_ess_before_resampling" not in summary
 
 
+def test_mc_targets_do_not_depend_on_the_batch_size(tiny_corpus, tiny_teacher, tmp_path):
+    """Issue 19: a row's draws are a function of (seed, row, position, particle), so --batch-size 1 and 7 agree."""
+    kw = dict(mode="mc", k=4, max_sequences=7, seqs_per_shard=7, smc_ess=1.0, logprob_dtype="float32")
+    one, seven = tmp_path / "b1", tmp_path / "b7"
+    run_build(cfg(tiny_corpus, tiny_teacher, one, batch_size=1, **kw))
+    run_build(cfg(tiny_corpus, tiny_teacher, seven, batch_size=7, **kw))
+    a = read_shard(one / validate_dir(one).shards[0].file)
+    b = read_shard(seven / validate_dir(seven).shards[0].file)
+    assert a.rows == b.rows == 7 and (a.mc_resamples > 0).any()
+    np.testing.assert_array_equal(a.entry_offsets, b.entry_offsets)
+    np.testing.assert_array_equal(a.target_ids, b.target_ids)
+    np.testing.assert_allclose(a.target_logprobs, b.target_logprobs, atol=1e-5)
+    np.testing.assert_allclose(a.mc_ess, b.mc_ess, rtol=1e-5)
+
+
 def test_vllm_backend_missing_is_a_clear_error(tmp_path, tiny_teacher, tiny_corpus, monkeypatch):
     import ar2mdm.precompute.vllm_backend as vb
 

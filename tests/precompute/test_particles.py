@@ -1,0 +1,143 @@
+"""The particle sampler (issue 19): a row's draws do not depend on which rows share its batch, the vectorised
+pieces (inverse-CDF draws, systematic resampling over rows, the mixture) equal their plain definitions, and the
+batched estimates converge to the exact limits (enumeration, tests/precompute/test_mc.py)."""
+
+import numpy as np
+import pytest
+import torch
+
+from ar2mdm.precompute.decode import TorchDecoder
+from ar2mdm.precompute.mc import mc_targets, mixture
+from ar2mdm.precompute.particles import McSettings, draw_tokens, row_uniforms, sample_particles
+from tests.precompute.test_mc import dense, exact_limits, tv
+from tests.tiny import tiny_llama
+
+V = 8
+# rows of equal length with different masks: first masked positions 1, 2 and 4, runs of several lengths
+ROWS = torch.tensor([[1, 3, 0, 5, 0, 2, 6, 4, 7, 1], [1, 6, 2, 2, 7, 0, 3, 5, 1, 2], [1, 4, 4, 0, 6, 3, 3, 7, 2, 5]])
+MASKED = [np.array(m) for m in ([1, 2, 5, 8], [2, 4, 7], [4, 5, 6])]
+SEEDS = [11, 12, 13]
+
+
+def run(model, rows, s):
+    """The sampler on a subset of ROWS; per row (seqs, logw, ESS before resamplings, scores by masked slot)."""
+    p = sample_particles(TorchDecoder(model), ROWS[rows], [MASKED[r] for r in rows], [SEEDS[r] for r in rows], s)
+    K = s.k
+    out = []
+    for b, r in enumerate(rows):
+        sl = slice(b * K, (b + 1) * K)
+        n = len(MASKED[r])
+        out.append((p.seqs[sl], p.logw[b], p.ess_at[b], p.top_ids[sl, :n], p.top_probs[sl, :n]))
+    return out
+
+
+@pytest.mark.parametrize("temperature,smc_ess", [(1.0, 0.0), (1.0, 1.0), (1.0, 0.5), (0.7, 1.0)])
+def test_a_rows_draws_do_not_depend_on_the_rows_beside_it(temperature, smc_ess):
+    """Batch invariance: rows {0, 1, 2} together, each alone, and {2, 0} give every row the same particles."""
+    model = tiny_llama(V, seed=3, sharpness=3.0).double()
+    s = McSettings(k=16, weights="smc", temperature=temperature, top_n=2, smc_ess=smc_ess)
+    together = run(model, [0, 1, 2], s)
+    alone = [run(model, [r], s)[0] for r in range(3)]
+    other = run(model, [2, 0], s)
+    for r, (got, ref) in enumerate(zip(together, alone)):
+        for g in (got, other[{0: 1, 2: 0}[r]]) if r != 1 else (got,):
+            assert torch.equal(g[0], ref[0])  # the same tokens drawn
+            torch.testing.assert_close(g[1], ref[1], atol=1e-9, rtol=0)
+            torch.testing.assert_close(g[2], ref[2], equal_nan=True)
+            assert torch.equal(g[3], ref[3])
+            torch.testing.assert_close(g[4], ref[4], atol=1e-6, rtol=0)
+    if smc_ess == 1.0:
+        # resampling happened where a visible run precedes a masked position (rows 0, 1), never in row 2
+        resampled = [int((~torch.isnan(t[2])).sum()) for t in together]
+        assert resampled[0] > 0 and resampled[1] > 0 and resampled[2] == 0
+
+
+@torch.no_grad()
+def test_every_rows_recorded_scores_follow_its_particles_across_resamplings():
+    """Cache rows copied between particles (`Decoder.copy_rows`) leave each particle's recorded next-token
+    scores equal to p(.|x_<i) of its own final sequence, in every row of the batch."""
+    model = tiny_llama(V, seed=2, sharpness=4.0)
+    s = McSettings(k=32, weights="smc", top_n=2, smc_ess=1.0)
+    for r, (seqs, _, ess_at, ids, probs) in enumerate(run(model, [0, 1, 2], s)):
+        lp = torch.log_softmax(model(seqs).logits.double(), -1)
+        for q, i in enumerate(MASKED[r].tolist()):
+            got = torch.zeros(32, V).scatter_(1, ids[:, q].long(), probs[:, q])
+            assert torch.allclose(got, lp[:, i - 1].exp().float(), atol=1e-5), (r, i)
+        visible = [j for j in range(ROWS.shape[1]) if j not in MASKED[r]]
+        assert torch.equal(seqs[:, visible], ROWS[r, visible].repeat(32, 1))
+
+
+def test_uniforms_are_a_function_of_the_row_seed_alone():
+    u, u0 = row_uniforms([5, 6, 7], 4, 10)
+    v, v0 = row_uniforms([7, 5], 4, 10)
+    assert torch.equal(u[0], v[1]) and torch.equal(u[2], v[0]) and torch.equal(u0[2], v0[0])
+    assert not torch.equal(u[0], u[1]) and u.shape == (3, 4, 10) and ((u >= 0) & (u < 1)).all()
+
+
+def test_inverse_cdf_draws_follow_the_distribution_and_never_a_zero_probability_token():
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])
+    logp = probs.log().expand(200_000, -1)
+    z = draw_tokens(logp, torch.rand(200_000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    freq = torch.bincount(z, minlength=6).double() / len(z)
+    assert freq[[0, 2, 5]].sum() == 0
+    assert torch.allclose(freq, probs.double(), atol=0.005)
+    edges = draw_tokens(probs.log().expand(2, -1), torch.tensor([0.0, 1 - 1e-16], dtype=torch.float64))
+    assert edges.tolist() == [1, 4]
+
+
+def reference_mixture(ids, probs, w, top_n):
+    """Σ_k w_k · score_k of one position by torch.unique (the plain definition)."""
+    uniq, inv = torch.unique(ids.reshape(-1), return_inverse=True)
+    mass = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, (w[:, None] * probs.double()).reshape(-1))
+    keep = mass > 0
+    uniq, mass = uniq[keep], mass[keep]
+    order = torch.argsort(mass, descending=True, stable=True)[:top_n]
+    return uniq[order], mass[order].log()
+
+
+def test_the_batched_mixture_equals_its_definition():
+    g = torch.Generator().manual_seed(0)
+    B, K, m = 50, 6, 5
+    ids = torch.randint(0, 9, (B, K, m), generator=g)  # duplicates within and across particles
+    probs = torch.rand(B, K, m, generator=g, dtype=torch.float64) * (torch.rand(B, K, m, generator=g) > 0.3)
+    probs[:, :, 0] = 0.25  # ties between ids
+    w = torch.softmax(torch.randn(B, K, generator=g, dtype=torch.float64), -1)
+    got_ids, got_lp = mixture(ids, probs, w, top_n=7)
+    for b in range(B):
+        ref_ids, ref_lp = reference_mixture(ids[b], probs[b], w[b], 7)
+        n = len(ref_ids)
+        assert torch.equal(got_ids[b, :n], ref_ids)
+        torch.testing.assert_close(got_lp[b, :n], ref_lp, atol=1e-12, rtol=0)
+        assert torch.isinf(got_lp[b, n:]).all()
+    ids, lp = mixture(
+        torch.tensor([[[1, 2], [2, 3]]]), torch.tensor([[[0.5, 0.5], [0.25, 0.75]]]), torch.tensor([[0.5, 0.5]]), 3
+    )
+    assert ids.tolist() == [[2, 3, 1]] and torch.allclose(
+        lp.exp(), torch.tensor([[0.375, 0.375, 0.25]], dtype=torch.float64)
+    )
+
+
+@pytest.mark.parametrize("score", ["next-token", "full-conditional"])
+def test_targets_of_rows_together_equal_rows_alone(score):
+    model = tiny_llama(V, seed=4, sharpness=3.0).double()
+    s = McSettings(k=12, score=score, weights="smc", top_n=V, rescore_k=4, window=3, smc_ess=1.0)
+    got = mc_targets(model, ROWS, MASKED, SEEDS, s)
+    for r in range(3):
+        ref = mc_targets(model, ROWS[r : r + 1], MASKED[r : r + 1], SEEDS[r : r + 1], s)[0]
+        assert got[r].ess == pytest.approx(ref.ess) and got[r].ess_before == pytest.approx(ref.ess_before)
+        for (ia, la), (ib, lb) in zip(zip(got[r].ids, got[r].logprobs), zip(ref.ids, ref.logprobs)):
+            assert tv(dense(ia, la), dense(ib, lb)) < 1e-9
+
+
+def test_rows_at_once_converge_to_the_exact_limit():
+    model = tiny_llama(V, seed=5, sharpness=4.0)
+    x = torch.tensor([1, 3, 0, 5, 0, 2])
+    masked = [2, 4]
+    limits = exact_limits(model, x, masked)
+    # the same row twice, other draws: each estimate near the importance limit
+    s = McSettings(k=3000, score="next-token", weights="smc", top_n=V, smc_ess=1.0)
+    got = mc_targets(model, x.repeat(2, 1), [np.array(masked)] * 2, [1, 2], s)
+    for est in got:
+        for p, i in enumerate(masked):
+            own = limits[i][("importance", "next-token")]
+            assert tv(dense(est.ids[p], est.logprobs[p]), own) < 0.04
