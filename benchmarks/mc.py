@@ -24,12 +24,10 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from shapes import SHAPES, copy_bandwidth, random_teacher  # noqa: E402  (benchmarks/shapes.py)
+
 BEFORE = "c23c40f"  # the last commit with precompute/mc_rows.py
-SHAPES = {  # hidden, layers, heads, KV heads, intermediate (Llama-style, the default tokenizer's vocabulary)
-    "135m": (576, 30, 9, 3, 1536),
-    "1.7b": (2048, 24, 32, 32, 8192),
-    "8b": (4096, 32, 32, 8, 14336),
-}
 
 
 def baseline_sampler(rev: str):
@@ -53,41 +51,14 @@ def baseline_sampler(rev: str):
 
 
 def load_teacher(shape: str, device: str, dtype: str):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+    """(model, folder): the default teacher, or a random-initialised one of ``shape`` (benchmarks/shapes.py)."""
     from ar2mdm.precompute.teacher import TorchTeacher, resolve_teacher
 
-    folder, _ = resolve_teacher(None)
     if shape == "default":
-        return TorchTeacher.load(folder, device, dtype).model, folder
-    cfg = AutoConfig.from_pretrained(folder)
-    h, n, a, kv, inter = SHAPES[shape]
-    cfg.update(
-        dict(
-            hidden_size=h,
-            num_hidden_layers=n,
-            num_attention_heads=a,
-            num_key_value_heads=kv,
-            intermediate_size=inter,
-            head_dim=h // a,
-        )
-    )
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype), attn_implementation="sdpa")
-    return model.eval(), folder
-
-
-def copy_bandwidth(device: str) -> float:
-    """Bytes/s of a 1 GiB device-to-device copy (read + write counted)."""
-    a = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    return 2 * 10 * a.numel() / (time.perf_counter() - t0)
+        folder, _ = resolve_teacher(None)
+    else:
+        folder = random_teacher(shape, Path(tempfile.mkdtemp(prefix="ar2mdm-teacher-")), dtype)
+    return TorchTeacher.load(folder, device, dtype).model, folder
 
 
 def main() -> None:
@@ -106,7 +77,7 @@ def main() -> None:
 
     from ar2mdm.precompute.build import rank_sequences
     from ar2mdm.precompute.config import BuildConfig
-    from ar2mdm.precompute.decode import TorchDecoder
+    from ar2mdm.precompute.decode import decoder_for
     from ar2mdm.precompute.particles import McSettings, sample_particles
     from ar2mdm.precompute.targets import row_masks
     from ar2mdm.precompute.teacher import load_tokenizer
@@ -133,7 +104,7 @@ def main() -> None:
         return time.perf_counter() - t0
 
     with torch.no_grad():
-        new = timed(lambda: sample_particles(TorchDecoder(model), xs, masks, seeds, s))
+        new = timed(lambda: sample_particles(decoder_for(model, L), xs, masks, seeds, s))
         old_fn = baseline_sampler(a.baseline) if a.baseline else None
         old = None
         if old_fn is not None:

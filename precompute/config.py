@@ -98,10 +98,16 @@ class BuildConfig:
     # engine
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
-        "auto", "auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16"
+        "auto",
+        "auto (fp32 on CPU; on CUDA float16, bf16 for Gemma, whose activations overflow float16; docs/scaling.md, "
+        "Numerics) | float32 | bfloat16 | float16",
     )
     # sequences per teacher call (torch backend; vLLM gets a whole shard)
-    batch_size: int = setting(8, "Sequences per teacher call (torch backend; mc: their K samples each in one forward).")
+    batch_size: int | None = setting(
+        None,
+        "Sequences per teacher call (torch backend; mc: all their K particles in one forward). Default: 8; mc on "
+        "CUDA: the most whose particles fit in 80% of free GPU memory (at most a shard's).",
+    )
     token_budget: int = setting(4096, "Tokens per packed rescoring forward.")
     engine: dict[str, str] = setting({}, "KEY=VALUE passed to the engine (vLLM), repeatable.")
     progress: bool = setting(True, "Show a progress bar.")
@@ -130,6 +136,8 @@ class BuildConfig:
             raise UserError(f"--sample-temperature must be > 0, got {self.sample_temperature}")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise UserError(f"--rank must be in [0, --world-size), got rank {self.rank} of {self.world_size}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.seqs_per_shard < 1:
             raise UserError(f"--seqs-per-shard must be at least 1, got {self.seqs_per_shard}")
         if self.flush_seconds < 0:

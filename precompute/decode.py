@@ -1,7 +1,9 @@
 """The teacher as the particle sampler sees it: next-token logits and a KV cache that can be copied between rows.
 
 `Decoder` is the whole contract (gpt-fast's split: the model and its cache here, the sampling in `particles`).
-`TorchDecoder` answers it with a transformers causal LM and its `DynamicCache`.
+`TorchDecoder` answers it with a transformers causal LM and its `DynamicCache` (the CPU's: attention reads only the
+positions so far); `StaticDecoder` with a cache preallocated for the batch and the row length, so the one-token
+step has fixed shapes and addresses and runs on CUDA as a CUDA graph (`torch.compile(mode="reduce-overhead")`).
 """
 
 from __future__ import annotations
@@ -13,12 +15,9 @@ import torch
 
 
 class Decoder(Protocol):
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        """Start a cache for the rows ``ids`` (N, n); return the logits after their last token (N, V) float32."""
-        ...
-
-    def repeat(self, k: int) -> None:
-        """Repeat every cached row k times, in place (row r's copies at r·k .. r·k + k - 1)."""
+    def prefill(self, ids: torch.Tensor, k: int) -> torch.Tensor:
+        """Start a cache for the rows ``ids`` (R, n), each repeated k times (row r's copies at r·k .. r·k + k - 1);
+        return the logits after their last token (R·k, V) float32."""
         ...
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -35,26 +34,33 @@ def cache_arg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def last_logits(model, out) -> torch.Tensor:
+    """(N, V) float32 logits after the last position, from the base model's output: the head applied to the last
+    hidden states only, not to every prefilled position (`rescoring.head_logits`)."""
+    from ar2mdm.precompute.rescoring import head_logits
+
+    return head_logits(model, out.last_hidden_state[:, -1])
+
+
 class TorchDecoder:
     """A transformers causal LM with a `DynamicCache`: rows are all equally long, so no padding or position ids."""
 
     def __init__(self, model):
         self.model = model
-        self.arg = cache_arg(model)
+        self.arg = cache_arg(model.base_model)
         self.cache = None
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=ids, use_cache=True, **{self.arg: self.cache})
-        return out.logits[:, -1].float()  # (N, V)
+        out = self.model.base_model(input_ids=ids, use_cache=True, **{self.arg: self.cache})
+        return last_logits(self.model, out)  # (N, V)
 
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor, k: int) -> torch.Tensor:
         from transformers import DynamicCache
 
         self.cache = DynamicCache()
-        return self._forward(ids)
-
-    def repeat(self, k: int) -> None:
+        last = self._forward(ids)  # the prefix once per row, then its cache shared by the row's k particles
         self.cache.batch_repeat_interleave(k)
+        return last.repeat_interleave(k, 0)
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         return self._forward(tokens[:, None])
@@ -64,3 +70,56 @@ class TorchDecoder:
         for layer in self.cache.layers:
             layer.keys.index_copy_(0, dst, layer.keys.index_select(0, src))
             layer.values.index_copy_(0, dst, layer.values.index_select(0, src))
+
+
+class StaticDecoder:
+    """A transformers causal LM with a `StaticCache` of the batch's rows and length L, allocated once per batch.
+
+    Every decode step has the same shapes and reads and writes the same buffers (the resampled rows are copied
+    in place), which is what lets CUDA replay it as a graph: one launch per step instead of one per kernel. The
+    price is attention over all L cached positions (masked) instead of the j so far, so the CPU keeps
+    `TorchDecoder`. The prefix is prefilled for each of a row's k copies (k·p0 tokens instead of p0, small)."""
+
+    def __init__(self, model, length: int, graph: bool):
+        self.model = model
+        self.arg = cache_arg(model.base_model)
+        self.length = length
+        self.graph = graph
+        self.cache = None
+        self.pos = None  # (1,) long: the next position, on the model's device
+
+    def _step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        out = self.model.base_model(input_ids=tokens, cache_position=pos, use_cache=True, **{self.arg: self.cache})
+        return last_logits(self.model, out)
+
+    def prefill(self, ids: torch.Tensor, k: int) -> torch.Tensor:
+        from transformers import StaticCache
+
+        ids = ids.repeat_interleave(k, 0)
+        self.cache = StaticCache(config=self.model.config, max_cache_len=self.length)
+        n = ids.shape[1]
+        pos = torch.arange(n, device=ids.device)
+        out = self.model.base_model(input_ids=ids, cache_position=pos, use_cache=True, **{self.arg: self.cache})
+        self.pos = torch.tensor([n], device=ids.device)
+        if self.graph and not hasattr(self, "_decode"):
+            # compiled once per process shape; a new batch size recompiles (batches are mostly the same size)
+            self._decode = torch.compile(self._step, mode="reduce-overhead", dynamic=False)
+        return last_logits(self.model, out)
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        step = self._decode if self.graph else self._step
+        last = step(tokens[:, None].contiguous(), self.pos).clone()  # a graph's output is overwritten next replay
+        self.pos += 1
+        return last
+
+    def copy_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        for layer in self.cache.layers:  # in place: the graph's buffers keep their addresses
+            layer.keys.index_copy_(0, dst, layer.keys.index_select(0, src))
+            layer.values.index_copy_(0, dst, layer.values.index_select(0, src))
+
+
+def decoder_for(model, length: int):
+    """The decoder a device runs best: a static cache and CUDA graphs on CUDA, the dynamic cache elsewhere."""
+    if next(model.parameters()).is_cuda:
+        return StaticDecoder(model, length, graph=True)
+    return TorchDecoder(model)

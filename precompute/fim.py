@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ar2mdm.precompute.rescoring import budget_batches, hidden_states, log_softmax_head
+from ar2mdm.precompute.rescoring import budget_batches, check_finite, hidden_states, log_softmax_head
 from ar2mdm.shared.errors import UserError
 
 FIM_TOKEN_SETS = (
@@ -71,6 +71,7 @@ def fim_targets(
         # the head only at each prompt's last token: B x V logits, not B x S x V (V is 152k for Qwen)
         lp = log_softmax_head(model, h[torch.arange(len(batch)), att.sum(1).to(dev) - 1])  # (B, V)
         v, i = lp.topk(n, dim=-1)
+        check_finite(v, "fim log-probs")
         for j, (row, slot, _) in enumerate(batch):
             out_ids[row][slot] = i[j].cpu()
             out_lp[row][slot] = v[j].cpu()

@@ -29,9 +29,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ar2mdm.precompute.decode import TorchDecoder
+from ar2mdm.precompute.decode import decoder_for
 from ar2mdm.precompute.particles import McSettings, sample_particles
-from ar2mdm.precompute.rescoring import rescore
+from ar2mdm.precompute.rescoring import check_finite, rescore
 
 
 @dataclass
@@ -158,9 +158,10 @@ def mc_targets(
 ) -> list[McTargets]:
     """The MC soft targets of the rows ``xs`` (R, L) at their masked positions, on a transformers causal LM."""
     masks = [np.asarray(m, dtype=np.int64) for m in masks]
-    p = sample_particles(TorchDecoder(model), xs, masks, seeds, s, on_step)
+    p = sample_particles(decoder_for(model, xs.shape[1]), xs, masks, seeds, s, on_step)
     R, K = p.logw.shape
     w = final_weights(p.logw, s.weights)  # (R, K)
+    check_finite(p.logw.sum() + p.top_probs.sum(), "mc log-probs")  # the batch's one sync before the copies
     ess_at = p.ess_at.cpu().numpy()  # the one host copy of the sampler's bookkeeping
     ess_before = [[float(e) for e in row[~np.isnan(row)]] for row in ess_at]
     if s.score == "full-conditional":

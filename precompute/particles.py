@@ -82,6 +82,19 @@ class McSettings:
         return self.smc_ess if self.weights == "smc" else 0.0
 
 
+def bytes_per_row(config, L: int, K: int, keep: int, elt: int) -> int:
+    """GPU memory one row's K particles take in `sample_particles` and the mixture after it (elt: bytes per
+    element of the model's dtype): what `--batch-size` auto divides free memory by."""
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv = K * L * 2 * c.num_hidden_layers * kv_heads * head_dim * elt  # the static cache of L positions
+    logits = K * c.vocab_size * 4 * 6  # a step's float32 logits and their temporaries (log-softmax, cdf, top-m)
+    scores = K * L * keep * 8  # recorded top-m ids (int32) and probabilities (float32)
+    mixture = K * L * keep * 40  # the final mixture's sort: ids, probabilities, order, segments (64-bit)
+    return kv + logits + scores + mixture
+
+
 # ------------------------------------------------------------------------------------------- randomness
 
 
@@ -101,7 +114,8 @@ def draw_tokens(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     total = cdf[:, -1:].contiguous()  # (N, 1)
     z = torch.searchsorted(cdf, u.to(cdf.dtype)[:, None] * total, right=True)
     # u·total rounds up to total when u is within float32 rounding of 1: the last token of positive mass then
-    return torch.minimum(z, torch.searchsorted(cdf, total))[:, 0]
+    # (the clamp: NaN log-probs, an overflowing teacher, must reach `check_finite`, not an index error)
+    return torch.minimum(z, torch.searchsorted(cdf, total))[:, 0].clamp_(max=logp.shape[-1] - 1)
 
 
 def ess(logw: torch.Tensor) -> torch.Tensor:
@@ -227,9 +241,7 @@ def sample_particles(
     plan = StepPlan.of(masks, L, K, s.resample_below > 0, dev)
     u, u0 = (t.to(dev) for t in row_uniforms(seeds, K, L))
     u = u.reshape(R * K, L)
-    last = decoder.prefill(xs[:, : plan.start])  # (R, V): the shortest shared prefix, once per row
-    decoder.repeat(K)
-    last = last.repeat_interleave(K, 0)  # (N, V)
+    last = decoder.prefill(xs[:, : plan.start], K)  # (N, V): the shortest shared prefix, its cache shared by K
     M = max(len(m) for m in masks) if record else 0
     m_keep = min(s.keep, last.shape[-1]) if record else 0
     p = Particles(

@@ -32,6 +32,15 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask=None, position_
     return out.last_hidden_state
 
 
+def check_finite(t: torch.Tensor, where: str) -> None:
+    """Refuse a teacher output holding NaN (its logits overflowed, e.g. a model trained in bf16 run in float16)."""
+    if torch.isnan(t).any():
+        raise UserError(
+            f"the teacher's {where} came out NaN (its activations overflow in this --dtype); rerun with "
+            "--dtype bfloat16 (or float32)"
+        )
+
+
 def head_logits(model, h: torch.Tensor) -> torch.Tensor:
     """(n, V) float32 logits from (n, H) last hidden states, as the model's own forward computes them.
 
@@ -287,6 +296,7 @@ def rescore(
         s = firsts[b] + right[offsets[b] : offsets[b] + P * (k + 1)].view(P, k + 1)
         s = s.masked_fill(~valids[b], NEG_INF)
         results.append((cands[b], torch.log_softmax(s, dim=-1)))
+        check_finite(results[-1][1], "topk scores")
     return results
 
 

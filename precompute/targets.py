@@ -66,6 +66,24 @@ def support_size(cfg: BuildConfig) -> int:
     return cfg.top_n if cfg.sparsify == "topn" else next_token_keep(cfg.top_n)
 
 
+DEFAULT_BATCH = 8  # sequences per teacher call where --batch-size is not given (and not mc on CUDA)
+
+
+def auto_batch_size(cfg: BuildConfig, teacher) -> tuple[int, str]:
+    """--batch-size (sequences) when not given, and why: 8, or for mc on CUDA the most whose rows' particles fit
+    in 80% of the free GPU memory (`particles.bytes_per_row`), at most a shard's sequences."""
+    if cfg.mode != "mc" or not str(teacher.device).startswith("cuda"):
+        return DEFAULT_BATCH, "the default"
+    from ar2mdm.precompute.particles import bytes_per_row, next_token_keep
+
+    free, _ = torch.cuda.mem_get_info()
+    model = teacher.model
+    elt = next(model.parameters()).element_size()
+    per_row = bytes_per_row(model.config, cfg.seq_len, cfg.k, next_token_keep(support_size(cfg)), elt)
+    seqs = max(1, min(cfg.seqs_per_shard, int(0.8 * free) // (per_row * cfg.masks_per_seq)))
+    return seqs, f"auto: {per_row / 2**20:.0f} MiB per row, {free / 2**30:.1f} GiB free"
+
+
 def clean_context_targets(
     cfg: BuildConfig,
     teacher,
@@ -75,15 +93,17 @@ def clean_context_targets(
     fim_ids=None,
     on_batch=None,
 ) -> list[dict]:
-    """topk or fim targets for whole sequences: per sequence a dict position -> (ids, logprobs)."""
+    """topk or fim targets for whole sequences: per sequence a dict position -> (ids, logprobs). One teacher call
+    per --batch-size sequences, or for all of them (a backend that schedules a whole shard, `whole_shard`)."""
     out = []
-    for a in range(0, len(ids), cfg.batch_size):
-        x, pos = ids[a : a + cfg.batch_size], positions[a : a + cfg.batch_size]
+    step = len(ids) if teacher.whole_shard else (cfg.batch_size or DEFAULT_BATCH)
+    for a in range(0, len(ids), step):
+        x, pos = ids[a : a + step], positions[a : a + step]
         if cfg.mode == "fim":
             res = teacher.fim_targets(x, pos, fim_ids, cfg.window, support_size(cfg), cfg.token_budget)
         else:
             res = teacher.rescore_targets(x, pos, cfg.k, cfg.window, cfg.token_budget)
-        for (cand, logq), p, key in zip(res, pos, keys[a : a + cfg.batch_size]):
+        for (cand, logq), p, key in zip(res, pos, keys[a : a + step]):
             tid, tlp = sparse_targets(cfg, cand, logq, key)
             out.append({int(i): (tid[j], tlp[j]) for j, i in enumerate(p.tolist())})
         if on_batch:

@@ -12,7 +12,7 @@ from ar2mdm.schemas import SchemaError
 from ar2mdm.shared.cpus import passive_threads_when_busy
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.settings import cli_signature
-from ar2mdm.train.config import TrainConfig
+from ar2mdm.train.config import EvalConfig, SampleConfig, TrainConfig
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Train a masked-diffusion student on kdtargets shards."
@@ -45,44 +45,15 @@ def run(**settings) -> None:
 
 
 @app.command("eval")
-def eval_(
-    run: str = typer.Argument(..., help="A kdtrain run folder."),
-    data: str = typer.Option(
-        ..., help="A corpus (file/folder, save_to_disk dataset, hf:NAME) or a kdtargets shard folder."
-    ),
-    seed: int = typer.Option(0, help="Seed of the evaluation masks (the same seed gives every run the same masks)."),
-    mc_samples: int = typer.Option(4, help="Mask draws per row (stratified numbers of masked tokens)."),
-    max_rows: int = typer.Option(256, help="Rows evaluated (the first ones)."),
-    batch_size: int = typer.Option(16, help="Rows per forward."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
-    by_line: bool = typer.Option(False, help="Raw text: one document per non-empty line."),
-    text_field: str = typer.Option("text", help="Raw .jsonl/.parquet/dataset: the field that holds the text."),
-    split: str = typer.Option("test", help="A dataset --data: the split evaluated."),
-    task: str = typer.Option(
-        "auto",
-        help="auto (the run's own) | pretrain | sft: --data holds chats (messages, or prompt + response), scored on "
-        "the responses only.",
-    ),
-    messages_field: str = typer.Option("messages", help="--task sft: the field of the rows holding a chat."),
-) -> None:
+@cli_signature(EvalConfig)
+def eval_(**settings) -> None:
     """Held-out ELBO bound (nats/token) ± standard error, masked-token accuracy, KD loss; last line: JSON."""
-    from ar2mdm.train.evaluate import evaluate
-
+    cfg = EvalConfig(**settings)
     try:
-        res = evaluate(
-            run,
-            data,
-            seed,
-            mc_samples,
-            batch_size,
-            max_rows,
-            device,
-            by_line,
-            text_field,
-            split=split,
-            task=task,
-            messages_field=messages_field,
-        )
+        cfg.check()  # before torch is imported: a mistake costs a second
+        from ar2mdm.train.evaluate import evaluate
+
+        res = evaluate(cfg)
     except (UserError, SchemaError) as e:
         _fail(str(e))
     scope = "response tokens" if res["task"] == "sft" else "tokens"
@@ -94,38 +65,18 @@ def eval_(
 
 
 @app.command()
-def sample(
-    run: str = typer.Argument(..., help="A kdtrain run folder."),
-    prompt: str = typer.Option("", help="Text the completion follows (kept fixed)."),
-    length: int = typer.Option(32, help="Tokens to generate."),
-    steps: int = typer.Option(32, help="Denoising steps (at most --length); fewer steps reveal more tokens each."),
-    temperature: float = typer.Option(0.0, help="0: greedy predictions; > 0: sample them at this temperature."),
-    remasking: str = typer.Option("low-confidence", help="low-confidence (reveal the most confident, LLaDA) | random."),
-    seed: int = typer.Option(0, help="Seed of the sampling and of random remasking."),
-    raw: bool = typer.Option(
-        False, help="Print prompt + completion as plain text (default: labelled, newlines shown as \\n)."
-    ),
-    chat: Optional[bool] = typer.Option(
-        None,
-        "--chat/--no-chat",
-        help="The prompt is a user turn, rendered as the SFT build rendered its chats, and the answer stops at its "
-        "first end of turn. Default: on for SFT runs.",
-    ),
-    block_length: Optional[int] = typer.Option(
-        None,
-        help="Reveal the completion block by block, left to right (LLaDA's semi-autoregressive decoding; --steps "
-        "shared among the blocks). Default: the whole length at once.",
-    ),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
-) -> None:
+@cli_signature(SampleConfig)
+def sample(**settings) -> None:
     """Generate with LLaDA's remasking sampler; prints the prompt and the completion."""
-    from ar2mdm.train.evaluate import sample as do_sample
-
+    cfg = SampleConfig(**settings)
     try:
-        p, c = do_sample(run, prompt, length, steps, device, seed, temperature, remasking, chat, block_length)
+        cfg.check()
+        from ar2mdm.train.evaluate import sample as do_sample
+
+        p, c = do_sample(cfg)
     except UserError as e:
         _fail(str(e))
-    if raw:
+    if cfg.raw:
         typer.echo(p + c)
     else:
         typer.echo(f"prompt:     {_visible(p)}")

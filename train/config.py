@@ -136,3 +136,78 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _run_argument() -> str:
+    return dataclasses.field(metadata={"help": "A kdtrain run folder.", "flag": None, "argument": True})
+
+
+@dataclass
+class EvalConfig:
+    """Every setting of `kdtrain eval` (and of the sweep's evaluation)."""
+
+    run: str = _run_argument()
+    data: str | None = setting(
+        None, "A corpus (file/folder, save_to_disk dataset, hf:NAME) or a kdtargets shard folder (required)."
+    )
+    seed: int = setting(0, "Seed of the evaluation masks (the same seed gives every run the same masks).")
+    mc_samples: int = setting(4, "Mask draws per row (stratified numbers of masked tokens).")
+    max_rows: int = setting(256, "Rows evaluated (the first ones).")
+    batch_size: int = setting(16, "Rows per forward.")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    by_line: bool = setting(False, "Raw text: one document per non-empty line.")
+    text_field: str = setting("text", "Raw .jsonl/.parquet/dataset: the field that holds the text.")
+    split: str = setting("test", "A dataset --data: the split evaluated.")
+    task: Literal["auto", "pretrain", "sft"] = setting(
+        "auto",
+        "auto (the run's own) | pretrain | sft: --data holds chats (messages, or prompt + response), scored on the "
+        "responses only.",
+    )
+    messages_field: str = setting("messages", "--task sft: the field of the rows holding a chat.")
+    per_row: bool = False  # API only: also return each row's estimate and tokens (paired comparisons)
+
+    def check(self) -> None:
+        check_choices(self)
+        if not self.data:
+            raise UserError("--data is required: the held-out corpus or shard folder to evaluate on")
+        if self.mc_samples < 1:
+            raise UserError(f"--mc-samples must be at least 1, got {self.mc_samples}")
+        if self.max_rows < 1 or self.batch_size < 1:
+            raise UserError("--max-rows and --batch-size must be at least 1")
+
+
+@dataclass
+class SampleConfig:
+    """Every setting of `kdtrain sample`."""
+
+    run: str = _run_argument()
+    prompt: str = setting("", "Text the completion follows (kept fixed).")
+    length: int = setting(32, "Tokens to generate.")
+    steps: int = setting(32, "Denoising steps (at most --length); fewer steps reveal more tokens each.")
+    temperature: float = setting(0.0, "0: greedy predictions; > 0: sample them at this temperature.")
+    remasking: Literal["low-confidence", "random"] = setting(
+        "low-confidence", "low-confidence (reveal the most confident, LLaDA) | random."
+    )
+    seed: int = setting(0, "Seed of the sampling and of random remasking.")
+    raw: bool = setting(False, "Print prompt + completion as plain text (default: labelled, newlines shown as \\n).")
+    chat: bool | None = setting(
+        None,
+        "The prompt is a user turn, rendered as the SFT build rendered its chats, and the answer stops at its first "
+        "end of turn. Default: on for SFT runs.",
+        flag="--chat/--no-chat",
+    )
+    block_length: int | None = setting(
+        None,
+        "Reveal the completion block by block, left to right (LLaDA's semi-autoregressive decoding; --steps shared "
+        "among the blocks). Default: the whole length at once.",
+    )
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+
+    def check(self) -> None:
+        check_choices(self)
+        if self.length < 1 or self.steps < 1:
+            raise UserError("--length and --steps must be at least 1")
+        if self.temperature < 0:
+            raise UserError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.block_length is not None and self.block_length < 1:
+            raise UserError(f"--block-length must be at least 1, got {self.block_length}")

@@ -12,6 +12,7 @@ import torch
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.masking import maskable_positions, sample_count_masks, stratified_counts
 from ar2mdm.train.checkpoint import load_student, load_tokenizer, run_task
+from ar2mdm.train.config import EvalConfig, SampleConfig, TrainConfig
 from ar2mdm.train.data import Row, collate, load_shard_manifest
 from ar2mdm.train.losses import corrupt
 from ar2mdm.train.step import resolve_device, step_losses
@@ -133,21 +134,7 @@ def elbo_row_estimates(
 
 
 @torch.no_grad()
-def evaluate(
-    run: str,
-    data: str,
-    seed: int = 0,
-    mc_samples: int = 4,
-    batch_size: int = 16,
-    max_rows: int = 256,
-    device: str = "auto",
-    by_line: bool = False,
-    text_field: str = "text",
-    per_row: bool = False,
-    split: str = "test",
-    task: str = "auto",
-    messages_field: str = "messages",
-) -> dict:
+def evaluate(cfg: EvalConfig) -> dict:
     """Held-out ELBO bound (nats/token) with its standard error, masked-token accuracy and, on shards, the
     KD loss against the stored targets.
 
@@ -157,7 +144,7 @@ def evaluate(
     stratified. Masks depend on ``seed``, the rows and ``batch_size`` only, never on the model: two runs
     evaluated alike see the same masks, and their difference is the models'. ``per_row``: also return each
     row's estimate (``row_nll``, nats) and maskable tokens (``row_tokens``), for paired comparisons. ``split``:
-    the split of a dataset ``data`` (save_to_disk folder or hf:NAME).
+    the split of a dataset ``data`` (save_to_disk folder or hf:NAME). Settings: `config.EvalConfig`.
 
     ``task`` "sft" (``auto``: the run's own task): ``data`` holds chats (``messages``, or ``prompt`` +
     ``response``), rendered as the SFT build renders them, and the bound covers each response's tokens through
@@ -166,18 +153,17 @@ def evaluate(
     """
     from dataclasses import replace
 
-    from ar2mdm.train.config import TrainConfig
     from ar2mdm.train.data import TargetSpec
 
-    if mc_samples < 1:
-        raise UserError(f"--mc-samples must be at least 1, got {mc_samples}")
-    if task not in ("auto", "pretrain", "sft"):
-        raise UserError(f"--task must be auto, pretrain or sft, got {task!r}")
-    device = resolve_device(device)
-    model, meta = load_student(Path(run), device)
-    tokenizer = load_tokenizer(Path(run))
-    task = run_task(meta)[0] if task == "auto" else task
-    rows, manifest = _rows_from(Path(data), meta, tokenizer, max_rows, by_line, text_field, split, task, messages_field)
+    cfg.check()
+    device = resolve_device(cfg.device)
+    model, meta = load_student(Path(cfg.run), device)
+    tokenizer = load_tokenizer(Path(cfg.run))
+    task = run_task(meta)[0] if cfg.task == "auto" else cfg.task
+    rows, manifest = _rows_from(
+        Path(cfg.data), meta, tokenizer, cfg.max_rows, cfg.by_line, cfg.text_field, cfg.split, task, cfg.messages_field
+    )
+    mc_samples, seed, batch_size = cfg.mc_samples, cfg.seed, cfg.batch_size
     from ar2mdm.shared.tokenizer import response_length, stop_ids
 
     stops = stop_ids(tokenizer)
@@ -223,7 +209,7 @@ def evaluate(
     }
     if kd_rows:
         out["kd_loss"] = kd_sum / kd_rows
-    if per_row:
+    if cfg.per_row:
         out["row_nll"], out["row_tokens"] = est.tolist(), tok.tolist()
     return out
 
@@ -239,36 +225,19 @@ def _prompt_row(meta: dict, tok, prompt: str, chat: bool) -> list[int]:
 
 
 @torch.no_grad()
-def sample(
-    run: str,
-    prompt: str,
-    length: int,
-    steps: int,
-    device: str = "auto",
-    seed: int = 0,
-    temperature: float = 0.0,
-    remasking: str = "low-confidence",
-    chat: bool | None = None,
-    block_length: int | None = None,
-) -> tuple[str, str]:
+def sample(cfg: SampleConfig) -> tuple[str, str]:
     """LLaDA's sampler: start with ``length`` masks after the prompt; at each of ``steps`` steps predict every
     masked token (greedy, or sampled at ``temperature``), reveal as many as a linear schedule allows and keep
     the rest masked. ``remasking``: which predictions are revealed: the most confident (low-confidence
     remasking, as LLaDA) or random ones. ``block_length``: reveal block by block, left to right (LLaDA's
     semi-autoregressive decoding). ``chat`` (default: on for SFT runs): the prompt is a user turn rendered as the
     build rendered the run's rows, and the answer ends at its first end of turn (nothing after it is returned).
-    Returns (prompt, completion) as text."""
-    if length < 1 or steps < 1:
-        raise UserError("--length and --steps must be at least 1")
-    if temperature < 0:
-        raise UserError(f"--temperature must be >= 0, got {temperature}")
-    if remasking not in ("low-confidence", "random"):
-        raise UserError(f"--remasking must be low-confidence or random, got {remasking!r}")
-    if block_length is not None and block_length < 1:
-        raise UserError(f"--block-length must be at least 1, got {block_length}")
-    device = resolve_device(device)
-    model, meta = load_student(Path(run), device)
-    tok = load_tokenizer(Path(run))
+    Returns (prompt, completion) as text. Settings: `config.SampleConfig`."""
+    cfg.check()
+    device = resolve_device(cfg.device)
+    model, meta = load_student(Path(cfg.run), device)
+    tok = load_tokenizer(Path(cfg.run))
+    prompt, length, chat = cfg.prompt, cfg.length, cfg.chat
     from ar2mdm.shared.tokenizer import stop_ids
     from ar2mdm.train.model import cut_at_stop, denoise
 
@@ -280,7 +249,8 @@ def sample(
         )
     stops = tuple(stop_ids(tok)) if chat else ()
     x = torch.tensor([p + [model.config.mask_id] * length], device=device)  # (1, P+N)
-    x = denoise(model, x, steps, temperature, remasking, torch.Generator().manual_seed(seed), block_length, stops)
+    g = torch.Generator().manual_seed(cfg.seed)
+    x = denoise(model, x, cfg.steps, cfg.temperature, cfg.remasking, g, cfg.block_length, stops)
     out = x[0, len(p) :].tolist()
     if chat:
         out = cut_at_stop(out, stops)

@@ -105,6 +105,7 @@ def run_point(cfg: SweepConfig, point: dict) -> dict:
     ``train.json`` and ``eval.json`` mark the two steps done: deleting ``eval.json`` re-evaluates a point
     without retraining it. The per-row estimates are kept for paired comparisons (`write_results`).
     """
+    from ar2mdm.train.config import EvalConfig
     from ar2mdm.train.evaluate import evaluate
     from ar2mdm.train.loop import run_training
 
@@ -122,15 +123,17 @@ def run_point(cfg: SweepConfig, point: dict) -> dict:
         trained.write_text(json.dumps(res))
     res = json.loads(trained.read_text())
     ev = evaluate(
-        str(run),
-        cfg.eval_data,
-        seed=cfg.eval_seed,
-        mc_samples=cfg.eval_samples,
-        max_rows=cfg.eval_rows,
-        device=tc.device,
-        by_line=cfg.by_line,
-        text_field=cfg.text_field,
-        per_row=True,
+        EvalConfig(
+            run=str(run),
+            data=cfg.eval_data,
+            seed=cfg.eval_seed,
+            mc_samples=cfg.eval_samples,
+            max_rows=cfg.eval_rows,
+            device=tc.device,
+            by_line=cfg.by_line,
+            text_field=cfg.text_field,
+            per_row=True,
+        )
     )
     row = {
         "name": point_name(point),

@@ -141,3 +141,70 @@ def test_rows_at_once_converge_to_the_exact_limit():
         for p, i in enumerate(masked):
             own = limits[i][("importance", "next-token")]
             assert tv(dense(est.ids[p], est.logprobs[p]), own) < 0.04
+
+
+def test_the_static_cache_decoder_draws_what_the_dynamic_one_draws():
+    """`StaticDecoder` (CUDA's: preallocated cache, graph-capturable step; here without the graph) against
+    `TorchDecoder`, through resamplings that copy cache rows."""
+    from ar2mdm.precompute.decode import StaticDecoder
+
+    model = tiny_llama(V, seed=3, sharpness=3.0).double()
+    s = McSettings(k=8, weights="smc", top_n=2, smc_ess=1.0)
+    masks = [MASKED[r] for r in range(3)]
+    a = sample_particles(TorchDecoder(model), ROWS, masks, SEEDS, s)
+    b = sample_particles(StaticDecoder(model, ROWS.shape[1], graph=False), ROWS, masks, SEEDS, s)
+    assert torch.equal(a.seqs, b.seqs) and (~torch.isnan(a.ess_at)).sum() > 0
+    torch.testing.assert_close(a.logw, b.logw, atol=1e-9, rtol=0)
+    torch.testing.assert_close(a.top_probs, b.top_probs, atol=1e-6, rtol=0)
+
+
+def test_auto_batch_size_divides_free_memory_by_what_a_row_takes(monkeypatch, tmp_path):
+    """--batch-size auto on CUDA (arithmetic only; no GPU needed): the KV cache dominates a 135M-shaped row."""
+    from types import SimpleNamespace
+
+    from ar2mdm.precompute.config import BuildConfig
+    from ar2mdm.precompute.particles import bytes_per_row
+    from ar2mdm.precompute.targets import auto_batch_size
+
+    shape = SimpleNamespace(
+        num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576, vocab_size=49152
+    )
+    per_row = bytes_per_row(shape, 512, 8, 64, 2)
+    kv = 8 * 512 * 2 * 30 * 3 * 64 * 2
+    assert kv < per_row < 2 * kv
+    cfg = BuildConfig(corpus=str(tmp_path), mode="mc", seq_len=512, seqs_per_shard=4096, masks_per_seq=2)
+    teacher = SimpleNamespace(
+        device="cuda:0",
+        model=SimpleNamespace(config=shape, parameters=lambda: iter([torch.zeros(1, dtype=torch.bfloat16)])),
+    )
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (100 * 2**30, 140 * 2**30))
+    seqs, why = auto_batch_size(cfg, teacher)
+    assert seqs == int(0.8 * 100 * 2**30) // (per_row * 2) and "GiB free" in why
+    assert auto_batch_size(BuildConfig(corpus=str(tmp_path), mode="topk"), teacher)[0] == 8
+    cpu = SimpleNamespace(device="cpu", model=teacher.model)
+    assert auto_batch_size(cfg, cpu)[0] == 8
+
+
+def test_a_teacher_that_overflows_stops_with_one_line():
+    """float16 is the CUDA default (docs/scaling.md, Numerics): a NaN from overflowing activations must not reach
+    a shard; every mode stops with a pointer to --dtype bfloat16."""
+    from ar2mdm.precompute.rescoring import rescore
+    from ar2mdm.shared.errors import UserError
+
+    model = tiny_llama(V, seed=3)
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    with pytest.raises(UserError, match="--dtype bfloat16"):
+        mc_targets(model, ROWS, MASKED, SEEDS, McSettings(k=2, weights="importance", top_n=2))
+    with pytest.raises(UserError, match="--dtype bfloat16"):
+        rescore(model, ROWS, [torch.as_tensor(m) for m in MASKED], 2, 2)
+
+
+def test_auto_dtype_is_float16_on_cuda_except_for_gemma():
+    from types import SimpleNamespace
+
+    from ar2mdm.precompute.teacher import auto_dtype
+
+    assert auto_dtype("cpu", SimpleNamespace(model_type="llama")) == "float32"
+    assert auto_dtype("cuda", SimpleNamespace(model_type="llama")) == "float16"
+    assert auto_dtype("cuda:1", SimpleNamespace(model_type="gemma3_text")) == "bfloat16"

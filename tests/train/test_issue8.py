@@ -16,7 +16,7 @@ from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.masking import maskable_positions, sample_count_masks, stratified_counts
 from ar2mdm.train import loop
 from ar2mdm.train.cli import app
-from ar2mdm.train.config import TrainConfig
+from ar2mdm.train.config import EvalConfig, TrainConfig
 from ar2mdm.train.data import Row, TargetSpec, collate, sft_padding_start
 from ar2mdm.train.evaluate import elbo_row_estimates, evaluate
 from ar2mdm.train.loop import run_training
@@ -215,7 +215,7 @@ def test_steps_0_saves_the_warm_start_and_eval_reports_a_standard_error(tiny_sha
     # the same masks for both (they depend on the rows and seed only), so the difference is the models'
     assert res[True]["tokens"] == res[False]["tokens"]
     # --by-line is honoured: one document per line packs differently from one document per file
-    whole = evaluate(str(tmp_path / "a2d-True"), str(corpus), mc_samples=2)
+    whole = evaluate(EvalConfig(run=str(tmp_path / "a2d-True"), data=str(corpus), mc_samples=2))
     assert whole["nll_bound"] != res[True]["nll_bound"]
 
 

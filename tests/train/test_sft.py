@@ -17,7 +17,7 @@ from ar2mdm.schemas import Manifest
 from ar2mdm.shared.shards import read_shard
 from ar2mdm.train.checkpoint import load_meta, load_tokenizer
 from ar2mdm.train.cli import app
-from ar2mdm.train.config import TrainConfig
+from ar2mdm.train.config import EvalConfig, TrainConfig
 from ar2mdm.train.evaluate import _prompt_row, _rows_from, evaluate
 from ar2mdm.train.loop import run_training
 from ar2mdm.train.model import cut_at_stop, denoise
@@ -98,7 +98,7 @@ def test_eval_scores_the_responses_only_against_a_hand_count(sft_run, monkeypatc
         return mask
 
     monkeypatch.setattr(evaluate_mod, "sample_count_masks", recording)
-    res = evaluate(str(run), str(heldout), mc_samples=3, per_row=True)
+    res = evaluate(EvalConfig(run=str(run), data=str(heldout), mc_samples=3, per_row=True))
     assert res["task"] == "sft"
     # by hand: one token per character of the answer, and the <|im_end|> that ends it; no prompt, no template
     # tokens, no EOS padding

@@ -210,11 +210,8 @@ def test_training_runs_without_teacher_or_precompute(tiny_shards, tmp_path):
         "import sys; from ar2mdm.train.cli import app; "
         f"app(['run', {str(shards)!r}, '--out', {str(tmp_path / 'run')!r}, '--student', 'tiny', '--steps', '2', "
         "'--batch-size', '2', '--no-progress'], standalone_mode=False); "
-        "from ar2mdm.train.evaluate import evaluate; evaluate("
-        + repr(str(tmp_path / "run"))
-        + ", "
-        + repr(str(shards))
-        + ", mc_samples=1); "
+        "from ar2mdm.train.config import EvalConfig; from ar2mdm.train.evaluate import evaluate; "
+        f"evaluate(EvalConfig(run={str(tmp_path / 'run')!r}, data={str(shards)!r}, mc_samples=1)); "
         "assert not [m for m in sys.modules if m.startswith('ar2mdm.precompute')], 'precompute imported'; "
         "print('CLEAN')"
     )

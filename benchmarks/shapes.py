@@ -1,0 +1,69 @@
+"""Teacher shapes for the GPU benchmarks: random-initialised teachers saved as folders, and the copy bandwidth.
+
+Throughput does not depend on the weights' values, so a random teacher of a shape stands in for the real one. The
+config and tokenizer are the default teacher's where it loads (its package and `gguf` installed); on a machine
+without them (the benchmark GPU: no `gguf`, no network) a Llama config of the same sizes with the default
+teacher's vocabulary size (49,152) and a character tokenizer (tests/tiny.py): the logits cost the same.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {  # hidden, layers, heads, KV heads, intermediate (Llama-style)
+    "135m": (576, 30, 9, 3, 1536),
+    "1.7b": (2048, 24, 32, 32, 8192),
+    "8b": (4096, 32, 32, 8, 14336),
+}
+VOCAB = 49152  # SmolLM2's
+
+
+def random_teacher(shape: str, out: Path, dtype: str) -> Path:
+    """A teacher folder of ``shape`` with random weights in ``dtype``: config, tokenizer, safetensors."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    h, n, a, kv, inter = SHAPES[shape]
+    sizes = dict(
+        hidden_size=h,
+        num_hidden_layers=n,
+        num_attention_heads=a,
+        num_key_value_heads=kv,
+        intermediate_size=inter,
+        head_dim=h // a,
+    )
+    try:
+        from ar2mdm.precompute.teacher import load_tokenizer, resolve_teacher
+
+        folder, _ = resolve_teacher(None)
+        cfg = AutoConfig.from_pretrained(folder)
+        tok = load_tokenizer(folder)
+    except Exception as e:  # no default teacher here: the same sizes and vocabulary, a character tokenizer
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from tests.tiny import char_tokenizer
+
+        print(f"(default teacher unavailable: {str(e).splitlines()[0][:80]}; a character tokenizer)", file=sys.stderr)
+        cfg = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=1)
+        tok = char_tokenizer()
+    cfg.update(sizes)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes/s of a 1 GiB device-to-device copy (read + write counted)."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    return 2 * 10 * a.numel() / (time.perf_counter() - t0)
