@@ -9,7 +9,7 @@ from typing import Literal, Mapping
 
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.paths import check_output_folder
-from ar2mdm.shared.settings import check_choices, setting
+from ar2mdm.shared.settings import check_settings, setting
 
 Mode = Literal["topk", "mc", "fim"]
 Backend = Literal["hf", "vllm", "auto"]
@@ -39,12 +39,12 @@ class BuildConfig:
         "pretrain", "pretrain | sft (jsonl rows with prompt/response or messages)"
     )
     # rows
-    seq_len: int = setting(128, "Tokens per row, BOS included.")
-    masks_per_seq: int = setting(1, "Rows (masks) per sequence.")
-    mask_eps: float = setting(1e-3, "t ~ U(eps, 1).")
+    seq_len: int = setting(128, "Tokens per row, BOS included.", at_least=2)
+    masks_per_seq: int = setting(1, "Rows (masks) per sequence.", at_least=1)
+    mask_eps: float = setting(1e-3, "t ~ U(eps, 1).", above=0, below=1)
     seed: int = setting(0, "Seed of the masks (and of mc's samples); with the row ids it fixes every row.")
     # cap on this rank's sequences (demos, smoke tests)
-    max_sequences: int | None = setting(None, "Use at most this many sequences per rank.")
+    max_sequences: int | None = setting(None, "Use at most this many sequences per rank.", at_least=1)
     by_line: bool = setting(False, "One document per non-empty line of text files.")
     text_field: str = setting("text", "Field of .jsonl/.parquet/dataset rows holding the text.")
     messages_field: str = setting("messages", "--task sft: field of the rows holding a chat (list of role/content).")
@@ -52,18 +52,20 @@ class BuildConfig:
         "train", "Dataset corpora (a save_to_disk folder or hf:NAME[:CONFIG] from the local cache): the split."
     )
     # targets
-    k: int = setting(8, "topk: candidates per position (+ the true token); mc: samples.")
-    window: int | None = setting(None, "Right-context tokens scored (default: the whole row).")
-    top_n: int = setting(16, "Target entries stored per position.")
+    k: int = setting(8, "topk: candidates per position (+ the true token); mc: samples.", at_least=1)
+    window: int | None = setting(None, "Right-context tokens scored (default: the whole row).", at_least=1)
+    top_n: int = setting(16, "Target entries stored per position.", at_least=1)
     positions: Literal["masked", "all"] = setting("masked", "masked | all: which positions get targets.")
     sparsify: Literal["topn", "sample"] = setting(
         "topn",
         "topn: the --top-n most probable entries | sample: RS-KD, --samples draws from the target (unbiased; train "
         "at T=1).",
     )
-    samples: int = setting(32, "--sparsify sample: draws per position (distinct ones are stored with their counts).")
+    samples: int = setting(
+        32, "--sparsify sample: draws per position (distinct ones are stored with their counts).", at_least=1
+    )
     # mc (see docs/mc.md)
-    sample_temperature: float = setting(1.0, "mc: sampling temperature.")
+    sample_temperature: float = setting(1.0, "mc: sampling temperature.", above=0)
     mc_score: Literal["next-token", "full-conditional"] = setting("next-token", "mc: next-token | full-conditional")
     # smc: the default since issue 11's measurements (docs/mc.md): better targets than the seed's uniform weights
     # at the same teacher cost; `uniform` keeps the seed's estimator
@@ -76,14 +78,18 @@ class BuildConfig:
         0.5,
         "mc smc: resample when the effective sample size falls below this fraction of --k (0 never, 1 at every "
         "visible run).",
+        at_least=0,
+        at_most=1,
     )
-    rescore_k: int = setting(8, "mc full-conditional: rescoring candidates.")
+    rescore_k: int = setting(8, "mc full-conditional: rescoring candidates.", at_least=1)
     # output
     format: Literal["parquet", "safetensors"] = setting("parquet", "parquet | safetensors")
     logprob_dtype: Literal["float16", "float32"] = setting("float16", "float16 | float32")
-    seqs_per_shard: int = setting(64, "Sequences per shard file.")
+    seqs_per_shard: int = setting(64, "Sequences per shard file.", at_least=1)
     flush_seconds: float = setting(
-        60.0, "Write an unfinished shard's finished sequences this often (and on Ctrl-C); a rerun resumes after them."
+        60.0,
+        "Write an unfinished shard's finished sequences this often (and on Ctrl-C); a rerun resumes after them.",
+        at_least=0,
     )
     fresh: bool = setting(False, "Delete a previous build in --out first (its manifest, tokenizer and shards).")
     rank: int = setting(
@@ -94,6 +100,7 @@ class BuildConfig:
     world_size: int = setting(
         1,
         "Number of ranks; default: from the launcher (WORLD_SIZE, the Slurm array's task count, SLURM_NTASKS), else 1.",
+        at_least=1,
     )
     # engine
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
@@ -107,53 +114,24 @@ class BuildConfig:
         None,
         "Sequences per teacher call (torch backend; mc: all their K particles in one forward). Default: 8; mc on "
         "CUDA: the most whose particles fit in 80% of free GPU memory (at most a shard's).",
+        at_least=1,
     )
     token_budget: int = setting(4096, "Tokens per packed rescoring forward.")
     engine: dict[str, str] = setting({}, "KEY=VALUE passed to the engine (vLLM), repeatable.")
     progress: bool = setting(True, "Show a progress bar.")
     threads: int | None = setting(
-        None, "torch threads (default: OMP_NUM_THREADS, else this process's CPUs / ranks on the node)."
+        None, "torch threads (default: OMP_NUM_THREADS, else this process's CPUs / ranks on the node).", at_least=1
     )
 
     def check(self) -> None:
         """Raise UserError on settings that can be refused before anything is loaded."""
-        check_choices(self)  # every Literal field: --mode, --backend, --task, --positions, --mc-*, ...
-        if self.seq_len < 2:
-            raise UserError(f"--seq-len must be at least 2, got {self.seq_len}")
-        if self.k < 1:
-            raise UserError(f"--k must be at least 1, got {self.k}")
-        if self.rescore_k < 1:
-            raise UserError(f"--rescore-k must be at least 1, got {self.rescore_k}")
-        if self.window is not None and self.window < 1:
-            raise UserError(f"--window must be at least 1, got {self.window}")
-        if self.top_n < 1:
-            raise UserError(f"--top-n must be at least 1, got {self.top_n}")
-        if self.masks_per_seq < 1:
-            raise UserError(f"--masks-per-seq must be at least 1, got {self.masks_per_seq}")
-        if not 0.0 < self.mask_eps < 1.0:
-            raise UserError(f"--mask-eps must be in (0, 1), got {self.mask_eps}")
-        if self.sample_temperature <= 0:
-            raise UserError(f"--sample-temperature must be > 0, got {self.sample_temperature}")
-        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+        check_settings(self)  # every Literal field and every range (setting(at_least=...))
+        if not 0 <= self.rank < self.world_size:
             raise UserError(f"--rank must be in [0, --world-size), got rank {self.rank} of {self.world_size}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.seqs_per_shard < 1:
-            raise UserError(f"--seqs-per-shard must be at least 1, got {self.seqs_per_shard}")
-        if self.flush_seconds < 0:
-            raise UserError(f"--flush-seconds must be >= 0, got {self.flush_seconds}")
-        if self.threads is not None and self.threads < 1:
-            raise UserError(f"--threads must be at least 1, got {self.threads}")
         if self.fresh and self.world_size > 1:
             raise UserError(
                 "--fresh deletes the whole build, so it takes --world-size 1; delete the folder once instead"
             )
-        if self.max_sequences is not None and self.max_sequences < 1:
-            raise UserError(f"--max-sequences must be at least 1, got {self.max_sequences}")
-        if not 0.0 <= self.smc_ess <= 1.0:
-            raise UserError(f"--smc-ess is a fraction of --k in [0, 1] (0 never resamples), got {self.smc_ess}")
-        if self.samples < 1:
-            raise UserError(f"--samples must be at least 1, got {self.samples}")
         if self.mode == "mc" and self.positions == "all":
             raise UserError("--positions all is meaningless with --mode mc: mc targets depend on the row's mask")
 

@@ -107,8 +107,20 @@ class StaticDecoder:
         return last_logits(self.model, out)
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        step = self._decode if self.graph else self._step
-        last = step(tokens[:, None].contiguous(), self.pos).clone()  # a graph's output is overwritten next replay
+        tokens = tokens[:, None].contiguous()
+        if self.graph:
+            try:
+                last = self._decode(tokens, self.pos).clone()  # a graph's output is overwritten by the next replay
+            except Exception as e:  # a model or torch version that does not compile: eager, and say so once
+                import sys
+
+                print(
+                    f"kdtargets: the decode step does not compile ({type(e).__name__}); running eager", file=sys.stderr
+                )
+                self.graph = False
+                last = self._step(tokens, self.pos)
+        else:
+            last = self._step(tokens, self.pos)
         self.pos += 1
         return last
 

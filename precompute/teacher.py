@@ -64,7 +64,7 @@ def teacher_info(spec: str | None, folder: Path, weights_sha: str, config) -> Te
 
 def auto_dtype(device: str, config) -> str:
     """--dtype auto: float32 on the CPU; on CUDA float16, whose 10-bit mantissa keeps targets near fp32 (topk mean
-    TV 0.002 against bf16's 0.018 on the default teacher: docs/scaling.md, "Numerics"), except for the Gemma
+    TV 0.003 against bf16's 0.018 on the default teacher: docs/scaling.md, "Numerics"), except for the Gemma
     family, trained in bf16 with activations beyond float16's range. A NaN output stops the build with a pointer
     to --dtype bfloat16 (`rescoring.check_finite`)."""
     if not device.startswith("cuda"):

@@ -19,9 +19,20 @@ from typing import Any, Callable, Literal, Optional
 from ar2mdm.shared.errors import UserError
 
 
-def setting(default: Any, help: str, *, flag: str | None = None, argument: bool = False) -> Any:
-    """A dataclass field with its command-line help (and flag, where it is not ``--field-name``)."""
-    meta = {"help": help, "flag": flag, "argument": argument}
+def setting(
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    argument: bool = False,
+    at_least: float | None = None,
+    above: float | None = None,
+    at_most: float | None = None,
+    below: float | None = None,
+) -> Any:
+    """A dataclass field with its command-line help (and flag, where it is not ``--field-name``), and the range its
+    value must lie in (checked by `check_settings`; None, where a field allows it, is never out of range)."""
+    meta = {"help": help, "flag": flag, "argument": argument, "range": (at_least, above, at_most, below)}
     if isinstance(default, (dict, list)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -100,13 +111,32 @@ def _choices(tp: Any) -> tuple | None:
     return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
 
 
-def check_choices(settings: Any) -> None:
-    """Refuse a value outside its Literal field's choices, in the command line's words (every mode of a settings
-    dataclass is decoded here, once): ``--mode must be one of topk, mc, fim, got 'x'``."""
+def _range_text(at_least, above, at_most, below) -> str:
+    """'at least 1', '> 0', 'in [0, 1]', 'in (0, 1)'."""
+    lo, hi = (at_least if at_least is not None else above), (at_most if at_most is not None else below)
+    if hi is None:
+        return f"at least {lo}" if at_least is not None else f"> {lo}"
+    return f"in {'[' if at_least is not None else '('}{lo}, {hi}{']' if at_most is not None else ')'}"
+
+
+def check_settings(settings: Any) -> None:
+    """Refuse a value outside its field's choices (Literal) or range (`setting(at_least=...)`), in the command
+    line's words: ``--mode must be one of topk, mc, fim, got 'x'``, ``--k must be at least 1, got 0``. Every mode
+    and every range of a settings dataclass is checked here, once."""
     hints = typing.get_type_hints(type(settings))
     for f in dataclasses.fields(settings):
-        choices = _choices(hints[f.name])
         value = getattr(settings, f.name)
+        flag = (f.metadata.get("flag") or f"--{f.name.replace('_', '-')}").split("/")[0]
+        choices = _choices(hints[f.name])
         if choices is not None and value not in choices:
-            flag = (f.metadata.get("flag") or f"--{f.name.replace('_', '-')}").split("/")[0]
             raise UserError(f"{flag} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        at_least, above, at_most, below = f.metadata.get("range", (None,) * 4)
+        if value is None or (at_least, above, at_most, below) == (None,) * 4:
+            continue
+        if (
+            (at_least is not None and value < at_least)
+            or (above is not None and value <= above)
+            or (at_most is not None and value > at_most)
+            or (below is not None and value >= below)
+        ):
+            raise UserError(f"{flag} must be {_range_text(at_least, above, at_most, below)}, got {value}")

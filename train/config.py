@@ -9,7 +9,7 @@ from typing import Literal, get_args
 
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.paths import check_output_folder
-from ar2mdm.shared.settings import check_choices, setting
+from ar2mdm.shared.settings import check_settings, setting
 
 LambdaSchedule = Literal["constant", "linear-decay", "cosine-decay", "linear-warmup"]  # losses.kd_weight
 LambdaT = Literal["none", "low-t", "high-t"]
@@ -33,7 +33,7 @@ class TrainConfig:
         flag="--ar-shift/--no-ar-shift",
     )
     # λ: weight of the KD term
-    lam: float = setting(0.5, "λ in (1-λ)·MDM + λ·KD.", flag="--lambda")
+    lam: float = setting(0.5, "λ in (1-λ)·MDM + λ·KD.", flag="--lambda", at_least=0, at_most=1)
     # λ over training progress (losses.kd_weight); auto: linear-warmup with --init-from, constant from scratch
     # (docs/results.md: a warm student first adapts to the mask through the MDM term, and KD from step 0 slows
     # that; from scratch, KD from step 0 is what helps)
@@ -43,7 +43,7 @@ class TrainConfig:
         "cosine-decay | linear-warmup.",
     )
     lambda_t: LambdaT = setting("none", "λ over each row's mask ratio t: none | low-t (2(1-t)) | high-t (2t).")
-    temperature: float = setting(1.0, "KD temperature T.")
+    temperature: float = setting(1.0, "KD temperature T.", above=0)
     # auto: bucket when the shards keep a truncated support (mc, fim, topk with top_n < K+1), else renormalize
     # (docs/results.md: on mc targets bucket beat renormalize by 0.12 nats/token held out, and made T = 2 usable)
     tail: Literal["auto", "renormalize", "bucket"] = setting(
@@ -59,23 +59,23 @@ class TrainConfig:
     allow_partial: bool = setting(False, "Train on a build whose ranks have not all finished (refused by default).")
     # default: epochs x (rows per rank / batch)
     steps: int | None = setting(
-        None, "Optimizer steps (default: --epochs over the shards); 0 saves the initial student."
+        None, "Optimizer steps (default: --epochs over the shards); 0 saves the initial student.", at_least=0
     )
     # stop (with a checkpoint) after this step; the schedule still spans `steps`
     stop_at: int | None = setting(None, "Stop after this step (checkpointed); resume later with --resume.")
-    epochs: int = setting(1, "Passes over the shards (when --steps is not given).")
-    batch_size: int = setting(16, "Rows per micro-batch per rank.")
-    grad_accum: int = setting(1, "Micro-batches per optimizer step.")
-    lr: float = setting(3e-4, "Peak learning rate (AdamW; linear warmup, cosine decay to 0.1x).")
+    epochs: int = setting(1, "Passes over the shards (when --steps is not given).", at_least=1)
+    batch_size: int = setting(16, "Rows per micro-batch per rank.", at_least=1)
+    grad_accum: int = setting(1, "Micro-batches per optimizer step.", at_least=1)
+    lr: float = setting(3e-4, "Peak learning rate (AdamW; linear warmup, cosine decay to 0.1x).", above=0)
     min_lr_ratio: float = 0.1
     warmup: float = setting(0.05, "Warmup as a fraction of the steps.")
     weight_decay: float = setting(0.1, "AdamW weight decay (matrices only).")
     clip: float = setting(1.0, "Gradient-norm clipping.")
     seed: int = setting(0, "Seed of the student's init and of the data order.")
     resume: bool = setting(False, "Continue the checkpoint in --out exactly.")
-    save_every: int = setting(200, "Checkpoint every N steps (and at the end).")
-    log_every: int = setting(10, "Append a line to RUN/metrics.jsonl (and to --report-to) every N steps.")
-    shuffle_buffer: int = setting(1024, "Rows held for shuffling the stream.")
+    save_every: int = setting(200, "Checkpoint every N steps (and at the end).", at_least=1)
+    log_every: int = setting(10, "Append a line to RUN/metrics.jsonl (and to --report-to) every N steps.", at_least=1)
+    shuffle_buffer: int = setting(1024, "Rows held for shuffling the stream.", at_least=1)
     num_workers: int = setting(0, "DataLoader worker processes reading shards.")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
@@ -91,18 +91,7 @@ class TrainConfig:
     )
 
     def check(self) -> None:
-        if not 0.0 <= self.lam <= 1.0:
-            raise UserError(f"--lambda must be in [0, 1], got {self.lam}")
-        check_choices(self)  # every Literal field: --lambda-schedule, --lambda-t, --tail, --dtype, --report-to, ...
-        if self.temperature <= 0:
-            raise UserError(f"--temperature must be > 0, got {self.temperature}")
-        for name in ("batch_size", "grad_accum", "epochs", "save_every", "log_every", "shuffle_buffer"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.steps is not None and self.steps < 0:
-            raise UserError(f"--steps must be at least 0 (0 saves the initial student), got {self.steps}")
-        if self.lr <= 0:
-            raise UserError(f"--lr must be > 0, got {self.lr}")
+        check_settings(self)  # every Literal field and every range (setting(at_least=...))
 
     @property
     def run_dir(self) -> Path:
@@ -151,9 +140,9 @@ class EvalConfig:
         None, "A corpus (file/folder, save_to_disk dataset, hf:NAME) or a kdtargets shard folder (required)."
     )
     seed: int = setting(0, "Seed of the evaluation masks (the same seed gives every run the same masks).")
-    mc_samples: int = setting(4, "Mask draws per row (stratified numbers of masked tokens).")
-    max_rows: int = setting(256, "Rows evaluated (the first ones).")
-    batch_size: int = setting(16, "Rows per forward.")
+    mc_samples: int = setting(4, "Mask draws per row (stratified numbers of masked tokens).", at_least=1)
+    max_rows: int = setting(256, "Rows evaluated (the first ones).", at_least=1)
+    batch_size: int = setting(16, "Rows per forward.", at_least=1)
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
     by_line: bool = setting(False, "Raw text: one document per non-empty line.")
     text_field: str = setting("text", "Raw .jsonl/.parquet/dataset: the field that holds the text.")
@@ -167,13 +156,9 @@ class EvalConfig:
     per_row: bool = False  # API only: also return each row's estimate and tokens (paired comparisons)
 
     def check(self) -> None:
-        check_choices(self)
+        check_settings(self)
         if not self.data:
             raise UserError("--data is required: the held-out corpus or shard folder to evaluate on")
-        if self.mc_samples < 1:
-            raise UserError(f"--mc-samples must be at least 1, got {self.mc_samples}")
-        if self.max_rows < 1 or self.batch_size < 1:
-            raise UserError("--max-rows and --batch-size must be at least 1")
 
 
 @dataclass
@@ -182,9 +167,9 @@ class SampleConfig:
 
     run: str = _run_argument()
     prompt: str = setting("", "Text the completion follows (kept fixed).")
-    length: int = setting(32, "Tokens to generate.")
-    steps: int = setting(32, "Denoising steps (at most --length); fewer steps reveal more tokens each.")
-    temperature: float = setting(0.0, "0: greedy predictions; > 0: sample them at this temperature.")
+    length: int = setting(32, "Tokens to generate.", at_least=1)
+    steps: int = setting(32, "Denoising steps (at most --length); fewer steps reveal more tokens each.", at_least=1)
+    temperature: float = setting(0.0, "0: greedy predictions; > 0: sample them at this temperature.", at_least=0)
     remasking: Literal["low-confidence", "random"] = setting(
         "low-confidence", "low-confidence (reveal the most confident, LLaDA) | random."
     )
@@ -200,14 +185,9 @@ class SampleConfig:
         None,
         "Reveal the completion block by block, left to right (LLaDA's semi-autoregressive decoding; --steps shared "
         "among the blocks). Default: the whole length at once.",
+        at_least=1,
     )
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
 
     def check(self) -> None:
-        check_choices(self)
-        if self.length < 1 or self.steps < 1:
-            raise UserError("--length and --steps must be at least 1")
-        if self.temperature < 0:
-            raise UserError(f"--temperature must be >= 0, got {self.temperature}")
-        if self.block_length is not None and self.block_length < 1:
-            raise UserError(f"--block-length must be at least 1, got {self.block_length}")
+        check_settings(self)
