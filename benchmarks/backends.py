@@ -22,9 +22,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
-import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import benchmark_rows  # noqa: E402  (benchmarks/common.py)
 
 
 def tv(a, b) -> float:
@@ -47,19 +50,14 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense peak for MFU (default: H100/H200 bf16 989)")
     a = ap.parse_args()
 
-    from ar2mdm.precompute.build import rank_sequences
     from ar2mdm.precompute.config import BuildConfig
     from ar2mdm.precompute.particles import McSettings
-    from ar2mdm.precompute.targets import row_masks
-    from ar2mdm.precompute.teacher import TorchTeacher, load_tokenizer, resolve_teacher
+    from ar2mdm.precompute.teacher import TorchTeacher, resolve_teacher
     from ar2mdm.precompute.vllm_backend import VllmTeacher, vllm_available
-    from ar2mdm.shared.corpus import list_corpus_files
-    from ar2mdm.shared.defaults import default_corpus
 
     folder, _ = resolve_teacher(None)
     cfg = BuildConfig(seq_len=a.seq_len, max_sequences=a.rows)
-    ids, plen = rank_sequences(cfg, list_corpus_files(default_corpus()), load_tokenizer(folder))
-    _, _, masks, _ = row_masks(cfg, np.arange(len(ids)), plen)  # the build's own masks (t ~ U(0, 1))
+    ids, masks = benchmark_rows(cfg, folder)  # the build's own rows and masks
     n_pos = sum(len(m) for m in masks)
     L, K, W, MK = a.seq_len, a.k, a.window, a.mc_k
     seeds = list(range(len(ids)))

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shapes import SHAPES, copy_bandwidth, random_teacher  # noqa: E402  (benchmarks/shapes.py)
+from common import SHAPES, copy_bandwidth, kv_bytes_per_position, random_teacher  # noqa: E402
 
 
 def teacher_tokens(cfg, data) -> int:
@@ -115,11 +115,8 @@ def main() -> None:
         line += f", MFU {2 * params * tokens / sec / (a.peak_tflops * 1e12):.2%}"
     print(line)
     if cuda and a.mode == "mc":
-        c = model.config
-        kv_heads = getattr(c, "num_key_value_heads", c.num_attention_heads)
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         elt = next(model.parameters()).element_size()
-        per_kv = 2 * c.num_hidden_layers * kv_heads * head_dim * elt
+        per_kv = kv_bytes_per_position(model.config, elt)
         # the least a decode over R rows must read: the weights once per step and each particle's KV cache so far
         first = [int(d.mask_positions[d.mask_offsets[r]]) for d in data for r in range(d.rows)]
         batch = cfg.batch_size or auto_batch_size(cfg, engine)[0] * cfg.masks_per_seq

@@ -25,7 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from shapes import SHAPES, copy_bandwidth, random_teacher  # noqa: E402  (benchmarks/shapes.py)
+from common import SHAPES, benchmark_rows, copy_bandwidth, kv_bytes_per_position, random_teacher  # noqa: E402
 
 BEFORE = "c23c40f"  # the last commit with precompute/mc_rows.py
 
@@ -51,7 +51,7 @@ def baseline_sampler(rev: str):
 
 
 def load_teacher(shape: str, device: str, dtype: str):
-    """(model, folder): the default teacher, or a random-initialised one of ``shape`` (benchmarks/shapes.py)."""
+    """(model, folder): the default teacher, or a random-initialised one of ``shape`` (benchmarks/common.py)."""
     from ar2mdm.precompute.teacher import TorchTeacher, resolve_teacher
 
     if shape == "default":
@@ -75,19 +75,13 @@ def main() -> None:
     a = ap.parse_args()
     dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
 
-    from ar2mdm.precompute.build import rank_sequences
     from ar2mdm.precompute.config import BuildConfig
     from ar2mdm.precompute.decode import decoder_for
     from ar2mdm.precompute.particles import McSettings, sample_particles
-    from ar2mdm.precompute.targets import row_masks
-    from ar2mdm.precompute.teacher import load_tokenizer
-    from ar2mdm.shared.corpus import list_corpus_files
-    from ar2mdm.shared.defaults import default_corpus
 
     model, folder = load_teacher(a.shape, a.device, dtype)
     cfg = BuildConfig(seq_len=a.seq_len, max_sequences=a.rows, k=a.k, mode="mc", mc_weights=a.weights)
-    ids, plen = rank_sequences(cfg, list_corpus_files(default_corpus()), load_tokenizer(folder))
-    _, _, masks, _ = row_masks(cfg, np.arange(len(ids)), plen)  # the build's own masks (t ~ U(0, 1))
+    ids, masks = benchmark_rows(cfg, folder)
     xs = torch.as_tensor(np.stack(ids), dtype=torch.long, device=a.device)
     R, L, K = xs.shape[0], a.seq_len, a.k
     seeds = list(range(R))
@@ -135,13 +129,10 @@ def main() -> None:
     elif a.baseline:
         print(f"old sampler not measured: git revision {a.baseline} not readable here")
     if cuda:
-        c = model.config
-        kv_heads = getattr(c, "num_key_value_heads", c.num_attention_heads)
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         elt = torch.finfo(getattr(torch, dtype)).bits // 8
         # per decode step j: the weights once, and every particle's KV cache of j positions
         steps = range(p0, L)
-        per_kv = 2 * c.num_hidden_layers * kv_heads * head_dim * elt
+        per_kv = kv_bytes_per_position(model.config, elt)
         read = sum(params * elt + R * K * j * per_kv for j in steps)
         bw = copy_bandwidth(a.device)
         print(

@@ -10,9 +10,14 @@ Runs on the CPU (half precision is slow there but computes the same roundings) o
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import benchmark_rows  # noqa: E402  (benchmarks/common.py)
 
 
 def dense(ids, lps, V: int) -> np.ndarray:
@@ -38,18 +43,13 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
 
-    from ar2mdm.precompute.build import rank_sequences
     from ar2mdm.precompute.config import BuildConfig
     from ar2mdm.precompute.particles import McSettings
-    from ar2mdm.precompute.targets import row_masks
-    from ar2mdm.precompute.teacher import TorchTeacher, load_tokenizer, resolve_teacher
-    from ar2mdm.shared.corpus import list_corpus_files
-    from ar2mdm.shared.defaults import default_corpus
+    from ar2mdm.precompute.teacher import TorchTeacher, resolve_teacher
 
     folder, _ = resolve_teacher(None)
     cfg = BuildConfig(seq_len=a.seq_len, max_sequences=a.rows)
-    ids, plen = rank_sequences(cfg, list_corpus_files(default_corpus()), load_tokenizer(folder))
-    _, _, masks, _ = row_masks(cfg, np.arange(len(ids)), plen)
+    ids, masks = benchmark_rows(cfg, folder)  # the build's own rows and masks
     modes = a.modes.split(",")
     mc = McSettings(k=a.mc_k, top_n=16)
 

@@ -372,8 +372,8 @@ def write_shards(plan: BuildPlan, out: Path, teacher=None) -> BuildSummary:
             if cfg.batch_size is None and not teacher.whole_shard:
                 n, why = auto_batch_size(cfg, teacher)
                 cfg = dataclasses.replace(cfg, batch_size=n)
-                if cfg.progress:
-                    print(f"--batch-size {n} ({why})", file=sys.stderr)
+                if cfg.progress and why != "the default":
+                    bar.write(f"--batch-size {n} ({why})", file=sys.stderr)
             # sequences in chunks of one teacher call: a whole shard for vLLM (the engine schedules it all at
             # once), else --batch-size sequences
             chunk = len(ids) if teacher.whole_shard else cfg.batch_size

@@ -1,4 +1,5 @@
-"""Teacher shapes for the GPU benchmarks: random-initialised teachers saved as folders, and the copy bandwidth.
+"""What the precompute benchmarks share: the build's own rows and masks, random-initialised teachers of a shape
+saved as folders, a KV cache's size, and the copy bandwidth of a GPU.
 
 Throughput does not depend on the weights' values, so a random teacher of a shape stands in for the real one. The
 config and tokenizer are the default teacher's where it loads (its package and `gguf` installed); on a machine
@@ -54,6 +55,29 @@ def random_teacher(shape: str, out: Path, dtype: str) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def benchmark_rows(cfg, folder: Path) -> tuple[list, list]:
+    """(ids, masks): ``cfg.max_sequences`` rows of the default corpus as the build makes them, with the build's own
+    masks (t ~ U(0, 1)), tokenized by the teacher in ``folder``."""
+    import numpy as np
+
+    from ar2mdm.precompute.build import rank_sequences
+    from ar2mdm.precompute.targets import row_masks
+    from ar2mdm.precompute.teacher import load_tokenizer
+    from ar2mdm.shared.corpus import list_corpus_files
+    from ar2mdm.shared.defaults import default_corpus
+
+    ids, plen = rank_sequences(cfg, list_corpus_files(default_corpus()), load_tokenizer(folder))
+    _, _, masks, _ = row_masks(cfg, np.arange(len(ids)), plen)
+    return ids, masks
+
+
+def kv_bytes_per_position(config, elt: int) -> int:
+    """Bytes one sequence's KV cache grows by per position (keys and values of every layer)."""
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * elt
 
 
 def copy_bandwidth(device: str) -> float:
