@@ -12,7 +12,8 @@ from ar2mdm.schemas import SchemaError
 from ar2mdm.shared.cpus import passive_threads_when_busy
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.settings import cli_signature
-from ar2mdm.train.config import EvalConfig, SampleConfig, TrainConfig
+from ar2mdm.train.config import EvalConfig, FillConfig, SampleConfig, TrainConfig
+from ar2mdm.train.sweep import SweepConfig
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Train a masked-diffusion student on kdtargets shards."
@@ -84,24 +85,18 @@ def sample(**settings) -> None:
 
 
 @app.command()
-def fill(
-    run: str = typer.Argument(..., help="A kdtrain run folder."),
-    text: str = typer.Option(..., help="Text with [MASK] where the student predicts one token each."),
-    top: int = typer.Option(5, help="Predictions shown per mask."),
-    chat: bool = typer.Option(
-        False, help="--text is the answer to the user turn --prompt, rendered as the SFT build renders a chat."
-    ),
-    prompt: str = typer.Option("", help="--chat: the user's turn that --text answers."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
-) -> None:
+@cli_signature(FillConfig)
+def fill(**settings) -> None:
     """Show the student's top predictions for each [MASK] of a sentence (all masks predicted at once)."""
-    from ar2mdm.train.evaluate import fill as do_fill
-
+    cfg = FillConfig(**settings)
     try:
-        preds = do_fill(run, text, top, device, chat, prompt)
+        cfg.check()
+        from ar2mdm.train.evaluate import fill as do_fill
+
+        preds = do_fill(cfg)
     except UserError as e:
         _fail(str(e))
-    typer.echo(text)
+    typer.echo(cfg.text)
     for j, cands in enumerate(preds, 1):
         typer.echo(f"[MASK] {j}: " + "  ".join(f"{_visible(t)!s:>8} {p:.3g}" for t, p in cands))
 
@@ -146,44 +141,18 @@ def plot(
 
 
 @app.command()
-def sweep(
-    shards: str = typer.Argument(..., help="A kdtargets output folder (one precompute for every point)."),
-    out: str = typer.Option(..., help="Sweep folder: one run per point, sweep.csv, sweep.md, sweep.png."),
-    grid: list[str] = typer.Option(
-        [],
-        help="KEY=V1,V2 over any `kdtrain run` setting (lambda, temperature, tail, "
-        "student, lr, steps, init_from, lambda_schedule, seed, ...); repeatable.",
-    ),
-    set_: list[str] = typer.Option([], "--set", help="KEY=VALUE for every point (e.g. steps=300); repeatable."),
-    eval_data: str = typer.Option(..., help="Held-out corpus (or shards) the students never train on."),
-    eval_rows: int = typer.Option(256, help="Held-out rows evaluated per point (the same rows and masks for all)."),
-    eval_samples: int = typer.Option(4, help="Mask draws per held-out row."),
-    by_line: bool = typer.Option(False, help="Held-out raw text: one document per non-empty line."),
-    text_field: str = typer.Option("text", help="Held-out .jsonl/.parquet: the field that holds the text."),
-    parallel: int = typer.Option(
-        1, help="Points trained at once (one GPU each when there are GPUs, else CPUs shared)."
-    ),
-) -> None:
+@cli_signature(SweepConfig)
+def sweep(**settings) -> None:
     """Train and evaluate a grid of students on one precompute; finished points are skipped on a rerun."""
-    from ar2mdm.train.sweep import SweepConfig, parse_assignments, run_sweep
+    from ar2mdm.train.sweep import parse_assignments, run_sweep
 
     try:
-        cfg = SweepConfig(
-            shards=shards,
-            out=out,
-            grid=parse_assignments(grid, True),
-            fixed=parse_assignments(set_, False),
-            eval_data=eval_data,
-            eval_rows=eval_rows,
-            eval_samples=eval_samples,
-            by_line=by_line,
-            text_field=text_field,
-            parallel=parallel,
-        )
+        grid, fixed = parse_assignments(settings.pop("grid"), True), parse_assignments(settings.pop("fixed"), False)
+        cfg = SweepConfig(grid=grid, fixed=fixed, **settings)
         run_sweep(cfg)
     except (UserError, SchemaError) as e:
         _fail(str(e))
-    typer.echo((Path(out) / "sweep.md").read_text())
+    typer.echo((Path(cfg.out) / "sweep.md").read_text())
 
 
 if __name__ == "__main__":

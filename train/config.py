@@ -191,3 +191,24 @@ class SampleConfig:
 
     def check(self) -> None:
         check_settings(self)
+
+
+@dataclass
+class FillConfig:
+    """Every setting of `kdtrain fill`."""
+
+    run: str = _run_argument()
+    text: str | None = setting(None, "Text with [MASK] where the student predicts one token each (required).")
+    top: int = setting(5, "Predictions shown per mask.", at_least=1)
+    chat: bool = setting(
+        False, "--text is the answer to the user turn --prompt, rendered as the SFT build renders a chat."
+    )
+    prompt: str = setting("", "--chat: the user's turn that --text answers.")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+
+    def check(self) -> None:
+        check_settings(self)
+        if self.text is None:
+            raise UserError("--text is required: a sentence with [MASK] where the student predicts")
+        if self.prompt and not self.chat:
+            raise UserError("--prompt goes with --chat (the user turn that --text answers)")

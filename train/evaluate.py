@@ -12,7 +12,7 @@ import torch
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.masking import maskable_positions, sample_count_masks, stratified_counts
 from ar2mdm.train.checkpoint import load_student, load_tokenizer, run_task
-from ar2mdm.train.config import EvalConfig, SampleConfig, TrainConfig
+from ar2mdm.train.config import EvalConfig, FillConfig, SampleConfig, TrainConfig
 from ar2mdm.train.data import Row, collate, load_shard_manifest
 from ar2mdm.train.losses import corrupt
 from ar2mdm.train.step import resolve_device, step_losses
@@ -261,9 +261,7 @@ MASK_MARK = "[MASK]"
 
 
 @torch.no_grad()
-def fill(
-    run: str, text: str, top: int = 5, device: str = "auto", chat: bool = False, prompt: str = ""
-) -> list[list[tuple[str, float]]]:
+def fill(cfg: FillConfig) -> list[list[tuple[str, float]]]:
     """The student's top predictions for each ``[MASK]`` in ``text`` (one token each), all predicted at once.
 
     A readable look at what a small student has learnt, where free generation is still mostly newlines.
@@ -273,13 +271,13 @@ def fill(
     """
     from ar2mdm.shared.tokenizer import end_of_turn_id, special_ids
 
+    cfg.check()
+    text, chat, prompt = cfg.text, cfg.chat, cfg.prompt
     if MASK_MARK not in text:
         raise UserError(f"--text needs at least one {MASK_MARK}")
-    if prompt and not chat:
-        raise UserError("--prompt goes with --chat (the user turn that --text answers)")
-    device = resolve_device(device)
-    model, meta = load_student(Path(run), device)
-    tok = load_tokenizer(Path(run))
+    device = resolve_device(cfg.device)
+    model, meta = load_student(Path(cfg.run), device)
+    tok = load_tokenizer(Path(cfg.run))
     bos, _ = special_ids(tok)
     pieces = text.split(MASK_MARK)
     ids = _prompt_row(meta, tok, prompt, True) if chat else [bos]
@@ -294,7 +292,7 @@ def fill(
     x = torch.tensor([ids], device=device)
     masked = x == model.config.mask_id
     probs = torch.softmax(model(x, masked).float(), -1).cpu()  # (M, V)
-    val, idx = probs.topk(top, -1)
+    val, idx = probs.topk(cfg.top, -1)
     return [[(tok.decode([int(i)]), float(v)) for v, i in zip(vs, ix)] for vs, ix in zip(val, idx)]
 
 

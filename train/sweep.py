@@ -16,11 +16,11 @@ import json
 import os
 import time
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ar2mdm.shared.errors import UserError
-from ar2mdm.shared.settings import field_of, flag_of
+from ar2mdm.shared.settings import check_settings, field_of, flag_of, setting
 from ar2mdm.train.config import TrainConfig
 
 NOT_SWEPT = {"shards", "out", "resume", "progress", "stop_at"}
@@ -28,23 +28,36 @@ NOT_SWEPT = {"shards", "out", "resume", "progress", "stop_at"}
 
 @dataclass
 class SweepConfig:
-    shards: str
-    out: str
-    grid: dict[str, list] = field(default_factory=dict)  # TrainConfig field -> values
-    fixed: dict[str, object] = field(default_factory=dict)  # TrainConfig field -> value, every point
-    eval_data: str = ""
-    eval_rows: int = 256
-    eval_samples: int = 4
-    eval_seed: int = 0
-    by_line: bool = False
-    text_field: str = "text"
-    parallel: int = 1
+    """Every setting of `kdtrain sweep`."""
+
+    shards: str = dataclasses.field(
+        metadata={"help": "A kdtargets output folder (one precompute for every point).", "argument": True}
+    )
+    out: str | None = setting(None, "Sweep folder: one run per point, sweep.csv, sweep.md, sweep.png (required).")
+    grid: dict[str, list] = setting(
+        {},
+        "KEY=V1,V2 over any `kdtrain run` setting (lambda, temperature, tail, student, lr, steps, init_from, "
+        "lambda_schedule, seed, ...); repeatable.",
+    )  # TrainConfig field -> values
+    fixed: dict[str, object] = setting(
+        {}, "KEY=VALUE for every point (e.g. steps=300); repeatable.", flag="--set"
+    )  # TrainConfig field -> value, every point
+    eval_data: str | None = setting(None, "Held-out corpus (or shards) the students never train on (required).")
+    eval_rows: int = setting(256, "Held-out rows evaluated per point (the same rows and masks for all).", at_least=1)
+    eval_samples: int = setting(4, "Mask draws per held-out row.", at_least=1)
+    eval_seed: int = 0  # API only: the seed of the evaluation masks
+    by_line: bool = setting(False, "Held-out raw text: one document per non-empty line.")
+    text_field: str = setting("text", "Held-out .jsonl/.parquet: the field that holds the text.")
+    parallel: int = setting(
+        1, "Points trained at once (one GPU each when there are GPUs, else CPUs shared).", at_least=1
+    )
 
     def check(self) -> None:
+        check_settings(self)
+        if not self.out:
+            raise UserError("--out: the sweep folder is needed")
         if not self.eval_data:
             raise UserError("--eval-data: held-out text (or shards) the students never train on is needed")
-        if self.parallel < 1:
-            raise UserError(f"--parallel must be at least 1, got {self.parallel}")
         for name, values in self.grid.items():
             if not values:
                 raise UserError(f"--grid {name}: no values")

@@ -8,7 +8,8 @@ import pytest
 from ar2mdm.precompute.config import BuildConfig
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.settings import check_settings, setting
-from ar2mdm.train.config import EvalConfig, SampleConfig, TrainConfig
+from ar2mdm.train.config import EvalConfig, FillConfig, SampleConfig, TrainConfig
+from ar2mdm.train.sweep import SweepConfig
 
 
 @dataclass
@@ -45,5 +46,12 @@ def test_edges_and_none_pass():
 
 
 def test_every_default_is_in_its_own_range():
-    for cfg in (BuildConfig(), TrainConfig(shards="s"), EvalConfig(run="r", data="d"), SampleConfig(run="r")):
+    for cfg in (
+        BuildConfig(),
+        TrainConfig(shards="s"),
+        EvalConfig(run="r", data="d"),
+        SampleConfig(run="r"),
+        FillConfig(run="r", text="a [MASK]"),
+        SweepConfig(shards="s", out="o", eval_data="d"),
+    ):
         check_settings(cfg)
