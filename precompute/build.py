@@ -38,7 +38,7 @@ from ar2mdm.precompute.outdir import (
     remove_stale_tmps,
     write_partial,
 )
-from ar2mdm.precompute.targets import auto_batch_size, build_rows, planned_positions, row_masks, support_size
+from ar2mdm.precompute.targets import build_rows, planned_positions, resolve_auto, row_masks, support_size
 from ar2mdm.precompute.teacher import (
     TorchTeacher,
     load_tokenizer,
@@ -369,11 +369,10 @@ def write_shards(plan: BuildPlan, out: Path, teacher=None) -> BuildSummary:
                 continue
             if teacher is None:  # loaded at the first unfinished shard: a finished build never starts an engine
                 teacher = load_backend(plan.backend, cfg, plan.folder)
-            if cfg.batch_size is None and not teacher.whole_shard:
-                n, why = auto_batch_size(cfg, teacher)
-                cfg = dataclasses.replace(cfg, batch_size=n)
-                if cfg.progress and why != "the default":
-                    bar.write(f"--batch-size {n} ({why})", file=sys.stderr)
+            if cfg.batch_size is None or cfg.token_budget is None:
+                cfg, said = resolve_auto(cfg, teacher)
+                for line in said if cfg.progress else ():
+                    bar.write(line, file=sys.stderr)
             # sequences in chunks of one teacher call: a whole shard for vLLM (the engine schedules it all at
             # once), else --batch-size sequences
             chunk = len(ids) if teacher.whole_shard else cfg.batch_size

@@ -30,7 +30,7 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
-from ar2mdm.precompute.config import BuildConfig
+from ar2mdm.precompute.config import DEFAULT_TOKEN_BUDGET, BuildConfig
 from ar2mdm.precompute.decode import Decoder
 
 
@@ -55,7 +55,7 @@ class McSettings:
     top_n: int = _default("top_n")  # entries of each target handed back (the build's support size)
     rescore_k: int = _default("rescore_k")
     window: int | None = _default("window")
-    token_budget: int = _default("token_budget")
+    token_budget: int = DEFAULT_TOKEN_BUDGET  # the build passes its own (`targets.resolve_auto`)
     smc_ess: float = _default("smc_ess")
 
     @classmethod

@@ -6,13 +6,14 @@ randomness of its targets depend on (seed, example id) alone, so a resumed build
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ar2mdm.precompute.config import BuildConfig
+from ar2mdm.precompute.config import CUDA_TOKEN_BUDGET, DEFAULT_BATCH, DEFAULT_TOKEN_BUDGET, BuildConfig
 from ar2mdm.shared.masking import row_seed, sample_row_mask
 from ar2mdm.shared.shards import ShardData, offsets_from_lengths
 
@@ -66,9 +67,6 @@ def support_size(cfg: BuildConfig) -> int:
     return cfg.top_n if cfg.sparsify == "topn" else next_token_keep(cfg.top_n)
 
 
-DEFAULT_BATCH = 8  # sequences per teacher call where --batch-size is not given (and not mc on CUDA)
-
-
 def auto_batch_size(cfg: BuildConfig, teacher) -> tuple[int, str]:
     """--batch-size (sequences) when not given, and why: 8, or for mc on CUDA the most whose rows' particles fit
     in 80% of the free GPU memory (`particles.bytes_per_row`), at most a shard's sequences."""
@@ -84,6 +82,35 @@ def auto_batch_size(cfg: BuildConfig, teacher) -> tuple[int, str]:
     return seqs, f"auto: {per_row / 2**20:.0f} MiB per row, {free / 2**30:.1f} GiB free"
 
 
+def auto_token_budget(cfg: BuildConfig, teacher) -> tuple[int, str]:
+    """--token-budget when not given, and why: 4096, or on CUDA 65536 where half the free memory holds a forward
+    of that many tokens (each: the layer's activations and its row of the 1,024-token tree mask)."""
+    if not str(teacher.device).startswith("cuda"):
+        return DEFAULT_TOKEN_BUDGET, "the default"
+    free, _ = torch.cuda.mem_get_info()
+    c = teacher.model.config
+    c = c.get_text_config() if hasattr(c, "get_text_config") else c
+    elt = next(teacher.model.parameters()).element_size()
+    per_token = (4 * c.hidden_size + 3 * c.intermediate_size) * elt + 2 * 1024
+    budget = max(DEFAULT_TOKEN_BUDGET, min(CUDA_TOKEN_BUDGET, int(0.5 * free) // per_token))
+    return budget, f"auto: {free / 2**30:.1f} GiB free"
+
+
+def resolve_auto(cfg: BuildConfig, teacher) -> tuple[BuildConfig, list[str]]:
+    """``cfg`` with --batch-size and --token-budget chosen for this teacher where they were not given, and a line
+    for each choice that is not the plain default."""
+    said = []
+    if cfg.batch_size is None:
+        n, why = (0, "") if teacher.whole_shard else auto_batch_size(cfg, teacher)
+        cfg = dataclasses.replace(cfg, batch_size=n or DEFAULT_BATCH)
+        said += [f"--batch-size {n} ({why})"] if n and why != "the default" else []
+    if cfg.token_budget is None:
+        n, why = auto_token_budget(cfg, teacher) if hasattr(teacher, "model") else (DEFAULT_TOKEN_BUDGET, "")
+        cfg = dataclasses.replace(cfg, token_budget=n)
+        said += [f"--token-budget {n} ({why})"] if why not in ("", "the default") else []
+    return cfg, said
+
+
 def clean_context_targets(
     cfg: BuildConfig,
     teacher,
@@ -96,7 +123,7 @@ def clean_context_targets(
     """topk or fim targets for whole sequences: per sequence a dict position -> (ids, logprobs). One teacher call
     per --batch-size sequences, or for all of them (a backend that schedules a whole shard, `whole_shard`)."""
     out = []
-    step = len(ids) if teacher.whole_shard else (cfg.batch_size or DEFAULT_BATCH)
+    step = len(ids) if teacher.whole_shard else cfg.batch_size
     for a in range(0, len(ids), step):
         x, pos = ids[a : a + step], positions[a : a + step]
         if cfg.mode == "fim":
@@ -184,6 +211,7 @@ def build_rows(
     """All rows of some sequences (part of a shard): masks for every sequence, teacher targets, as ShardData.
 
     ``on_batch(n)``: called after each teacher call with the n positions it scored (the progress bar)."""
+    cfg, _ = resolve_auto(cfg, teacher)  # (done once by the build; here for callers that did not)
     plan = target_plan(cfg, plen, seq_index)
     ex, masks, src = plan.example_ids, plan.masks, plan.src
     local = {s: j for j, s in enumerate(seq_index.tolist())}

@@ -208,3 +208,38 @@ def test_auto_dtype_is_float16_on_cuda_except_for_gemma():
     assert auto_dtype("cpu", SimpleNamespace(model_type="llama")) == "float32"
     assert auto_dtype("cuda", SimpleNamespace(model_type="llama")) == "float16"
     assert auto_dtype("cuda:1", SimpleNamespace(model_type="gemma3_text")) == "bfloat16"
+
+
+def test_auto_token_budget_is_the_cuda_default_where_memory_allows(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from ar2mdm.precompute.config import CUDA_TOKEN_BUDGET, DEFAULT_TOKEN_BUDGET, BuildConfig
+    from ar2mdm.precompute.targets import resolve_auto
+
+    shape = SimpleNamespace(
+        num_hidden_layers=24,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        hidden_size=2048,
+        vocab_size=49152,
+        intermediate_size=8192,
+    )
+    model = SimpleNamespace(config=shape, parameters=lambda: iter([torch.zeros(1, dtype=torch.float16)]))
+    gpu = SimpleNamespace(device="cuda", model=model, whole_shard=False)
+    cfg = BuildConfig(corpus=str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (100 * 2**30, 140 * 2**30))
+    got, said = resolve_auto(cfg, gpu)
+    assert (
+        got.token_budget == CUDA_TOKEN_BUDGET
+        and got.batch_size == 8
+        and said == [f"--token-budget {CUDA_TOKEN_BUDGET} (auto: 100.0 GiB free)"]
+    )
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (1 * 2**30, 140 * 2**30))  # little free: a smaller one
+    assert DEFAULT_TOKEN_BUDGET <= resolve_auto(cfg, gpu)[0].token_budget < CUDA_TOKEN_BUDGET
+    cpu = SimpleNamespace(device="cpu", model=model, whole_shard=False)
+    assert resolve_auto(cfg, cpu) == (
+        BuildConfig(corpus=str(tmp_path), batch_size=8, token_budget=DEFAULT_TOKEN_BUDGET),
+        [],
+    )
+    given = BuildConfig(corpus=str(tmp_path), batch_size=3, token_budget=100)
+    assert resolve_auto(given, gpu) == (given, [])
