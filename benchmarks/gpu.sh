@@ -4,7 +4,7 @@
 # (throughput does not depend on the weights' values), and the corpus is this Python's standard library.
 # Per shape: the mc sampler alone against the sampler before issue 19 (benchmarks/mc.py: tokens/s, MFU, the
 # fraction of the memory-bandwidth limit), then whole builds as the CLI runs them (benchmarks/build_speed.py):
-# mc smc with --batch-size auto, and topk.
+# mc smc with --batch-size auto, and topk with the tree mask dense and as FlexAttention (--tree-mask flex).
 #
 #   bash benchmarks/gpu.sh                       # SHAPES="135m 1.7b"
 #   SHAPES=135m MC_ROWS=1024 bash benchmarks/gpu.sh
@@ -25,8 +25,10 @@ for shape in $SHAPES; do
   if [[ -z "${TEACHER:-}" ]]; then "$PY" benchmarks/mc.py --shape "$shape" --rows 64 --seq-len "$L" --k 8 --baseline "${BASELINE:-c23c40f}"; fi
   echo "== $shape: kdtargets build --mode mc (smc), $mc_rows rows, --batch-size auto"
   "$PY" benchmarks/build_speed.py "${which[@]}" --corpus "$CORPUS" --mode mc --rows "$mc_rows" --seq-len "$L" --k 8
-  echo "== $shape: kdtargets build --mode topk, $tk_rows rows, --token-budget 65536"
-  "$PY" benchmarks/build_speed.py "${which[@]}" --corpus "$CORPUS" --mode topk --rows "$tk_rows" --seq-len "$L" --k 8 \
-    --window 16 -- --token-budget 65536
+  for mask in dense flex; do
+    echo "== $shape: kdtargets build --mode topk, $tk_rows rows, --token-budget auto, --tree-mask $mask"
+    "$PY" benchmarks/build_speed.py "${which[@]}" --corpus "$CORPUS" --mode topk --rows "$tk_rows" --seq-len "$L" \
+      --k 8 --window 16 -- --tree-mask "$mask"
+  done
   [[ -n "${TEACHER:-}" ]] && break
 done

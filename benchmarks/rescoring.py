@@ -9,17 +9,22 @@ Uses the embedded default teacher (SmolLM2-135M-Instruct) and the default corpus
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ar2mdm.precompute.build import rank_sequences
 from ar2mdm.precompute.config import BuildConfig
-from ar2mdm.precompute.rescoring import rescore, rescore_naive
+from ar2mdm.precompute.rescoring import rescore
 from ar2mdm.precompute.teacher import TorchTeacher, load_tokenizer, resolve_teacher
 from ar2mdm.shared.corpus import list_corpus_files
 from ar2mdm.shared.defaults import default_corpus
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.precompute.reference import rescore_naive  # noqa: E402  (the reference lives with the tests)
 
 
 def main() -> None:

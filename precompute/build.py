@@ -175,7 +175,7 @@ def load_backend(backend: str, cfg: BuildConfig, folder: Path):
         from ar2mdm.precompute.vllm_backend import VllmTeacher
 
         return VllmTeacher.load(folder, cfg.engine, engine_max_logprobs(cfg), cfg.seed)
-    return TorchTeacher.load(folder, cfg.device, cfg.dtype)
+    return TorchTeacher.load(folder, cfg.device, cfg.dtype, cfg.tree_mask)
 
 
 class Interrupted(UserError):

@@ -115,6 +115,11 @@ class BuildConfig:
         "auto (fp32 on CPU; on CUDA float16, bf16 for Gemma, whose activations overflow float16; docs/scaling.md, "
         "Numerics) | float32 | bfloat16 | float16",
     )
+    tree_mask: Literal["dense", "flex"] = setting(
+        "dense",
+        "topk on the torch backend: the packed tree mask as a dense 4-D mask (SDPA) | flex (a FlexAttention block "
+        "mask, never materialised; meant for CUDA, where it is not measured yet).",
+    )
     # sequences per teacher call (torch backend; vLLM gets a whole shard)
     batch_size: int | None = setting(
         None,

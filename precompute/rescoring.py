@@ -202,6 +202,28 @@ def pack_segment(x: torch.Tensor, seg: list[Branch]) -> PackedSegment:
     return PackedSegment(cat(toks), cat(pos), cat(pre), cat(lo), Lp, cat(tgt), cat(owner))
 
 
+FLEX_BLOCK = 128  # FlexAttention's block size; packed lengths are rounded up to it
+
+
+def flex_hidden_states(model, toks, pre, lo, positions) -> torch.Tensor:
+    """(B, S, H) hidden states under the packed tree mask, as FlexAttention: row q of batch b attends kv with
+    kv < pre[b, q] (its branch's prefix) or lo[b, q] <= kv <= q (its own block). The block mask skips the
+    blocks no row attends, and no (B, S, S) mask is made."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q, kv):
+        return (kv < pre[b, q]) | ((kv >= lo[b, q]) & (kv <= q))
+
+    B, S = toks.shape
+    block = create_block_mask(mask_mod, B, None, S, S, device=toks.device, BLOCK_SIZE=FLEX_BLOCK)
+    before = model.config._attn_implementation
+    model.set_attn_implementation("flex_attention")
+    try:
+        return hidden_states(model, toks, attention_mask=block, position_ids=positions)
+    finally:
+        model.set_attn_implementation(before)
+
+
 @torch.no_grad()
 def branch_logliks(
     model,
@@ -210,10 +232,13 @@ def branch_logliks(
     num_out: int,
     token_budget: int = 4096,
     segment_tokens: int = 1024,
+    tree_mask: str = "dense",
 ) -> torch.Tensor:
     """sum_j log p_T(x_j | x_<i, v, x_{i+1..j-1}) for every branch, as a (num_out,) float32 tensor.
 
-    input_ids: (B, L) on the model's device; branches with n == 0 contribute 0.
+    input_ids: (B, L) on the model's device; branches with n == 0 contribute 0. ``tree_mask``: "dense" (a
+    (B, 1, S, S) boolean mask, SDPA) or "flex" (`flex_hidden_states`: the same mask as a FlexAttention block mask,
+    never materialised).
     """
     dev = input_ids.device
     result = torch.zeros(num_out, dtype=torch.float32, device=dev)
@@ -230,6 +255,8 @@ def branch_logliks(
     for idx in budget_batches([len(p.tokens) for p in packed], token_budget):
         batch = [packed[j] for j in idx]
         S = max(len(p.tokens) for p in batch)
+        if tree_mask == "flex":  # few distinct shapes: each one is compiled once
+            S = -(-S // FLEX_BLOCK) * FLEX_BLOCK
         Bn = len(batch)
         toks = torch.zeros(Bn, S, dtype=torch.long)
         posi = torch.zeros(Bn, S, dtype=torch.long)
@@ -238,12 +265,15 @@ def branch_logliks(
         for j, p in enumerate(batch):
             n = len(p.tokens)
             toks[j, :n], posi[j, :n], pre[j, :n], lo[j, :n] = p.tokens, p.positions, p.prefix_end, p.block_start
-        col = torch.arange(S)
-        row = torch.arange(S)[:, None]
-        allowed = (col[None, None, :] < pre[:, :, None]) | (
-            (col[None, None, :] >= lo[:, :, None]) & (col[None, None, :] <= row[None])
-        )  # (Bn, S, S)
-        h = hidden_states(model, toks.to(dev), attention_mask=allowed[:, None].to(dev), position_ids=posi.to(dev))
+        if tree_mask == "flex":
+            h = flex_hidden_states(model, toks.to(dev), pre.to(dev), lo.to(dev), posi.to(dev))
+        else:
+            col = torch.arange(S)
+            row = torch.arange(S)[:, None]
+            allowed = (col[None, None, :] < pre[:, :, None]) | (
+                (col[None, None, :] >= lo[:, :, None]) & (col[None, None, :] <= row[None])
+            )  # (Bn, S, S)
+            h = hidden_states(model, toks.to(dev), attention_mask=allowed[:, None].to(dev), position_ids=posi.to(dev))
         sel_h, sel_t, sel_o = [], [], []
         for j, p in enumerate(batch):
             sel_h.append(h[j, p.prefix_len : len(p.tokens)])
@@ -262,8 +292,9 @@ def rescore(
     k: int,
     window: int | None,
     token_budget: int = 4096,
+    tree_mask: str = "dense",
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Rescoring targets for a batch of rows.
+    """Rescoring targets for a batch of rows (``tree_mask``: see `branch_logliks`).
 
     input_ids: (B, L) long on the model's device; positions[b]: (P_b,) long target positions (each >= 1).
     window: W, the number of right-context tokens scored (None: the whole right context of the row).
@@ -289,7 +320,7 @@ def rescore(
         cands.append(cand)
         valids.append(valid)
         firsts.append(first)
-    right = branch_logliks(model, input_ids, branches, out, token_budget).cpu()
+    right = branch_logliks(model, input_ids, branches, out, token_budget, tree_mask=tree_mask).cpu()
     results = []
     for b in range(B):
         P = len(positions[b])
@@ -297,36 +328,4 @@ def rescore(
         s = s.masked_fill(~valids[b], NEG_INF)
         results.append((cands[b], torch.log_softmax(s, dim=-1)))
         check_finite(results[-1][1], "topk scores")
-    return results
-
-
-@torch.no_grad()
-def rescore_naive(model, input_ids: torch.Tensor, positions: list[torch.Tensor], k: int, window: int | None):
-    """The reference: one full causal forward of [x_<i, v, x_{i+1..i+n-1}] per target and candidate.
-
-    Same output as `rescore`; used by tests and by the benchmark as the baseline.
-    """
-    B, L = input_ids.shape
-    results = []
-    for b in range(B):
-        x = input_ids[b]
-        rows_c, rows_q = [], []
-        for i in positions[b].tolist():
-            n = L - 1 - i if window is None else min(L - 1 - i, window)
-            seqs = x[: i + n].repeat(k + 1, 1) if n > 0 else x[: i + 1].repeat(k + 1, 1)  # (K+1, i+max(n,1))
-            h = hidden_states(model, x[None, :i])[0, -1:]  # (1, H)
-            lp0 = log_softmax_head(model, h)[0]  # (V,)
-            cand, valid = candidates(lp0[None].cpu(), x[i : i + 1].cpu(), k)
-            cand, valid = cand[0], valid[0]
-            seqs[:, i] = cand.to(x.device)
-            s = lp0.cpu()[cand].clone()
-            if n > 0:
-                hs = hidden_states(model, seqs)  # (K+1, i+n, H)
-                tg = x[i + 1 : i + n + 1]
-                for c in range(k + 1):
-                    s[c] += token_logliks(model, hs[c, i : i + n], tg).sum().cpu()
-            s = s.masked_fill(~valid, NEG_INF)
-            rows_c.append(cand)
-            rows_q.append(torch.log_softmax(s, dim=-1))
-        results.append((torch.stack(rows_c), torch.stack(rows_q)))
     return results

@@ -109,10 +109,11 @@ class TorchTeacher:
     model: object
     device: str
     dtype: str
+    tree_mask: str = "dense"  # topk's packed tree mask: dense (SDPA) | flex (FlexAttention)
     whole_shard = False  # the build hands this backend --batch-size sequences per call
 
     @classmethod
-    def load(cls, folder: Path, device: str = "auto", dtype: str = "auto") -> "TorchTeacher":
+    def load(cls, folder: Path, device: str = "auto", dtype: str = "auto", tree_mask: str = "dense") -> "TorchTeacher":
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -131,7 +132,7 @@ class TorchTeacher:
         from ar2mdm.precompute.rescoring import check_head_path
 
         check_head_path(model)  # topk/fim apply the head themselves: it must be the model's own
-        return cls(model=model, device=device, dtype=dtype)
+        return cls(model=model, device=device, dtype=dtype, tree_mask=tree_mask)
 
     def _rows(self, rows, positions):
         import torch
@@ -144,7 +145,7 @@ class TorchTeacher:
         from ar2mdm.precompute.rescoring import rescore
 
         x, pos = self._rows(rows, positions)
-        return rescore(self.model, x, pos, k, window, token_budget)
+        return rescore(self.model, x, pos, k, window, token_budget, self.tree_mask)
 
     def fim_targets(self, rows, positions, fim_ids, window: int | None, top_n: int, token_budget: int):
         """FIM: per row (ids (P, n), logprobs (P, n)); see `fim.fim_targets`."""

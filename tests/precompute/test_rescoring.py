@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from ar2mdm.precompute.rescoring import rescore, rescore_naive
+from ar2mdm.precompute.rescoring import rescore
 from ar2mdm.precompute.targets import select_top_n
+from tests.precompute.reference import rescore_naive
 from tests.tiny import tiny_llama
 
 V = 12
@@ -143,3 +144,18 @@ def test_an_unknown_logit_transform_is_refused(tiny_teacher):
     model.forward = scaled
     with pytest.raises(UserError, match="unknown logit scaling"):
         check_head_path(model)
+
+
+@torch.no_grad()
+def test_the_flex_attention_tree_mask_scores_as_the_dense_one():
+    """tree_mask "flex" (FlexAttention block mask; for CUDA) against the dense 4-D mask, rows of several segments."""
+    model = tiny_llama(V, seed=3)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(0, V, (2, 40), generator=g)
+    positions = [torch.arange(1, 40, 3), torch.tensor([2, 17, 30, 39])]
+    dense_res = rescore(model, x, positions, k=3, window=6, token_budget=256)
+    flex_res = rescore(model, x, positions, k=3, window=6, token_budget=256, tree_mask="flex")
+    for (cd, ld), (cf, lf) in zip(dense_res, flex_res):
+        assert torch.equal(cd, cf)
+        torch.testing.assert_close(lf.exp(), ld.exp(), atol=1e-5, rtol=0)
+    assert model.config._attn_implementation == "sdpa"  # switched back after the flex forward

@@ -1,0 +1,38 @@
+"""The reference implementation of top-K rescoring: one full causal forward per (target, candidate). Only the
+tests and benchmarks/rescoring.py (its baseline) use it."""
+
+import torch
+
+from ar2mdm.precompute.rescoring import NEG_INF, candidates, hidden_states, log_softmax_head, token_logliks
+
+
+@torch.no_grad()
+def rescore_naive(model, input_ids: torch.Tensor, positions: list[torch.Tensor], k: int, window: int | None):
+    """The reference: one full causal forward of [x_<i, v, x_{i+1..i+n-1}] per target and candidate.
+
+    Same output as `rescore`; the tests' reference and benchmarks/rescoring.py's baseline.
+    """
+    B, L = input_ids.shape
+    results = []
+    for b in range(B):
+        x = input_ids[b]
+        rows_c, rows_q = [], []
+        for i in positions[b].tolist():
+            n = L - 1 - i if window is None else min(L - 1 - i, window)
+            seqs = x[: i + n].repeat(k + 1, 1) if n > 0 else x[: i + 1].repeat(k + 1, 1)  # (K+1, i+max(n,1))
+            h = hidden_states(model, x[None, :i])[0, -1:]  # (1, H)
+            lp0 = log_softmax_head(model, h)[0]  # (V,)
+            cand, valid = candidates(lp0[None].cpu(), x[i : i + 1].cpu(), k)
+            cand, valid = cand[0], valid[0]
+            seqs[:, i] = cand.to(x.device)
+            s = lp0.cpu()[cand].clone()
+            if n > 0:
+                hs = hidden_states(model, seqs)  # (K+1, i+n, H)
+                tg = x[i + 1 : i + n + 1]
+                for c in range(k + 1):
+                    s[c] += token_logliks(model, hs[c, i : i + n], tg).sum().cpu()
+            s = s.masked_fill(~valid, NEG_INF)
+            rows_c.append(cand)
+            rows_q.append(torch.log_softmax(s, dim=-1))
+        results.append((torch.stack(rows_c), torch.stack(rows_q)))
+    return results
