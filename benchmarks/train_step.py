@@ -21,16 +21,23 @@ from ar2mdm.train import losses
 from ar2mdm.train.config import TrainConfig
 from ar2mdm.train.data import BatchLoader, TargetSpec, load_shard_manifest
 from ar2mdm.train.model import Student, StudentConfig
-from ar2mdm.train.step import step_losses
+from ar2mdm.train.step import autocast_for, step_losses
+
+DEVICE = "cpu"
 
 
 def timed_steps(model, opt, batches, cfg, mask_id, spec) -> float:
+    cuda = DEVICE.startswith("cuda")
+    autocast = autocast_for(DEVICE, "auto")
     t0 = time.perf_counter()
     for b in batches:
         opt.zero_grad(set_to_none=True)
-        loss, _ = step_losses(model, b, cfg, mask_id, spec)
+        with autocast:
+            loss, _ = step_losses(model, b.to(DEVICE, non_blocking=True), cfg, mask_id, spec)
         loss.backward()
         opt.step()
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
@@ -40,11 +47,18 @@ def main() -> None:
     ap.add_argument("--student", default="small")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (bf16 autocast; prints tokens/s and MFU)")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100/H200: 989)")
     a = ap.parse_args()
+    global DEVICE
+    DEVICE = a.device
     shards = Path(a.shards)
     m = load_shard_manifest(shards)
-    model = Student(StudentConfig.from_spec(a.student, m.tokenizer.vocab_size, m.seq_len))
+    model = Student(StudentConfig.from_spec(a.student, m.tokenizer.vocab_size, m.seq_len)).to(a.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    params = sum(p.numel() for p in model.parameters())  # the head counted (tied or not)
+    fwd = torch.compile(model) if a.compile else model
     kd_cfg = TrainConfig(shards=str(shards), lam=0.5, tail="bucket")
     mdm_cfg = TrainConfig(shards=str(shards), lam=0.0)
     mask_id = model.config.mask_id
@@ -55,20 +69,20 @@ def main() -> None:
         return (next(it) for _ in range(a.steps))
 
     in_memory = list(stream())
-    timed_steps(model, opt, in_memory[:2], kd_cfg, mask_id, spec)  # warm-up
-    t_mem = timed_steps(model, opt, in_memory, kd_cfg, mask_id, spec)
-    t_stream = timed_steps(model, opt, stream(), kd_cfg, mask_id, spec)
-    t_mdm = timed_steps(model, opt, in_memory, mdm_cfg, mask_id, spec)
-    t_kd = timed_steps(model, opt, in_memory, kd_cfg, mask_id, spec)
+    timed_steps(fwd, opt, in_memory[:2], kd_cfg, mask_id, spec)  # warm-up
+    t_mem = timed_steps(fwd, opt, in_memory, kd_cfg, mask_id, spec)
+    t_stream = timed_steps(fwd, opt, stream(), kd_cfg, mask_id, spec)
+    t_mdm = timed_steps(fwd, opt, in_memory, mdm_cfg, mask_id, spec)
+    t_kd = timed_steps(fwd, opt, in_memory, kd_cfg, mask_id, spec)
     t_kd2 = timed_steps(
-        model, opt, in_memory, TrainConfig(shards=str(shards), lam=0.5, tail="bucket", temperature=2.0), mask_id, spec
+        fwd, opt, in_memory, TrainConfig(shards=str(shards), lam=0.5, tail="bucket", temperature=2.0), mask_id, spec
     )
     t_ren = timed_steps(
-        model, opt, in_memory, TrainConfig(shards=str(shards), lam=0.5, tail="renormalize"), mask_id, spec
+        fwd, opt, in_memory, TrainConfig(shards=str(shards), lam=0.5, tail="renormalize"), mask_id, spec
     )
     short = losses.COMPLEMENT_MAX_MASS
     losses.COMPLEMENT_MAX_MASS = 1e-300  # every row takes the summed route
-    t_sum = timed_steps(model, opt, in_memory, kd_cfg, mask_id, spec)
+    t_sum = timed_steps(fwd, opt, in_memory, kd_cfg, mask_id, spec)
     losses.COMPLEMENT_MAX_MASS = short
     print(
         f"student={a.student} params={sum(p.numel() for p in model.parameters()) / 1e6:.1f}M batch={a.batch_size} "
@@ -77,6 +91,13 @@ def main() -> None:
     print(f"in-memory batches : {a.steps / t_mem:6.2f} steps/s")
     print(f"streaming shards  : {a.steps / t_stream:6.2f} steps/s")
     print(f"streaming / in-memory steps/s ratio: {t_mem / t_stream:.3f} (goal >= 0.9)")
+    tokens = a.steps * a.batch_size * m.seq_len
+    wait = max(0.0, 1 - t_mem / t_stream)
+    line = f"streaming: {tokens / t_stream:.0f} tokens/s; waiting for data {wait:.1%} of step time"
+    if a.device.startswith("cuda"):
+        line += f"; MFU {6 * params * tokens / t_stream / (a.peak_tflops * 1e12):.1%} (6·N per token) on "
+        line += torch.cuda.get_device_name()
+    print(line)
     ms = lambda t: f"{t / a.steps * 1e3:.1f} ms"  # noqa: E731
     print(f"λ=0 step {ms(t_mdm)}")
     print(f"λ=0.5, T=1, tail bucket      {ms(t_kd)}: KD overhead {100 * (t_kd / t_mdm - 1):+.1f}% (goal <= 10%)")

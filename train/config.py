@@ -21,7 +21,7 @@ LAMBDA_SCHEDULES, LAMBDA_T, REPORT_TO = get_args(LambdaSchedule), get_args(Lambd
 class TrainConfig:
     shards: str = setting(dataclasses.MISSING, "A kdtargets output folder.", argument=True)
     out: str | None = setting(None, "Run folder (default: runs/<shards folder name>).")
-    student: str = setting("small", "Preset (tiny, small, base) or a JSON file of StudentConfig fields.")
+    student: str = setting("small", "Preset (tiny, small, base, medium) or a JSON file of StudentConfig fields.")
     init_from: str | None = setting(
         None,
         "AR checkpoint to adapt (HF folder, .gguf, 'default': the embedded teacher, or 'code': the fim code "
@@ -81,7 +81,12 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
         "auto", "Autocast: auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16."
     )
-    compile: bool = setting(False, "torch.compile the student.")
+    compile: bool | None = setting(
+        None,
+        "torch.compile the student. Default: on CUDA (an H200 trained `base` at 124k tokens/s compiled against 92k "
+        "eager), off on the CPU.",
+        flag="--compile/--no-compile",
+    )
     fsdp: bool = setting(False, "FSDP2 instead of DDP under torchrun.")
     progress: bool = setting(True, "Show a progress bar.")
     # none | tensorboard | wandb (train/tracking.py); RUN/metrics.jsonl is always written

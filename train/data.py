@@ -79,8 +79,8 @@ class Batch:
     target_ids: torch.Tensor  # (M, N) long, M = mask.sum(), in mask.nonzero() order
     target_logprobs: torch.Tensor  # (M, N) float32, -inf on padding
 
-    def to(self, device) -> "Batch":
-        return Batch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        return Batch(*(getattr(self, f).to(device, non_blocking=non_blocking) for f in self.__dataclass_fields__))
 
 
 def rows_of_shard(path: Path) -> Iterator[Row]:
@@ -184,32 +184,35 @@ def collate(rows: list[Row], spec: TargetSpec) -> Batch:
     ids = torch.as_tensor(np.stack([r.input_ids for r in rows]), dtype=torch.long)
     mask = torch.zeros(B, L, dtype=torch.bool)
     tids, tlps = [], []
-    for b, r in enumerate(rows):
-        mask[b, torch.as_tensor(r.mask_positions, dtype=torch.long)] = True
+    cols = np.arange(top_n)
+    for b, r in enumerate(rows):  # per row, vectorised over its masked positions (no loop over positions)
+        mp = np.asarray(r.mask_positions)
+        mask[b, torch.as_tensor(mp, dtype=torch.long)] = True
         tp = r.target_positions
-        idx = np.searchsorted(tp, r.mask_positions)  # target entry of each masked position
+        idx = np.searchsorted(tp, mp)  # target entry of each masked position
         has = np.zeros(len(idx), bool)
         if len(tp):
-            has = (idx < len(tp)) & (tp[np.minimum(idx, len(tp) - 1)] == r.mask_positions)
-        pad = sft_padding_start(r.input_ids, r.prompt_len, spec.eos_id)
-        for j, p in enumerate(idx):
-            ti = np.full(top_n, 0, np.int64)
-            tl = np.full(top_n, -np.inf, np.float32)
-            if r.mask_positions[j] >= pad:
-                ti[0], tl[0] = spec.eos_id, 0.0
-            elif has[j]:
-                a, c = r.entry_offsets[p], r.entry_offsets[p + 1]
-                n = min(c - a, top_n)
-                ti[:n], tl[:n] = r.target_ids[a : a + n], r.target_logprobs[a : a + n]
-            tids.append(ti)
-            tlps.append(tl)
+            has = (idx < len(tp)) & (tp[np.minimum(idx, len(tp) - 1)] == mp)
+        idx = np.where(has, idx, 0)
+        eo = r.entry_offsets
+        start = eo[idx] if len(eo) > 1 else np.zeros(len(idx), np.int64)  # (P,) first entry of each position
+        count = np.where(has, np.minimum((eo[idx + 1] if len(eo) > 1 else start) - start, top_n), 0)
+        valid = cols[None, :] < count[:, None]  # (P, top_n)
+        at = np.where(valid, start[:, None] + cols[None, :], 0)
+        ti = np.where(valid, r.target_ids[at] if len(r.target_ids) else 0, 0).astype(np.int64)
+        tl = np.where(valid, r.target_logprobs[at] if len(r.target_logprobs) else 0, -np.inf).astype(np.float32)
+        padded = mp >= sft_padding_start(r.input_ids, r.prompt_len, spec.eos_id)  # "EOS with probability 1"
+        ti[padded], tl[padded] = 0, -np.inf
+        ti[padded, 0], tl[padded, 0] = spec.eos_id, 0.0
+        tids.append(ti)
+        tlps.append(tl)
     return Batch(
         input_ids=ids,
         mask=mask,
         t=torch.tensor([r.t for r in rows], dtype=torch.float32),
         prompt_len=torch.tensor([r.prompt_len for r in rows], dtype=torch.long),
-        target_ids=torch.as_tensor(np.stack(tids)) if tids else torch.zeros(0, top_n, dtype=torch.long),
-        target_logprobs=torch.as_tensor(np.stack(tlps)) if tlps else torch.zeros(0, top_n),
+        target_ids=torch.as_tensor(np.concatenate(tids)),  # (M, top_n)
+        target_logprobs=torch.as_tensor(np.concatenate(tlps)),
     )
 
 

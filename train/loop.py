@@ -190,7 +190,7 @@ def train_step(tr: Trainer, autocast) -> tuple[dict[str, float], float, int]:
     tokens = 0
     for _ in range(cfg.grad_accum):
         try:
-            batch = next(tr.batches).to(tr.device)
+            batch = next(tr.batches).to(tr.device, non_blocking=True)
         except SchemaError as e:  # a shard damaged after the start-up checks: one line, the checkpoint kept
             raise UserError(_damaged(e, tr.step + 1, tr.saved, tr.run)) from None
         tr.rows_done += batch.input_ids.shape[0]
@@ -266,6 +266,7 @@ def setup_training(cfg: TrainConfig) -> Trainer:
         BatchLoader(shards, manifest, rank, world, cfg.seed, cfg.batch_size, rows_done // cfg.batch_size, **loader_kw),
         batch_size=None,
         num_workers=cfg.num_workers,
+        pin_memory=device.startswith("cuda"),  # page-locked batches: the copy below does not block the step
     )
     run.mkdir(parents=True, exist_ok=True)
     step = state["step"] if state else 0
@@ -328,7 +329,8 @@ def _announce(cfg: TrainConfig, rows_per_rank: int, world: int, steps_per_epoch:
 
 
 def _wrap(cfg: TrainConfig, model: Student, device: str, distributed: bool, state: dict | None):
-    """(the module the forward calls: DDP, FSDP2 or the student, compiled with --compile; AdamW, resumed)."""
+    """(the module the forward calls: DDP, FSDP2 or the student, compiled with --compile (default on CUDA); AdamW,
+    resumed)."""
     fsdp = cfg.fsdp and distributed
     train_model = model
     if distributed:
@@ -341,7 +343,7 @@ def _wrap(cfg: TrainConfig, model: Student, device: str, distributed: bool, stat
         else:
             ids = [device] if device.startswith("cuda") else None
             train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    if cfg.compile:
+    if cfg.compile if cfg.compile is not None else device.startswith("cuda"):
         train_model = torch.compile(train_model)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]

@@ -1,0 +1,100 @@
+"""collate, vectorised over each row's masked positions (issue 20), against the loop it replaced; the medium preset."""
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from ar2mdm.shared.validate import validate_dir
+from ar2mdm.train.data import Row, TargetSpec, collate, rows_of_shard, sft_padding_start
+
+
+def reference_collate(rows, spec):
+    """The plain definition: one position at a time."""
+    top_n = spec.top_n
+    tids, tlps = [], []
+    for r in rows:
+        tp = r.target_positions
+        idx = np.searchsorted(tp, r.mask_positions)
+        has = np.zeros(len(idx), bool)
+        if len(tp):
+            has = (idx < len(tp)) & (tp[np.minimum(idx, len(tp) - 1)] == r.mask_positions)
+        pad = sft_padding_start(r.input_ids, r.prompt_len, spec.eos_id)
+        for j, p in enumerate(idx):
+            ti = np.full(top_n, 0, np.int64)
+            tl = np.full(top_n, -np.inf, np.float32)
+            if r.mask_positions[j] >= pad:
+                ti[0], tl[0] = spec.eos_id, 0.0
+            elif has[j]:
+                a, c = r.entry_offsets[p], r.entry_offsets[p + 1]
+                n = min(c - a, top_n)
+                ti[:n], tl[:n] = r.target_ids[a : a + n], r.target_logprobs[a : a + n]
+            tids.append(ti)
+            tlps.append(tl)
+    return np.stack(tids), np.stack(tlps)
+
+
+def same(rows, spec):
+    b = collate(rows, spec)
+    ti, tl = reference_collate(rows, spec)
+    np.testing.assert_array_equal(b.target_ids.numpy(), ti)
+    np.testing.assert_array_equal(b.target_logprobs.numpy(), tl)
+    assert b.mask.sum() == len(ti)
+    for i, r in enumerate(rows):
+        assert b.mask[i].nonzero()[:, 0].tolist() == list(r.mask_positions)
+
+
+def test_collate_equals_the_loop_on_shards(tiny_shards, tiny_shards_all):
+    for d in (tiny_shards, tiny_shards_all):
+        m = validate_dir(d)
+        rows = list(rows_of_shard(d / m.shards[0].file))
+        spec = TargetSpec.from_manifest(m)
+        for top_n in (2, spec.top_n, spec.top_n + 3):  # truncated, exact, wider than stored
+            same(rows, replace(spec, top_n=top_n))
+
+
+def test_collate_equals_the_loop_on_sft_padding_and_positions_without_targets():
+    eos = 2
+    spec = TargetSpec(top_n=3, eos_id=eos, logprob_dtype="float32", exact_support=False)
+    g = np.random.default_rng(0)
+    ids = np.array([1, 5, 6, 7, 8, 9, 2, 2, 2, 2], np.int32)  # prompt 1..2, response 3..6 (EOS at 6), padding 7..9
+    tp = np.array([3, 4, 6, 7, 9], np.int32)  # no target at 5 and 8
+    counts = np.array([3, 1, 2, 0, 4])
+    eo = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    sft = Row(
+        "s",
+        ids,
+        3,
+        0.5,
+        np.array([3, 5, 6, 7, 8, 9]),
+        tp,
+        eo,
+        g.integers(3, 20, eo[-1]),
+        g.random(eo[-1]).astype(np.float32),
+    )
+    plain = Row(
+        "p",
+        ids[::-1].copy(),
+        0,
+        0.3,
+        np.array([1, 4]),
+        np.zeros(0, np.int32),
+        np.zeros(1, np.int64),
+        np.zeros(0, np.int64),
+        np.zeros(0, np.float32),
+    )
+    empty = replace(plain, example_id="e", mask_positions=np.zeros(0, np.int64))
+    same([sft, plain, empty], spec)
+    b = collate([sft], spec)
+    assert b.target_ids[3:, 0].tolist() == [eos] * 3 and (b.target_logprobs[3:, 0] == 0).all()  # padding: EOS
+    assert torch.isinf(b.target_logprobs[1]).all()  # position 5: no stored target
+
+
+def test_the_medium_preset_is_about_350m_parameters():
+    """Issue 20's GPU preset: built on the meta device (no memory), counted with the tied head."""
+    from ar2mdm.train.model import Student, StudentConfig
+
+    with torch.device("meta"):
+        model = Student(StudentConfig.from_spec("medium", vocab_size=49152, max_positions=512))
+    n = sum(p.numel() for p in model.parameters())
+    assert 330e6 < n < 380e6, n
