@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHAPES, copy_bandwidth, kv_bytes_per_position, random_teacher  # noqa: E402
+from common import SHAPES, copy_bandwidth, random_teacher  # noqa: E402
+
+from ar2mdm.precompute.particles import kv_bytes_per_position  # noqa: E402
 
 
 def teacher_tokens(cfg, data) -> int:

@@ -1,5 +1,5 @@
 """What the precompute benchmarks share: the build's own rows and masks, random-initialised teachers of a shape
-saved as folders, a KV cache's size, and the copy bandwidth of a GPU.
+saved as folders, and the copy bandwidth of a GPU.
 
 Throughput does not depend on the weights' values, so a random teacher of a shape stands in for the real one. The
 config and tokenizer are the default teacher's where it loads (its package and `gguf` installed); on a machine
@@ -71,13 +71,6 @@ def benchmark_rows(cfg, folder: Path) -> tuple[list, list]:
     ids, plen = rank_sequences(cfg, list_corpus_files(default_corpus()), load_tokenizer(folder))
     _, _, masks, _ = row_masks(cfg, np.arange(len(ids)), plen)
     return ids, masks
-
-
-def kv_bytes_per_position(config, elt: int) -> int:
-    """Bytes one sequence's KV cache grows by per position (keys and values of every layer)."""
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * elt
 
 
 def copy_bandwidth(device: str) -> float:

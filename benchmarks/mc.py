@@ -25,7 +25,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import SHAPES, benchmark_rows, copy_bandwidth, kv_bytes_per_position, random_teacher  # noqa: E402
+from common import SHAPES, benchmark_rows, copy_bandwidth, random_teacher  # noqa: E402
+
+from ar2mdm.precompute.particles import kv_bytes_per_position  # noqa: E402
 
 BEFORE = "c23c40f"  # the last commit with precompute/mc_rows.py
 

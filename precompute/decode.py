@@ -13,6 +13,8 @@ from typing import Protocol
 
 import torch
 
+from ar2mdm.precompute.rescoring import head_logits
+
 
 class Decoder(Protocol):
     def prefill(self, ids: torch.Tensor, k: int) -> torch.Tensor:
@@ -37,9 +39,15 @@ def cache_arg(model) -> str:
 def last_logits(model, out) -> torch.Tensor:
     """(N, V) float32 logits after the last position, from the base model's output: the head applied to the last
     hidden states only, not to every prefilled position (`rescoring.head_logits`)."""
-    from ar2mdm.precompute.rescoring import head_logits
-
     return head_logits(model, out.last_hidden_state[:, -1])
+
+
+def copy_cache_rows(cache, dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Cache rows ``dst`` become copies of rows ``src``, in place: only the resampled rows move (not the whole cache,
+    as `Cache.reorder_cache` would), and a static cache's buffers keep the addresses a CUDA graph recorded."""
+    for layer in cache.layers:
+        layer.keys.index_copy_(0, dst, layer.keys.index_select(0, src))
+        layer.values.index_copy_(0, dst, layer.values.index_select(0, src))
 
 
 class TorchDecoder:
@@ -66,19 +74,18 @@ class TorchDecoder:
         return self._forward(tokens[:, None])
 
     def copy_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        # only the resampled rows move (index_copy), not the whole cache (DynamicCache.reorder_cache)
-        for layer in self.cache.layers:
-            layer.keys.index_copy_(0, dst, layer.keys.index_select(0, src))
-            layer.values.index_copy_(0, dst, layer.values.index_select(0, src))
+        copy_cache_rows(self.cache, dst, src)
 
 
 class StaticDecoder:
-    """A transformers causal LM with a `StaticCache` of the batch's rows and length L, allocated once per batch.
+    """A transformers causal LM with a `StaticCache` of the batch's rows and length L.
 
     Every decode step has the same shapes and reads and writes the same buffers (the resampled rows are copied
-    in place), which is what lets CUDA replay it as a graph: one launch per step instead of one per kernel. The
-    price is attention over all L cached positions (masked) instead of the j so far, so the CPU keeps
-    `TorchDecoder`. The prefix is prefilled for each of a row's k copies (k·p0 tokens instead of p0, small)."""
+    in place), which is what lets CUDA replay it as a graph: one launch per step instead of one per kernel. One
+    decoder serves every batch of a build: the cache is allocated for the first batch of each size and zeroed for
+    the next, so the step is compiled once per batch size, not once per batch. The price is attention over all L
+    cached positions (masked) instead of the j so far, so the CPU keeps `TorchDecoder`. The prefix is prefilled
+    for each of a row's k copies (k·p0 tokens instead of p0, small)."""
 
     def __init__(self, model, length: int, graph: bool):
         self.model = model
@@ -86,7 +93,9 @@ class StaticDecoder:
         self.length = length
         self.graph = graph
         self.cache = None
+        self.rows = 0  # the rows the cache holds
         self.pos = None  # (1,) long: the next position, on the model's device
+        self._decode = None  # the compiled step (graph)
 
     def _step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         out = self.model.base_model(input_ids=tokens, cache_position=pos, use_cache=True, **{self.arg: self.cache})
@@ -96,13 +105,16 @@ class StaticDecoder:
         from transformers import StaticCache
 
         ids = ids.repeat_interleave(k, 0)
-        self.cache = StaticCache(config=self.model.config, max_cache_len=self.length)
+        if self.cache is None or self.rows != ids.shape[0]:
+            self.cache = StaticCache(config=self.model.config, max_cache_len=self.length)
+            self.rows = ids.shape[0]
+        else:
+            self.cache.reset()  # the same buffers, zeroed: the compiled step's addresses stay valid
         n = ids.shape[1]
         pos = torch.arange(n, device=ids.device)
         out = self.model.base_model(input_ids=ids, cache_position=pos, use_cache=True, **{self.arg: self.cache})
         self.pos = torch.tensor([n], device=ids.device)
-        if self.graph and not hasattr(self, "_decode"):
-            # compiled once per process shape; a new batch size recompiles (batches are mostly the same size)
+        if self.graph and self._decode is None:  # a new batch size recompiles (a build's batches share one)
             self._decode = torch.compile(self._step, mode="reduce-overhead", dynamic=False)
         return last_logits(self.model, out)
 
@@ -125,13 +137,12 @@ class StaticDecoder:
         return last
 
     def copy_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        for layer in self.cache.layers:  # in place: the graph's buffers keep their addresses
-            layer.keys.index_copy_(0, dst, layer.keys.index_select(0, src))
-            layer.values.index_copy_(0, dst, layer.values.index_select(0, src))
+        copy_cache_rows(self.cache, dst, src)
 
 
 def decoder_for(model, length: int):
-    """The decoder a device runs best: a static cache and CUDA graphs on CUDA, the dynamic cache elsewhere."""
+    """The decoder a device runs best for rows of ``length``: a static cache and CUDA graphs on CUDA, the dynamic
+    cache elsewhere. Keep it for the next batches (`TorchTeacher` does): a static decoder reuses its cache."""
     if next(model.parameters()).is_cuda:
         return StaticDecoder(model, length, graph=True)
     return TorchDecoder(model)

@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ar2mdm.precompute.decode import decoder_for
+from ar2mdm.precompute.decode import Decoder, decoder_for
 from ar2mdm.precompute.particles import McSettings, sample_particles
 from ar2mdm.precompute.rescoring import check_finite, rescore
 
@@ -73,9 +73,9 @@ def mixture(ids: torch.Tensor, probs: torch.Tensor, w: torch.Tensor, top_n: int)
     return uniq.gather(1, pick), logp
 
 
-def targets(ids, probs, w: torch.Tensor, top_n: int, ess_before: list[float]) -> McTargets:
-    """One row's targets: the mixture at each of its P masked positions. ids, probs: (P, K, m); w: (K,)."""
-    mid, mlp = mixture(ids, probs, w.expand(ids.shape[0], -1), top_n)
+def as_targets(mid: torch.Tensor, mlp: torch.Tensor, w: torch.Tensor, ess_before: list[float]) -> McTargets:
+    """One row's targets from its mixed ids and log-probs (P, n) (`mixture`): each position's entries of positive
+    mass, with the effective sample size of the row's weights w (K,)."""
     mid, mlp = mid.cpu(), mlp.cpu()
     keep = torch.isfinite(mlp)
     return McTargets(
@@ -85,6 +85,11 @@ def targets(ids, probs, w: torch.Tensor, top_n: int, ess_before: list[float]) ->
         len(w),
         ess_before,
     )
+
+
+def targets(ids, probs, w: torch.Tensor, top_n: int, ess_before: list[float]) -> McTargets:
+    """One row's targets: the mixture at each of its P masked positions. ids, probs: (P, K, m); w: (K,)."""
+    return as_targets(*mixture(ids, probs, w.expand(ids.shape[0], -1), top_n), w, ess_before)
 
 
 def distinct_branches(seqs: list[list[int]], masked: list[int], window: int | None):
@@ -155,10 +160,12 @@ def mc_targets(
     seeds: list[int],
     s: McSettings,
     on_step: Callable[[int], None] | None = None,
+    decoder: Decoder | None = None,
 ) -> list[McTargets]:
-    """The MC soft targets of the rows ``xs`` (R, L) at their masked positions, on a transformers causal LM."""
+    """The MC soft targets of the rows ``xs`` (R, L) at their masked positions, on a transformers causal LM
+    (through ``decoder``, default `decode.decoder_for` the model)."""
     masks = [np.asarray(m, dtype=np.int64) for m in masks]
-    p = sample_particles(decoder_for(model, xs.shape[1]), xs, masks, seeds, s, on_step)
+    p = sample_particles(decoder or decoder_for(model, xs.shape[1]), xs, masks, seeds, s, on_step)
     R, K = p.logw.shape
     w = final_weights(p.logw, s.weights)  # (R, K)
     check_finite(p.logw.sum() + p.top_probs.sum(), "mc log-probs")  # the batch's one sync before the copies
@@ -179,10 +186,4 @@ def mc_targets(
     probs = p.top_probs.view(R, K, M, m).transpose(1, 2).reshape(R * M, K, m)
     mid, mlp = mixture(ids, probs, w.repeat_interleave(M, 0), s.top_n)
     mid, mlp = mid.view(R, M, -1).cpu(), mlp.view(R, M, -1).cpu()
-    out = []
-    for r, mk in enumerate(masks):
-        keep = torch.isfinite(mlp[r])
-        ids_r = [mid[r, q][keep[q]] for q in range(len(mk))]
-        lps_r = [mlp[r, q][keep[q]] for q in range(len(mk))]
-        out.append(McTargets(ids_r, lps_r, float(1.0 / (w[r] ** 2).sum()), K, ess_before[r]))
-    return out
+    return [as_targets(mid[r, : len(mk)], mlp[r, : len(mk)], w[r], ess_before[r]) for r, mk in enumerate(masks)]

@@ -82,13 +82,20 @@ class McSettings:
         return self.smc_ess if self.weights == "smc" else 0.0
 
 
+def kv_bytes_per_position(config, elt: int) -> int:
+    """Bytes one sequence's KV cache grows by per position: keys and values of every layer (elt: bytes per
+    element of the model's dtype)."""
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * kv_heads * head_dim * elt
+
+
 def bytes_per_row(config, L: int, K: int, keep: int, elt: int) -> int:
     """GPU memory one row's K particles take in `sample_particles` and the mixture after it (elt: bytes per
     element of the model's dtype): what `--batch-size` auto divides free memory by."""
     c = config.get_text_config() if hasattr(config, "get_text_config") else config
-    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    kv = K * L * 2 * c.num_hidden_layers * kv_heads * head_dim * elt  # the static cache of L positions
+    kv = K * L * kv_bytes_per_position(c, elt)  # the static cache of L positions
     logits = K * c.vocab_size * 4 * 6  # a step's float32 logits and their temporaries (log-softmax, cdf, top-m)
     scores = K * L * keep * 8  # recorded top-m ids (int32) and probabilities (float32)
     mixture = K * L * keep * 40  # the final mixture's sort: ids, probabilities, order, segments (64-bit)

@@ -100,14 +100,12 @@ def resolve_auto(cfg: BuildConfig, teacher) -> tuple[BuildConfig, list[str]]:
     """``cfg`` with --batch-size and --token-budget chosen for this teacher where they were not given, and a line
     for each choice that is not the plain default."""
     said = []
-    if cfg.batch_size is None:
-        n, why = (0, "") if teacher.whole_shard else auto_batch_size(cfg, teacher)
-        cfg = dataclasses.replace(cfg, batch_size=n or DEFAULT_BATCH)
-        said += [f"--batch-size {n} ({why})"] if n and why != "the default" else []
-    if cfg.token_budget is None:
-        n, why = auto_token_budget(cfg, teacher) if hasattr(teacher, "model") else (DEFAULT_TOKEN_BUDGET, "")
-        cfg = dataclasses.replace(cfg, token_budget=n)
-        said += [f"--token-budget {n} ({why})"] if why not in ("", "the default") else []
+    for name, choose in (("batch_size", auto_batch_size), ("token_budget", auto_token_budget)):
+        if getattr(cfg, name) is None:  # (vLLM's device is "vllm": the defaults, which it does not use)
+            n, why = choose(cfg, teacher)
+            cfg = dataclasses.replace(cfg, **{name: n})
+            if why != "the default":
+                said.append(f"--{name.replace('_', '-')} {n} ({why})")
     return cfg, said
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -110,6 +110,7 @@ class TorchTeacher:
     device: str
     dtype: str
     tree_mask: str = "dense"  # topk's packed tree mask: dense (SDPA) | flex (FlexAttention)
+    decoders: dict = field(default_factory=dict, repr=False)  # mc: one decoder per row length, kept across batches
     whole_shard = False  # the build hands this backend --batch-size sequences per call
 
     @classmethod
@@ -158,10 +159,14 @@ class TorchTeacher:
         """MC targets of several rows, all their particles advancing together (see `particles`, `mc`)."""
         import torch
 
+        from ar2mdm.precompute.decode import decoder_for
         from ar2mdm.precompute.mc import mc_targets
 
         xs = torch.as_tensor(np.stack(rows), dtype=torch.long, device=self.device)
-        return mc_targets(self.model, xs, masks, seeds, s, on_step)
+        L = xs.shape[1]
+        if L not in self.decoders:
+            self.decoders[L] = decoder_for(self.model, L)
+        return mc_targets(self.model, xs, masks, seeds, s, on_step, self.decoders[L])
 
     def close(self) -> None:
         pass

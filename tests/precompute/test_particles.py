@@ -152,10 +152,18 @@ def test_the_static_cache_decoder_draws_what_the_dynamic_one_draws():
     s = McSettings(k=8, weights="smc", top_n=2, smc_ess=1.0)
     masks = [MASKED[r] for r in range(3)]
     a = sample_particles(TorchDecoder(model), ROWS, masks, SEEDS, s)
-    b = sample_particles(StaticDecoder(model, ROWS.shape[1], graph=False), ROWS, masks, SEEDS, s)
+    static = StaticDecoder(model, ROWS.shape[1], graph=False)
+    b = sample_particles(static, ROWS, masks, SEEDS, s)
     assert torch.equal(a.seqs, b.seqs) and (~torch.isnan(a.ess_at)).sum() > 0
     torch.testing.assert_close(a.logw, b.logw, atol=1e-9, rtol=0)
     torch.testing.assert_close(a.top_probs, b.top_probs, atol=1e-6, rtol=0)
+    # one decoder serves a build's batches: the same size reuses (and zeroes) its cache, another size gets its own
+    cache = static.cache
+    again = sample_particles(static, ROWS, masks, SEEDS, s)
+    assert static.cache is cache and torch.equal(again.seqs, a.seqs)
+    torch.testing.assert_close(again.logw, a.logw, atol=1e-9, rtol=0)
+    one = sample_particles(static, ROWS[:1], masks[:1], SEEDS[:1], s)
+    assert static.cache is not cache and torch.equal(one.seqs, a.seqs[: s.k])
 
 
 def test_auto_batch_size_divides_free_memory_by_what_a_row_takes(monkeypatch, tmp_path):
