@@ -36,6 +36,18 @@ def cfg(corpus, teacher, out, **kw) -> BuildConfig:
     return BuildConfig(**base)
 
 
+def _cli(*args):
+    r = runner.invoke(app, ["build", *map(str, args), "--no-progress"])
+    assert "Traceback" not in r.output
+    return r
+
+
+def _cli_as_cfg(corpus, teacher, out, *extra):
+    """`kdtargets build` with the settings `cfg` gives, as the command line spells them."""
+    settings = ("--seq-len", 24, "--k", 3, "--window", 4, "--top-n", 5, "--seqs-per-shard", 2)
+    return _cli(corpus, "--teacher", teacher, "--out", out, *settings, *extra)
+
+
 def shard_hashes(d: Path) -> dict[str, str]:
     m = json.loads((d / "manifest.json").read_text())
     return {s["file"]: s["sha256"] for s in m["shards"]}
@@ -81,28 +93,7 @@ def test_ranks_split_documents_and_share_one_manifest(tiny_corpus, tiny_teacher,
     m = validate_dir(out)
     files = [s.file for s in m.shards]
     assert any(f.startswith("part-00000-") for f in files) and any(f.startswith("part-00001-") for f in files)
-    r = runner.invoke(
-        app,
-        [
-            "build",
-            str(tiny_corpus),
-            "--teacher",
-            str(tiny_teacher),
-            "--out",
-            str(out),
-            "--seq-len",
-            "24",
-            "--k",
-            "3",
-            "--window",
-            "4",
-            "--top-n",
-            "5",
-            "--seqs-per-shard",
-            "2",
-            "--no-progress",
-        ],
-    )
+    r = _cli_as_cfg(tiny_corpus, tiny_teacher, out)
     assert r.exit_code == 2 and "world_size: 2 there, 1 now" in r.output
 
 
@@ -159,31 +150,8 @@ def test_a_build_that_recorded_its_corpus_by_content_resumes_and_another_corpus_
     (out / "manifest.json").write_text(json.dumps(m))
     first = files[0]
     first.write_text(first.read_text()[::-1])
-    r = runner.invoke(
-        app,
-        [
-            "build",
-            str(tiny_corpus),
-            "--teacher",
-            str(tiny_teacher),
-            "--out",
-            str(out),
-            "--seq-len",
-            "24",
-            "--k",
-            "3",
-            "--window",
-            "4",
-            "--top-n",
-            "5",
-            "--seqs-per-shard",
-            "2",
-            "--max-sequences",
-            "4",
-            "--no-progress",
-        ],
-    )
-    assert r.exit_code == 2 and "corpus.fingerprint" in r.output and "Traceback" not in r.output
+    r = _cli_as_cfg(tiny_corpus, tiny_teacher, out, "--max-sequences", 4)
+    assert r.exit_code == 2 and "corpus.fingerprint" in r.output  # (and no traceback: _cli)
 
 
 def test_validate_catches_tampering(tiny_corpus, tiny_teacher, tmp_path):
@@ -198,7 +166,8 @@ def test_validate_catches_tampering(tiny_corpus, tiny_teacher, tmp_path):
     assert r.exit_code == 1 and "sha256" in r.output
 
 
-def _build_cmd(corpus, teacher, out):
+def _build_cmd(corpus, teacher, out, *extra, seqs_per_shard=1):
+    """`kdtargets build` as a process (for signals); also tests/precompute/test_newcomer.py's."""
     return [
         sys.executable,
         "-m",
@@ -216,10 +185,11 @@ def _build_cmd(corpus, teacher, out):
         "--top-n",
         "5",
         "--seqs-per-shard",
-        "1",
+        str(seqs_per_shard),
         "--masks-per-seq",
         "2",
         "--no-progress",
+        *extra,
     ]
 
 
@@ -248,12 +218,6 @@ def test_killed_build_resumes_to_identical_shards(tmp_path, tiny_teacher):
 
 
 # ------------------------------------------------------------------------------------------ bad input
-
-
-def _cli(*args):
-    r = runner.invoke(app, ["build", *map(str, args), "--no-progress"])
-    assert "Traceback" not in r.output
-    return r
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path, tiny_teacher, tiny_corpus):

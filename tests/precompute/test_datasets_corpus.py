@@ -11,6 +11,7 @@ from ar2mdm.precompute.config import BuildConfig
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.shards import read_shard
 from ar2mdm.shared.validate import validate_dir
+from tests.precompute.test_build import cfg as build_cfg
 from tests.tiny import TEXT
 
 datasets = pytest.importorskip("datasets")
@@ -19,19 +20,7 @@ SENTENCES = [s.strip() + "." for s in TEXT.replace("?", ".").replace("!", ".").s
 
 
 def cfg(corpus, teacher, out, **kw) -> BuildConfig:
-    base = dict(
-        corpus=str(corpus),
-        teacher=str(teacher),
-        out=str(out),
-        seq_len=24,
-        k=3,
-        window=4,
-        top_n=5,
-        seqs_per_shard=4,
-        progress=False,
-    )
-    base.update(kw)
-    return BuildConfig(**base)
+    return build_cfg(corpus, teacher, out, **{"seqs_per_shard": 4, **kw})  # test_build's, 4 sequences a shard
 
 
 def rows(out):

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from ar2mdm.precompute.build import run_build, size_threads
 from ar2mdm.precompute.cli import app
 from ar2mdm.shared.errors import UserError
-from tests.precompute.test_build import cfg
+from tests.precompute.test_build import _build_cmd, cfg
 from tests.tiny import TEXT
 
 runner = CliRunner()
@@ -40,31 +40,7 @@ def test_a_build_that_fails_before_its_first_shard_blocks_nothing(tmp_path, tiny
 
 
 def _cmd(corpus, teacher, out, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "ar2mdm.precompute.cli",
-        "build",
-        str(corpus),
-        "--teacher",
-        str(teacher),
-        "--out",
-        str(out),
-        "--seq-len",
-        "24",
-        "--k",
-        "3",
-        "--top-n",
-        "5",
-        "--seqs-per-shard",
-        "64",
-        "--masks-per-seq",
-        "2",
-        "--batch-size",
-        "1",
-        "--no-progress",
-        *extra,
-    ]
+    return _build_cmd(corpus, teacher, out, "--batch-size", "1", *extra, seqs_per_shard=64)
 
 
 def test_ctrl_c_keeps_the_finished_sequences_says_so_and_resumes_to_the_same_shard(tmp_path, tiny_teacher):

@@ -16,30 +16,15 @@ from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.masking import maskable_positions, sample_count_masks, stratified_counts
 from ar2mdm.train import loop
 from ar2mdm.train.cli import app
-from ar2mdm.train.config import EvalConfig, TrainConfig
+from ar2mdm.train.config import EvalConfig
 from ar2mdm.train.data import Row, TargetSpec, collate, sft_padding_start
 from ar2mdm.train.evaluate import elbo_row_estimates, evaluate
 from ar2mdm.train.loop import run_training
 from ar2mdm.train.model import Student, StudentConfig, rope_inv_freq
 from tests.tiny import char_tokenizer
+from tests.train.test_trainer import tcfg
 
 runner = CliRunner()
-
-
-def tcfg(shards, out, **kw):
-    base = dict(
-        shards=str(shards),
-        out=str(out),
-        student="tiny",
-        batch_size=4,
-        steps=6,
-        save_every=3,
-        log_every=1,
-        progress=False,
-        lr=1e-3,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 def test_a_non_finite_loss_stops_the_run_with_one_line_naming_the_step(tiny_shards, tmp_path, monkeypatch):

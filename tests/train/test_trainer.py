@@ -221,35 +221,13 @@ def test_training_runs_without_teacher_or_precompute(tiny_shards, tmp_path):
 
 
 def test_ddp_two_cpu_processes_gloo(tiny_shards, tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29533",
-        "-m",
-        "ar2mdm.train.cli",
-        "run",
-        str(tiny_shards),
-        "--out",
-        str(tmp_path / "ddp"),
-        "--student",
-        "tiny",
-        "--steps",
-        "3",
-        "--batch-size",
-        "2",
-        "--no-progress",
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    r = _torchrun(tiny_shards, tmp_path / "ddp", 29533, steps=3)
+    res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["steps"] == 3 and (tmp_path / "ddp" / "checkpoint" / "model.safetensors").exists()
 
 
-def _torchrun(tiny_shards, out, port, *extra):
+def _torchrun(tiny_shards, out, port, *extra, steps=4):
+    """`kdtrain run` under torchrun, two CPU processes (gloo); fails the test unless it exits 0."""
     cmd = [
         sys.executable,
         "-m",
@@ -267,7 +245,7 @@ def _torchrun(tiny_shards, out, port, *extra):
         "--student",
         "tiny",
         "--steps",
-        "4",
+        str(steps),
         "--batch-size",
         "2",
         "--no-progress",
@@ -275,6 +253,7 @@ def _torchrun(tiny_shards, out, port, *extra):
     ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
+    return r
 
 
 def test_fsdp_two_cpu_processes_checkpoint_and_resume(tiny_shards, tmp_path):
