@@ -132,15 +132,11 @@ class TrainConfig:
         return asdict(self)
 
 
-def _run_argument() -> str:
-    return dataclasses.field(metadata={"help": "A kdtrain run folder.", "flag": None, "argument": True})
-
-
 @dataclass
 class EvalConfig:
     """Every setting of `kdtrain eval` (and of the sweep's evaluation)."""
 
-    run: str = _run_argument()
+    run: str = setting(dataclasses.MISSING, "A kdtrain run folder.", argument=True)
     data: str | None = setting(
         None, "A corpus (file/folder, save_to_disk dataset, hf:NAME) or a kdtargets shard folder (required)."
     )
@@ -170,7 +166,7 @@ class EvalConfig:
 class SampleConfig:
     """Every setting of `kdtrain sample`."""
 
-    run: str = _run_argument()
+    run: str = setting(dataclasses.MISSING, "A kdtrain run folder.", argument=True)
     prompt: str = setting("", "Text the completion follows (kept fixed).")
     length: int = setting(32, "Tokens to generate.", at_least=1)
     steps: int = setting(32, "Denoising steps (at most --length); fewer steps reveal more tokens each.", at_least=1)
@@ -202,7 +198,7 @@ class SampleConfig:
 class FillConfig:
     """Every setting of `kdtrain fill`."""
 
-    run: str = _run_argument()
+    run: str = setting(dataclasses.MISSING, "A kdtrain run folder.", argument=True)
     text: str | None = setting(None, "Text with [MASK] where the student predicts one token each (required).")
     top: int = setting(5, "Predictions shown per mask.", at_least=1)
     chat: bool = setting(

@@ -30,8 +30,8 @@ NOT_SWEPT = {"shards", "out", "resume", "progress", "stop_at"}
 class SweepConfig:
     """Every setting of `kdtrain sweep`."""
 
-    shards: str = dataclasses.field(
-        metadata={"help": "A kdtargets output folder (one precompute for every point).", "argument": True}
+    shards: str = setting(
+        dataclasses.MISSING, "A kdtargets output folder (one precompute for every point).", argument=True
     )
     out: str | None = setting(None, "Sweep folder: one run per point, sweep.csv, sweep.md, sweep.png (required).")
     grid: dict[str, list] = setting(
