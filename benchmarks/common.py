@@ -17,6 +17,7 @@ import torch
 
 SHAPES = {  # hidden, layers, heads, KV heads, intermediate (Llama-style)
     "135m": (576, 30, 9, 3, 1536),
+    "2l": (576, 2, 9, 3, 1536),  # the 135M shape's first two layers: cheap targets for the trainer's benchmarks
     "1.7b": (2048, 24, 32, 32, 8192),
     "8b": (4096, 32, 32, 8, 14336),
 }

@@ -9,8 +9,6 @@ resumed build writes exactly the shards an uninterrupted one would.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import shutil
 import sys
@@ -27,11 +25,11 @@ from tqdm import tqdm
 from ar2mdm.precompute.config import BuildConfig
 from ar2mdm.precompute.outdir import (
     TOKENIZER_DIR,
+    ShardWriter,
     clear_build,
     finalize_manifest,
     finish_rank,
     finished_work,
-    partial_path,
     prepare_out,
     rank_lock,
     read_partial,
@@ -48,7 +46,7 @@ from ar2mdm.precompute.teacher import (
     tokenizer_info,
     vocab_size_of,
 )
-from ar2mdm.schemas import SCHEMA_VERSION, Manifest, ShardInfo
+from ar2mdm.schemas import SCHEMA_VERSION, Manifest
 from ar2mdm.schemas.manifest import write_atomic
 from ar2mdm.shared import __version__
 from ar2mdm.shared.corpus import (
@@ -66,10 +64,8 @@ from ar2mdm.shared.shards import (
     DONE_SUFFIX,
     ShardData,
     concat_shards,
-    file_sha256,
     rank_started_name,
     shard_name,
-    write_shard,
 )
 from ar2mdm.shared.tokenizer import PackStats, pack_documents, pack_sft
 
@@ -347,8 +343,9 @@ def write_shards(plan: BuildPlan, out: Path, teacher=None) -> BuildSummary:
     """The shard loop: skip finished shards, resume a partial one, write the rest (one `build_rows` call per
     batch of sequences), and keep what is done on Ctrl-C."""
     cfg = plan.cfg
-    written = skipped = rows = positions = resumed = 0
+    skipped = resumed = 0
     own_teacher = teacher is None
+    writer = ShardWriter(out, cfg.format, cfg.logprob_dtype)
     parts: list[ShardData] = []
     path = flushed = None
     # progress in target positions, as shards start (the corpus streams: the total is not known up front)
@@ -394,27 +391,13 @@ def write_shards(plan: BuildPlan, out: Path, teacher=None) -> BuildSummary:
                 if c2 < len(ids) and time.time() - last >= cfg.flush_seconds:
                     write_partial(path, concat_shards(parts))
                     flushed, last = len(parts), time.time()
-            data = concat_shards(parts)
-            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            write_shard(data, tmp, cfg.format, cfg.logprob_dtype)
-            os.replace(tmp, path)
-            info = ShardInfo(
-                file=path.name,
-                rows=data.rows,
-                target_positions=data.num_targets,
-                bytes=path.stat().st_size,
-                sha256=file_sha256(path),
-            )
-            write_atomic(path.with_name(path.name + DONE_SUFFIX), json.dumps(dataclasses.asdict(info)).encode())
-            partial_path(path).unlink(missing_ok=True)
-            finalize_manifest(out)  # the manifest lists every finished shard, even if the build stops later
-            written += 1
-            rows += data.rows
-            positions += data.num_targets
+            writer.submit(path, parts)  # written while the teacher computes the next shard
             parts, path = [], None
+        writer.close()
         bar.close()
         warn_skipped(plan.stats)
     except KeyboardInterrupt:
+        writer.close()  # the shard in flight lands: it is kept
         kept = ""
         if path is not None and parts:
             if len(parts) > flushed:
@@ -426,6 +409,9 @@ def write_shards(plan: BuildPlan, out: Path, teacher=None) -> BuildSummary:
             f"{kept}; rerun the same command to resume"
         ) from None
     finally:
+        writer.pool.shutdown()  # after another error, the shard in flight still lands (shutdown waits for it)
         if own_teacher and teacher is not None:
             teacher.close()
-    return BuildSummary(str(out), written, skipped, rows, positions, 0.0, plan.backend, resumed, plan.empty)
+    done = writer.done
+    rows, positions = sum(i.rows for i in done), sum(i.target_positions for i in done)
+    return BuildSummary(str(out), len(done), skipped, rows, positions, 0.0, plan.backend, resumed, plan.empty)

@@ -25,7 +25,16 @@ import numpy as np
 from ar2mdm.schemas import Manifest, RankInfo, SchemaError, ShardInfo
 from ar2mdm.schemas.manifest import MANIFEST_NAME, tmp_path, write_atomic
 from ar2mdm.shared.errors import UserError, warn
-from ar2mdm.shared.shards import DONE_SUFFIX, RANK_DONE_GLOB, ShardData, rank_done_name, read_shard, write_shard
+from ar2mdm.shared.shards import (
+    DONE_SUFFIX,
+    RANK_DONE_GLOB,
+    ShardData,
+    concat_shards,
+    file_sha256,
+    rank_done_name,
+    read_shard,
+    write_shard,
+)
 
 TOKENIZER_DIR = "tokenizer"
 PARTIAL_SUFFIX = ".partial"
@@ -199,6 +208,57 @@ def finish_rank(out: Path, rank: int) -> Manifest:
     )
     write_atomic(out / rank_done_name(rank), json.dumps(dataclasses.asdict(info)).encode())
     return finalize_manifest(out)
+
+
+def finish_shard(out: Path, path: Path, parts: list[ShardData], fmt: str, logprob_dtype: str) -> ShardInfo:
+    """Write a finished shard: its file (atomically), then its completion record, then the manifest that lists
+    it; the partial file goes. Until the record exists, a rerun redoes the shard: a crash loses at most it."""
+    data = concat_shards(parts)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    write_shard(data, tmp, fmt, logprob_dtype)
+    os.replace(tmp, path)
+    info = ShardInfo(
+        file=path.name,
+        rows=data.rows,
+        target_positions=data.num_targets,
+        bytes=path.stat().st_size,
+        sha256=file_sha256(path),
+    )
+    write_atomic(path.with_name(path.name + DONE_SUFFIX), json.dumps(dataclasses.asdict(info)).encode())
+    partial_path(shard=path).unlink(missing_ok=True)
+    finalize_manifest(out)  # the manifest lists every finished shard, even if the build stops later
+    return info
+
+
+class ShardWriter:
+    """`finish_shard` on one background thread, so that the teacher computes the next shard while this one is
+    encoded, compressed, hashed and written (Parquet and hashlib release the GIL). One shard in flight at most:
+    memory holds two shards' rows, and shards land in order. An error in the writer (a full disk) is raised by
+    the next `submit` or `wait`, as it was raised."""
+
+    def __init__(self, out: Path, fmt: str, logprob_dtype: str):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.out, self.fmt, self.logprob_dtype = out, fmt, logprob_dtype
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="kdtargets-writer")
+        self.pending = None
+        self.done: list[ShardInfo] = []  # the shards this writer finished, in order
+
+    def submit(self, path: Path, parts: list[ShardData]) -> None:
+        self.wait()
+        self.pending = self.pool.submit(finish_shard, self.out, path, parts, self.fmt, self.logprob_dtype)
+
+    def wait(self) -> None:
+        """Until the shard in flight is on disk with its record."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            self.done.append(pending.result())
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown()
 
 
 def partial_path(shard: Path) -> Path:

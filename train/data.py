@@ -78,6 +78,9 @@ class Batch:
     prompt_len: torch.Tensor  # (B,) long
     target_ids: torch.Tensor  # (M, N) long, M = mask.sum(), in mask.nonzero() order
     target_logprobs: torch.Tensor  # (M, N) float32, -inf on padding
+    # (M,) long b·L + i of each masked position, in mask.nonzero() order: made on the host, so that gathering
+    # the masked positions on the device needs no nonzero() (a host sync per step)
+    positions: torch.Tensor
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         return Batch(*(getattr(self, f).to(device, non_blocking=non_blocking) for f in self.__dataclass_fields__))
@@ -213,6 +216,7 @@ def collate(rows: list[Row], spec: TargetSpec) -> Batch:
         prompt_len=torch.tensor([r.prompt_len for r in rows], dtype=torch.long),
         target_ids=torch.as_tensor(np.concatenate(tids)),  # (M, top_n)
         target_logprobs=torch.as_tensor(np.concatenate(tlps)),
+        positions=mask.flatten().nonzero()[:, 0],
     )
 
 

@@ -191,7 +191,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         row_tok.append(maskable.sum(1).cpu().double())
         if spec is not None:
             _, parts = step_losses(model, collate(chunk, spec).to(device), kd_cfg, mask_id, spec)
-            kd_sum += parts["kd"] * len(chunk)
+            kd_sum += float(parts["kd"]) * len(chunk)
             kd_rows += len(chunk)
     est, tok = torch.cat(row_est), torch.cat(row_tok)
     nll_bound = float(est.sum() / tok.sum().clamp(min=1))

@@ -25,7 +25,7 @@ from ar2mdm.train.checkpoint import checkpoint_dir, load_meta, load_student, sav
 from ar2mdm.train.config import TrainConfig
 from ar2mdm.train.data import Batch, BatchLoader, RowStream, TargetSpec, load_shard_manifest
 from ar2mdm.train.model import Student, StudentConfig
-from ar2mdm.train.step import autocast_for, resolve_device, step_losses
+from ar2mdm.train.step import autocast_for, read_parts, resolve_device, step_losses
 from ar2mdm.train.tracking import open_tracker
 
 
@@ -181,12 +181,16 @@ def train(tr: Trainer) -> dict:
 
 def train_step(tr: Trainer, autocast) -> tuple[dict[str, float], float, int]:
     """One optimizer step over --grad-accum micro-batches: (the loss terms, averaged; the gradient norm before
-    clipping; the tokens seen). Stops in one line on a non-finite loss or gradient, or a damaged shard."""
+    clipping; the tokens seen). Stops in one line on a non-finite loss or gradient, or a damaged shard.
+
+    The loss terms and the gradient norm are read back together, once per step, just before the update: every
+    other read of a device value would stall the host until the device caught up, and leave the device idle
+    while the host queued the next kernels."""
     cfg = tr.cfg
     for group in tr.opt.param_groups:
         group["lr"] = lr_at(tr.step, tr.total, cfg)
     tr.opt.zero_grad(set_to_none=True)
-    acc: dict[str, float] = {}
+    acc: dict[str, torch.Tensor] = {}
     tokens = 0
     for _ in range(cfg.grad_accum):
         try:
@@ -198,17 +202,18 @@ def train_step(tr: Trainer, autocast) -> tuple[dict[str, float], float, int]:
         with autocast:
             progress = tr.step / max(tr.total, 1)
             loss, parts = step_losses(tr.train_model, batch, cfg, tr.model.config.mask_id, tr.spec, progress)
-        if not math.isfinite(parts["loss"]):
-            raise UserError(_nonfinite(f"loss {parts['loss']}", tr.step + 1, tr.saved, tr.run))
         (loss / cfg.grad_accum).backward()
         for k, v in parts.items():
-            acc[k] = acc.get(k, 0.0) + v / cfg.grad_accum
-    gnorm = float(torch.nn.utils.clip_grad_norm_(tr.model.parameters(), cfg.clip))
-    if not math.isfinite(gnorm):  # clipping would spread a NaN into every weight
+            acc[k] = acc[k] + v / cfg.grad_accum if k in acc else v / cfg.grad_accum
+    gnorm = torch.nn.utils.clip_grad_norm_(tr.model.parameters(), cfg.clip)
+    parts, (gnorm,) = read_parts(acc, gnorm)  # the step's one host sync
+    if not math.isfinite(parts["loss"]):  # NaN gradients follow; clipping would spread them into every weight
+        raise UserError(_nonfinite(f"loss {parts['loss']}", tr.step + 1, tr.saved, tr.run))
+    if not math.isfinite(gnorm):
         raise UserError(_nonfinite(f"gradient norm {gnorm}", tr.step + 1, tr.saved, tr.run))
     tr.opt.step()
     tr.step += 1
-    return acc, gnorm, tokens
+    return parts, gnorm, tokens
 
 
 def setup_training(cfg: TrainConfig) -> Trainer:
@@ -348,7 +353,8 @@ def _wrap(cfg: TrainConfig, model: Student, device: str, distributed: bool, stat
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=False)
+    # fused: one kernel for the whole update on CUDA (PyTorch's fastest AdamW); the CPU keeps the plain loop
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.startswith("cuda") and not fsdp)
     if state:
         if fsdp:  # the checkpoint holds the full optimizer state; each rank keeps its shard of it
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict

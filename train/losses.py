@@ -2,13 +2,14 @@
 
 Shapes: B rows, L positions, V vocabulary, N stored target entries per position. Every function takes the
 student's log-probabilities only at the positions that carry a loss (``M`` of them, gathered from (B, L, V)),
-so that the V-sized work is proportional to the masked positions, and the log-softmax at T = 1 is computed
-once and shared by the MDM and KD terms (`student_logprobs`); the KD term tempers from it.
+so that the V-sized work is proportional to the masked positions; `masked_losses` makes both terms per
+position from one log-softmax at T = 1, in chunks of positions, and `mdm_loss` / `kd_loss` sum them by row.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -36,20 +37,14 @@ def student_logprobs(logits: torch.Tensor) -> torch.Tensor:
 
 
 def mdm_loss(
-    logp: torch.Tensor,
-    targets: torch.Tensor,
-    row: torch.Tensor,
-    norm: torch.Tensor,
-    weight: torch.Tensor,
-    per_row: bool = False,
+    nll: torch.Tensor, row: torch.Tensor, norm: torch.Tensor, weight: torch.Tensor, per_row: bool = False
 ) -> torch.Tensor:
-    """Seed §1: mean over rows of -(1/norm_b) · weight_b · Σ_{i masked in b} log p_θ(x_0,i | x_t).
+    """Seed §1: mean over rows of (1/norm_b) · weight_b · Σ_{i masked in b} -log p_θ(x_0,i | x_t).
 
-    logp: (M, V) student log-probs (T = 1) at the masked positions; targets: (M,) clean tokens; row: (M,) row
-    of each position; norm: (B,) L for pretrain rows, the response length for SFT rows; weight: (B,) 1, or 1/t.
+    nll: (M,) -log p_θ(x_0,i | x_t) at the masked positions (`masked_losses`); row: (M,) row of each position;
+    norm: (B,) L for pretrain rows, the response length for SFT rows; weight: (B,) 1, or 1/t.
     ``per_row``: the (B,) row terms instead of their mean.
     """
-    nll = -logp.gather(1, targets[:, None])[:, 0]  # (M,)
     rows = torch.zeros_like(norm, dtype=nll.dtype).index_add(0, row, nll) * weight / norm  # (B,)
     return rows if per_row else rows.mean()
 
@@ -183,23 +178,79 @@ def sparse_kl(
     return (T * T * kl).masked_fill(~has, 0.0)
 
 
-def kd_loss(
-    logp: torch.Tensor,
-    target_ids: torch.Tensor,
-    target_logprobs: torch.Tensor,
-    row: torch.Tensor,
-    norm: torch.Tensor,
-    temperature: float,
-    tail: str = "renormalize",
-    slack: torch.Tensor | None = None,
-    per_row: bool = False,
-) -> torch.Tensor:
-    """Seed §2: mean over rows of (1/norm_b) Σ_{i masked in b} T²·KL(q_T ‖ p_θ^T); positions without a
-    stored target (all entries -inf) contribute 0. logp: (M, V) student log-probs at T = 1.
+def kd_loss(kl: torch.Tensor, row: torch.Tensor, norm: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+    """Seed §2: mean over rows of (1/norm_b) Σ_{i masked in b} T²·KL(q_T ‖ p_θ^T).
+
+    kl: (M,) per-position terms (`masked_losses`; 0 where no target is stored); row: (M,); norm: (B,).
     ``per_row``: the (B,) row terms instead of their mean."""
-    kl = sparse_kl(logp, target_ids, target_logprobs, temperature, tail, slack)  # (M,)
     rows = torch.zeros_like(norm, dtype=kl.dtype).index_add(0, row, kl) / norm  # (B,)
     return rows if per_row else rows.mean()
+
+
+@dataclass(frozen=True)
+class SparseTargets:
+    """The stored teacher targets at the M masked positions, and how the KD term reads them (`sparse_kl`)."""
+
+    ids: torch.Tensor  # (M, N)
+    logprobs: torch.Tensor  # (M, N) log q at T = 1, -inf on padding
+    temperature: float
+    tail: str
+    slack: torch.Tensor | None = None  # (M,) the leftover that is storage rounding (bucket tail)
+
+    def split(self, size: int) -> list["SparseTargets"]:
+        """Consecutive chunks of ``size`` positions."""
+        slack = self.slack.split(size) if self.slack is not None else [None] * -(-len(self.ids) // size)
+        return [
+            SparseTargets(i, lp, self.temperature, self.tail, s)
+            for i, lp, s in zip(self.ids.split(size), self.logprobs.split(size), slack)
+        ]
+
+
+# Float32 (positions, V) log-probs made at once by `masked_losses`: 256 MiB, 1,365 positions at V = 49k.
+LOSS_CHUNK_BYTES = 1 << 28
+
+
+def masked_losses(
+    logits: torch.Tensor, tokens: torch.Tensor, targets: SparseTargets | None, chunk: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(M,) -log p_θ(x_0,i | x_t) and (M,) T²·KL(q_T ‖ p_θ^T) (None without ``targets``) at the masked positions.
+
+    logits: (M, V) at the masked positions, in the autocast dtype; tokens: (M,) the clean tokens. The log-softmax
+    at T = 1 is made once per position and shared by both terms; the KD term tempers from it.
+
+    Why chunks: that float32 (M, V) log-softmax is the largest tensor of a step (M ~ B·L/2: 800 MB at B = 16,
+    L = 512, V = 49k), and autograd would keep it, and the KL's (M, V) intermediates, for the backward. In
+    chunks of ``chunk`` positions (default: LOSS_CHUNK_BYTES of float32), each chunk's float32 work is
+    recomputed in the backward instead (activation checkpointing: one more elementwise pass over the chunk,
+    no matmul), so only the logits themselves stay. When one chunk holds every position (every CPU run at the
+    presets' sizes), the plain path runs: nothing is recomputed.
+    """
+    M, V = logits.shape
+    chunk = chunk or max(1, LOSS_CHUNK_BYTES // (4 * V))
+    if M <= chunk or not (torch.is_grad_enabled() and logits.requires_grad):
+        return _position_terms(logits, tokens, targets)
+    from torch.utils.checkpoint import checkpoint
+
+    parts = targets.split(chunk) if targets is not None else [None] * -(-M // chunk)
+    # split, not slicing: the backward of split assembles one (M, V) gradient, not one per chunk
+    outs = [
+        checkpoint(_position_terms, z, y, t, use_reentrant=False)
+        for z, y, t in zip(logits.split(chunk), tokens.split(chunk), parts)
+    ]
+    nll = torch.cat([o[0] for o in outs])
+    return nll, (torch.cat([o[1] for o in outs]) if targets is not None else None)
+
+
+def _position_terms(
+    logits: torch.Tensor, tokens: torch.Tensor, targets: SparseTargets | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`masked_losses` of one chunk: (m, V) logits, (m,) tokens -> (m,) nll, (m,) KL or None."""
+    logp = student_logprobs(logits)  # (m, V) T = 1, at least float32
+    nll = -logp.gather(1, tokens[:, None])[:, 0]  # (m,)
+    if targets is None:
+        return nll, None
+    t = targets
+    return nll, sparse_kl(logp, t.ids, t.logprobs, t.temperature, t.tail, t.slack)
 
 
 def elbo_weight(t: torch.Tensor, mask: torch.Tensor, maskable: torch.Tensor) -> torch.Tensor:

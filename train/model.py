@@ -163,10 +163,9 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, L, c.num_kv_heads, hd).transpose(1, 2)  # (B, Hkv, L, D)
         v = self.v_proj(x).view(B, L, c.num_kv_heads, hd).transpose(1, 2)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
-        rep = c.num_heads // c.num_kv_heads
-        if rep > 1:
-            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # bidirectional unless asked
+        # grouped-query heads go to the kernel as they are (enable_gqa), not copied num_heads / num_kv_heads times
+        gqa = c.num_heads != c.num_kv_heads
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)  # bidirectional unless asked
         return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))
 
 
@@ -239,7 +238,8 @@ class Student(nn.Module):
         return h @ self.model.embed_tokens.weight[: self.config.vocab_size].T
 
     def forward(self, x_t: torch.Tensor, select: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
-        """Logits (B, L, V), or (M, V) at the M positions where ``select`` (B, L) is True.
+        """Logits (B, L, V), or (M, V) at the M selected positions: ``select`` is a (B, L) bool mask, or the (M,)
+        flat indices b·L + i (the training step's, which need no host sync to gather).
 
         Selecting before the head keeps the V-sized work proportional to the masked positions. With the AR
         shift, position i reads the hidden state of i-1 (position 0, BOS, is never predicted).
@@ -247,7 +247,11 @@ class Student(nn.Module):
         h = self.hidden(x_t, causal)  # (B, L, H)
         if self.config.shift:
             h = torch.cat([h[:, :1], h[:, :-1]], dim=1)  # (B, L, H): h'_i = h_{i-1}
-        return self.logits(h if select is None else h[select])
+        if select is None:
+            return self.logits(h)
+        if select.dtype == torch.bool:
+            return self.logits(h[select])
+        return self.logits(h.flatten(0, 1).index_select(0, select))  # (M, H) -> (M, V)
 
 
 @torch.no_grad()

@@ -364,3 +364,68 @@ def test_vllm_backend_missing_is_a_clear_error(tmp_path, tiny_teacher, tiny_corp
         "24",
     )
     assert r.exit_code == 0 and "(hf backend)" in r.output, r.output
+
+
+# ------------------------------------------------------------------------------------------ the shard writer
+
+
+def test_the_writer_overlaps_the_next_shard_and_lands_shards_in_order(tiny_corpus, tiny_teacher, tmp_path, monkeypatch):
+    """A shard is written while the teacher computes the next one: the writer of shard 0 waits for the next
+    shard's first teacher call, which could never come if writing blocked the loop. The output is the bytes of
+    a build whose writer never waited."""
+    import threading
+
+    from ar2mdm.precompute import build as build_mod
+    from ar2mdm.precompute import outdir
+
+    ref = tmp_path / "ref"
+    run_build(cfg(tiny_corpus, tiny_teacher, ref))
+    real_rows, real_write = build_mod.build_rows, outdir.write_shard
+    calls, started = [], threading.Event()
+
+    def build_rows(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:  # shard 1's first batch (one batch per shard of 2 sequences)
+            started.set()
+        return real_rows(*a, **kw)
+
+    overlapped = []
+
+    def write_shard(data, path, *a):
+        if not overlapped:
+            overlapped.append(started.wait(timeout=60))
+        return real_write(data, path, *a)
+
+    monkeypatch.setattr(build_mod, "build_rows", build_rows)
+    monkeypatch.setattr(outdir, "write_shard", write_shard)
+    out = tmp_path / "o"
+    s = run_build(cfg(tiny_corpus, tiny_teacher, out))
+    assert overlapped == [True]
+    assert s.shards_written == len(shard_hashes(ref)) >= 2
+    assert shard_hashes(out) == shard_hashes(ref)
+    assert (out / "manifest.json").read_bytes() == (ref / "manifest.json").read_bytes()
+
+
+def test_a_failing_writer_stops_the_build_keeps_the_finished_shards_and_the_rerun_completes(
+    tiny_corpus, tiny_teacher, tmp_path, monkeypatch
+):
+    from ar2mdm.precompute import outdir
+
+    ref = tmp_path / "ref"
+    run_build(cfg(tiny_corpus, tiny_teacher, ref))
+    real, n = outdir.write_shard, []
+
+    def full_disk_at_the_second_shard(data, path, *a):
+        n.append(1)
+        if len(n) == 2:
+            raise OSError(28, "No space left on device")
+        return real(data, path, *a)
+
+    monkeypatch.setattr(outdir, "write_shard", full_disk_at_the_second_shard)
+    out = tmp_path / "o"
+    with pytest.raises(OSError, match="No space left"):
+        run_build(cfg(tiny_corpus, tiny_teacher, out))
+    assert list(shard_hashes(out)) == list(shard_hashes(ref))[:1]  # the first shard is finished and listed
+    monkeypatch.setattr(outdir, "write_shard", real)
+    run_build(cfg(tiny_corpus, tiny_teacher, out))
+    assert shard_hashes(out) == shard_hashes(ref)

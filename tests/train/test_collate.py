@@ -40,8 +40,11 @@ def same(rows, spec):
     np.testing.assert_array_equal(b.target_ids.numpy(), ti)
     np.testing.assert_array_equal(b.target_logprobs.numpy(), tl)
     assert b.mask.sum() == len(ti)
+    L = b.mask.shape[1]
     for i, r in enumerate(rows):
         assert b.mask[i].nonzero()[:, 0].tolist() == list(r.mask_positions)
+    flat = [i * L + p for i, r in enumerate(rows) for p in r.mask_positions]  # the step's flat indices
+    assert b.positions.tolist() == flat
 
 
 def test_collate_equals_the_loop_on_shards(tiny_shards, tiny_shards_all):

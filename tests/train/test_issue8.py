@@ -36,7 +36,7 @@ def test_a_non_finite_loss_stops_the_run_with_one_line_naming_the_step(tiny_shar
         loss, parts = real(*args)
         if calls["n"] == 5:
             loss = loss * float("nan")
-            parts["loss"] = float("nan")
+            parts["loss"] = parts["loss"] * float("nan")
         return loss, parts
 
     monkeypatch.setattr(loop, "step_losses", nan_at_step_5)

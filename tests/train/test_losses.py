@@ -1,7 +1,15 @@
 import pytest
 import torch
 
-from ar2mdm.train.losses import combined_loss, kd_loss, mdm_loss, sparse_kl, student_logprobs
+from ar2mdm.train.losses import (
+    SparseTargets,
+    combined_loss,
+    kd_loss,
+    masked_losses,
+    mdm_loss,
+    sparse_kl,
+    student_logprobs,
+)
 
 
 def dense_kl(logits, q_dense, T):
@@ -70,8 +78,12 @@ def test_gradcheck_mdm():
     import torch.nn.functional as F
 
     ref = lambda z: ((F.cross_entropy(z, tgt, reduction="none").view(2, 2).sum(1)) * w / norm).mean()  # noqa: E731
-    assert torch.allclose(mdm_loss(student_logprobs(z), tgt, row, norm, w), ref(z), atol=1e-10)
-    assert torch.autograd.gradcheck(lambda z: mdm_loss(student_logprobs(z), tgt, row, norm, w), (z,))
+
+    def ours(z):
+        return mdm_loss(masked_losses(z, tgt, None)[0], row, norm, w)
+
+    assert torch.allclose(ours(z), ref(z), atol=1e-10)
+    assert torch.autograd.gradcheck(ours, (z,))
 
 
 def test_lambda_endpoints_reduce_to_pure_losses():
@@ -90,8 +102,58 @@ def test_kd_loss_normalises_per_row_and_skips_positions_without_target():
     norm = torch.tensor([10.0, 4.0])
     logp = student_logprobs(logits)
     per = sparse_kl(logp, ids, lp, 1.0, "renormalize")
-    got = kd_loss(logp, ids, lp, row, norm, 1.0)
+    got = kd_loss(masked_losses(logits, ids[:, 0], SparseTargets(ids, lp, 1.0, "renormalize"))[1], row, norm)
     assert torch.allclose(got, (per[0] / 10 + per[2] / 4) / 2)
+
+
+@pytest.mark.parametrize("T", [1.0, 1.7])
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+def test_chunked_masked_losses_equal_one_chunk_in_value_and_gradient(T, tail):
+    """In chunks (the float32 work recomputed in the backward), both terms and the logits' gradient equal the
+    one-chunk path, including chunks that hold positions without a target and a chunk shorter than the rest."""
+    g = torch.Generator().manual_seed(7)
+    M, V, N = 11, 13, 4
+    z = torch.randn(M, V, generator=g, dtype=torch.float64) * 2
+    tokens = torch.randint(0, V, (M,), generator=g)
+    ids = torch.stack([torch.randperm(V, generator=g)[:N] for _ in range(M)])
+    lp = torch.log_softmax(torch.randn(M, N, generator=g, dtype=torch.float64), -1) - 0.2  # a tail of mass
+    lp[3] = -torch.inf  # no target at position 3
+    lp[5, 2:] = -torch.inf  # padding
+    tgt = SparseTargets(ids, lp, T, tail, torch.full((M,), 1e-6, dtype=torch.float64) if tail == "bucket" else None)
+    coef_nll, coef_kl = torch.rand(M, generator=g, dtype=torch.float64), torch.rand(M, generator=g, dtype=torch.float64)
+    got = {}
+    for chunk in (M, 4, 1):
+        x = z.clone().requires_grad_(True)
+        nll, kl = masked_losses(x, tokens, tgt, chunk=chunk)
+        ((coef_nll * nll).sum() + (coef_kl * kl).sum()).backward()
+        got[chunk] = (nll.detach(), kl.detach(), x.grad)
+    for chunk in (4, 1):
+        for a, b in zip(got[M], got[chunk]):
+            assert torch.allclose(a, b, atol=1e-12, rtol=0)
+    assert got[M][1][3] == 0 and torch.all(got[M][2][3] != 0)  # the MDM term still trains position 3
+
+
+def test_chunked_masked_losses_keep_no_float32_vocabulary_tensor_for_the_backward():
+    """What the chunks are for: the tensors autograd keeps are the logits and a few (M,) or (M, N) ones, not
+    the (M, V) float32 log-softmax that one chunk keeps."""
+    M, V, N = 64, 1000, 8
+    z = torch.randn(M, V, dtype=torch.bfloat16, requires_grad=True)
+    ids = torch.randint(0, V, (M, N))
+    tgt = SparseTargets(ids, torch.log_softmax(torch.randn(M, N), -1), 1.0, "renormalize")
+
+    def kept(chunk):
+        sizes = []
+
+        def pack(t):
+            sizes.append((t.dtype, t.numel()))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            masked_losses(z, ids[:, 0], tgt, chunk=chunk)
+        return [s for s in sizes if s[0] == torch.float32 and s[1] >= M * V // 4]
+
+    assert kept(M)  # one chunk: the float32 (M, V) log-softmax is kept
+    assert not kept(16)
 
 
 # ---- issue 8: no NaN, a tail within the storage precision, one tempering of the tail, forced-mask weights

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The trainer on a CUDA machine (issue 20), bf16 autocast, L=512, as it runs there (no `datasets`, `gguf`, `vllm`,
+# no network): topk shards of this Python's standard library are built once from a random 2-layer teacher with the
+# default teacher's vocabulary (a step costs the same whatever the targets' values), then per student preset
+# benchmarks/train_profile.py prints tokens/s, MFU (6·N per token), the phase table (data wait, copy, forward, loss,
+# backward, optimizer) and torch.profiler's top operators. About 5 minutes on an H200 (not yet timed there).
+#
+#   bash benchmarks/gpu_train.sh                    # STUDENTS="base medium", BATCH=16
+#   STUDENTS=base BATCH="16 64" bash benchmarks/gpu_train.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'benchmarks/gpu_train.sh: no CUDA device')"
+"$PY" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}')"
+date -u
+SHARDS=${SHARDS:-$(mktemp -d)/shards}
+OUT=${OUT:-.}
+for student in ${STUDENTS:-base medium}; do
+  for batch in ${BATCH:-16}; do
+    for compile in --compile --no-compile; do
+      echo "== student $student, batch $batch, $compile"
+      "$PY" benchmarks/train_profile.py "$SHARDS" --rows "${ROWS:-512}" --seq-len "${SEQ_LEN:-512}" --student "$student" \
+        --batch-size "$batch" --steps "${STEPS:-20}" "$compile" --out "$OUT/profile-$student-$batch$compile"
+    done
+  done
+done
