@@ -85,6 +85,11 @@ class Batch:
     def to(self, device, non_blocking: bool = False) -> "Batch":
         return Batch(*(getattr(self, f).to(device, non_blocking=non_blocking) for f in self.__dataclass_fields__))
 
+    def pin_memory(self) -> "Batch":
+        """Page-locked copies, called by the DataLoader's pin_memory=True (it leaves a dataclass without this
+        method unpinned, and a non_blocking copy from pageable memory blocks after all)."""
+        return Batch(*(getattr(self, f).pin_memory() for f in self.__dataclass_fields__))
+
 
 def rows_of_shard(path: Path) -> Iterator[Row]:
     for data in iter_shard_batches(path):

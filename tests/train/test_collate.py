@@ -101,3 +101,18 @@ def test_the_medium_preset_is_about_350m_parameters():
         model = Student(StudentConfig.from_spec("medium", vocab_size=49152, max_positions=512))
     n = sum(p.numel() for p in model.parameters())
     assert 330e6 < n < 380e6, n
+
+
+def test_the_dataloader_pins_every_tensor_of_a_batch(monkeypatch):
+    """pin_memory=True pins a dataclass only through its own pin_memory(): without it the batch stays pageable and
+    the step's non_blocking copy blocks. (Pinning needs CUDA; the tensor method is stood in for here.)"""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from ar2mdm.train.data import Batch
+
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a, **k: pinned.append(t) or t.clone())
+    b = Batch(*(torch.arange(3) + i for i in range(len(Batch.__dataclass_fields__))))
+    out = pin_memory(b)
+    assert isinstance(out, Batch) and len(pinned) == len(Batch.__dataclass_fields__)
+    assert all(torch.equal(getattr(out, f), getattr(b, f)) for f in Batch.__dataclass_fields__)
