@@ -72,7 +72,8 @@ def fim_targets(
         lp = log_softmax_head(model, h[torch.arange(len(batch)), att.sum(1).to(dev) - 1])  # (B, V)
         v, i = lp.topk(n, dim=-1)
         check_finite(v, "fim log-probs")
+        v, i = v.cpu(), i.cpu()  # one copy per batch: a copy per prompt waited on the device each time
         for j, (row, slot, _) in enumerate(batch):
-            out_ids[row][slot] = i[j].cpu()
-            out_lp[row][slot] = v[j].cpu()
+            out_ids[row][slot] = i[j]
+            out_lp[row][slot] = v[j]
     return list(zip(out_ids, out_lp))

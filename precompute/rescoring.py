@@ -96,16 +96,15 @@ def token_logliks(model, h: torch.Tensor, targets: torch.Tensor, chunk: int = 10
 
 
 @torch.no_grad()
-def prefix_logprobs(model, input_ids: torch.Tensor, positions: list[torch.Tensor]) -> list[torch.Tensor]:
-    """log p_T(. | x_<i) for the given positions of each row: a list of (P_b, V) float32 tensors.
+def prefix_logprobs(model, input_ids: torch.Tensor, positions: list[torch.Tensor]) -> torch.Tensor:
+    """log p_T(. | x_<i) at the given positions of every row, rows one after another: (Σ_b P_b, V) float32.
 
     input_ids: (B, L) rows of equal length; positions[b]: (P_b,) long, every entry >= 1.
     """
     h = hidden_states(model, input_ids)  # (B, L, H)
-    out = []
-    for b, pos in enumerate(positions):
-        out.append(log_softmax_head(model, h[b, pos.to(h.device) - 1]))  # logits at i-1 predict x_i
-    return out
+    row = torch.cat([torch.full((len(p),), b, dtype=torch.long) for b, p in enumerate(positions)]).to(h.device)
+    pos = torch.cat([p.long() for p in positions]).to(h.device)
+    return log_softmax_head(model, h[row, pos - 1])  # logits at i-1 predict x_i
 
 
 def candidates(logp: torch.Tensor, true_ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,24 +301,25 @@ def rescore(
     logsumexp over each row's valid slots = 0.
     """
     B, L = input_ids.shape
-    logps = prefix_logprobs(model, input_ids, positions)
-    branches, cands, valids, firsts, offsets = [], [], [], [], []
+    logp = prefix_logprobs(model, input_ids, positions)  # (ΣP, V)
+    pos_all = torch.cat([p.long() for p in positions])  # (ΣP,)
+    row_all = torch.cat([torch.full((len(p),), b, dtype=torch.long) for b, p in enumerate(positions)])
+    true = input_ids[row_all.to(input_ids.device), pos_all.to(input_ids.device)]  # (ΣP,)
+    cand, valid = candidates(logp, true, k)  # (ΣP, K+1) on the device: the (ΣP, V) log-probs never leave it
+    first = logp.gather(1, cand)  # (ΣP, K+1) log p_T(v | x_<i)
+    sizes = [len(p) for p in positions]
+    cands, valids, firsts = (t.cpu().split(sizes) for t in (cand, valid, first))  # one small copy each
+    branches, offsets = [], []
     out = 0
     for b in range(B):
-        pos = positions[b].cpu()
-        true = input_ids[b, pos.to(input_ids.device)].cpu()
-        cand, valid = candidates(logps[b].cpu(), true, k)  # (P, K+1)
-        first = logps[b].cpu().gather(1, cand)  # (P, K+1) log p_T(v | x_<i)
         offsets.append(out)
-        for p, i in enumerate(pos.tolist()):
+        cand_b, valid_b = cands[b].tolist(), valids[b].tolist()  # Python lists: no tensor indexing per branch
+        for p, i in enumerate(positions[b].tolist()):
             n = L - 1 - i if window is None else min(L - 1 - i, window)
             for c in range(k + 1):
-                if valid[p, c]:
-                    branches.append(Branch(b, i, int(cand[p, c]), n, out + p * (k + 1) + c))
-        out += len(pos) * (k + 1)
-        cands.append(cand)
-        valids.append(valid)
-        firsts.append(first)
+                if valid_b[p][c]:
+                    branches.append(Branch(b, i, cand_b[p][c], n, out + p * (k + 1) + c))
+        out += sizes[b] * (k + 1)
     right = branch_logliks(model, input_ids, branches, out, token_budget, tree_mask=tree_mask).cpu()
     results = []
     for b in range(B):

@@ -66,6 +66,13 @@ class TrainConfig:
     epochs: int = setting(1, "Passes over the shards (when --steps is not given).", at_least=1)
     batch_size: int = setting(16, "Rows per micro-batch per rank.", at_least=1)
     grad_accum: int = setting(1, "Micro-batches per optimizer step.", at_least=1)
+    # nanochat's total batch: the optimisation sees a fixed batch while --batch-size is tuned to the GPU's memory
+    batch_tokens: int | None = setting(
+        None,
+        "Tokens per optimizer step over all ranks; sets --grad-accum to N / (batch-size x seq_len x ranks), "
+        "rounded up.",
+        at_least=1,
+    )
     lr: float = setting(3e-4, "Peak learning rate (AdamW; linear warmup, cosine decay to 0.1x).", above=0)
     min_lr_ratio: float = 0.1
     warmup: float = setting(0.05, "Warmup as a fraction of the steps.")
@@ -97,6 +104,8 @@ class TrainConfig:
 
     def check(self) -> None:
         check_settings(self)  # every Literal field and every range (setting(at_least=...))
+        if self.batch_tokens is not None and self.grad_accum != 1:
+            raise UserError("--batch-tokens sets --grad-accum: give one of them, not both")
 
     @property
     def run_dir(self) -> Path:

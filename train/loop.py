@@ -6,13 +6,14 @@ CUDA, gloo on CPU) and the student wrapped in DDP (or FSDP2 with --fsdp); each r
 
 from __future__ import annotations
 
+
 import json
 import math
 import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -236,6 +237,8 @@ def setup_training(cfg: TrainConfig) -> Trainer:
         )
     run = cfg.run_dir
     rank, world, distributed = _dist()
+    if cfg.batch_tokens is not None:  # the micro-batches a step takes, from the total batch in tokens
+        cfg = replace(cfg, grad_accum=-(-cfg.batch_tokens // (cfg.batch_size * manifest.seq_len * world)))
     device = resolve_device(cfg.device)
     if device == "cuda" and distributed:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -319,6 +322,12 @@ def _announce(cfg: TrainConfig, rows_per_rank: int, world: int, steps_per_epoch:
     """Say what the run will do before it starts, in numbers that add up."""
     per_step = cfg.batch_size * cfg.grad_accum
     why = f" (--epochs {cfg.epochs} x {steps_per_epoch} whole steps per epoch)" if cfg.steps is None else ""
+    if cfg.batch_tokens is not None:
+        print(
+            f"kdtrain: --batch-tokens {cfg.batch_tokens}: --grad-accum {cfg.grad_accum} micro-batches of "
+            f"{cfg.batch_size} rows per rank and step",
+            file=sys.stderr,
+        )
     print(
         f"kdtrain: {rows_per_rank} rows per rank x {world} rank(s); {total} steps{why} x {per_step} rows per step "
         f"and rank = {total * per_step} rows per rank = {total * per_step / max(rows_per_rank, 1):.2f} epochs; "

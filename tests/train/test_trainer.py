@@ -265,3 +265,18 @@ def test_fsdp_two_cpu_processes_checkpoint_and_resume(tiny_shards, tmp_path):
     assert wa["model.embed_tokens.weight"].shape[1] == 128  # unsharded
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-6), k
+
+
+def test_batch_tokens_sets_the_gradient_accumulation_and_trains_as_it_would(tiny_shards, tmp_path):
+    """--batch-tokens N: --grad-accum = N / (batch-size x L x ranks), rounded up; the run is the one that
+    --grad-accum itself gives (same weights), and giving both is refused in one line."""
+    from ar2mdm.shared.errors import UserError
+    from ar2mdm.train.data import load_shard_manifest
+
+    L = load_shard_manifest(tiny_shards).seq_len
+    run_training(tcfg(tiny_shards, tmp_path / "tok", batch_tokens=3 * 4 * L + 1, steps=2))  # 3.x micro-batches
+    run_training(tcfg(tiny_shards, tmp_path / "acc", grad_accum=4, steps=2))
+    wa, wb = weights(tmp_path / "tok"), weights(tmp_path / "acc")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(UserError, match="give one of them"):
+        run_training(tcfg(tiny_shards, tmp_path / "both", batch_tokens=1000, grad_accum=2))
