@@ -6,7 +6,6 @@ CUDA, gloo on CPU) and the student wrapped in DDP (or FSDP2 with --fsdp); each r
 
 from __future__ import annotations
 
-
 import json
 import math
 import os
