@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ar2mdm.shared.errors import UserError
@@ -177,28 +178,28 @@ def pack_segment(x: torch.Tensor, seg: list[Branch]) -> PackedSegment:
 
     A row r of the segment attends the columns c with c < pre[r] (the shared prefix x_<i of its branch) or
     lo[r] <= c <= r (the earlier tokens of its own block). Prefix rows have pre=0, lo=0: plain causal.
+    Branch b's block is [v_b, x_{i+1}, ..., x_{i+n-1}] at positions i..i+n-1, predicting x_{i+1..i+n}: made for
+    every branch at once with numpy (a few tensors per branch cost more host time than the GPU's forward).
     """
-    Lp = max(br.pos for br in seg)  # prefix x_0..x_{Lp-1} covers every branch's x_<i
-    toks, pos, pre, lo, tgt, owner = (
-        [x[:Lp]],
-        [torch.arange(Lp)],
-        [torch.zeros(Lp, dtype=torch.long)],
-        [torch.zeros(Lp, dtype=torch.long)],
-        [],
-        [],
+    xs = x.numpy()
+    i = np.array([br.pos for br in seg], dtype=np.int64)  # (nb,)
+    n = np.array([br.n for br in seg], dtype=np.int64)
+    Lp = int(i.max())  # prefix x_0..x_{Lp-1} covers every branch's x_<i
+    starts = Lp + np.concatenate([[0], np.cumsum(n)[:-1]])  # (nb,) first row of each block
+    rep = np.repeat(np.arange(len(seg)), n)  # (T,) the branch of each block row
+    k = np.arange(int(n.sum())) - np.repeat(starts - Lp, n)  # (T,) offset within its block
+    ib = i[rep]
+    tok = np.where(k == 0, np.array([br.token for br in seg], dtype=np.int64)[rep], xs[np.minimum(ib + k, len(xs) - 1)])
+    t = torch.from_numpy
+    return PackedSegment(
+        tokens=torch.cat([x[:Lp], t(tok)]),
+        positions=torch.cat([torch.arange(Lp), t(ib + k)]),
+        prefix_end=torch.cat([torch.zeros(Lp, dtype=torch.long), t(ib)]),
+        block_start=torch.cat([torch.zeros(Lp, dtype=torch.long), t(starts[rep])]),
+        prefix_len=Lp,
+        targets=t(xs[ib + k + 1]),
+        owner=t(np.array([br.out for br in seg], dtype=np.int64)[rep]),
     )
-    start = Lp
-    for br in seg:
-        n, i = br.n, br.pos
-        toks.append(torch.cat([torch.tensor([br.token]), x[i + 1 : i + n]]))  # [v, x_{i+1}, ..., x_{i+n-1}]
-        pos.append(torch.arange(i, i + n))
-        pre.append(torch.full((n,), i, dtype=torch.long))
-        lo.append(torch.full((n,), start, dtype=torch.long))
-        tgt.append(x[i + 1 : i + n + 1])  # the token each branch position predicts
-        owner.append(torch.full((n,), br.out, dtype=torch.long))
-        start += n
-    cat = torch.cat
-    return PackedSegment(cat(toks), cat(pos), cat(pre), cat(lo), Lp, cat(tgt), cat(owner))
 
 
 FLEX_BLOCK = 128  # FlexAttention's block size; packed lengths are rounded up to it
@@ -264,15 +265,18 @@ def branch_logliks(
         for j, p in enumerate(batch):
             n = len(p.tokens)
             toks[j, :n], posi[j, :n], pre[j, :n], lo[j, :n] = p.tokens, p.positions, p.prefix_end, p.block_start
+        toks, posi, pre, lo = (a.to(dev, non_blocking=True) for a in (toks, posi, pre, lo))
         if tree_mask == "flex":
-            h = flex_hidden_states(model, toks.to(dev), pre.to(dev), lo.to(dev), posi.to(dev))
+            h = flex_hidden_states(model, toks, pre, lo, posi)
         else:
-            col = torch.arange(S)
-            row = torch.arange(S)[:, None]
+            # the (Bn, S, S) mask is made on the device from the two (Bn, S) bounds: made on the host it took
+            # longer than the forward, and crossed PCIe at S² bytes per row
+            col = torch.arange(S, device=dev)
+            row = col[:, None]
             allowed = (col[None, None, :] < pre[:, :, None]) | (
                 (col[None, None, :] >= lo[:, :, None]) & (col[None, None, :] <= row[None])
             )  # (Bn, S, S)
-            h = hidden_states(model, toks.to(dev), attention_mask=allowed[:, None].to(dev), position_ids=posi.to(dev))
+            h = hidden_states(model, toks, attention_mask=allowed[:, None], position_ids=posi)
         sel_h, sel_t, sel_o = [], [], []
         for j, p in enumerate(batch):
             sel_h.append(h[j, p.prefix_len : len(p.tokens)])

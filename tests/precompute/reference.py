@@ -1,9 +1,38 @@
-"""The reference implementation of top-K rescoring: one full causal forward per (target, candidate). Only the
-tests and benchmarks/rescoring.py (its baseline) use it."""
+"""The reference implementation of top-K rescoring: one full causal forward per (target, candidate), and the
+per-branch packing loop `pack_segment` replaced. Only the tests and benchmarks/rescoring.py (its baseline) use
+them."""
 
 import torch
 
-from ar2mdm.precompute.rescoring import NEG_INF, candidates, hidden_states, log_softmax_head, token_logliks
+from ar2mdm.precompute.rescoring import (
+    NEG_INF,
+    Branch,
+    PackedSegment,
+    candidates,
+    hidden_states,
+    log_softmax_head,
+    token_logliks,
+)
+
+
+def pack_segment_loop(x: torch.Tensor, seg: list[Branch]) -> PackedSegment:
+    """`rescoring.pack_segment` as it was written first: a few small tensors per branch."""
+    Lp = max(br.pos for br in seg)
+    toks, pos = [x[:Lp]], [torch.arange(Lp)]
+    pre, lo = [torch.zeros(Lp, dtype=torch.long)], [torch.zeros(Lp, dtype=torch.long)]
+    tgt, owner = [], []
+    start = Lp
+    for br in seg:
+        n, i = br.n, br.pos
+        toks.append(torch.cat([torch.tensor([br.token]), x[i + 1 : i + n]]))  # [v, x_{i+1}, ..., x_{i+n-1}]
+        pos.append(torch.arange(i, i + n))
+        pre.append(torch.full((n,), i, dtype=torch.long))
+        lo.append(torch.full((n,), start, dtype=torch.long))
+        tgt.append(x[i + 1 : i + n + 1])
+        owner.append(torch.full((n,), br.out, dtype=torch.long))
+        start += n
+    cat = torch.cat
+    return PackedSegment(cat(toks), cat(pos), cat(pre), cat(lo), Lp, cat(tgt), cat(owner))
 
 
 @torch.no_grad()

@@ -159,3 +159,30 @@ def test_the_flex_attention_tree_mask_scores_as_the_dense_one():
         assert torch.equal(cd, cf)
         torch.testing.assert_close(lf.exp(), ld.exp(), atol=1e-5, rtol=0)
     assert model.config._attn_implementation == "sdpa"  # switched back after the flex forward
+
+
+def test_the_vectorised_packing_equals_the_per_branch_loop():
+    """`pack_segment` builds every branch's block at once; the loop it replaced is the reference: the same
+    tokens, positions, mask bounds, targets and output slots, for segments with blocks of length 1 to W and a
+    branch at the last position."""
+    import dataclasses
+
+    from ar2mdm.precompute.rescoring import Branch, _segments, pack_segment
+    from tests.precompute.reference import pack_segment_loop
+
+    g = torch.Generator().manual_seed(3)
+    L, W = 40, 6
+    x = torch.randint(0, 100, (L,), generator=g)
+    pos = sorted(set(torch.randint(1, L - 1, (15,), generator=g).tolist()) | {L - 2})
+    brs = [
+        Branch(0, i, int(torch.randint(0, 100, (1,), generator=g)), min(L - 1 - i, W), 3 * j + c)
+        for j, i in enumerate(pos)
+        for c in range(3)
+    ]
+    segs = _segments(brs, 60)
+    assert len(segs) > 2
+    for seg in segs:
+        got, ref = pack_segment(x, seg), pack_segment_loop(x, seg)
+        for f in dataclasses.fields(ref):
+            a, b = getattr(got, f.name), getattr(ref, f.name)
+            assert (torch.equal(a, b) and a.dtype == b.dtype) if isinstance(b, torch.Tensor) else a == b, f.name
