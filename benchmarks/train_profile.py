@@ -106,7 +106,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512, help="of the rows built when no SHARDS are given")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA")
-    ap.add_argument("--num-workers", type=int, default=2)
+    ap.add_argument("--num-workers", type=int, default=None, help="default: the trainer's (2 on CUDA, 0 on the CPU)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100/H200: 989)")
     ap.add_argument("--out", default=None, help="a folder for the profiler's table")
     a = ap.parse_args()
@@ -139,7 +139,7 @@ def main() -> None:
     compiled = a.compile if a.compile is not None else cuda
     print(
         f"{name}, torch {torch.__version__}; student {a.student} ({params / 1e6:.0f}M), batch {a.batch_size} x L {L}, "
-        f"λ = {a.lam}, compile {compiled}, {a.num_workers} loader workers"
+        f"λ = {a.lam}, compile {compiled}, loader workers {'default' if a.num_workers is None else a.num_workers}"
     )
 
     for _ in range(a.warmup):

@@ -272,7 +272,7 @@ def setup_training(cfg: TrainConfig) -> Trainer:
     loader = torch.utils.data.DataLoader(
         BatchLoader(shards, manifest, rank, world, cfg.seed, cfg.batch_size, rows_done // cfg.batch_size, **loader_kw),
         batch_size=None,
-        num_workers=cfg.num_workers,
+        num_workers=cfg.num_workers if cfg.num_workers is not None else (2 if device.startswith("cuda") else 0),
         pin_memory=device.startswith("cuda"),  # page-locked batches: the copy below does not block the step
     )
     run.mkdir(parents=True, exist_ok=True)
