@@ -163,8 +163,13 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, L, c.num_kv_heads, hd).transpose(1, 2)  # (B, Hkv, L, D)
         v = self.v_proj(x).view(B, L, c.num_kv_heads, hd).transpose(1, 2)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
-        # grouped-query heads go to the kernel as they are (enable_gqa), not copied num_heads / num_kv_heads times
-        gqa = c.num_heads != c.num_kv_heads
+        rep = c.num_heads // c.num_kv_heads
+        # grouped-query heads go to the flash kernel as they are (enable_gqa), not copied rep times; only flash
+        # reads them so (CUDA, half precision: pre-Ampere GPUs lack it too), and every other kernel would take
+        # enable_gqa to the unfused math kernel, slower than copying (pytorch#181528), so the rest copy
+        gqa = rep > 1 and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+        if rep > 1 and not gqa:
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)  # bidirectional unless asked
         return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))
 

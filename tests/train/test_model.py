@@ -5,7 +5,9 @@ from ar2mdm.train.model import Attention, Student, StudentConfig, rope_cos_sin, 
 
 
 def test_grouped_query_attention_equals_copied_kv_heads():
-    """enable_gqa hands the kernel 2 kv heads for 6 query heads; the reference copies them (the code before)."""
+    """2 kv heads for 6 query heads: on the CPU the student copies them; on CUDA in half precision it hands them
+    to the flash kernel as they are (enable_gqa), which must score as the copies do (checked here on the CPU's
+    kernel, the GPU path being unavailable)."""
     torch.manual_seed(0)
     c = StudentConfig(vocab_size=50, hidden_size=48, num_heads=6, num_kv_heads=2)
     att = Attention(c).double()
@@ -19,6 +21,10 @@ def test_grouped_query_attention_equals_copied_kv_heads():
     v = att.v_proj(x).view(2, 7, 2, 8).transpose(1, 2).repeat_interleave(3, 1)
     ref = att.o_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 7, -1))
     assert torch.allclose(got, ref, atol=1e-12)
+    k1 = rope(att.k_proj(x).view(2, 7, 2, 8).transpose(1, 2), cos, sin)
+    v1 = att.v_proj(x).view(2, 7, 2, 8).transpose(1, 2)
+    grouped = F.scaled_dot_product_attention(q, k1, v1, enable_gqa=True)
+    assert torch.allclose(att.o_proj(grouped.transpose(1, 2).reshape(2, 7, -1)), ref, atol=1e-12)
 
 
 def test_flat_positions_select_what_the_boolean_mask_selects():
