@@ -32,6 +32,7 @@ import torch
 
 from ar2mdm.precompute.config import DEFAULT_TOKEN_BUDGET, BuildConfig
 from ar2mdm.precompute.decode import Decoder
+from ar2mdm.precompute.teacher import text_config
 
 
 def next_token_keep(top_n: int) -> int:
@@ -85,7 +86,7 @@ class McSettings:
 def kv_bytes_per_position(config, elt: int) -> int:
     """Bytes one sequence's KV cache grows by per position: keys and values of every layer (elt: bytes per
     element of the model's dtype)."""
-    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    c = text_config(config)
     kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     return 2 * c.num_hidden_layers * kv_heads * head_dim * elt
@@ -94,7 +95,7 @@ def kv_bytes_per_position(config, elt: int) -> int:
 def bytes_per_row(config, L: int, K: int, keep: int, elt: int) -> int:
     """GPU memory one row's K particles take in `sample_particles` and the mixture after it (elt: bytes per
     element of the model's dtype): what `--batch-size` auto divides free memory by."""
-    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    c = text_config(config)
     kv = K * L * kv_bytes_per_position(c, elt)  # the static cache of L positions
     logits = K * c.vocab_size * 4 * 6  # a step's float32 logits and their temporaries (log-softmax, cdf, top-m)
     scores = K * L * keep * 8  # recorded top-m ids (int32) and probabilities (float32)

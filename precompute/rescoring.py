@@ -97,15 +97,13 @@ def token_logliks(model, h: torch.Tensor, targets: torch.Tensor, chunk: int = 10
 
 
 @torch.no_grad()
-def prefix_logprobs(model, input_ids: torch.Tensor, positions: list[torch.Tensor]) -> torch.Tensor:
-    """log p_T(. | x_<i) at the given positions of every row, rows one after another: (Σ_b P_b, V) float32.
+def prefix_logprobs(model, input_ids: torch.Tensor, row: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """log p_T(. | x_<i) at positions ``pos`` (N,) of rows ``row`` (N,) of ``input_ids`` (B, L): (N, V) float32.
 
-    input_ids: (B, L) rows of equal length; positions[b]: (P_b,) long, every entry >= 1.
+    Every position is >= 1 (the logits at i-1 predict x_i); row and pos on input_ids' device.
     """
     h = hidden_states(model, input_ids)  # (B, L, H)
-    row = torch.cat([torch.full((len(p),), b, dtype=torch.long) for b, p in enumerate(positions)]).to(h.device)
-    pos = torch.cat([p.long() for p in positions]).to(h.device)
-    return log_softmax_head(model, h[row, pos - 1])  # logits at i-1 predict x_i
+    return log_softmax_head(model, h[row, pos - 1])
 
 
 def candidates(logp: torch.Tensor, true_ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,10 +303,11 @@ def rescore(
     logsumexp over each row's valid slots = 0.
     """
     B, L = input_ids.shape
-    logp = prefix_logprobs(model, input_ids, positions)  # (ΣP, V)
-    pos_all = torch.cat([p.long() for p in positions])  # (ΣP,)
-    row_all = torch.cat([torch.full((len(p),), b, dtype=torch.long) for b, p in enumerate(positions)])
-    true = input_ids[row_all.to(input_ids.device), pos_all.to(input_ids.device)]  # (ΣP,)
+    dev = input_ids.device
+    pos_all = torch.cat([p.long() for p in positions]).to(dev)  # (ΣP,) rows one after another
+    row_all = torch.cat([torch.full((len(p),), b, dtype=torch.long) for b, p in enumerate(positions)]).to(dev)
+    logp = prefix_logprobs(model, input_ids, row_all, pos_all)  # (ΣP, V)
+    true = input_ids[row_all, pos_all]  # (ΣP,)
     cand, valid = candidates(logp, true, k)  # (ΣP, K+1) on the device: the (ΣP, V) log-probs never leave it
     first = logp.gather(1, cand)  # (ΣP, K+1) log p_T(v | x_<i)
     sizes = [len(p) for p in positions]

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ar2mdm.precompute.config import CUDA_TOKEN_BUDGET, DEFAULT_BATCH, DEFAULT_TOKEN_BUDGET, BuildConfig
+from ar2mdm.precompute.teacher import text_config
 from ar2mdm.shared.masking import row_seed, sample_row_mask
 from ar2mdm.shared.shards import ShardData, offsets_from_lengths
 
@@ -88,8 +89,7 @@ def auto_token_budget(cfg: BuildConfig, teacher) -> tuple[int, str]:
     if not str(teacher.device).startswith("cuda"):
         return DEFAULT_TOKEN_BUDGET, "the default"
     free, _ = torch.cuda.mem_get_info()
-    c = teacher.model.config
-    c = c.get_text_config() if hasattr(c, "get_text_config") else c
+    c = text_config(teacher.model.config)
     elt = next(teacher.model.parameters()).element_size()
     per_token = (4 * c.hidden_size + 3 * c.intermediate_size) * elt + 2 * 1024
     budget = max(DEFAULT_TOKEN_BUDGET, min(CUDA_TOKEN_BUDGET, int(0.5 * free) // per_token))

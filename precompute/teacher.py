@@ -72,9 +72,13 @@ def auto_dtype(device: str, config) -> str:
     return "bfloat16" if "gemma" in str(getattr(config, "model_type", "")).lower() else "float16"
 
 
+def text_config(config):
+    """The language model's config: a multimodal one (Gemma 3's) nests it."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def vocab_size_of(config) -> int:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(text.vocab_size)
+    return int(text_config(config).vocab_size)
 
 
 class Backend(Protocol):
