@@ -63,7 +63,8 @@ def build_shards(out: Path, rows: int, seq_len: int, device: str) -> Path:
 
 
 def phased_step(tr, autocast, sync) -> list[float]:
-    """One optimizer step (grad-accum 1) with a sync after each phase: the seconds of each of PHASES."""
+    """One micro-batch and an optimizer step with a sync after each phase: the seconds of each of PHASES (with
+    --grad-accum above 1 the optimizer's share is that of a step of one micro-batch)."""
     cfg, times = tr.cfg, []
     t = time.perf_counter()
 
@@ -98,7 +99,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("shards", nargs="?", default=None)
     ap.add_argument("--student", default="base")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=lambda x: x if x == "auto" else int(x), default=16, help="rows, or auto")
+    ap.add_argument("--batch-tokens", type=int, default=None, help="tokens per optimizer step (kdtrain's)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5, help="steps before timing (compilation, allocator)")
     ap.add_argument("--lam", type=float, default=0.5)
@@ -122,6 +124,7 @@ def main() -> None:
         out=str(tmp / "run"),
         student=a.student,
         batch_size=a.batch_size,
+        batch_tokens=a.batch_tokens,
         lam=a.lam,
         steps=need,
         save_every=10**9,
@@ -138,7 +141,8 @@ def main() -> None:
     name = torch.cuda.get_device_name() if cuda else "CPU"
     compiled = a.compile if a.compile is not None else cuda
     print(
-        f"{name}, torch {torch.__version__}; student {a.student} ({params / 1e6:.0f}M), batch {a.batch_size} x L {L}, "
+        f"{name}, torch {torch.__version__}; student {a.student} ({params / 1e6:.0f}M), "
+        f"batch {tr.cfg.batch_size} x L {L} (x {tr.cfg.grad_accum} micro-batches per step), "
         f"λ = {a.lam}, compile {compiled}, loader workers {'default' if a.num_workers is None else a.num_workers}"
     )
 

@@ -38,8 +38,35 @@ def setting(
     return dataclasses.field(default=default, metadata=meta)
 
 
+def words_of(tp: Any) -> tuple | None:
+    """The words a number field also takes: ``int | Literal["auto"]`` -> ("auto",); None for any other type."""
+    if typing.get_origin(tp) not in (typing.Union, types.UnionType):
+        return None
+    args = typing.get_args(tp)
+    words = [a for a in args if typing.get_origin(a) is Literal]
+    if int not in args or len(words) != 1:
+        return None
+    return typing.get_args(words[0])
+
+
+def parse_number_or_word(text: str, words: tuple) -> int | str:
+    """``--batch-size 16`` -> 16, ``--batch-size auto`` -> "auto"; anything else is refused by the command line
+    as a bad value for its flag, in one line."""
+    import typer
+
+    if text in words:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise typer.BadParameter(f"must be a whole number or {' | '.join(words)}, got {text!r}") from None
+
+
 def _cli_type(tp: Any) -> Any:
-    """The type typer parses: Literal -> str, X | None -> Optional[X], dict -> repeated KEY=VALUE strings."""
+    """The type typer parses: Literal -> str, X | None -> Optional[X], dict -> repeated KEY=VALUE strings,
+    int | Literal[words] -> str (parsed by `parse_number_or_word`)."""
+    if words_of(tp):
+        return str
     origin = typing.get_origin(tp)
     if origin is Literal:
         return type(typing.get_args(tp)[0])
@@ -73,10 +100,17 @@ def cli_signature(cls: type, defaults: dict[str, Any] | None = None) -> Callable
         ann = _cli_type(hints[f.name])
         if defaults and f.name in defaults and defaults[f.name] is None:
             ann = Optional[ann] if typing.get_origin(ann) is not typing.Union else ann
+        extra = {}
+        if words := words_of(hints[f.name]):  # typer parses no unions: the value comes as text
+            extra = dict(
+                parser=lambda text, w=words: parse_number_or_word(text, w),
+                metavar="|".join(["INTEGER", *(w.upper() for w in words)]),
+            )
+            default = str(default)
         if meta["argument"]:
             info = typer.Argument(... if default is dataclasses.MISSING else default, help=meta["help"])
         else:
-            info = typer.Option(default, *([meta["flag"]] if meta["flag"] else []), help=meta["help"])
+            info = typer.Option(default, *([meta["flag"]] if meta["flag"] else []), help=meta["help"], **extra)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=ann))
 
     def wrap(fn: Callable) -> Callable:
@@ -130,8 +164,11 @@ def check_settings(settings: Any) -> None:
         choices = _choices(hints[f.name])
         if choices is not None and value not in choices:
             raise UserError(f"{flag} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        words = words_of(hints[f.name])
+        if words and not isinstance(value, int) and value not in words:
+            raise UserError(f"{flag} must be a whole number or {' | '.join(words)}, got {value!r}")
         at_least, above, at_most, below = f.metadata.get("range", (None,) * 4)
-        if value is None or (at_least, above, at_most, below) == (None,) * 4:
+        if value is None or value in (words or ()) or (at_least, above, at_most, below) == (None,) * 4:
             continue
         if (
             (at_least is not None and value < at_least)

@@ -64,7 +64,13 @@ class TrainConfig:
     # stop (with a checkpoint) after this step; the schedule still spans `steps`
     stop_at: int | None = setting(None, "Stop after this step (checkpointed); resume later with --resume.")
     epochs: int = setting(1, "Passes over the shards (when --steps is not given).", at_least=1)
-    batch_size: int = setting(16, "Rows per micro-batch per rank.", at_least=1)
+    # auto: a memory setting only; what the optimizer sees stays 16 rows per rank, or --batch-tokens (train/memory.py)
+    batch_size: int | Literal["auto"] = setting(
+        16,
+        "Rows per micro-batch per rank; auto: on CUDA the most whose step fits in the GPU's memory (found by trying), "
+        "up to the rows of one optimizer step (16 per rank, or --batch-tokens), --grad-accum making up the rest.",
+        at_least=1,
+    )
     grad_accum: int = setting(1, "Micro-batches per optimizer step.", at_least=1)
     # nanochat's total batch: the optimisation sees a fixed batch while --batch-size is tuned to the GPU's memory
     batch_tokens: int | None = setting(
@@ -111,6 +117,8 @@ class TrainConfig:
         check_settings(self)  # every Literal field and every range (setting(at_least=...))
         if self.batch_tokens is not None and self.grad_accum != 1:
             raise UserError("--batch-tokens sets --grad-accum: give one of them, not both")
+        if self.batch_size == "auto" and self.grad_accum != 1:
+            raise UserError("--batch-size auto sets --grad-accum: give the step's size as --batch-tokens instead")
 
     @property
     def run_dir(self) -> Path:

@@ -236,8 +236,6 @@ def setup_training(cfg: TrainConfig) -> Trainer:
         )
     run = cfg.run_dir
     rank, world, distributed = _dist()
-    if cfg.batch_tokens is not None:  # the micro-batches a step takes, from the total batch in tokens
-        cfg = replace(cfg, grad_accum=-(-cfg.batch_tokens // (cfg.batch_size * manifest.seq_len * world)))
     device = resolve_device(cfg.device)
     if device == "cuda" and distributed:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -245,17 +243,18 @@ def setup_training(cfg: TrainConfig) -> Trainer:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
+    model, state = _student(cfg, manifest, run)
+    model.to(device)
+    cfg = _micro_batches(cfg, model, spec, manifest.seq_len, world, device, state is not None, rank)
     meta = {
         "mask_id": manifest.tokenizer.vocab_size,
         "tokenizer_sha256": manifest.tokenizer.sha256,
         "shards": str(shards.resolve()),
-        "train": cfg.to_dict(),
+        "train": cfg.to_dict(),  # --batch-size auto as it was resolved: a resume takes the same micro-batches
         "seq_len": manifest.seq_len,
         "task": manifest.task,
         "sft_format": manifest.sft_format,
     }
-    model, state = _student(cfg, manifest, run)
-    model.to(device)
     # data: a fixed number of steps per epoch, the same on every rank, so DDP ranks never wait on each other
     rows_per_rank = min(RowStream(shards, manifest, r, world, cfg.seed).rows_per_epoch(manifest) for r in range(world))
     steps_per_epoch = max(1, rows_per_rank // (cfg.batch_size * cfg.grad_accum))
@@ -298,6 +297,27 @@ def setup_training(cfg: TrainConfig) -> Trainer:
         saved=step if state else None,
         rows_done=rows_done,
     )
+
+
+def _micro_batches(
+    cfg: TrainConfig, model: Student, spec: TargetSpec, seq_len: int, world: int, device: str, resumed: bool, rank: int
+) -> TrainConfig:
+    """``cfg`` with --batch-size and --grad-accum as the run takes them: --batch-size auto resolved (or, on
+    --resume, taken from the checkpoint, so that the data stream continues where it stopped), and --batch-tokens
+    turned into micro-batches."""
+    if cfg.batch_size == "auto" and resumed:
+        old = load_meta(cfg.run_dir)["train"]
+        return replace(cfg, batch_size=old["batch_size"], grad_accum=old["grad_accum"])
+    if cfg.batch_size == "auto":
+        from ar2mdm.train.memory import auto_batch
+
+        cfg, said = auto_batch(cfg, model, spec, seq_len, world, device, autocast_for(device, cfg.dtype), cfg.fsdp)
+        if rank == 0:
+            print(f"kdtrain: {said}", file=sys.stderr)
+        return cfg
+    if cfg.batch_tokens is not None:  # the micro-batches a step takes, from the total batch in tokens
+        return replace(cfg, grad_accum=-(-cfg.batch_tokens // (cfg.batch_size * seq_len * world)))
+    return cfg
 
 
 def _student(cfg: TrainConfig, manifest: Manifest, run: Path) -> tuple[Student, dict | None]:

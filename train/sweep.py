@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ar2mdm.shared.errors import UserError
-from ar2mdm.shared.settings import check_settings, field_of, flag_of, setting
+from ar2mdm.shared.settings import check_settings, field_of, flag_of, setting, words_of
 from ar2mdm.train.config import TrainConfig
 
 NOT_SWEPT = {"shards", "out", "resume", "progress", "stop_at"}
@@ -77,6 +77,8 @@ def parse_value(name: str, text: str):
     args = [a for a in typing.get_args(typ) if a is not type(None)]
     if text.lower() == "none" and type(None) in typing.get_args(typ):
         return None
+    if text in (words_of(typ) or ()):  # batch_size=auto
+        return text
     base = args[0] if args and typing.get_origin(typ) is not typing.Literal else typ
     if typing.get_origin(typ) is typing.Literal:
         return text

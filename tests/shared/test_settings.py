@@ -20,6 +20,7 @@ class Demo:
     lam: float = setting(0.5, "λ", flag="--lambda", at_least=0, at_most=1)
     window: int | None = setting(None, "window", at_least=1)
     mode: Literal["a", "b"] = setting("a", "mode")
+    batch: int | Literal["auto"] = setting(16, "batch", at_least=1)
 
 
 @pytest.mark.parametrize(
@@ -32,6 +33,8 @@ class Demo:
         (dict(lam=-0.1), "--lambda must be in [0, 1], got -0.1"),
         (dict(window=0), "--window must be at least 1, got 0"),
         (dict(mode="c"), "--mode must be one of a, b, got 'c'"),
+        (dict(batch=0), "--batch must be at least 1, got 0"),
+        (dict(batch="lots"), "--batch must be a whole number or auto, got 'lots'"),
     ],
 )
 def test_out_of_range_values_are_refused_in_the_cli_words(change, message):
@@ -42,7 +45,7 @@ def test_out_of_range_values_are_refused_in_the_cli_words(change, message):
 
 def test_edges_and_none_pass():
     check_settings(Demo(k=1, frac=0.0, lam=1.0, window=None))
-    check_settings(Demo(frac=1.0, window=1))
+    check_settings(Demo(frac=1.0, window=1, batch="auto"))
 
 
 def test_every_default_is_in_its_own_range():
