@@ -9,26 +9,41 @@
 #   bash benchmarks/gpu.sh                       # SHAPES="135m 1.7b"
 #   SHAPES=135m MC_ROWS=1024 bash benchmarks/gpu.sh
 #   TEACHER=/path/to/folder bash benchmarks/gpu.sh   # a real teacher instead of the random shapes
-set -euo pipefail
+#   PARTS="mc-build topk-dense" PART_SECONDS=150 LOG_DIR=results bash benchmarks/gpu.sh
+#
+# PARTS: which of mc-sampler mc-build topk-dense topk-flex run (default all), in the order given; each under
+# `timeout PART_SECONDS` (default: none), its output also in $LOG_DIR/<shape>-<part>.log with LOG_DIR set, a
+# failed part not stopping the others (benchmarks/parts.sh). MC_SAMPLER_ROWS: the sampler-alone rows (64).
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'benchmarks/gpu.sh: no CUDA device')"
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'benchmarks/gpu.sh: no CUDA device')" || exit 1
 "$PY" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}')"
 date -u
 CORPUS=${CORPUS:-$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")}
 SHAPES=${SHAPES:-135m 1.7b}
+PARTS=${PARTS:-mc-sampler mc-build topk-dense topk-flex}
 L=${SEQ_LEN:-512}
+source benchmarks/parts.sh
+
 for shape in $SHAPES; do
   case $shape in 135m) mc_rows=${MC_ROWS:-1024}; tk_rows=${TOPK_ROWS:-256} ;; *) mc_rows=${MC_ROWS:-128}; tk_rows=${TOPK_ROWS:-64} ;; esac
-  if [[ -n "${TEACHER:-}" ]]; then which=(--teacher "$TEACHER"); else which=(--shape "$shape"); fi
-  echo "== $shape: the mc sampler alone (64 rows)"
-  if [[ -z "${TEACHER:-}" ]]; then "$PY" benchmarks/mc.py --shape "$shape" --rows 64 --seq-len "$L" --k 8 --baseline "${BASELINE:-c23c40f}"; fi
-  echo "== $shape: kdtargets build --mode mc (smc), $mc_rows rows, --batch-size auto"
-  "$PY" benchmarks/build_speed.py "${which[@]}" --corpus "$CORPUS" --mode mc --rows "$mc_rows" --seq-len "$L" --k 8
-  for mask in dense flex; do
-    echo "== $shape: kdtargets build --mode topk, $tk_rows rows, --token-budget auto, --tree-mask $mask"
-    "$PY" benchmarks/build_speed.py "${which[@]}" --corpus "$CORPUS" --mode topk --rows "$tk_rows" --seq-len "$L" \
-      --k 8 --window 16 -- --tree-mask "$mask"
+  if [[ -n "${TEACHER:-}" ]]; then which=(--teacher "$TEACHER"); tag=teacher; else which=(--shape "$shape"); tag=$shape; fi
+  for p in $PARTS; do
+    case $p in
+      mc-sampler)
+        [[ -n "${TEACHER:-}" ]] && continue
+        part "$tag-$p" "$shape: the mc sampler alone (${MC_SAMPLER_ROWS:-64} rows)" \
+          "$PY" benchmarks/mc.py --shape "$shape" --rows "${MC_SAMPLER_ROWS:-64}" --seq-len "$L" --k 8 --baseline "${BASELINE:-c23c40f}" ;;
+      mc-build)
+        part "$tag-$p" "$shape: kdtargets build --mode mc (smc), $mc_rows rows, --batch-size auto" \
+          "$PY" benchmarks/build_speed.py "${which[@]}" --corpus "$CORPUS" --mode mc --rows "$mc_rows" --seq-len "$L" --k 8 ;;
+      topk-dense | topk-flex)
+        part "$tag-$p" "$shape: kdtargets build --mode topk, $tk_rows rows, --token-budget auto, --tree-mask ${p#topk-}" \
+          "$PY" benchmarks/build_speed.py "${which[@]}" --corpus "$CORPUS" --mode topk --rows "$tk_rows" --seq-len "$L" \
+          --k 8 --window 16 -- --tree-mask "${p#topk-}" ;;
+      *) echo "benchmarks/gpu.sh: PARTS: no part $p (mc-sampler mc-build topk-dense topk-flex)" >&2; exit 2 ;;
+    esac
   done
   [[ -n "${TEACHER:-}" ]] && break
 done

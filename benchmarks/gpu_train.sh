@@ -7,20 +7,25 @@
 #
 #   bash benchmarks/gpu_train.sh                    # STUDENTS="base medium", BATCH=16
 #   STUDENTS=base BATCH="16 64" bash benchmarks/gpu_train.sh
-set -euo pipefail
+#   STUDENTS=base COMPILE=--compile PART_SECONDS=150 LOG_DIR=results bash benchmarks/gpu_train.sh
+#
+# Each run is a part (benchmarks/parts.sh): under `timeout PART_SECONDS`, its output also in
+# $LOG_DIR/train-<student>-<batch><compile>.log, a failed one not stopping the rest; the profiler's tables go to
+# $LOG_DIR too.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'benchmarks/gpu_train.sh: no CUDA device')"
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'benchmarks/gpu_train.sh: no CUDA device')" || exit 1
 "$PY" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}')"
 date -u
 SHARDS=${SHARDS:-$(mktemp -d)/shards}
-OUT=${OUT:-.}
+source benchmarks/parts.sh
 for student in ${STUDENTS:-base medium}; do
   for batch in ${BATCH:-16}; do
-    for compile in --compile --no-compile; do
-      echo "== student $student, batch $batch, $compile"
-      "$PY" benchmarks/train_profile.py "$SHARDS" --rows "${ROWS:-512}" --seq-len "${SEQ_LEN:-512}" --student "$student" \
-        --batch-size "$batch" --steps "${STEPS:-20}" "$compile" --out "$OUT/profile-$student-$batch$compile"
+    for compile in ${COMPILE:---compile --no-compile}; do
+      part "train-$student-$batch$compile" "student $student, batch $batch, $compile" \
+        "$PY" benchmarks/train_profile.py "$SHARDS" --rows "${ROWS:-512}" --seq-len "${SEQ_LEN:-512}" --student "$student" \
+        --batch-size "$batch" --steps "${STEPS:-20}" "$compile" ${LOG_DIR:+--out "$LOG_DIR/profile-$student-$batch$compile"}
     done
   done
 done

@@ -32,16 +32,25 @@ from ar2mdm.precompute.particles import kv_bytes_per_position  # noqa: E402
 BEFORE = "c23c40f"  # the last commit with precompute/mc_rows.py
 
 
+def baseline_source(rev: str, name: str) -> str:
+    """precompute/<name>.py at ``rev``: from git, or where a copy has no git (a GPU slot's), from
+    .bench/<rev>/<name>.py, which `benchmarks/gpu_slot.sh --prepare` writes beforehand."""
+    try:
+        return subprocess.run(
+            ["git", "show", f"{rev}:precompute/{name}.py"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return (ROOT / ".bench" / rev / f"{name}.py").read_text()  # OSError where neither is at hand
+
+
 def baseline_sampler(rev: str):
-    """`sample_completions_rows` as it was at ``rev`` (its mc.py and mc_rows.py from git), or None without git."""
+    """`sample_completions_rows` as it was at ``rev`` (its mc.py and mc_rows.py), or None where it is not at hand."""
     d = Path(tempfile.mkdtemp(prefix="ar2mdm-baseline-"))
     try:
         for name in ("mc", "mc_rows"):
-            src = subprocess.run(
-                ["git", "show", f"{rev}:precompute/{name}.py"], cwd=ROOT, capture_output=True, text=True, check=True
-            ).stdout
+            src = baseline_source(rev, name)
             (d / f"baseline_{name}.py").write_text(src.replace("ar2mdm.precompute.mc import", "baseline_mc import"))
-    except (OSError, subprocess.CalledProcessError):
+    except OSError:
         return None
     sys.path.insert(0, str(d))
     for name in ("baseline_mc", "baseline_mc_rows"):

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One short GPU slot (a single call of at most 10 minutes on one H200) that brings back the headline figures of
+# issues 19 and 20 on a machine set up as this project's GPU machines are: torch, transformers, pyarrow, typer;
+# no `datasets`, `gguf` or `vllm`, no network, and a copy of the checkout without .git. In order of worth, each
+# part under its own time limit so that a slow one costs only itself (benchmarks/parts.sh):
+#
+#   1. the 135M shape's whole mc build, 1,024 rows, --batch-size auto (issue 19's headline: teacher tokens/s, MFU,
+#      fraction of the bandwidth limit)                                                              160 s
+#   2. the 135M shape's whole topk build, 128 rows, the dense tree mask                                 90 s
+#   3. the trainer, `base`, batch 16, compiled: tokens/s, MFU, the phase table, the profiler's top ops  140 s
+#   4. the mc sampler alone against the one before issue 19, 32 rows                                    80 s
+#   5. topk as 2, with --tree-mask flex                                                                 60 s
+#
+# Here, before the call (the old sampler is read from git, which the copy there lacks):
+#   bash benchmarks/gpu_slot.sh --prepare          # writes .bench/ (ignored, 40 KB)
+# The call (the device tool's `run`): command "bash benchmarks/gpu_slot.sh", carry [".bench"], timeout_s 600.
+# Everything it prints is also in $OUT/slot.log (the device tool brings $OUT back). Then fill docs/scaling.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if [[ "${1:-}" == --prepare ]]; then
+  rev=${BASELINE:-c23c40f}
+  mkdir -p ".bench/$rev"
+  for name in mc mc_rows; do git show "$rev:precompute/$name.py" > ".bench/$rev/$name.py"; done
+  echo "wrote .bench/$rev: carry .bench in the call"
+  exit 0
+fi
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import ar2mdm.train" 2>/dev/null; then  # not installed: the source folders as ar2mdm.* on PYTHONPATH
+  root=$(mktemp -d)/root
+  mkdir -p "$root/ar2mdm"
+  for pkg in precompute train shared schemas; do ln -s "$PWD/$pkg" "$root/ar2mdm/$pkg"; done
+  export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+fi
+log=${OUT:-.}/slot.log
+{
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null
+  PYTHON=$PY SHAPES=135m PARTS=mc-build MC_ROWS=1024 PART_SECONDS=160 bash benchmarks/gpu.sh
+  PYTHON=$PY SHAPES=135m PARTS=topk-dense TOPK_ROWS=128 PART_SECONDS=90 bash benchmarks/gpu.sh
+  PYTHON=$PY STUDENTS=base COMPILE=--compile ROWS=256 PART_SECONDS=140 bash benchmarks/gpu_train.sh
+  PYTHON=$PY SHAPES=135m PARTS=mc-sampler MC_SAMPLER_ROWS=32 PART_SECONDS=80 bash benchmarks/gpu.sh
+  PYTHON=$PY SHAPES=135m PARTS=topk-flex TOPK_ROWS=128 PART_SECONDS=60 bash benchmarks/gpu.sh
+  date -u
+} 2>&1 | tee "$log"
