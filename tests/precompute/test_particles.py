@@ -166,6 +166,24 @@ def test_the_static_cache_decoder_draws_what_the_dynamic_one_draws():
     assert static.cache is not cache and torch.equal(one.seqs, a.seqs[: s.k])
 
 
+def test_the_compiled_decode_step_draws_what_the_eager_one_draws():
+    """`StaticDecoder(graph=True)`: the step under torch.compile(mode="reduce-overhead"), as CUDA runs it (here
+    without the CUDA graph, which only CUDA records): it traces, stays compiled (no fall-back to eager), and over
+    resamplings that copy cache rows, and a second batch in the same buffers, draws what the dynamic cache draws."""
+    from ar2mdm.precompute.decode import StaticDecoder
+
+    model = tiny_llama(V, seed=3, sharpness=3.0).float()
+    s = McSettings(k=8, weights="smc", top_n=2, smc_ess=1.0)
+    masks = [MASKED[r] for r in range(3)]
+    a = sample_particles(TorchDecoder(model), ROWS, masks, SEEDS, s)
+    static = StaticDecoder(model, ROWS.shape[1], graph=True)
+    for _ in range(2):
+        b = sample_particles(static, ROWS, masks, SEEDS, s)
+        assert static.graph and static._decode is not None
+        assert torch.equal(a.seqs, b.seqs)
+        torch.testing.assert_close(a.logw, b.logw, atol=1e-5, rtol=0)
+
+
 def test_auto_batch_size_divides_free_memory_by_what_a_row_takes(monkeypatch, tmp_path):
     """--batch-size auto on CUDA (arithmetic only; no GPU needed): the KV cache dominates a 135M-shaped row."""
     from types import SimpleNamespace

@@ -280,3 +280,16 @@ def test_batch_tokens_sets_the_gradient_accumulation_and_trains_as_it_would(tiny
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     with pytest.raises(UserError, match="give one of them"):
         run_training(tcfg(tiny_shards, tmp_path / "both", batch_tokens=1000, grad_accum=2))
+
+
+def test_compiled_student_trains_as_the_eager_one_without_recompiling_each_step(tiny_shards, tmp_path):
+    """--compile (the CUDA default; here inductor's CPU code): the same weights as eager up to float rounding, and
+    the masked positions' count, which changes every batch, costs one more graph (dynamic), not one per step."""
+    from torch._dynamo.utils import counters
+
+    run_training(tcfg(tiny_shards, tmp_path / "eager", steps=6, save_every=100))
+    counters.clear()
+    run_training(tcfg(tiny_shards, tmp_path / "compiled", steps=6, save_every=100, compile=True))
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])  # compiled, and not per step
+    wa, wb = weights(tmp_path / "eager"), weights(tmp_path / "compiled")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
