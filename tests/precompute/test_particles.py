@@ -269,3 +269,21 @@ def test_auto_token_budget_is_the_cuda_default_where_memory_allows(monkeypatch, 
     )
     given = BuildConfig(corpus=str(tmp_path), batch_size=3, token_budget=100)
     assert resolve_auto(given, gpu) == (given, [])
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_the_position_loop_never_waits_for_the_device(static):
+    """No op in the sampler (the teacher's forward included) reads a device value or has a data-dependent
+    size: on CUDA each would stop the host at every position (tests/syncs.py). Checked on a sampler that draws,
+    weighs and resamples."""
+    from ar2mdm.precompute.decode import StaticDecoder
+    from tests.syncs import HostSyncs
+
+    model = tiny_llama(V, seed=3, sharpness=3.0)
+    s = McSettings(k=8, weights="smc", top_n=2, smc_ess=1.0)
+    masks = [MASKED[r] for r in range(3)]
+    decoder = StaticDecoder(model, ROWS.shape[1], graph=False) if static else TorchDecoder(model)
+    with HostSyncs() as syncs:
+        p = sample_particles(decoder, ROWS, masks, SEEDS, s)
+    assert (~torch.isnan(p.ess_at)).sum() > 0  # resamplings happened
+    assert syncs.count == 0, dict(syncs.where)

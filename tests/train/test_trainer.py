@@ -293,3 +293,24 @@ def test_compiled_student_trains_as_the_eager_one_without_recompiling_each_step(
     assert 1 <= counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])  # compiled, and not per step
     wa, wb = weights(tmp_path / "eager"), weights(tmp_path / "compiled")
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+
+
+@pytest.mark.parametrize("tail,schedule", [("renormalize", "constant"), ("bucket", "linear-decay")])
+def test_a_step_waits_for_the_device_only_where_it_must(tiny_shards, tmp_path, tail, schedule):
+    """The forward, both losses and the backward read no device value and make no data-dependent shape
+    (tests/syncs.py), but for the one the bucket tail documents (`rest_logmass`: does any position need the
+    summed route). The step's own read, loss parts and gradient norm together, is a copy the CPU cannot see."""
+    from ar2mdm.train.loop import setup_training
+    from ar2mdm.train.step import autocast_for, step_losses
+    from tests.syncs import HostSyncs
+
+    tr = setup_training(tcfg(tiny_shards, tmp_path / "r", tail=tail, lambda_schedule=schedule))
+    batch = next(tr.batches)
+    with HostSyncs() as syncs, autocast_for(tr.device, "auto"):
+        loss, _ = step_losses(tr.train_model, batch, tr.cfg, tr.model.config.mask_id, tr.spec, 0.3)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tr.model.parameters(), tr.cfg.clip)
+    expected = {("_local_scalar_dense", "losses.py")} if tail == "bucket" else set()
+    assert {(op, at.split(":")[0]) for op, at in syncs.where} == expected and syncs.count == len(expected), dict(
+        syncs.where
+    )
