@@ -203,6 +203,19 @@ def pack_segment(x: torch.Tensor, seg: list[Branch]) -> PackedSegment:
 FLEX_BLOCK = 128  # FlexAttention's block size; packed lengths are rounded up to it
 
 
+def flex_batches(lengths: list[int], token_budget: int, segment_tokens: int) -> tuple[list[list[int]], int, list[int]]:
+    """(batches of segment indices, the one padded length S, each batch's padded row count) for the flex tree
+    mask. transformers compiles flex_attention for fixed shapes (dynamic=False), and torch stops compiling a
+    function after 8 shapes and runs it unfused, far slower: so every batch has the same S (the segment size,
+    rounded up to FLEX_BLOCK) and a power-of-two row count up to the budget's, at most 8 shapes in a build. The
+    rows that pad a batch attend only themselves (cheap in attention; the MLPs compute them: the last batch of
+    a call only)."""
+    S = -(-max(segment_tokens, *lengths) // FLEX_BLOCK) * FLEX_BLOCK
+    per = max(1, token_budget // S)
+    batches = [list(range(a, min(a + per, len(lengths)))) for a in range(0, len(lengths), per)]
+    return batches, S, [min(per, 1 << (len(b) - 1).bit_length()) for b in batches]
+
+
 def flex_hidden_states(model, toks, pre, lo, positions) -> torch.Tensor:
     """(B, S, H) hidden states under the packed tree mask, as FlexAttention: row q of batch b attends kv with
     kv < pre[b, q] (its branch's prefix) or lo[b, q] <= kv <= q (its own block). The block mask skips the
@@ -250,12 +263,16 @@ def branch_logliks(
         brs.sort(key=lambda b: b.pos)
         for seg in _segments(brs, segment_tokens):
             packed.append(pack_segment(x_cpu[row], seg))
-    for idx in budget_batches([len(p.tokens) for p in packed], token_budget):
+    lengths = [len(p.tokens) for p in packed]
+    if not packed:
+        return result
+    if tree_mask == "flex":  # few distinct shapes: each one is compiled once
+        batches, S_flex, rows = flex_batches(lengths, token_budget, segment_tokens)
+    else:
+        batches = budget_batches(lengths, token_budget)
+    for b, idx in enumerate(batches):
         batch = [packed[j] for j in idx]
-        S = max(len(p.tokens) for p in batch)
-        if tree_mask == "flex":  # few distinct shapes: each one is compiled once
-            S = -(-S // FLEX_BLOCK) * FLEX_BLOCK
-        Bn = len(batch)
+        S, Bn = (S_flex, rows[b]) if tree_mask == "flex" else (max(len(p.tokens) for p in batch), len(batch))
         toks = torch.zeros(Bn, S, dtype=torch.long)
         posi = torch.zeros(Bn, S, dtype=torch.long)
         pre = torch.zeros(Bn, S, dtype=torch.long)

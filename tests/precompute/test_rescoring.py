@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -159,6 +160,26 @@ def test_the_flex_attention_tree_mask_scores_as_the_dense_one():
         assert torch.equal(cd, cf)
         torch.testing.assert_close(lf.exp(), ld.exp(), atol=1e-5, rtol=0)
     assert model.config._attn_implementation == "sdpa"  # switched back after the flex forward
+
+
+def test_flex_batches_keep_to_a_few_compiled_shapes():
+    """transformers compiles flex_attention per shape and torch gives up after 8: a build's flex batches have one
+    padded length and power-of-two row counts, cover every segment once, and stay within the budget's rows."""
+    from ar2mdm.precompute.rescoring import FLEX_BLOCK, flex_batches
+
+    g = np.random.default_rng(0)
+    for budget, per in ((65536, 64), (50000, 48)):
+        shapes = set()
+        for calls in range(50):
+            lengths = g.integers(20, 1025, size=int(g.integers(1, 300))).tolist()
+            batches, S, rows = flex_batches(lengths, budget, 1024)
+            assert S == 1024 and S % FLEX_BLOCK == 0
+            assert sorted(j for b in batches for j in b) == list(range(len(lengths)))
+            for b, n in zip(batches, rows):
+                assert len(b) <= n <= per and ((n & (n - 1)) == 0 or n == per)
+                shapes.add((n, S))
+        assert len(shapes) <= 8, shapes
+    assert flex_batches([1500, 30], 4096, 1024)[1] == 1536  # a longer segment than the usual sets S
 
 
 def test_the_vectorised_packing_equals_the_per_branch_loop():
