@@ -24,13 +24,8 @@ if [[ "${1:-}" == --prepare ]]; then
   echo "wrote .bench/$rev: carry .bench in the call"
   exit 0
 fi
-PY=${PYTHON:-python3}
-if ! "$PY" -c "import ar2mdm.train" 2>/dev/null; then  # not installed: the source folders as ar2mdm.* on PYTHONPATH
-  root=$(mktemp -d)/root
-  mkdir -p "$root/ar2mdm"
-  for pkg in precompute train shared schemas; do ln -s "$PWD/$pkg" "$root/ar2mdm/$pkg"; done
-  export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-fi
+PY=${PYTHON:-$(command -v python || command -v python3)}
+source scripts/on_path.sh
 log=${OUT:-.}/slot.log
 {
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null

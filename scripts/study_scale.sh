@@ -32,15 +32,17 @@ STUDENT=${STUDENT:-base}
 BATCH=${BATCH:-16}
 EVAL_ROWS=${EVAL_ROWS:-256}
 PHASE=${PHASE:-all}
+PY=${PYTHON:-$(command -v python || command -v python3)}  # a GPU image may have python3 alone
+source scripts/on_path.sh
 teacher=(${TEACHER:+--teacher "$TEACHER"})
 mkdir -p "$D"
 say() { echo "== study_scale: $*" >&2; }
 # as modules: the same whether the project is installed or only on PYTHONPATH (the benchmark GPU's set-up)
-kdtargets() { python -m ar2mdm.precompute.cli "$@"; }
-kdtrain() { python -m ar2mdm.train.cli "$@"; }
+kdtargets() { "$PY" -m ar2mdm.precompute.cli "$@"; }
+kdtrain() { "$PY" -m ar2mdm.train.cli "$@"; }
 
 if [[ ! -d "$D/train" ]]; then  # the split, by file, decided by the sorted path list alone
-  python - "$D" <<'PY'
+  "$PY" - "$D" <<'PY'
 import os, sys, sysconfig
 from pathlib import Path
 d, lib = Path(sys.argv[1]), Path(sysconfig.get_paths()["stdlib"])
@@ -62,7 +64,7 @@ if [[ $PHASE == build || $PHASE == all ]]; then
     t0=$(date +%s.%N)
     kdtargets build "$D/train" "${teacher[@]}" --out "$D/$mode" --mode "$mode" --k 8 --seq-len "$L" \
       --max-sequences "$rows" --no-progress
-    echo "$mode $(python -c "print(round($(date +%s.%N) - $t0, 1))")" >> "$D/seconds.txt"
+    echo "$mode $("$PY" -c "print(round($(date +%s.%N) - $t0, 1))")" >> "$D/seconds.txt"
   done
 fi
 
@@ -78,7 +80,7 @@ if [[ $PHASE == scratch || $PHASE == all ]]; then
   sweep scratch-mc "$D/mc" --grid lambda=0,0.5 --set epochs=1
   sweep scratch-topk "$D/topk" --grid lambda=0.5 --set epochs=1
   # compute-matched: λ = 0 gets the mc build's seconds plus the KD run's, as more steps on the same rows
-  steps=$(python - "$D" <<'PY'
+  steps=$("$PY" - "$D" <<'PY'
 import json, sys
 from pathlib import Path
 d = Path(sys.argv[1])
@@ -104,9 +106,9 @@ fi
 
 if [[ $PHASE == curve || $PHASE == all ]]; then
   points=${CURVE_POINTS:-4}
-  total=$(( $(python -c "from ar2mdm.train.data import load_shard_manifest as m
+  total=$(( $("$PY" -c "from ar2mdm.train.data import load_shard_manifest as m
 print(sum(s.rows for s in m('$D/mc').shards))") / BATCH ))
-  stops=$(python -c "print(*sorted({max(1, $total * q // $points) for q in range(1, $points + 1)}))")
+  stops=$("$PY" -c "print(*sorted({max(1, $total * q // $points) for q in range(1, $points + 1)}))")
   for lam in 0 0.5; do
     run=$D/curve/lam$lam
     for stop in $stops; do
@@ -115,13 +117,13 @@ print(sum(s.rows for s in m('$D/mc').shards))") / BATCH ))
       resume=$([[ -d "$run/checkpoint" ]] && echo --resume || echo --no-resume)
       kdtrain run "$D/mc" --out "$run" --student "$STUDENT" --batch-size "$BATCH" --lambda "$lam" --seed 1 \
         --steps "$total" --stop-at "$stop" "$resume" --no-progress > /dev/null
-      kdtrain eval "$run" --data "$D/heldout" --max-rows "$EVAL_ROWS" | tail -1 | python -c "
+      kdtrain eval "$run" --data "$D/heldout" --max-rows "$EVAL_ROWS" | tail -1 | "$PY" -c "
 import json, sys; r = json.load(sys.stdin)
 print(json.dumps({'lambda': $lam, 'step': $stop, 'tokens': $stop * $BATCH * $L, 'nll_bound': r['nll_bound'], 'se': r['nll_bound_se']}))" \
         >> "$D/curve.jsonl"
     done
   done
-  python - "$D" <<'PY'
+  "$PY" - "$D" <<'PY'
 import json, sys
 from pathlib import Path
 import matplotlib
@@ -140,7 +142,7 @@ fi
 
 if [[ $PHASE == tables || $PHASE == all ]]; then
   {
-    echo "# KD at scale: $(python -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU")'), $(date -u +%F)"
+    echo "# KD at scale: $("$PY" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU")'), $(date -u +%F)"
     echo
     echo "rows: mc $ROWS, topk $TOPK_ROWS, L = $L; student $STUDENT; build seconds: $(tr '\n' ' ' < "$D/seconds.txt");"
     echo "compute-matched λ = 0: $(cat "$D/matched_steps.txt" 2>/dev/null || echo '-') steps (the mc build's seconds + the KD run's)"
@@ -150,7 +152,7 @@ if [[ $PHASE == tables || $PHASE == all ]]; then
     if [[ -f "$D/curve.jsonl" ]]; then
       echo; echo "## held-out bound against tokens seen (seed 1; curve.png)"; echo
       echo "| λ | step | tokens | nll_bound |"; echo "| --- | --- | --- | --- |"
-      python -c "import json
+      "$PY" -c "import json
 for l in open('$D/curve.jsonl'): r = json.loads(l); print(f\"| {r['lambda']} | {r['step']} | {r['tokens']} | {r['nll_bound']:.3f} ± {r['se']:.3f} |\")"
     fi
   } > "$D/results.md"
