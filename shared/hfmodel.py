@@ -98,6 +98,7 @@ def _converted_gguf(gguf: Path, sha: str) -> Path:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:
         raise UserError(f"model {gguf} does not load: {first_line(e)}") from e
+    align_special_tokens(tok, model.config)
     # save_pretrained refuses a GGUF-loaded model while it still names its quantizer
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -109,6 +110,19 @@ def _converted_gguf(gguf: Path, sha: str) -> Path:
     (tmp / "ar2mdm_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": sha}))
     os.replace(tmp, out)
     return out
+
+
+def align_special_tokens(tok, config) -> None:
+    """Give a GGUF-loaded tokenizer the BOS and EOS of the model's config, both read from the file's metadata.
+
+    transformers 5.17 (the GPU image's) loads SmolLM2's GGUF tokenizer with EOS = <|im_start|>, the BOS, where
+    the file says <|im_end|> and 5.19 agrees: documents would be separated by BOS, and the tokenizer would hash
+    differently from the same file converted elsewhere. The config, made from the same metadata, is right."""
+    vocab = tok.get_vocab()
+    for role in ("bos", "eos"):
+        want = getattr(config, f"{role}_token_id", None)
+        if isinstance(want, int) and 0 <= want < len(vocab) and getattr(tok, f"{role}_token_id") != want:
+            setattr(tok, f"{role}_token", tok.convert_ids_to_tokens(want))
 
 
 def first_line(e: BaseException) -> str:

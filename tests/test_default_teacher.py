@@ -53,14 +53,37 @@ def test_default_teacher_build_train_eval(tmp_path):
 
 @pytest.mark.slow
 def test_gguf_and_converted_folder_tokenizers_hash_the_same():
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from ar2mdm.shared.defaults import default_teacher
-    from ar2mdm.shared.hfmodel import resolve_model
+    from ar2mdm.shared.hfmodel import align_special_tokens, resolve_model
     from ar2mdm.shared.tokenizer import tokenizer_hash
 
     gguf = default_teacher()
     folder, sha = resolve_model(None)
     assert len(sha) == 64
     direct = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    align_special_tokens(direct, AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name))  # as converted
     assert tokenizer_hash(direct) == tokenizer_hash(AutoTokenizer.from_pretrained(folder))
+
+
+@pytest.mark.slow
+def test_a_gguf_tokenizer_takes_bos_and_eos_from_the_files_metadata():
+    """transformers 5.17 (the GPU image's) loads SmolLM2's GGUF tokenizer with EOS = <|im_start|>, its BOS:
+    `align_special_tokens` restores the file's (1, 2), and with them the hash of the converted folder. Here the
+    5.17 tokenizer is made by hand from a right one."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ar2mdm.shared.defaults import default_teacher
+    from ar2mdm.shared.hfmodel import align_special_tokens, resolve_model
+    from ar2mdm.shared.tokenizer import special_ids, tokenizer_hash
+
+    gguf = default_teacher()
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok.eos_token = "<|im_start|>"  # as 5.17 loads it
+    assert special_ids(tok) == (1, 1)
+    align_special_tokens(tok, config)
+    assert special_ids(tok) == (config.bos_token_id, config.eos_token_id) == (1, 2)
+    folder, _ = resolve_model(None)
+    assert tokenizer_hash(tok) == tokenizer_hash(AutoTokenizer.from_pretrained(folder))
