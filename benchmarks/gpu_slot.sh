@@ -24,7 +24,7 @@ if [[ "${1:-}" == --prepare ]]; then
   echo "wrote .bench/$rev: carry .bench in the call"
   exit 0
 fi
-PY=${PYTHON:-$(command -v python || command -v python3)}
+PY=${PYTHON:-$(command -v python3 || command -v python)}
 source scripts/on_path.sh
 log=${OUT:-.}/slot.log
 {

@@ -32,7 +32,7 @@ STUDENT=${STUDENT:-base}
 BATCH=${BATCH:-16}
 EVAL_ROWS=${EVAL_ROWS:-256}
 PHASE=${PHASE:-all}
-PY=${PYTHON:-$(command -v python || command -v python3)}  # a GPU image may have python3 alone
+PY=${PYTHON:-$(command -v python3 || command -v python)}  # python3 first: a GPU image may lack python
 source scripts/on_path.sh
 teacher=(${TEACHER:+--teacher "$TEACHER"})
 mkdir -p "$D"
