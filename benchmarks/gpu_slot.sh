@@ -8,8 +8,12 @@
 #      fraction of the bandwidth limit)                                                              160 s
 #   2. the 135M shape's whole topk build, 128 rows, the dense tree mask                                 90 s
 #   3. the trainer, `base`, batch 16, compiled: tokens/s, MFU, the phase table, the profiler's top ops  140 s
-#   4. the mc sampler alone against the one before issue 19, 32 rows                                    80 s
+#   4. the mc sampler alone against the one before issue 19, 32 rows                                    70 s
 #   5. topk as 2, with --tree-mask flex                                                                 60 s
+#   6. the CUDA half of the tests that have one (`pytest -m gpu`: the decode step as a CUDA graph against
+#      the dynamic cache, flex against dense, host syncs, the trainer's --batch-size auto)             90 s
+#
+# A part gets its own limit or what is left before the call's deadline (BUDGET, 570 s), whichever is less.
 #
 # Here, before the call (the old sampler is read from git, which the copy there lacks):
 #   bash benchmarks/gpu_slot.sh --prepare          # writes .bench/ (ignored, 40 KB)
@@ -27,12 +31,27 @@ fi
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 source scripts/on_path.sh
 log=${OUT:-.}/slot.log
+deadline=$((SECONDS + ${BUDGET:-570}))  # the call's 600 s, less start-up and the copy back
+within() {  # LIMIT COMMAND...: COMMAND with PART_SECONDS = LIMIT, or what is left before the deadline if less
+  local limit=$1 left=$((deadline - SECONDS))
+  shift
+  if ((left < 15)); then echo "== (no time left for: $*)"; return 0; fi
+  PART_SECONDS=$((limit < left ? limit : left)) "$@"
+}
+gpu_tests() {  # the CUDA half of the tests that have one (pytest -m gpu): CUDA graphs, flex, host syncs, auto batch
+  echo "== the gpu-marked tests"
+  timeout "$PART_SECONDS" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/precompute/test_particles.py \
+    tests/precompute/test_rescoring.py tests/train/test_memory.py tests/train/test_trainer.py
+  echo "== (tests: exit status $?)"
+}
+export PYTHON=$PY
 {
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null
-  PYTHON=$PY SHAPES=135m PARTS=mc-build MC_ROWS=1024 PART_SECONDS=160 bash benchmarks/gpu.sh
-  PYTHON=$PY SHAPES=135m PARTS=topk-dense TOPK_ROWS=128 PART_SECONDS=90 bash benchmarks/gpu.sh
-  PYTHON=$PY STUDENTS=base COMPILE=--compile ROWS=256 PART_SECONDS=140 bash benchmarks/gpu_train.sh
-  PYTHON=$PY SHAPES=135m PARTS=mc-sampler MC_SAMPLER_ROWS=32 PART_SECONDS=80 bash benchmarks/gpu.sh
-  PYTHON=$PY SHAPES=135m PARTS=topk-flex TOPK_ROWS=128 PART_SECONDS=60 bash benchmarks/gpu.sh
+  within 160 env SHAPES=135m PARTS=mc-build MC_ROWS=1024 bash benchmarks/gpu.sh
+  within 90 env SHAPES=135m PARTS=topk-dense TOPK_ROWS=128 bash benchmarks/gpu.sh
+  within 140 env STUDENTS=base COMPILE=--compile ROWS=256 bash benchmarks/gpu_train.sh
+  within 70 env SHAPES=135m PARTS=mc-sampler MC_SAMPLER_ROWS=32 bash benchmarks/gpu.sh
+  within 60 env SHAPES=135m PARTS=topk-flex TOPK_ROWS=128 bash benchmarks/gpu.sh
+  within 90 gpu_tests
   date -u
 } 2>&1 | tee "$log"

@@ -5,7 +5,17 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
+import pytest
 import torch
+
+# the CPU always; CUDA where there is one (marked `gpu`: `pytest -m gpu` runs the CUDA half on a GPU machine)
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+    ),
+]
 
 CHARS = list(string.ascii_lowercase + " .,;:!?'\n")
 

@@ -10,7 +10,7 @@ from ar2mdm.precompute.decode import TorchDecoder
 from ar2mdm.precompute.mc import mc_targets, mixture
 from ar2mdm.precompute.particles import McSettings, draw_tokens, row_uniforms, sample_particles
 from tests.precompute.test_mc import dense, exact_limits, tv
-from tests.tiny import tiny_llama
+from tests.tiny import DEVICES, tiny_llama
 
 V = 8
 # rows of equal length with different masks: first masked positions 1, 2 and 4, runs of several lengths
@@ -166,19 +166,21 @@ def test_the_static_cache_decoder_draws_what_the_dynamic_one_draws():
     assert static.cache is not cache and torch.equal(one.seqs, a.seqs[: s.k])
 
 
-def test_the_compiled_decode_step_draws_what_the_eager_one_draws():
-    """`StaticDecoder(graph=True)`: the step under torch.compile(mode="reduce-overhead"), as CUDA runs it (here
-    without the CUDA graph, which only CUDA records): it traces, stays compiled (no fall-back to eager), and over
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_compiled_decode_step_draws_what_the_eager_one_draws(device):
+    """`StaticDecoder(graph=True)`: the step under torch.compile(mode="reduce-overhead"), replayed as a CUDA graph
+    on CUDA (on the CPU compiled, without a graph): it traces, stays compiled (no fall-back to eager), and over
     resamplings that copy cache rows, and a second batch in the same buffers, draws what the dynamic cache draws."""
     from ar2mdm.precompute.decode import StaticDecoder
 
-    model = tiny_llama(V, seed=3, sharpness=3.0).float()
+    model = tiny_llama(V, seed=3, sharpness=3.0).float().to(device)
+    rows = ROWS.to(device)
     s = McSettings(k=8, weights="smc", top_n=2, smc_ess=1.0)
     masks = [MASKED[r] for r in range(3)]
-    a = sample_particles(TorchDecoder(model), ROWS, masks, SEEDS, s)
+    a = sample_particles(TorchDecoder(model), rows, masks, SEEDS, s)
     static = StaticDecoder(model, ROWS.shape[1], graph=True)
     for _ in range(2):
-        b = sample_particles(static, ROWS, masks, SEEDS, s)
+        b = sample_particles(static, rows, masks, SEEDS, s)
         assert static.graph and static._decode is not None
         assert torch.equal(a.seqs, b.seqs)
         torch.testing.assert_close(a.logw, b.logw, atol=1e-5, rtol=0)
@@ -271,19 +273,20 @@ def test_auto_token_budget_is_the_cuda_default_where_memory_allows(monkeypatch, 
     assert resolve_auto(given, gpu) == (given, [])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("static", [False, True])
-def test_the_position_loop_never_waits_for_the_device(static):
+def test_the_position_loop_never_waits_for_the_device(static, device):
     """No op in the sampler (the teacher's forward included) reads a device value or has a data-dependent
     size: on CUDA each would stop the host at every position (tests/syncs.py). Checked on a sampler that draws,
     weighs and resamples."""
     from ar2mdm.precompute.decode import StaticDecoder
     from tests.syncs import HostSyncs
 
-    model = tiny_llama(V, seed=3, sharpness=3.0)
+    model = tiny_llama(V, seed=3, sharpness=3.0).to(device)
     s = McSettings(k=8, weights="smc", top_n=2, smc_ess=1.0)
     masks = [MASKED[r] for r in range(3)]
     decoder = StaticDecoder(model, ROWS.shape[1], graph=False) if static else TorchDecoder(model)
     with HostSyncs() as syncs:
-        p = sample_particles(decoder, ROWS, masks, SEEDS, s)
+        p = sample_particles(decoder, ROWS.to(device), masks, SEEDS, s)
     assert (~torch.isnan(p.ess_at)).sum() > 0  # resamplings happened
     assert syncs.count == 0, dict(syncs.where)

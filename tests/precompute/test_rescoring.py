@@ -5,7 +5,7 @@ import torch
 from ar2mdm.precompute.rescoring import rescore
 from ar2mdm.precompute.targets import select_top_n
 from tests.precompute.reference import rescore_naive
-from tests.tiny import tiny_llama
+from tests.tiny import DEVICES, tiny_llama
 
 V = 12
 
@@ -147,12 +147,13 @@ def test_an_unknown_logit_transform_is_refused(tiny_teacher):
         check_head_path(model)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @torch.no_grad()
-def test_the_flex_attention_tree_mask_scores_as_the_dense_one():
+def test_the_flex_attention_tree_mask_scores_as_the_dense_one(device):
     """tree_mask "flex" (FlexAttention block mask; for CUDA) against the dense 4-D mask, rows of several segments."""
-    model = tiny_llama(V, seed=3)
+    model = tiny_llama(V, seed=3).to(device)
     g = torch.Generator().manual_seed(4)
-    x = torch.randint(0, V, (2, 40), generator=g)
+    x = torch.randint(0, V, (2, 40), generator=g).to(device)
     positions = [torch.arange(1, 40, 3), torch.tensor([2, 17, 30, 39])]
     dense_res = rescore(model, x, positions, k=3, window=6, token_budget=256)
     flex_res = rescore(model, x, positions, k=3, window=6, token_budget=256, tree_mask="flex")

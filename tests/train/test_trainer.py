@@ -16,6 +16,7 @@ from ar2mdm.train.cli import app
 from ar2mdm.train.config import TrainConfig
 from ar2mdm.train.data import RowStream
 from ar2mdm.train.loop import run_training
+from tests.tiny import DEVICES
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[2]
@@ -295,8 +296,9 @@ def test_compiled_student_trains_as_the_eager_one_without_recompiling_each_step(
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tail,schedule", [("renormalize", "constant"), ("bucket", "linear-decay")])
-def test_a_step_waits_for_the_device_only_where_it_must(tiny_shards, tmp_path, tail, schedule):
+def test_a_step_waits_for_the_device_only_where_it_must(tiny_shards, tmp_path, tail, schedule, device):
     """The forward, both losses and the backward read no device value and make no data-dependent shape
     (tests/syncs.py), but for the one the bucket tail documents (`rest_logmass`: does any position need the
     summed route). The step's own read, loss parts and gradient norm together, is a copy the CPU cannot see."""
@@ -304,8 +306,9 @@ def test_a_step_waits_for_the_device_only_where_it_must(tiny_shards, tmp_path, t
     from ar2mdm.train.step import autocast_for, step_losses
     from tests.syncs import HostSyncs
 
-    tr = setup_training(tcfg(tiny_shards, tmp_path / "r", tail=tail, lambda_schedule=schedule))
-    batch = next(tr.batches)
+    cfg = tcfg(tiny_shards, tmp_path / "r", tail=tail, lambda_schedule=schedule, device=device, compile=False)
+    tr = setup_training(cfg)
+    batch = next(tr.batches).to(tr.device)
     with HostSyncs() as syncs, autocast_for(tr.device, "auto"):
         loss, _ = step_losses(tr.train_model, batch, tr.cfg, tr.model.config.mask_id, tr.spec, 0.3)
         loss.backward()
