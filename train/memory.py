@@ -110,12 +110,8 @@ def auto_batch(
 
         def fits(b: int) -> bool:
             try:
-                return (
-                    step_peak(
-                        model, worst_batch(b, seq_len, spec.top_n, model.config.mask_id, device), cfg, spec, autocast
-                    )
-                    <= budget
-                )
+                batch = worst_batch(b, seq_len, spec.top_n, model.config.mask_id, device)
+                return step_peak(model, batch, cfg, spec, autocast) <= budget
             except torch.cuda.OutOfMemoryError:
                 return False
 
