@@ -12,6 +12,8 @@
 #   5. topk as 2, with --tree-mask flex                                                                 60 s
 #   6. the CUDA half of the tests that have one (`pytest -m gpu`: the decode step as a CUDA graph against
 #      the dynamic cache, flex against dense, host syncs, the trainer's --batch-size auto)             90 s
+#   7. if time is left: `base` again with --batch-size auto --batch-tokens 131072 (256 rows a step, in the
+#      largest micro-batches that fit): the MFU a bigger batch reaches                                 120 s
 #
 # A part gets its own limit or what is left before the call's deadline (BUDGET, 570 s), whichever is less.
 #
@@ -53,5 +55,6 @@ export PYTHON=$PY
   within 70 env SHAPES=135m PARTS=mc-sampler MC_SAMPLER_ROWS=32 bash benchmarks/gpu.sh
   within 60 env SHAPES=135m PARTS=topk-flex TOPK_ROWS=128 bash benchmarks/gpu.sh
   within 90 gpu_tests
+  within 120 env STUDENTS=base COMPILE=--compile ROWS=256 BATCH=auto BATCH_TOKENS=131072 bash benchmarks/gpu_train.sh
   date -u
 } 2>&1 | tee "$log"

@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_train.sh                    # STUDENTS="base medium", BATCH=16
 #   STUDENTS=base BATCH="16 64" bash benchmarks/gpu_train.sh
 #   STUDENTS=base COMPILE=--compile PART_SECONDS=150 LOG_DIR=results bash benchmarks/gpu_train.sh
+#   STUDENTS=base BATCH=auto BATCH_TOKENS=131072 bash benchmarks/gpu_train.sh   # the micro-batch that fits
 #
 # Each run is a part (benchmarks/parts.sh): under `timeout PART_SECONDS`, its output also in
 # $LOG_DIR/train-<student>-<batch><compile>.log, a failed one not stopping the rest; the profiler's tables go to
@@ -25,7 +26,8 @@ for student in ${STUDENTS:-base medium}; do
     for compile in ${COMPILE:---compile --no-compile}; do
       part "train-$student-$batch$compile" "student $student, batch $batch, $compile" \
         "$PY" benchmarks/train_profile.py "$SHARDS" --rows "${ROWS:-512}" --seq-len "${SEQ_LEN:-512}" --student "$student" \
-        --batch-size "$batch" --steps "${STEPS:-20}" "$compile" ${LOG_DIR:+--out "$LOG_DIR/profile-$student-$batch$compile"}
+        --batch-size "$batch" ${BATCH_TOKENS:+--batch-tokens "$BATCH_TOKENS"} --steps "${STEPS:-20}" "$compile" \
+        ${LOG_DIR:+--out "$LOG_DIR/profile-$student-$batch$compile"}
     done
   done
 done
