@@ -16,15 +16,11 @@
 # failed part not stopping the others (benchmarks/parts.sh). MC_SAMPLER_ROWS: the sampler-alone rows (64).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-$(command -v python3 || command -v python)}  # python3 first: a GPU image may lack python
-"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'benchmarks/gpu.sh: no CUDA device')" || exit 1
-"$PY" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}')"
-date -u
+source benchmarks/parts.sh
 CORPUS=${CORPUS:-$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")}
 SHAPES=${SHAPES:-135m 1.7b}
 PARTS=${PARTS:-mc-sampler mc-build topk-dense topk-flex}
 L=${SEQ_LEN:-512}
-source benchmarks/parts.sh
 
 for shape in $SHAPES; do
   case $shape in 135m) mc_rows=${MC_ROWS:-1024}; tk_rows=${TOPK_ROWS:-256} ;; *) mc_rows=${MC_ROWS:-128}; tk_rows=${TOPK_ROWS:-64} ;; esac

@@ -30,7 +30,6 @@ if [[ "${1:-}" == --prepare ]]; then
   echo "wrote .bench/$rev: carry .bench in the call"
   exit 0
 fi
-PY=${PYTHON:-$(command -v python3 || command -v python)}
 source scripts/on_path.sh
 log=${OUT:-.}/slot.log
 deadline=$((SECONDS + ${BUDGET:-570}))  # the call's 600 s, less start-up and the copy back

@@ -15,12 +15,8 @@
 # $LOG_DIR too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-$(command -v python3 || command -v python)}  # python3 first: a GPU image may lack python
-"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'benchmarks/gpu_train.sh: no CUDA device')" || exit 1
-"$PY" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}')"
-date -u
-SHARDS=${SHARDS:-$(mktemp -d)/shards}
 source benchmarks/parts.sh
+SHARDS=${SHARDS:-$(mktemp -d)/shards}
 for student in ${STUDENTS:-base medium}; do
   for batch in ${BATCH:-16}; do
     for compile in ${COMPILE:---compile --no-compile}; do

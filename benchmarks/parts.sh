@@ -1,7 +1,12 @@
-# Sourced by the GPU scripts: `part NAME HEADING COMMAND...` runs one measurement under `timeout PART_SECONDS`
-# (none if unset), prints its output as it comes and, with LOG_DIR set, keeps it in $LOG_DIR/NAME.log. A part
-# that fails or runs out of time is reported in one line and does not stop the others: a short GPU slot brings
-# back every figure that finished.
+# Sourced by the GPU scripts (from the checkout's root). It sets PY and PYTHONPATH (scripts/on_path.sh), stops
+# with one line where there is no CUDA device, and prints the device and the date. Then `part NAME HEADING
+# COMMAND...` runs one measurement under `timeout PART_SECONDS` (none if unset), prints its output as it comes
+# and, with LOG_DIR set, keeps it in $LOG_DIR/NAME.log. A part that fails or runs out of time is reported in one
+# line and does not stop the others: a short GPU slot brings back every figure that finished.
+source scripts/on_path.sh
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else '$0: no CUDA device')" || exit 1
+"$PY" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}')"
+date -u
 export PYTHONUNBUFFERED=1  # a part cut by its timeout keeps what it printed
 [[ -n "${LOG_DIR:-}" ]] && mkdir -p "$LOG_DIR"
 

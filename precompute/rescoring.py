@@ -263,9 +263,9 @@ def branch_logliks(
         brs.sort(key=lambda b: b.pos)
         for seg in _segments(brs, segment_tokens):
             packed.append(pack_segment(x_cpu[row], seg))
-    lengths = [len(p.tokens) for p in packed]
     if not packed:
         return result
+    lengths = [len(p.tokens) for p in packed]
     if tree_mask == "flex":  # few distinct shapes: each one is compiled once
         batches, S_flex, rows = flex_batches(lengths, token_budget, segment_tokens)
     else:

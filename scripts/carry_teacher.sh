@@ -13,7 +13,7 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 case "${1:-}" in
   prepare)
-    PY=${PYTHON:-$(command -v python3 || command -v python)}
+    source scripts/on_path.sh
     src=$("$PY" -c "from ar2mdm.shared.defaults import default_teacher; print(default_teacher())") || exit 1
     rm -rf .carry1 .carry2 && mkdir -p .carry1 .carry2
     split -b 50000000 -d -a 1 "$src" .carry1/teacher.part

@@ -32,8 +32,7 @@ STUDENT=${STUDENT:-base}
 BATCH=${BATCH:-16}
 EVAL_ROWS=${EVAL_ROWS:-256}
 PHASE=${PHASE:-all}
-PY=${PYTHON:-$(command -v python3 || command -v python)}  # python3 first: a GPU image may lack python
-source scripts/on_path.sh
+source scripts/on_path.sh  # PY, and the source folders where ar2mdm is not installed
 teacher=(${TEACHER:+--teacher "$TEACHER"})
 mkdir -p "$D"
 say() { echo "== study_scale: $*" >&2; }

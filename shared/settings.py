@@ -49,17 +49,13 @@ def words_of(tp: Any) -> tuple | None:
     return typing.get_args(words[0])
 
 
-def parse_number_or_word(text: str, words: tuple) -> int | str:
-    """``--batch-size 16`` -> 16, ``--batch-size auto`` -> "auto"; anything else is refused by the command line
-    as a bad value for its flag, in one line."""
-    import typer
-
-    if text in words:
-        return text
+def parse_number_or_word(text: str) -> int | str:
+    """``--batch-size 16`` -> 16; any other text stays text, for `check_settings` to accept (``auto``) or refuse
+    in the command line's words."""
     try:
         return int(text)
     except ValueError:
-        raise typer.BadParameter(f"must be a whole number or {' | '.join(words)}, got {text!r}") from None
+        return text
 
 
 def _cli_type(tp: Any) -> Any:
@@ -103,7 +99,7 @@ def cli_signature(cls: type, defaults: dict[str, Any] | None = None) -> Callable
         extra = {}
         if words := words_of(hints[f.name]):  # typer parses no unions: the value comes as text
             extra = dict(
-                parser=lambda text, w=words: parse_number_or_word(text, w),
+                parser=parse_number_or_word,
                 metavar="|".join(["INTEGER", *(w.upper() for w in words)]),
             )
             default = str(default)
