@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from ar2mdm.precompute.config import BuildConfig
+from ar2mdm.precompute.config import BuildConfig, ScoreConfig, TeacherSampleConfig
 from ar2mdm.schemas import SchemaError
 from ar2mdm.shared.cpus import passive_threads_when_busy
 from ar2mdm.shared.errors import UserError
@@ -89,6 +89,56 @@ def build(**settings) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+@app.command()
+@cli_signature(TeacherSampleConfig)
+def sample(**settings) -> None:
+    """Write the anchors a student's samples are judged beside: the teacher's own samples, or held-out text."""
+    cfg = TeacherSampleConfig(**settings)
+    try:
+        cfg.check()
+        from ar2mdm.precompute.sample import sample as do_sample
+        from ar2mdm.schemas.samples import write_samples
+
+        records = do_sample(cfg)
+        if cfg.out:
+            write_samples(cfg.out, records)
+    except (UserError, SchemaError) as e:
+        _fail(str(e))
+    if not cfg.out:
+        for r in records:
+            typer.echo(json.dumps({"prompt": r.prompt, "text": r.text}))
+        return
+    stopped = sum(r.stopped for r in records)
+    typer.echo(f"{cfg.out}: {len(records)} samples ({cfg.source}) of up to {cfg.length} tokens ({stopped} ended early)")
+
+
+@app.command()
+@cli_signature(ScoreConfig)
+def score(**settings) -> None:
+    """Judge samples files: an AR judge's bits per byte and perplexity, the samples' entropy and distinct-n."""
+    cfg = ScoreConfig(**settings)
+    try:
+        cfg.check()
+        from ar2mdm.precompute.judge import Judge, check_tokenizers, score_file, table
+        from ar2mdm.schemas.samples import read_samples
+
+        files = {f: read_samples(f) for f in cfg.samples}
+        check_tokenizers(files)
+        judges = [Judge.load(j, cfg.device, cfg.dtype) for j in dict.fromkeys(cfg.judge)]
+        scored = [score_file(f, recs, judges, cfg.batch_size) for f, recs in files.items()]
+    except (UserError, SchemaError) as e:
+        _fail(str(e))
+    from dataclasses import asdict
+
+    from ar2mdm.schemas.manifest import write_atomic
+
+    doc = {"judges": {j.name: {"path": j.path, "weights_sha256": j.weights_sha256} for j in judges}}
+    doc["files"] = [asdict(f) for f in scored]
+    write_atomic(Path(cfg.out), json.dumps(doc, indent=1).encode())
+    typer.echo(table(scored))
+    typer.echo(f"every figure, per sample too: {cfg.out}")
 
 
 @app.command()

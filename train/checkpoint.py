@@ -30,7 +30,8 @@ def save_checkpoint(
     tmp.mkdir(parents=True)
     sd = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     save_file(sd, str(tmp / "model.safetensors"))
-    (tmp / "config.json").write_text(json.dumps({"student": config.to_dict(), **meta}, indent=2))
+    cfg = {"student": config.to_dict(), **meta, "step": state.get("step")}  # the step: what a sample came from
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     torch.save(state, tmp / "state.pt")
     shutil.copytree(tokenizer_dir, tmp / "tokenizer")
     old = run / f"{CKPT}.old"

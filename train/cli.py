@@ -68,20 +68,32 @@ def eval_(**settings) -> None:
 @app.command()
 @cli_signature(SampleConfig)
 def sample(**settings) -> None:
-    """Generate with LLaDA's remasking sampler; prints the prompt and the completion."""
+    """Draw samples (LLaDA's remasking sampler, in batches); print them, or write them as JSONL (--out)."""
     cfg = SampleConfig(**settings)
     try:
         cfg.check()
-        from ar2mdm.train.evaluate import sample as do_sample
+        from ar2mdm.train.sample import sample as do_sample
 
-        p, c = do_sample(cfg)
-    except UserError as e:
+        records = do_sample(cfg)
+        if cfg.out:
+            from ar2mdm.schemas.samples import write_samples
+
+            write_samples(cfg.out, records)
+    except (UserError, SchemaError) as e:
         _fail(str(e))
-    if cfg.raw:
-        typer.echo(p + c)
-    else:
-        typer.echo(f"prompt:     {_visible(p)}")
-        typer.echo(f"completion: {_visible(c)}")
+    if cfg.out:
+        stopped = sum(r.stopped for r in records)
+        typer.echo(
+            f"{cfg.out}: {len(records)} samples of {cfg.length} tokens in {cfg.steps} steps ({stopped} ended early)"
+        )
+        return
+    for r in records:
+        if cfg.raw:
+            typer.echo(r.prompt + r.text)
+            continue
+        tag = f"[{r.index}] " if len(records) > 1 else ""
+        typer.echo(f"{tag}prompt:     {_visible(r.prompt)}")
+        typer.echo(f"{tag}completion: {_visible(r.text)}")
 
 
 @app.command()
@@ -91,7 +103,7 @@ def fill(**settings) -> None:
     cfg = FillConfig(**settings)
     try:
         cfg.check()
-        from ar2mdm.train.evaluate import fill as do_fill
+        from ar2mdm.train.fill import fill as do_fill
 
         preds = do_fill(cfg)
     except UserError as e:
@@ -132,7 +144,7 @@ def plot(
     out: Optional[str] = typer.Option(None, help="PNG path (default: RUN/loss.png; several runs: runs.png)."),
 ) -> None:
     """Write a PNG of the loss curves (RUN/loss.png), or overlay several runs."""
-    from ar2mdm.train.evaluate import plot as do_plot
+    from ar2mdm.train.plot import plot as do_plot
 
     try:
         typer.echo(str(do_plot(runs, out)))

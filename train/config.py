@@ -9,6 +9,7 @@ from typing import Literal, get_args
 
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.paths import check_output_folder
+from ar2mdm.shared.sampling import check_sample_settings, sample_setting
 from ar2mdm.shared.settings import check_settings, setting
 
 LambdaSchedule = Literal["constant", "linear-decay", "cosine-decay", "linear-warmup"]  # losses.kd_weight
@@ -189,20 +190,17 @@ class SampleConfig:
     """Every setting of `kdtrain sample`."""
 
     run: str = setting(dataclasses.MISSING, "A kdtrain run folder.", argument=True)
-    prompt: str = setting("", "Text the completion follows (kept fixed).")
-    length: int = setting(32, "Tokens to generate.", at_least=1)
+    num: int = sample_setting("num")
+    prompt: str = sample_setting("prompt")
+    prompts: str | None = sample_setting("prompts")
+    prompts_from: str | None = sample_setting("prompts_from")
+    prompt_tokens: int = sample_setting("prompt_tokens")
+    split: str = sample_setting("split")
+    length: int = sample_setting("length")
     steps: int = setting(32, "Denoising steps (at most --length); fewer steps reveal more tokens each.", at_least=1)
     temperature: float = setting(0.0, "0: greedy predictions; > 0: sample them at this temperature.", at_least=0)
     remasking: Literal["low-confidence", "random"] = setting(
-        "low-confidence", "low-confidence (reveal the most confident, LLaDA) | random."
-    )
-    seed: int = setting(0, "Seed of the sampling and of random remasking.")
-    raw: bool = setting(False, "Print prompt + completion as plain text (default: labelled, newlines shown as \\n).")
-    chat: bool | None = setting(
-        None,
-        "The prompt is a user turn, rendered as the SFT build rendered its chats, and the answer stops at its first "
-        "end of turn. Default: on for SFT runs.",
-        flag="--chat/--no-chat",
+        "low-confidence", "low-confidence (reveal the most confident, LLaDA) | random (MDLM's order)."
     )
     block_length: int | None = setting(
         None,
@@ -210,10 +208,21 @@ class SampleConfig:
         "among the blocks). Default: the whole length at once.",
         at_least=1,
     )
+    seed: int = sample_setting("seed")
+    batch_size: int = sample_setting("batch_size")
+    out: str | None = sample_setting("out")
+    raw: bool = setting(False, "Print prompt + completion as plain text (default: labelled, newlines shown as \\n).")
+    chat: bool | None = setting(
+        None,
+        "The prompt is a user turn, rendered as the SFT build rendered its chats, and the answer stops at its first "
+        "end of turn. Default: on for SFT runs.",
+        flag="--chat/--no-chat",
+    )
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
 
     def check(self) -> None:
         check_settings(self)
+        check_sample_settings(self)
 
 
 @dataclass

@@ -1,8 +1,7 @@
-"""`kdtrain eval` and `kdtrain sample`: the ELBO bound on held-out data, and LLaDA's low-confidence sampler."""
+"""`kdtrain eval`: the ELBO bound on held-out data, its standard error, and the KD loss against stored targets."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -11,19 +10,12 @@ import torch
 
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.masking import maskable_positions, sample_count_masks, stratified_counts
+from ar2mdm.shared.stats import ratio_se
 from ar2mdm.train.checkpoint import load_student, load_tokenizer, run_task
-from ar2mdm.train.config import EvalConfig, FillConfig, SampleConfig, TrainConfig
+from ar2mdm.train.config import EvalConfig, TrainConfig
 from ar2mdm.train.data import Row, collate, load_shard_manifest
 from ar2mdm.train.losses import corrupt
 from ar2mdm.train.step import resolve_device, step_losses
-
-
-def chat_template_for(meta: dict, tokenizer) -> bool:
-    """Whether a user's prompt goes through the chat template: as the build rendered this run's rows (plain
-    `prompt` rows: no), and where the run does not say, whenever the tokenizer has a template."""
-    if run_task(meta)[1] == "plain":
-        return False
-    return bool(getattr(tokenizer, "chat_template", None))
 
 
 def _sft_rows(data: Path, files: list, tokenizer, meta: dict, max_rows: int, messages_field: str) -> list[Row]:
@@ -98,15 +90,6 @@ def _rows_from(
     if not rows:
         raise UserError(f"--data {data}: no full row of {meta['seq_len']} tokens")
     return rows, None
-
-
-def ratio_se(num: torch.Tensor, den: torch.Tensor) -> float:
-    """Standard error of the ratio estimate Σ num / Σ den over independent rows (delta method)."""
-    n = num.numel()
-    if n < 2:
-        return float("nan")
-    r = num.sum() / den.sum()
-    return float(((num - r * den).pow(2).sum() / (n * (n - 1))).sqrt() / den.mean())
 
 
 @torch.no_grad()
@@ -212,129 +195,3 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.per_row:
         out["row_nll"], out["row_tokens"] = est.tolist(), tok.tolist()
     return out
-
-
-def _prompt_row(meta: dict, tok, prompt: str, chat: bool) -> list[int]:
-    """The ids a generation starts from: BOS + the prompt, through the chat template as the build rendered this
-    run's rows when ``chat``."""
-    from ar2mdm.shared.tokenizer import special_ids, user_prompt_row
-
-    if chat:
-        return user_prompt_row(tok, prompt, chat_template_for(meta, tok))
-    return [special_ids(tok)[0]] + tok(prompt, add_special_tokens=False)["input_ids"]
-
-
-@torch.no_grad()
-def sample(cfg: SampleConfig) -> tuple[str, str]:
-    """LLaDA's sampler: start with ``length`` masks after the prompt; at each of ``steps`` steps predict every
-    masked token (greedy, or sampled at ``temperature``), reveal as many as a linear schedule allows and keep
-    the rest masked. ``remasking``: which predictions are revealed: the most confident (low-confidence
-    remasking, as LLaDA) or random ones. ``block_length``: reveal block by block, left to right (LLaDA's
-    semi-autoregressive decoding). ``chat`` (default: on for SFT runs): the prompt is a user turn rendered as the
-    build rendered the run's rows, and the answer ends at its first end of turn (nothing after it is returned).
-    Returns (prompt, completion) as text. Settings: `config.SampleConfig`."""
-    cfg.check()
-    device = resolve_device(cfg.device)
-    model, meta = load_student(Path(cfg.run), device)
-    tok = load_tokenizer(Path(cfg.run))
-    prompt, length, chat = cfg.prompt, cfg.length, cfg.chat
-    from ar2mdm.shared.tokenizer import stop_ids
-    from ar2mdm.train.model import cut_at_stop, denoise
-
-    chat = run_task(meta)[0] == "sft" if chat is None else chat
-    p = _prompt_row(meta, tok, prompt, chat)
-    if len(p) + length > model.config.max_positions:
-        raise UserError(
-            f"prompt ({len(p)} tokens) + --length {length} exceeds the student's {model.config.max_positions} positions"
-        )
-    stops = tuple(stop_ids(tok)) if chat else ()
-    x = torch.tensor([p + [model.config.mask_id] * length], device=device)  # (1, P+N)
-    g = torch.Generator().manual_seed(cfg.seed)
-    x = denoise(model, x, cfg.steps, cfg.temperature, cfg.remasking, g, cfg.block_length, stops)
-    out = x[0, len(p) :].tolist()
-    if chat:
-        out = cut_at_stop(out, stops)
-    return prompt, tok.decode(out, skip_special_tokens=False)
-
-
-MASK_MARK = "[MASK]"
-
-
-@torch.no_grad()
-def fill(cfg: FillConfig) -> list[list[tuple[str, float]]]:
-    """The student's top predictions for each ``[MASK]`` in ``text`` (one token each), all predicted at once.
-
-    A readable look at what a small student has learnt, where free generation is still mostly newlines.
-    A space before a mask is left to the masked token (BPE vocabularies attach it to the next word).
-    ``chat``: ``text`` is the answer to the user turn ``prompt``, rendered as the SFT build renders a chat,
-    and it ends the turn (the end-of-turn token follows it).
-    """
-    from ar2mdm.shared.tokenizer import end_of_turn_id, special_ids
-
-    cfg.check()
-    text, chat, prompt = cfg.text, cfg.chat, cfg.prompt
-    if MASK_MARK not in text:
-        raise UserError(f"--text needs at least one {MASK_MARK}")
-    device = resolve_device(cfg.device)
-    model, meta = load_student(Path(cfg.run), device)
-    tok = load_tokenizer(Path(cfg.run))
-    bos, _ = special_ids(tok)
-    pieces = text.split(MASK_MARK)
-    ids = _prompt_row(meta, tok, prompt, True) if chat else [bos]
-    for j, piece in enumerate(pieces):
-        ids += tok(piece.rstrip(" ") if j < len(pieces) - 1 else piece, add_special_tokens=False)["input_ids"]
-        if j < len(pieces) - 1:
-            ids.append(model.config.mask_id)
-    if chat:  # the answer ends its turn, as in the rows the student trained on
-        ids.append(end_of_turn_id(tok, chat_template_for(meta, tok)))
-    if len(ids) > model.config.max_positions:
-        raise UserError(f"--text is {len(ids)} tokens, the student has {model.config.max_positions} positions")
-    x = torch.tensor([ids], device=device)
-    masked = x == model.config.mask_id
-    probs = torch.softmax(model(x, masked).float(), -1).cpu()  # (M, V)
-    val, idx = probs.topk(cfg.top, -1)
-    return [[(tok.decode([int(i)]), float(v)) for v, i in zip(vs, ix)] for vs, ix in zip(val, idx)]
-
-
-def _metrics(run: Path) -> list[dict]:
-    path = Path(run) / "metrics.jsonl"
-    if not path.exists():
-        raise UserError(f"{run}: no metrics.jsonl")
-    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if not recs:
-        raise UserError(f"{path} is empty")
-    return recs
-
-
-def plot_runs(runs: list[Path], out: Path, key: str | None = None) -> Path:
-    """PNG of the loss curves in RUN/metrics.jsonl: every term of one run, or one term (``key``, default
-    "loss") of several runs overlaid (a sweep)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for run in runs:
-        recs = _metrics(run)
-        for k in ("loss", "mdm", "kd") if len(runs) == 1 and key is None else (key or "loss",):
-            pts = [(r["step"], r[k]) for r in recs if k in r]
-            if pts:
-                ax.plot(*zip(*pts), label=k if len(runs) == 1 else f"{Path(run).name} {k}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats)")
-    ax.set_title(f"kdtrain {Path(runs[0]).name}" if len(runs) == 1 else f"kdtrain: {len(runs)} runs")
-    ax.legend(fontsize=7 if len(runs) > 4 else 9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
-def plot(runs: list[str], out: str | None = None) -> Path:
-    """RUN/loss.png for one run; with several, one overlay of their losses (``out`` default: ./runs.png)."""
-    if not runs:
-        raise UserError("give at least one run folder")
-    target = Path(out) if out else (Path(runs[0]) / "loss.png" if len(runs) == 1 else Path("runs.png"))
-    return plot_runs([Path(r) for r in runs], target)

@@ -2,9 +2,10 @@
 
 transformers has no bidirectional Llama with a mask token and an AR shift, so the folder carries its modelling
 code (``modeling_ar2mdm.py``, loaded with ``trust_remote_code=True`` through ``auto_map``). That file is
-generated, never hand-copied: it is the source of `ar2mdm.train.model` (the student and its sampler, which
-imports nothing of ar2mdm but one error class) followed by a thin transformers wrapper. So the exported model
-computes exactly what ``kdtrain`` computes, and ``diffusion_generate`` is ``kdtrain sample``'s sampler.
+generated, never hand-copied: it is the source of `ar2mdm.train.model` (the student, which imports nothing of
+ar2mdm but one error class) and of `ar2mdm.train.denoise` (its sampler), followed by a thin transformers wrapper.
+So the exported model computes exactly what ``kdtrain`` computes, and ``diffusion_generate`` is ``kdtrain
+sample``'s sampler.
 
     from transformers import AutoModelForMaskedLM, AutoTokenizer
     model = AutoModelForMaskedLM.from_pretrained(DIR, trust_remote_code=True)
@@ -72,29 +73,39 @@ class Ar2mdmForMaskedLM(PreTrainedModel):
     @torch.no_grad()
     def diffusion_generate(self, input_ids, max_new_tokens=32, steps=32, temperature=0.0, remasking="low-confidence",
                            seed=0, block_length=None, stop_at_end_of_turn=None):
-        """Append ``max_new_tokens`` masks to ``input_ids`` (1, P) and fill them with ``kdtrain sample``'s sampler
-        (``denoise``: LLaDA's low-confidence remasking; ``block_length``: block by block, left to right).
-        ``stop_at_end_of_turn`` (default: on for a chat student, trained with --task sft): the answer ends at its
-        first end-of-turn/EOS token (``config.stop_token_ids``), which is kept, and nothing after it is returned.
-        Returns (1, P + n) ids, n <= max_new_tokens."""
+        """Append ``max_new_tokens`` masks to each row of ``input_ids`` (B, P) (prompts of one length) and fill
+        them with ``kdtrain sample``'s sampler (``denoise``: LLaDA's low-confidence remasking by default;
+        ``block_length``: block by block, left to right); row b draws with seed ``seed + b``.
+        ``stop_at_end_of_turn`` (default: on for a chat student, trained with --task sft): an answer ends at its
+        first end-of-turn/EOS token (``config.stop_token_ids``), which is kept; the positions after it hold the
+        pad token (EOS). Returns (B, P + n) ids, n <= max_new_tokens."""
         stop = self.config.chat if stop_at_end_of_turn is None else stop_at_end_of_turn
         stops = tuple(self.config.stop_token_ids or ()) if stop else ()
-        masks = torch.full((1, max_new_tokens), self.config.mask_token_id, dtype=torch.long, device=input_ids.device)
+        B, P = input_ids.shape
+        masks = torch.full((B, max_new_tokens), self.config.mask_token_id, dtype=torch.long, device=input_ids.device)
         x = torch.cat([input_ids.long(), masks], dim=1)
-        g = torch.Generator().manual_seed(seed)
-        x = denoise(self.student, x, steps, temperature, remasking, g, block_length, stops)
+        x = denoise(self.student, x, steps, temperature=temperature, remasking=remasking,
+                    seeds=[seed + b for b in range(B)], block_length=block_length, stop_ids=stops)
         if not stops:
             return x
-        answer = cut_at_stop(x[0, input_ids.shape[1] :].tolist(), stops, keep_stop=True)
-        return x[:, : input_ids.shape[1] + len(answer)]
+        answers = [cut_at_stop(row[P:].tolist(), stops, keep_stop=True) for row in x]
+        n = max(len(a) for a in answers)
+        pad = self.config.eos_token_id if self.config.eos_token_id is not None else stops[0]
+        out = torch.full((B, P + n), pad, dtype=torch.long, device=x.device)
+        out[:, :P] = x[:, :P]
+        for b, a in enumerate(answers):
+            out[b, P : P + len(a)] = torch.tensor(a, dtype=torch.long)
+        return out
 '''
 
 
 def modelling_source() -> str:
-    """``modeling_ar2mdm.py``: ar2mdm.train.model's source, self-contained, plus the transformers wrapper."""
-    from ar2mdm.train import model
+    """``modeling_ar2mdm.py``: the sources of ar2mdm.train.model and ar2mdm.train.denoise, self-contained, plus
+    the transformers wrapper."""
+    from ar2mdm.train import denoise, model
 
-    src = inspect.getsource(model)
+    sampler = inspect.getsource(denoise).replace("from __future__ import annotations\n", "")
+    src = inspect.getsource(model) + "\n\n# " + "-" * 66 + " the sampler (ar2mdm/train/denoise.py)\n" + sampler
     if _IMPORT not in src:
         raise RuntimeError("ar2mdm.train.model no longer imports UserError as export expects; update train/export.py")
     src = src.replace(
@@ -103,9 +114,8 @@ def modelling_source() -> str:
     if "import ar2mdm" in src or "from ar2mdm" in src:  # the file must load where ar2mdm is not installed
         raise RuntimeError("ar2mdm.train.model imports ar2mdm: its exported copy would not load on its own")
     return (
-        f"# Generated by `kdtrain export` (ar2mdm {_version()}): ar2mdm/train/model.py + a transformers wrapper.\n"
-        + src
-        + _WRAPPER
+        f"# Generated by `kdtrain export` (ar2mdm {_version()}): ar2mdm/train/model.py, ar2mdm/train/denoise.py and "
+        "a transformers wrapper.\n" + src + _WRAPPER
     )
 
 

@@ -215,11 +215,11 @@ def paired_diff(r: dict, base: dict) -> tuple[float, float]:
     results on the same held-out rows and masks."""
     import torch
 
-    from ar2mdm.train.evaluate import ratio_se
+    from ar2mdm.shared.stats import ratio_se
 
     d = torch.tensor(r["row_nll"], dtype=torch.float64) - torch.tensor(base["row_nll"], dtype=torch.float64)
     tok = torch.tensor(r["row_tokens"], dtype=torch.float64)
-    return float(d.sum() / tok.sum()), ratio_se(d, tok)
+    return float(d.sum() / tok.sum()), ratio_se(d.numpy(), tok.numpy())
 
 
 def paired_delta(r: dict, base: dict) -> str:
@@ -274,6 +274,6 @@ def write_results(out: Path, rows: list[dict], keys: list[str]) -> None:
         "smaller than the runs' own. Seeds (init, data order) vary more than that: compare across seeds."
     )
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
-    from ar2mdm.train.evaluate import plot_runs
+    from ar2mdm.train.plot import plot_runs
 
     plot_runs([out / r["name"] for r in rows], out / "sweep.png", key="mdm")

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import ar2mdm.shared.masking as masking
 import ar2mdm.train.evaluate as evaluate_mod
-import ar2mdm.train.model as model_mod
+import ar2mdm.train.sample as sample_mod
 from ar2mdm.precompute.build import run_build
 from ar2mdm.precompute.config import BuildConfig
 from ar2mdm.schemas import Manifest
@@ -18,9 +18,10 @@ from ar2mdm.shared.shards import read_shard
 from ar2mdm.train.checkpoint import load_meta, load_tokenizer
 from ar2mdm.train.cli import app
 from ar2mdm.train.config import EvalConfig, TrainConfig
-from ar2mdm.train.evaluate import _prompt_row, _rows_from, evaluate
+from ar2mdm.train.denoise import cut_at_stop, denoise
+from ar2mdm.train.evaluate import _rows_from, evaluate
 from ar2mdm.train.loop import run_training
-from ar2mdm.train.model import cut_at_stop, denoise
+from ar2mdm.train.sample import prompt_row
 from tests.tiny import save_tiny_teacher
 
 runner = CliRunner()
@@ -81,7 +82,7 @@ def test_the_template_is_applied_identically_in_build_eval_and_sample(sft_run):
         assert rows[j].prompt_len == data.prompt_len[r]
         # and sample starts from the build's prompt: BOS + <|im_start|>u QUESTION<|im_end|>\n<|im_start|>a
         want = data.input_ids[r, : data.prompt_len[r]].tolist()
-        assert _prompt_row(meta, tok, CHATS[j][0], chat=True) == want
+        assert prompt_row(meta, tok, CHATS[j][0], chat=True) == want
         start, end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
         assert want[1:] == [start, *ids(tok, f"u {CHATS[j][0]}"), end, *ids(tok, "\n"), start, *ids(tok, "a ")]
 
@@ -153,14 +154,14 @@ def test_chat_sample_prints_the_answer_up_to_its_end_of_turn(sft_run, monkeypatc
     scripted = ids(tok, "upon the heath") + [end] + ids(tok, "zz")
     seen = {}
 
-    def fake_denoise(model, x, steps, temperature, remasking, generator, block_length, stops):
-        seen["prompt"], seen["stops"], seen["block"] = x[0].tolist(), stops, block_length
+    def fake_denoise(model, x, steps, *, temperature, remasking, seeds, block_length, stop_ids):
+        seen["prompt"], seen["stops"], seen["block"] = x[0].tolist(), stop_ids, block_length
         y = x.clone()
         n = int((x[0] == model.config.mask_id).sum())
         y[0, -n:] = torch.tensor((scripted + [end] * n)[:n])
         return y
 
-    monkeypatch.setattr(model_mod, "denoise", fake_denoise)
+    monkeypatch.setattr(sample_mod, "denoise", fake_denoise)
     r = runner.invoke(
         app, ["sample", str(run), "--prompt", "where is the heath?", "--length", "20", "--block-length", "4"]
     )
@@ -169,7 +170,7 @@ def test_chat_sample_prints_the_answer_up_to_its_end_of_turn(sft_run, monkeypatc
         ids(tok, "upon the heath")
     )  # SFT runs chat by default
     assert end in seen["stops"] and seen["block"] == 4
-    assert seen["prompt"][:-20] == _prompt_row(load_meta(run), tok, "where is the heath?", chat=True)
+    assert seen["prompt"][:-20] == prompt_row(load_meta(run), tok, "where is the heath?", chat=True)
     r = runner.invoke(app, ["sample", str(run), "--prompt", "where is the heath?", "--length", "20", "--no-chat"])
     assert r.exit_code == 0 and tok.decode(ids(tok, "zz")) in r.output  # without --chat nothing is cut
     assert seen["prompt"][:-20] == [1, *ids(tok, "where is the heath?")] and seen["stops"] == ()  # plain prompt
@@ -189,17 +190,16 @@ def test_the_export_carries_the_template_and_stops_like_kdtrain(sft_run, tmp_pat
     assert tok.chat_template and model.config.chat
     assert tok.convert_tokens_to_ids("<|im_end|>") in model.config.stop_token_ids
     meta = load_meta(run)
-    ids = torch.tensor([_prompt_row(meta, tok, "where is the heath?", chat=True)])
+    ids = torch.tensor([prompt_row(meta, tok, "where is the heath?", chat=True)])
     out = model.diffusion_generate(ids, max_new_tokens=12, steps=12, temperature=1.0, seed=3, block_length=4)
     mine = denoise(
         model.student,
         torch.cat([ids, torch.full((1, 12), model.config.mask_token_id)], 1),
         12,
-        1.0,
-        "low-confidence",
-        torch.Generator().manual_seed(3),
-        4,
-        tuple(model.config.stop_token_ids),
+        temperature=1.0,
+        seeds=[3],
+        block_length=4,
+        stop_ids=tuple(model.config.stop_token_ids),
     )
     want = cut_at_stop(mine[0, ids.shape[1] :].tolist(), model.config.stop_token_ids, keep_stop=True)
     assert out[0, ids.shape[1] :].tolist() == want

@@ -1,0 +1,95 @@
+"""Sample files (JSONL, one sample per line): what `kdtrain sample` and `kdtargets sample` write and
+`kdtargets score` reads.
+
+Every line is a whole record, so a file reads as a table (``pandas.read_json(path, lines=True)``) and two
+files concatenate. All lines of one file share one ``source``: the model (or corpus) and the sampler's settings
+it came from, and the tokenizer of its ids. Writers pass these dataclasses; readers check the version and every
+field, and refuse a file whose lines disagree on their source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ar2mdm.schemas.manifest import write_atomic
+from ar2mdm.schemas.v1 import SchemaError
+
+SAMPLES_FORMAT = "ar2mdm.samples"
+SAMPLES_VERSION = 1
+SOURCE_KINDS = ("student", "teacher", "text")  # a student's samples, the teacher's own, held-out text itself
+
+
+@dataclass
+class SampleSource:
+    kind: str  # one of SOURCE_KINDS
+    path: str  # the run folder, the teacher, or the corpus
+    tokenizer_sha256: str  # the ids' tokenizer (shared.tokenizer.tokenizer_hash)
+    step: int | None = None  # a student's checkpoint step
+    settings: dict[str, Any] = field(default_factory=dict)  # the sampler's settings (steps, temperature, ...)
+
+
+@dataclass
+class SampleRecord:
+    index: int  # the sample's number in its file (and in the seed of its draws)
+    prompt: str  # the prompt as text ("" unconditional)
+    prompt_ids: list[int]  # BOS + the prompt's ids: what the sample was conditioned on
+    ids: list[int]  # the completion's ids, up to (without) its first stop token
+    text: str  # the completion decoded: what a judge reads
+    stopped: bool  # a stop token (EOS, end of turn) ended the completion before its full length
+    source: SampleSource
+
+    def to_json(self) -> str:
+        return json.dumps({"format": SAMPLES_FORMAT, "version": SAMPLES_VERSION, **dataclasses.asdict(self)})
+
+
+def write_samples(path: str | Path, records: list[SampleRecord]) -> Path:
+    """Write ``records`` as JSONL, atomically (a reader never sees half a file)."""
+    path = Path(path)
+    if path.parent != Path("."):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, "".join(r.to_json() + "\n" for r in records).encode())
+    return path
+
+
+def _record(d: dict, where: str) -> SampleRecord:
+    if d.get("format") != SAMPLES_FORMAT:
+        raise SchemaError(f"{where}: not an ar2mdm samples record (format {d.get('format')!r})")
+    if d.get("version") != SAMPLES_VERSION:
+        raise SchemaError(f"{where}: samples version {d.get('version')}, this ar2mdm reads {SAMPLES_VERSION}")
+    try:
+        fields = {f.name: d[f.name] for f in dataclasses.fields(SampleRecord)}
+        fields["source"] = SampleSource(**fields["source"])
+        rec = SampleRecord(**fields)
+    except (KeyError, TypeError) as e:
+        raise SchemaError(f"{where}: malformed samples record ({type(e).__name__}: {e})") from e
+    if rec.source.kind not in SOURCE_KINDS:
+        raise SchemaError(f"{where}: source kind {rec.source.kind!r} is not one of {', '.join(SOURCE_KINDS)}")
+    if not all(isinstance(t, int) for t in rec.ids + rec.prompt_ids) or not isinstance(rec.text, str):
+        raise SchemaError(f"{where}: ids must be integers and text a string")
+    return rec
+
+
+def read_samples(path: str | Path) -> list[SampleRecord]:
+    """The records of a samples file, checked; SchemaError (one line) on anything malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise SchemaError(f"samples file {path} does not exist")
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SchemaError(f"{path} line {n}: not JSON ({e.msg})") from e
+        rec = _record(d, f"{path} line {n}")
+        if records and rec.source != records[0].source:
+            raise SchemaError(f"{path} line {n}: another source than line 1 (one file holds one model's samples)")
+        records.append(rec)
+    if not records:
+        raise SchemaError(f"samples file {path} holds no samples")
+    return records

@@ -1,0 +1,96 @@
+"""The student's sampler: fill the masked positions of a batch of rows in a given number of steps.
+
+`denoise` is the loop, `choose` draws the tokens of one step. Each row draws from its own generator, seeded by
+the caller, so a row's sample does not depend on the rows it was batched with. Like `model.py`, this file imports
+nothing of ar2mdm: `kdtrain export` copies both into the exported model, whose ``diffusion_generate`` is this.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def choose(
+    probs: torch.Tensor, temperature: float, generators: list[torch.Generator]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens for the k masked positions of each of B rows, and the student's probability of each.
+
+    probs: (B, k, V) float32 on the CPU. temperature 0: the most probable token; > 0: a draw from probs^(1/T)
+    with row b's generator. Returns pred (B, k) long and conf (B, k), the probability of pred under probs.
+    """
+    if temperature > 0:
+        tempered = torch.softmax(probs.log() / temperature, -1)  # (B, k, V)
+        pred = torch.stack([torch.multinomial(tempered[b], 1, generator=g)[:, 0] for b, g in enumerate(generators)])
+    else:
+        pred = probs.argmax(-1)
+    return pred, probs.gather(-1, pred[..., None])[..., 0]
+
+
+@torch.no_grad()
+def denoise(
+    model,
+    x: torch.Tensor,
+    steps: int,
+    *,
+    temperature: float = 0.0,
+    remasking: str = "low-confidence",
+    seeds: list[int] | None = None,
+    block_length: int | None = None,
+    stop_ids: tuple[int, ...] = (),
+) -> torch.Tensor:
+    """Fill the masked positions of ``x`` (B, S) (mask id = the model's vocab_size) in ``steps`` steps.
+
+    Every row holds its masks at the same positions (a prompt of the same length), so each step reveals the
+    same number of tokens in every row. At each step every masked token of the current block is predicted
+    (greedy, or drawn at ``temperature``) and as many are revealed as a linear schedule allows: the most
+    confident (``low-confidence``, LLaDA) or random ones (``random``: the order MDLM's ancestral sampler reveals
+    in); the rest stay masked and are predicted again next step. ``block_length``: LLaDA's semi-autoregressive
+    decoding: the masked positions are revealed block by block, left to right, ``steps`` shared evenly among the
+    blocks; a later block stays masked (and attended to) until its turn, and once every row holds one of
+    ``stop_ids`` in a finished block the rest stay masked. ``seeds``: one per row (default 0, 1, ...), the seed
+    of that row's draws.
+    """
+    mask_id = model.config.mask_id
+    x = x.clone()
+    B, S = x.shape
+    masks = x == mask_id  # (B, S)
+    if not bool((masks == masks[:1]).all()):
+        raise ValueError("denoise: every row must hold its masks at the same positions")
+    generators = [torch.Generator().manual_seed(int(s)) for s in (seeds if seeds is not None else range(B))]
+    todo = masks[0].nonzero()[:, 0]  # (N,) the positions to fill
+    blocks = list(todo.split(block_length)) if block_length else [todo]
+    block_steps = max(1, steps // len(blocks))
+    rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
+    done = 0  # positions of `todo` in finished blocks
+    for block in blocks:
+        length = len(block)
+        n_steps = min(block_steps, length)
+        in_block = torch.zeros(S, dtype=torch.bool, device=x.device)
+        in_block[block] = True
+        for s in range(n_steps):
+            here = (x == mask_id) & in_block  # (B, S): this block's masked positions, as many in every row
+            left = int(here[0].sum())
+            reveal = left - int(length * (1 - (s + 1) / n_steps))
+            if reveal <= 0:
+                continue
+            probs = torch.softmax(model(x, here).float(), -1).view(B, left, -1).cpu()  # (B, left, V)
+            pred, conf = choose(probs, temperature, generators)  # (B, left)
+            if remasking == "low-confidence":
+                score = conf
+            else:
+                score = torch.stack([torch.rand(left, generator=g) for g in generators])
+            top = score.topk(reveal, dim=1).indices  # (B, reveal)
+            pos = here.nonzero()[:, 1].view(B, left)  # (B, left)
+            x[rows, pos.gather(1, top.to(x.device))] = pred.gather(1, top).to(x.device)
+        done += length
+        if stop_ids and bool(torch.isin(x[:, todo[:done]], torch.tensor(stop_ids, device=x.device)).any(1).all()):
+            break  # every row's response ended: the later blocks are not computed
+    return x
+
+
+def cut_at_stop(ids: list[int], stop_ids: tuple[int, ...] | list[int], keep_stop: bool = False) -> list[int]:
+    """``ids`` up to their first stop token (included with ``keep_stop``): nothing after an end of turn."""
+    for j, t in enumerate(ids):
+        if t in stop_ids:
+            return ids[: j + 1] if keep_stop else ids[:j]
+    return ids

@@ -1,0 +1,100 @@
+"""`kdtrain sample`: a student's samples, drawn in batches, as records of the samples schema.
+
+The prompts come from `shared.sampling` (one, a file of them, or held-out rows), the sampler is `denoise`, and
+each sample draws from its own seed, so the same command writes the same file whatever the batch size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ar2mdm.schemas.samples import SampleRecord, SampleSource
+from ar2mdm.shared.errors import UserError
+from ar2mdm.shared.sampling import Prompt, batches_of, prompts_for, sample_seed, source_settings, until_stop
+from ar2mdm.train.checkpoint import checkpoint_dir, load_student, load_tokenizer, run_task
+from ar2mdm.train.config import SampleConfig
+from ar2mdm.train.denoise import denoise
+from ar2mdm.train.step import resolve_device
+
+# the sampler's settings a samples file records (with the prompts' source)
+SAMPLER_FIELDS = ("length", "steps", "temperature", "remasking", "block_length", "seed")
+
+
+def chat_template_for(meta: dict, tokenizer) -> bool:
+    """Whether a user's prompt goes through the chat template: as the build rendered this run's rows (plain
+    `prompt` rows: no), and where the run does not say, whenever the tokenizer has a template."""
+    if run_task(meta)[1] == "plain":
+        return False
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def prompt_row(meta: dict, tok, prompt: str, chat: bool) -> list[int]:
+    """The ids a generation starts from: BOS + the prompt, through the chat template as the build rendered this
+    run's rows when ``chat``."""
+    from ar2mdm.shared.tokenizer import special_ids, user_prompt_row
+
+    if chat:
+        return user_prompt_row(tok, prompt, chat_template_for(meta, tok))
+    return [special_ids(tok)[0]] + tok(prompt, add_special_tokens=False)["input_ids"]
+
+
+def completion(ids: list[int], stops: list[int], tok) -> tuple[list[int], str, bool]:
+    """(ids up to the first stop token, their text, whether a stop token ended them early)."""
+    kept, stopped = until_stop(ids, stops)
+    return kept, tok.decode(kept, skip_special_tokens=False), stopped
+
+
+def run_step(run: Path) -> int | None:
+    """The training step of a run's checkpoint (None for checkpoints that do not record it)."""
+    return json.loads((checkpoint_dir(run) / "config.json").read_text()).get("step")
+
+
+@torch.no_grad()
+def sample(cfg: SampleConfig) -> list[SampleRecord]:
+    """``cfg.num`` samples of the run's student, in batches of ``cfg.batch_size``; see `denoise` for the sampler.
+
+    A chat run (``chat``, default: on for SFT runs) renders each prompt as a user turn, as the build rendered
+    its rows, and ends each answer at its first end of turn; other runs end a sample at its first EOS (where a
+    document ends). The completion is what precedes the stop; ``stopped`` says whether there was one.
+    """
+    from ar2mdm.shared.tokenizer import special_ids, stop_ids, tokenizer_hash
+
+    cfg.check()
+    device = resolve_device(cfg.device)
+    run = Path(cfg.run)
+    model, meta = load_student(run, device)
+    tok = load_tokenizer(run)
+    chat = run_task(meta)[0] == "sft" if cfg.chat is None else cfg.chat
+    if chat and cfg.prompts_from:
+        raise UserError("--prompts-from gives plain-text prompts; a chat student takes --prompt or --prompts")
+    prompts: list[Prompt] = prompts_for(cfg, tok, cfg.length, lambda text: prompt_row(meta, tok, text, chat))
+    longest = max(len(p.ids) for p in prompts)
+    if longest + cfg.length > model.config.max_positions:
+        raise UserError(
+            f"prompt ({longest} tokens) + --length {cfg.length} exceeds the student's "
+            f"{model.config.max_positions} positions"
+        )
+    stops = stop_ids(tok) if chat else [special_ids(tok)[1]]
+    source = SampleSource("student", str(run), tokenizer_hash(tok), run_step(run), source_settings(cfg, SAMPLER_FIELDS))
+    records: list[SampleRecord | None] = [None] * len(prompts)
+    mask = model.config.mask_id
+    for batch in batches_of(prompts, cfg.batch_size):
+        x = torch.tensor([prompts[i].ids + [mask] * cfg.length for i in batch], device=device)  # (B, P + length)
+        x = denoise(
+            model,
+            x,
+            cfg.steps,
+            temperature=cfg.temperature,
+            remasking=cfg.remasking,
+            seeds=[sample_seed(cfg.seed, i) for i in batch],
+            block_length=cfg.block_length,
+            stop_ids=tuple(stops) if chat else (),
+        )
+        for i, row in zip(batch, x.tolist()):
+            p = prompts[i]
+            ids, text, stopped = completion(row[len(p.ids) :], stops, tok)
+            records[i] = SampleRecord(i, p.text, p.ids, ids, text, stopped, source)
+    return records
