@@ -65,7 +65,7 @@ class TextStats:
             {n: distinct(r.ids, n) for n in DISTINCT_N},
             top_share(r.ids),
             r.stopped,
-            not r.text.strip(),
+            not r.ids or not r.text,
         )
 
 

@@ -31,7 +31,7 @@ for seed in $SEEDS; do
     for q in "${ASK[@]}"; do
       for block in "" "--block-length 8"; do
         # shellcheck disable=SC2086
-        echo "$run ${block:-whole}: $(kdtrain sample "$run" --prompt "$q" --length 32 --steps 32 $block | tail -1)"
+        echo "$run ${block:-whole}: $(kdtrain sample "$run" --prompt "$q" --length 32 --steps 32 --temperature 0 --remasking low-confidence $block | tail -1)"
       done
     done | tee -a "$D/eval/samples.txt"
   done

@@ -198,9 +198,14 @@ class SampleConfig:
     split: str = sample_setting("split")
     length: int = sample_setting("length")
     steps: int = setting(32, "Denoising steps (at most --length); fewer steps reveal more tokens each.", at_least=1)
-    temperature: float = setting(0.0, "0: greedy predictions; > 0: sample them at this temperature.", at_least=0)
-    remasking: Literal["low-confidence", "random"] = setting(
-        "low-confidence", "low-confidence (reveal the most confident, LLaDA) | random (MDLM's order)."
+    # default: the student's own distribution (random order, T = 1), which the ELBO bound scores and the judged
+    # figures of docs/results.md use; low-confidence at T = 0 is LLaDA's decoding for answers, which a judge
+    # scores better at the price of repetition (docs/results.md, sample quality)
+    temperature: float = setting(1.0, "1: the student's own distribution; 0: greedy; else tempered.", at_least=0)
+    remasking: Literal["random", "low-confidence"] = setting(
+        "random",
+        "random (reveal positions in random order: MDLM's ancestral sampler) | low-confidence (reveal the most "
+        "confident predictions first: LLaDA).",
     )
     block_length: int | None = setting(
         None,

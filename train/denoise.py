@@ -1,7 +1,8 @@
 """The student's sampler: fill the masked positions of a batch of rows in a given number of steps.
 
 `denoise` is the loop, `choose` draws the tokens of one step. Each row draws from its own generator, seeded by
-the caller, so a row's sample does not depend on the rows it was batched with. Like `model.py`, this file imports
+the caller, so a row's sample does not depend on the rows it was batched with (on one kind of device: a CUDA
+generator draws other numbers than the CPU's). Like `model.py`, this file imports
 nothing of ar2mdm: `kdtrain export` copies both into the exported model, whose ``diffusion_generate`` is this.
 """
 
@@ -13,13 +14,13 @@ import torch
 def choose(
     probs: torch.Tensor, temperature: float, generators: list[torch.Generator]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens for the k masked positions of each of B rows, and the student's probability of each.
+    """Tokens for k positions of each of B rows, and the student's probability of each.
 
-    probs: (B, k, V) float32 on the CPU. temperature 0: the most probable token; > 0: a draw from probs^(1/T)
-    with row b's generator. Returns pred (B, k) long and conf (B, k), the probability of pred under probs.
+    probs: (B, k, V) float32. temperature 0: the most probable token; > 0: a draw from probs^(1/T) (at T = 1,
+    probs itself) with row b's generator. Returns pred (B, k) long and conf (B, k), the probability of pred.
     """
     if temperature > 0:
-        tempered = torch.softmax(probs.log() / temperature, -1)  # (B, k, V)
+        tempered = probs if temperature == 1 else torch.softmax(probs.log() / temperature, -1)  # (B, k, V)
         pred = torch.stack([torch.multinomial(tempered[b], 1, generator=g)[:, 0] for b, g in enumerate(generators)])
     else:
         pred = probs.argmax(-1)
@@ -32,8 +33,8 @@ def denoise(
     x: torch.Tensor,
     steps: int,
     *,
-    temperature: float = 0.0,
-    remasking: str = "low-confidence",
+    temperature: float = 1.0,
+    remasking: str = "random",
     seeds: list[int] | None = None,
     block_length: int | None = None,
     stop_ids: tuple[int, ...] = (),
@@ -41,14 +42,16 @@ def denoise(
     """Fill the masked positions of ``x`` (B, S) (mask id = the model's vocab_size) in ``steps`` steps.
 
     Every row holds its masks at the same positions (a prompt of the same length), so each step reveals the
-    same number of tokens in every row. At each step every masked token of the current block is predicted
-    (greedy, or drawn at ``temperature``) and as many are revealed as a linear schedule allows: the most
-    confident (``low-confidence``, LLaDA) or random ones (``random``: the order MDLM's ancestral sampler reveals
-    in); the rest stay masked and are predicted again next step. ``block_length``: LLaDA's semi-autoregressive
-    decoding: the masked positions are revealed block by block, left to right, ``steps`` shared evenly among the
-    blocks; a later block stays masked (and attended to) until its turn, and once every row holds one of
-    ``stop_ids`` in a finished block the rest stay masked. ``seeds``: one per row (default 0, 1, ...), the seed
-    of that row's draws.
+    same number of tokens in every row, as many as a linear schedule allows, and the rest stay masked to be
+    predicted again next step. ``remasking`` says which are revealed: ``random`` (the order of MDLM's ancestral
+    sampler; with ``temperature`` 1, samples of the student's own distribution) picks the positions at random
+    first and draws only theirs, so a step computes the head and the draws at those positions alone;
+    ``low-confidence`` (LLaDA) predicts every masked token of the current block (greedy at ``temperature`` 0, or
+    drawn) and reveals the most confident. ``block_length``: LLaDA's
+    semi-autoregressive decoding: the masked positions are revealed block by block, left to right, ``steps``
+    shared evenly among the blocks; a later block stays masked (and attended to) until its turn, and once every
+    row holds one of ``stop_ids`` in a finished block the rest stay masked. ``seeds``: one per row (default 0,
+    1, ...), the seed of that row's draws, made on the rows' device.
     """
     mask_id = model.config.mask_id
     x = x.clone()
@@ -56,7 +59,8 @@ def denoise(
     masks = x == mask_id  # (B, S)
     if not bool((masks == masks[:1]).all()):
         raise ValueError("denoise: every row must hold its masks at the same positions")
-    generators = [torch.Generator().manual_seed(int(s)) for s in (seeds if seeds is not None else range(B))]
+    seeds = seeds if seeds is not None else range(B)
+    generators = [torch.Generator(device=x.device).manual_seed(int(s)) for s in seeds]
     todo = masks[0].nonzero()[:, 0]  # (N,) the positions to fill
     blocks = list(todo.split(block_length)) if block_length else [todo]
     block_steps = max(1, steps // len(blocks))
@@ -73,15 +77,19 @@ def denoise(
             reveal = left - int(length * (1 - (s + 1) / n_steps))
             if reveal <= 0:
                 continue
-            probs = torch.softmax(model(x, here).float(), -1).view(B, left, -1).cpu()  # (B, left, V)
-            pred, conf = choose(probs, temperature, generators)  # (B, left)
-            if remasking == "low-confidence":
-                score = conf
-            else:
-                score = torch.stack([torch.rand(left, generator=g) for g in generators])
-            top = score.topk(reveal, dim=1).indices  # (B, reveal)
-            pos = here.nonzero()[:, 1].view(B, left)  # (B, left)
-            x[rows, pos.gather(1, top.to(x.device))] = pred.gather(1, top).to(x.device)
+            pos = here.nonzero()[:, 1].view(B, left)  # (B, left), ascending
+            if remasking == "random":  # the positions first, then the tokens at those alone
+                pick = torch.stack([torch.rand(left, generator=g, device=x.device) for g in generators])
+                pos = pos.gather(1, pick.topk(reveal, dim=1).indices).sort(1).values  # (B, reveal)
+                here = torch.zeros_like(here)
+                here[rows, pos] = True
+            probs = torch.softmax(model(x, here).float(), -1).view(B, pos.shape[1], -1)  # (B, k, V)
+            pred, conf = choose(probs, temperature, generators)  # (B, k)
+            if remasking == "random":
+                x[rows, pos] = pred
+                continue
+            top = conf.topk(reveal, dim=1).indices  # (B, reveal): the most confident
+            x[rows, pos.gather(1, top)] = pred.gather(1, top)
         done += length
         if stop_ids and bool(torch.isin(x[:, todo[:done]], torch.tensor(stop_ids, device=x.device)).any(1).all()):
             break  # every row's response ended: the later blocks are not computed

@@ -71,10 +71,11 @@ class Ar2mdmForMaskedLM(PreTrainedModel):
         return MaskedLMOutput(logits=self.student(input_ids))
 
     @torch.no_grad()
-    def diffusion_generate(self, input_ids, max_new_tokens=32, steps=32, temperature=0.0, remasking="low-confidence",
+    def diffusion_generate(self, input_ids, max_new_tokens=32, steps=32, temperature=1.0, remasking="random",
                            seed=0, block_length=None, stop_at_end_of_turn=None):
         """Append ``max_new_tokens`` masks to each row of ``input_ids`` (B, P) (prompts of one length) and fill
-        them with ``kdtrain sample``'s sampler (``denoise``: LLaDA's low-confidence remasking by default;
+        them with ``kdtrain sample``'s sampler (``denoise``: by default the student's own distribution, random
+        order at temperature 1; ``remasking="low-confidence", temperature=0``: LLaDA's greedy decoding;
         ``block_length``: block by block, left to right); row b draws with seed ``seed + b``.
         ``stop_at_end_of_turn`` (default: on for a chat student, trained with --task sft): an answer ends at its
         first end-of-turn/EOS token (``config.stop_token_ids``), which is kept; the positions after it hold the

@@ -139,7 +139,9 @@ def test_nothing_after_the_first_end_of_turn(block_length):
     want = [1, 3, 4, 5, stop, 6, 6, stop, 6, 6]  # prompt (1 token), answer, end of turn, what a sampler must drop
     model = Scripted(want, vocab=9)
     x = torch.tensor([[1] + [mask] * 9])
-    out = denoise(model, x, steps=9, block_length=block_length, stop_ids=(stop,))
+    out = denoise(
+        model, x, steps=9, temperature=0, remasking="low-confidence", block_length=block_length, stop_ids=(stop,)
+    )
     answer = cut_at_stop(out[0, 1:].tolist(), (stop,))
     assert answer == [3, 4, 5]
     assert cut_at_stop(out[0, 1:].tolist(), (stop,), keep_stop=True) == [3, 4, 5, stop]
