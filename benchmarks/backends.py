@@ -51,7 +51,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from ar2mdm.precompute.config import BuildConfig
-    from ar2mdm.precompute.particles import McSettings
+    from ar2mdm.precompute.mc.particles import McSettings
     from ar2mdm.precompute.teacher import TorchTeacher, resolve_teacher
     from ar2mdm.precompute.vllm_backend import VllmTeacher, vllm_available
 

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHAPES, copy_bandwidth, random_teacher  # noqa: E402
 
-from ar2mdm.precompute.particles import kv_bytes_per_position  # noqa: E402
+from ar2mdm.precompute.mc.particles import kv_bytes_per_position  # noqa: E402
 
 
 def teacher_tokens(cfg, data) -> int:
@@ -60,9 +60,9 @@ def main() -> None:
     a = ap.parse_args()
     dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
 
+    from ar2mdm.precompute.autosize import auto_batch_size
     from ar2mdm.precompute.build import load_backend, plan_build, run_build
     from ar2mdm.precompute.config import BuildConfig
-    from ar2mdm.precompute.targets import auto_batch_size
     from ar2mdm.shared.shards import read_shard
     from ar2mdm.shared.validate import validate_dir
 

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import SHAPES, benchmark_rows, copy_bandwidth, random_teacher  # noqa: E402
 
-from ar2mdm.precompute.particles import kv_bytes_per_position  # noqa: E402
+from ar2mdm.precompute.mc.particles import kv_bytes_per_position  # noqa: E402
 
 BEFORE = "c23c40f"  # the last commit with precompute/mc_rows.py
 
@@ -88,7 +88,7 @@ def main() -> None:
 
     from ar2mdm.precompute.config import BuildConfig
     from ar2mdm.precompute.decode import decoder_for
-    from ar2mdm.precompute.particles import McSettings, sample_particles
+    from ar2mdm.precompute.mc.particles import McSettings, sample_particles
 
     model, folder = load_teacher(a.shape, a.device, dtype)
     cfg = BuildConfig(seq_len=a.seq_len, max_sequences=a.rows, k=a.k, mode="mc", mc_weights=a.weights)

@@ -25,8 +25,8 @@ import torch
 
 from ar2mdm.precompute.build import rank_sequences
 from ar2mdm.precompute.config import BuildConfig
-from ar2mdm.precompute.mc import mc_targets
-from ar2mdm.precompute.particles import McSettings
+from ar2mdm.precompute.mc.estimators import mc_targets
+from ar2mdm.precompute.mc.particles import McSettings
 from ar2mdm.precompute.targets import row_masks
 from ar2mdm.precompute.teacher import TorchTeacher, load_tokenizer, resolve_teacher
 from ar2mdm.shared.corpus import list_corpus_files

@@ -44,7 +44,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from ar2mdm.precompute.config import BuildConfig
-    from ar2mdm.precompute.particles import McSettings
+    from ar2mdm.precompute.mc.particles import McSettings
     from ar2mdm.precompute.teacher import TorchTeacher, resolve_teacher
 
     folder, _ = resolve_teacher(None)

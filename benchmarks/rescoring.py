@@ -18,8 +18,8 @@ import torch
 
 from ar2mdm.precompute.build import rank_sequences
 from ar2mdm.precompute.config import BuildConfig
-from ar2mdm.precompute.rescoring import rescore
 from ar2mdm.precompute.teacher import TorchTeacher, load_tokenizer, resolve_teacher
+from ar2mdm.precompute.topk import rescore
 from ar2mdm.shared.corpus import list_corpus_files
 from ar2mdm.shared.defaults import default_corpus
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ar2mdm.precompute.rescoring import Branch, _segments, pack_segment  # noqa: E402
+from ar2mdm.precompute.topk import Branch, _segments, pack_segment  # noqa: E402
 from tests.precompute.reference import pack_segment_loop  # noqa: E402
 
 

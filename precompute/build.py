@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from itertools import chain, islice
@@ -22,7 +23,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ar2mdm.precompute.autosize import resolve_auto
 from ar2mdm.precompute.config import BuildConfig
+from ar2mdm.precompute.forward import vocab_size_of
 from ar2mdm.precompute.outdir import (
     TOKENIZER_DIR,
     ShardWriter,
@@ -36,7 +39,8 @@ from ar2mdm.precompute.outdir import (
     remove_stale_tmps,
     write_partial,
 )
-from ar2mdm.precompute.targets import build_rows, planned_positions, resolve_auto, row_masks, support_size
+from ar2mdm.precompute.sparsify import support_size
+from ar2mdm.precompute.targets import build_rows, target_plan
 from ar2mdm.precompute.teacher import (
     TorchTeacher,
     load_tokenizer,
@@ -44,7 +48,6 @@ from ar2mdm.precompute.teacher import (
     teacher_config,
     teacher_info,
     tokenizer_info,
-    vocab_size_of,
 )
 from ar2mdm.schemas import SCHEMA_VERSION, Manifest
 from ar2mdm.schemas.manifest import write_atomic
@@ -159,7 +162,7 @@ def _take(it, n):
 
 def engine_max_logprobs(cfg: BuildConfig) -> int:
     """The most log-probs any request of this build asks vLLM for (its engine must allow that many)."""
-    from ar2mdm.precompute.particles import next_token_keep
+    from ar2mdm.precompute.mc.particles import next_token_keep
 
     # fim asks for support_size entries; mc keeps next_token_keep(support_size) of each next-token distribution
     return max(cfg.k, cfg.top_n, cfg.rescore_k, next_token_keep(support_size(cfg)))
@@ -339,30 +342,53 @@ def run_build(cfg: BuildConfig, teacher=None) -> BuildSummary:
     return s
 
 
+def count_rows(plan: BuildPlan, into: list) -> None:
+    """This rank's rows (sequences x masks per sequence), counted by streaming its share of the corpus once more
+    (tokenizing only) into ``into``: the progress bar's total. Run beside the build, so it delays nothing."""
+    cfg = plan.cfg
+    tokenizer = load_tokenizer(plan.folder)  # its own: a fast tokenizer is not to be shared between threads
+    n = sum(1 for _ in rank_stream(cfg, plan.files, tokenizer, CorpusStats(), PackStats()))
+    into.append(n * cfg.masks_per_seq)
+
+
+def progress_bar(cfg: BuildConfig):
+    """The build's bar: rows of this rank, advancing within a teacher call as its positions are scored."""
+    return tqdm(
+        total=None,
+        unit="row",
+        desc=f"kdtargets rank {cfg.rank}",
+        disable=not cfg.progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        smoothing=0.05,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total_fmt} rows [{elapsed}<{remaining}{postfix}]",
+    )
+
+
 def write_shards(plan: BuildPlan, out: Path, teacher=None) -> BuildSummary:
     """The shard loop: skip finished shards, resume a partial one, write the rest (one `build_rows` call per
-    batch of sequences), and keep what is done on Ctrl-C."""
+    batch of sequences), and keep what is done on Ctrl-C. Each shard is planned once (`target_plan`: its rows'
+    masks and target positions), and the plan serves the teacher, the resumed rows' check and the progress."""
     cfg = plan.cfg
     skipped = resumed = 0
     own_teacher = teacher is None
     writer = ShardWriter(out, cfg.format, cfg.logprob_dtype)
     parts: list[ShardData] = []
     path = flushed = None
-    # progress in target positions, as shards start (the corpus streams: the total is not known up front)
-    bar = tqdm(
-        total=0,
-        unit="pos",
-        desc=f"kdtargets rank {cfg.rank}",
-        disable=not cfg.progress,
-        file=sys.stderr,
-        dynamic_ncols=True,
-        smoothing=0.05,
-    )
+    bar, total = progress_bar(cfg), []
+    threading.Thread(target=count_rows, args=(plan, total), daemon=True).start()
+
+    def advance(rows: float) -> None:
+        if total and bar.total is None:
+            bar.total = total[0]
+        bar.update(rows)
+
     try:
         for u, a, ids, plen in shard_chunks(plan.stream, cfg.seqs_per_shard):
             path = out / shard_name(cfg.rank, u, cfg.format)
             if path.with_name(path.name + DONE_SUFFIX).exists() and path.exists():
                 skipped, path = skipped + 1, None  # finished: its sequences were only re-tokenized to find the next
+                advance(len(ids) * cfg.masks_per_seq)
                 continue
             if teacher is None:  # loaded at the first unfinished shard: a finished build never starts an engine
                 teacher = load_backend(plan.backend, cfg, plan.folder)
@@ -373,27 +399,25 @@ def write_shards(plan: BuildPlan, out: Path, teacher=None) -> BuildSummary:
             # sequences in chunks of one teacher call: a whole shard for vLLM (the engine schedules it all at
             # once), else --batch-size sequences
             chunk = len(ids) if teacher.whole_shard else cfg.batch_size
-            b = a + len(ids)
-            bar.total += planned_positions(cfg, plen, np.arange(a, b))
-            bar.set_postfix_str(f"shard {u}")  # and shows the new total at once
-            old = read_partial(path, row_masks(cfg, np.arange(a, b), plen)[0])
+            shard = target_plan(cfg, ids, plen, np.arange(a, a + len(ids)))
+            bar.set_postfix_str(f"shard {u}")
+            old = read_partial(path, shard.example_ids)
             parts = [old] if old is not None else []
             flushed, last = len(parts), time.time()
             start = old.rows // cfg.masks_per_seq if old is not None else 0  # within the shard
             resumed += start
-            if start:
-                bar.update(planned_positions(cfg, plen[:start], np.arange(a, a + start)))
+            advance(start * cfg.masks_per_seq)
             for c in range(start, len(ids), chunk):
-                c2 = min(len(ids), c + chunk)
-                parts.append(
-                    build_rows(cfg, teacher, ids[c:c2], plen[c:c2], np.arange(a + c, a + c2), plan.fim_ids, bar.update)
-                )
-                if c2 < len(ids) and time.time() - last >= cfg.flush_seconds:
+                part = shard.sequences(c, min(len(ids), c + chunk))
+                per_position = len(part.example_ids) / max(part.scored, 1)
+                parts.append(build_rows(cfg, teacher, part, plan.fim_ids, lambda n: advance(n * per_position)))
+                if c + chunk < len(ids) and time.time() - last >= cfg.flush_seconds:
                     write_partial(path, concat_shards(parts))
                     flushed, last = len(parts), time.time()
             writer.submit(path, parts)  # written while the teacher computes the next shard
             parts, path = [], None
         writer.close()
+        bar.n = bar.total = round(bar.n)  # (the count and the stream agree; this also ends a late count's bar)
         bar.close()
         warn_skipped(plan.stats)
     except KeyboardInterrupt:

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from ar2mdm.precompute.rescoring import head_logits
+from ar2mdm.precompute.forward import head_logits
 
 
 class Decoder(Protocol):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ar2mdm.precompute.rescoring import budget_batches, check_finite, hidden_states, log_softmax_head
+from ar2mdm.precompute.forward import budget_batches, check_finite, hidden_states, log_softmax_head
 from ar2mdm.shared.errors import UserError
 
 FIM_TOKEN_SETS = (

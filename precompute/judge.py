@@ -116,7 +116,7 @@ def judge_rows(judge: Judge, records: list[SampleRecord]) -> list[tuple[list[int
 def judge_nll(judge: Judge, records: list[SampleRecord], batch_size: int) -> list[JudgeScore]:
     """Each record's completion under the judge: Σ -log p_J(token | BOS, prompt, earlier tokens), with its judge
     tokens and bytes. Rows are right-padded: under causal attention padding after a row changes nothing before it."""
-    from ar2mdm.precompute.rescoring import check_finite, hidden_states, token_logliks
+    from ar2mdm.precompute.forward import check_finite, hidden_states, token_logliks
 
     rows = judge_rows(judge, records)
     scores: list[JudgeScore | None] = [None] * len(rows)

@@ -72,15 +72,6 @@ def auto_dtype(device: str, config) -> str:
     return "bfloat16" if "gemma" in str(getattr(config, "model_type", "")).lower() else "float16"
 
 
-def text_config(config):
-    """The language model's config: a multimodal one (Gemma 3's) nests it."""
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def vocab_size_of(config) -> int:
-    return int(text_config(config).vocab_size)
-
-
 class Backend(Protocol):
     """What the build asks of a teacher backend (`TorchTeacher`, `vllm_backend.VllmTeacher`): the same calls
     with the same outputs, so the build does not know which one it drives."""
@@ -134,7 +125,7 @@ class TorchTeacher:
         except Exception as e:
             raise UserError(f"teacher {folder} does not load: {_first_line(e)}") from e
         model.to(device).eval()
-        from ar2mdm.precompute.rescoring import check_head_path
+        from ar2mdm.precompute.forward import check_head_path
 
         check_head_path(model)  # topk/fim apply the head themselves: it must be the model's own
         return cls(model=model, device=device, dtype=dtype, tree_mask=tree_mask)
@@ -147,7 +138,7 @@ class TorchTeacher:
 
     def rescore_targets(self, rows, positions, k: int, window: int | None, token_budget: int):
         """Top-K rescoring: per row (cand (P, K+1), logq (P, K+1)); see `rescoring.rescore`."""
-        from ar2mdm.precompute.rescoring import rescore
+        from ar2mdm.precompute.topk import rescore
 
         x, pos = self._rows(rows, positions)
         return rescore(self.model, x, pos, k, window, token_budget, self.tree_mask)
@@ -164,7 +155,7 @@ class TorchTeacher:
         import torch
 
         from ar2mdm.precompute.decode import decoder_for
-        from ar2mdm.precompute.mc import mc_targets
+        from ar2mdm.precompute.mc.estimators import mc_targets
 
         xs = torch.as_tensor(np.stack(rows), dtype=torch.long, device=self.device)
         L = xs.shape[1]

@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 from ar2mdm.precompute.fim import fim_prompt
-from ar2mdm.precompute.mc import McTargets, final_weights, full_conditional_targets, targets
-from ar2mdm.precompute.particles import McSettings
-from ar2mdm.precompute.rescoring import NEG_INF
-from ar2mdm.precompute.vllm_mc import FORCE_KEY, RowState, segments
+from ar2mdm.precompute.mc.estimators import McTargets, final_weights, full_conditional_targets, targets
+from ar2mdm.precompute.mc.particles import McSettings
+from ar2mdm.precompute.mc.vllm import FORCE_KEY, RowState, segments
+from ar2mdm.precompute.topk import NEG_INF
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.hfmodel import first_line
 
@@ -78,7 +78,7 @@ def top_entries(d: dict, n: int) -> list[tuple[int, float]]:
     return [(tid, lp) for _, tid, lp in sorted((v.rank, t, v.logprob) for t, v in d.items() if v.rank <= n)[:n]]
 
 
-FORCE_PROCESSOR = "ar2mdm.precompute.vllm_force:ForceTokens"
+FORCE_PROCESSOR = "ar2mdm.precompute.mc.force:ForceTokens"
 
 
 @dataclass

@@ -39,7 +39,7 @@ SMC_K = 3000
 def smc_estimates(teacher) -> dict:
     """Dense next-token estimates of SMC_ROW from a backend: smc (forced resampling), importance, and smc with
     resampling off at small K (which must equal importance draw for draw)."""
-    from ar2mdm.precompute.particles import McSettings
+    from ar2mdm.precompute.mc.particles import McSettings
 
     out = {}
     runs = [
@@ -70,7 +70,7 @@ def forced_decoding(teacher) -> dict:
     topk targets of two rows by both plans (the cached plan twice)."""
     from vllm import SamplingParams
 
-    from ar2mdm.precompute.vllm_mc import FORCE_KEY
+    from ar2mdm.precompute.mc.vllm import FORCE_KEY
 
     prompt = FORCE_ROW[:1]
     outs = teacher._generate(

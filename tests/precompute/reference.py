@@ -4,15 +4,8 @@ them."""
 
 import torch
 
-from ar2mdm.precompute.rescoring import (
-    NEG_INF,
-    Branch,
-    PackedSegment,
-    candidates,
-    hidden_states,
-    log_softmax_head,
-    token_logliks,
-)
+from ar2mdm.precompute.forward import hidden_states, log_softmax_head, token_logliks
+from ar2mdm.precompute.topk import NEG_INF, Branch, PackedSegment, candidates
 
 
 def pack_segment_loop(x: torch.Tensor, seg: list[Branch]) -> PackedSegment:

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from ar2mdm.precompute.decode import TorchDecoder
-from ar2mdm.precompute.mc import mc_targets
-from ar2mdm.precompute.particles import McSettings, sample_particles
+from ar2mdm.precompute.mc.estimators import mc_targets
+from ar2mdm.precompute.mc.particles import McSettings, sample_particles
 from tests.tiny import tiny_llama
 
 V = 8
@@ -139,7 +139,7 @@ def test_both_backends_keep_the_same_next_token_entries_for_large_top_n(tmp_path
     """vLLM's engine must allow as many log-probs as the torch backend keeps (issue 8.7: it capped at 64)."""
     from ar2mdm.precompute.build import engine_max_logprobs
     from ar2mdm.precompute.config import BuildConfig
-    from ar2mdm.precompute.particles import next_token_keep
+    from ar2mdm.precompute.mc.particles import next_token_keep
     from ar2mdm.precompute.targets import support_size
 
     for top_n in (8, 16, 32, 100):
@@ -184,7 +184,7 @@ def test_smc_particles_carry_their_ancestry():
 
 
 def test_systematic_resampling_copies_each_particle_floor_or_ceil_of_K_w_times():
-    from ar2mdm.precompute.particles import systematic_resample
+    from ar2mdm.precompute.mc.particles import systematic_resample
 
     w = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
     u0 = torch.tensor([0.0, 0.3, 0.77, 0.999], dtype=torch.float64)

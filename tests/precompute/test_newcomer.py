@@ -165,20 +165,33 @@ def test_threads_are_shared_among_the_ranks_of_a_node():
 
 @pytest.mark.parametrize("mode", ["topk", "mc"])
 def test_the_progress_bar_counts_the_positions_the_teacher_scores(tmp_path, tiny_teacher, mode):
-    """The ETA is per position (steady across rows of very different mask counts): the planned total must be
-    what the teacher then scores."""
+    """The bar advances within a teacher call as positions are scored (steady across rows of very different mask
+    counts): the positions it is told of must be what the plan says the teacher scores."""
     import numpy as np
 
-    from ar2mdm.precompute.targets import build_rows, planned_positions
+    from ar2mdm.precompute.targets import build_rows, target_plan
     from ar2mdm.precompute.teacher import TorchTeacher
     from ar2mdm.shared.hfmodel import resolve_model
 
-    c = cfg(tmp_path, tiny_teacher, tmp_path / "o", mode=mode, masks_per_seq=2, k=2)
+    c = cfg(tmp_path, tiny_teacher, tmp_path / "o", mode=mode, masks_per_seq=2, k=2, batch_size=8, token_budget=4096)
     teacher = TorchTeacher.load(resolve_model(str(tiny_teacher))[0], "cpu")
     rng = np.random.default_rng(0)
     ids = rng.integers(3, 30, size=(3, 24)).astype(np.int32)
     ids[:, 0] = 1
-    plen = np.zeros(3, np.int32)
+    plan = target_plan(c, ids, np.zeros(3, np.int32), np.arange(3))
     seen = []
-    build_rows(c, teacher, ids, plen, np.arange(3), None, seen.append)
-    assert sum(seen) == planned_positions(c, plen, np.arange(3)) > 0
+    build_rows(c, teacher, plan, None, seen.append)
+    assert sum(seen) == plan.scored > 0
+    halves = [plan.sequences(0, 2), plan.sequences(2, 3)]  # a shard's plan, cut into teacher calls
+    assert [r for h in halves for r in h.example_ids] == plan.example_ids
+    assert sum(h.scored for h in halves) == plan.scored
+
+
+def test_the_bar_counts_the_whole_builds_rows(tmp_path, tiny_teacher, tiny_corpus, capfd):
+    """One bar for the whole build, in rows: its total is every row of every shard, never one shard's."""
+    import re
+
+    run_build(cfg(tiny_corpus, tiny_teacher, tmp_path / "o", seqs_per_shard=2, max_sequences=6, progress=True))
+    err = capfd.readouterr().err
+    totals = set(re.findall(r"/(\S+) rows", err))
+    assert totals <= {"?", "6"} and "6.0/6 rows" in err, err[-500:]  # never a shard's total

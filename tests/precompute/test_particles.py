@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ar2mdm.precompute.decode import TorchDecoder
-from ar2mdm.precompute.mc import mc_targets, mixture
-from ar2mdm.precompute.particles import McSettings, draw_tokens, row_uniforms, sample_particles
+from ar2mdm.precompute.mc.estimators import mc_targets, mixture
+from ar2mdm.precompute.mc.particles import McSettings, draw_tokens, row_uniforms, sample_particles
 from tests.precompute.test_mc import dense, exact_limits, tv
 from tests.tiny import DEVICES, tiny_llama
 
@@ -190,9 +190,9 @@ def test_auto_batch_size_divides_free_memory_by_what_a_row_takes(monkeypatch, tm
     """--batch-size auto on CUDA (arithmetic only; no GPU needed): the KV cache dominates a 135M-shaped row."""
     from types import SimpleNamespace
 
+    from ar2mdm.precompute.autosize import auto_batch_size
     from ar2mdm.precompute.config import BuildConfig
-    from ar2mdm.precompute.particles import bytes_per_row
-    from ar2mdm.precompute.targets import auto_batch_size
+    from ar2mdm.precompute.mc.particles import bytes_per_row
 
     shape = SimpleNamespace(
         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576, vocab_size=49152
@@ -216,7 +216,7 @@ def test_auto_batch_size_divides_free_memory_by_what_a_row_takes(monkeypatch, tm
 def test_a_teacher_that_overflows_stops_with_one_line():
     """float16 is the CUDA default (docs/scaling.md, Numerics): a NaN from overflowing activations must not reach
     a shard; every mode stops with a pointer to --dtype bfloat16."""
-    from ar2mdm.precompute.rescoring import rescore
+    from ar2mdm.precompute.topk import rescore
     from ar2mdm.shared.errors import UserError
 
     model = tiny_llama(V, seed=3)
@@ -241,8 +241,8 @@ def test_auto_dtype_is_float16_on_cuda_except_for_gemma():
 def test_auto_token_budget_is_the_cuda_default_where_memory_allows(monkeypatch, tmp_path):
     from types import SimpleNamespace
 
+    from ar2mdm.precompute.autosize import resolve_auto
     from ar2mdm.precompute.config import CUDA_TOKEN_BUDGET, DEFAULT_TOKEN_BUDGET, BuildConfig
-    from ar2mdm.precompute.targets import resolve_auto
 
     shape = SimpleNamespace(
         num_hidden_layers=24,

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from ar2mdm.precompute.rescoring import rescore
-from ar2mdm.precompute.targets import select_top_n
+from ar2mdm.precompute.sparsify import select_top_n
+from ar2mdm.precompute.topk import rescore
 from tests.precompute.reference import rescore_naive
 from tests.tiny import DEVICES, tiny_llama
 
@@ -97,7 +97,7 @@ def test_head_path_applies_the_models_logit_scaling(arch):
     """topk/fim apply the head to hidden states; their log-probs must be the model's own (issue 8.7)."""
     import transformers
 
-    from ar2mdm.precompute.rescoring import check_head_path, hidden_states, log_softmax_head
+    from ar2mdm.precompute.forward import check_head_path, hidden_states, log_softmax_head
 
     cfg_cls, model_cls, kw = {
         "granite": (transformers.GraniteConfig, transformers.GraniteForCausalLM, dict(logits_scaling=4.0)),
@@ -130,7 +130,7 @@ def test_head_path_applies_the_models_logit_scaling(arch):
 def test_an_unknown_logit_transform_is_refused(tiny_teacher):
     from transformers import AutoModelForCausalLM
 
-    from ar2mdm.precompute.rescoring import check_head_path
+    from ar2mdm.precompute.forward import check_head_path
     from ar2mdm.shared.errors import UserError
 
     model = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
@@ -166,7 +166,7 @@ def test_the_flex_attention_tree_mask_scores_as_the_dense_one(device):
 def test_flex_batches_keep_to_a_few_compiled_shapes():
     """transformers compiles flex_attention per shape and torch gives up after 8: a build's flex batches have one
     padded length and power-of-two row counts, cover every segment once, and stay within the budget's rows."""
-    from ar2mdm.precompute.rescoring import FLEX_BLOCK, flex_batches
+    from ar2mdm.precompute.topk import FLEX_BLOCK, flex_batches
 
     g = np.random.default_rng(0)
     for budget, per in ((65536, 64), (50000, 48)):
@@ -189,7 +189,7 @@ def test_the_vectorised_packing_equals_the_per_branch_loop():
     branch at the last position."""
     import dataclasses
 
-    from ar2mdm.precompute.rescoring import Branch, _segments, pack_segment
+    from ar2mdm.precompute.topk import Branch, _segments, pack_segment
     from tests.precompute.reference import pack_segment_loop
 
     g = torch.Generator().manual_seed(3)

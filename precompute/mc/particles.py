@@ -32,7 +32,7 @@ import torch
 
 from ar2mdm.precompute.config import DEFAULT_TOKEN_BUDGET, BuildConfig
 from ar2mdm.precompute.decode import Decoder
-from ar2mdm.precompute.teacher import text_config
+from ar2mdm.precompute.forward import text_config
 
 
 def next_token_keep(top_n: int) -> int:

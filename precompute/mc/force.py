@@ -18,7 +18,7 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from ar2mdm.precompute.vllm_mc import FORCE_KEY
+from ar2mdm.precompute.mc.vllm import FORCE_KEY
 
 
 class ForceTokens(LogitsProcessor):

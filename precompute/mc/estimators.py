@@ -30,8 +30,9 @@ import numpy as np
 import torch
 
 from ar2mdm.precompute.decode import Decoder, decoder_for
-from ar2mdm.precompute.particles import McSettings, sample_particles
-from ar2mdm.precompute.rescoring import check_finite, rescore
+from ar2mdm.precompute.forward import check_finite
+from ar2mdm.precompute.mc.particles import McSettings, sample_particles
+from ar2mdm.precompute.topk import rescore
 
 
 @dataclass

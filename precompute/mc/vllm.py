@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ar2mdm.precompute.particles import resample, row_uniforms
+from ar2mdm.precompute.mc.particles import resample, row_uniforms
 
 FORCE_KEY = "ar2mdm_force"  # SamplingParams.extra_args key of the tokens `vllm_force.ForceTokens` forces
 
