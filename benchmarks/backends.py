@@ -1,4 +1,4 @@
-"""Backends and plans on the default teacher, one shard, same rows and masks, same run (issue 10).
+"""Backends and plans on the default teacher, one shard, same rows and masks, same run.
 
 Per mode and plan: target positions/s, the teacher tokens the engine computed (vLLM's own counters: prompt
 tokens not served by the prefix cache + generated tokens) over the bound, and engine calls for the shard.
@@ -10,7 +10,7 @@ tokens not served by the prefix cache + generated tokens) over the bound, and en
   sample) of the shard in flight; smc: one call per span). Bound per row: K·L. The torch sampler against its
   previous version: benchmarks/mc.py.
 
-    python benchmarks/backends.py [--rows 4] [--seq-len 128] [--k 8] [--window 16] [--mc-k 8] [--weights smc]
+    python -m benchmarks.backends [--rows 4] [--seq-len 128] [--k 8] [--window 16] [--mc-k 8] [--weights smc]
 
 Engine start-up is excluded from the timings (reported separately). Without vLLM installed (or with
 --no-vllm) only the torch rows run. On a GPU: ``bash benchmarks/gpu.sh`` (CUDA, bf16, with tokens/s and MFU:
@@ -22,12 +22,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import benchmark_rows  # noqa: E402  (benchmarks/common.py)
+from benchmarks.common import benchmark_rows
 
 
 def tv(a, b) -> float:
@@ -97,22 +95,50 @@ def main() -> None:
         peak = 989.0
     vllm = not a.no_vllm and vllm_available()
     if not vllm:
-        return report(a, rows, bound, n_pos, L, K, W, MK, len(ids), None, params, peak, out)
+        return report(
+            a,
+            rows,
+            bound=bound,
+            n_pos=n_pos,
+            L=L,
+            K=K,
+            W=W,
+            MK=MK,
+            n_rows=len(ids),
+            start=None,
+            params=params,
+            peak=peak,
+            out=out,
+        )
 
     t0 = time.perf_counter()
     vt = VllmTeacher.load(folder, {}, 64, 0)
     start = time.perf_counter() - t0
     vt.rescore_targets(ids[:1], masks[:1], K, W)  # warm-up
     vt.mc_batch(ids[:1], [masks[0].tolist()[:4]], [99], mc)
-    run("topk vllm prompt (old)", "topk", lambda: vt.rescore_targets(ids, masks, K, W, plan="prompt"), vt)
-    run("topk vllm cached", "topk", lambda: vt.rescore_targets(ids, masks, K, W, plan="cached"), vt)
+    run("topk vllm prompt (old)", "topk", lambda: vt.rescore_targets(ids, masks, K, W, read_cache=False), vt)
+    run("topk vllm cached", "topk", lambda: vt.rescore_targets(ids, masks, K, W), vt)
     run("mc vllm forced", "mc", lambda: vt.mc_batch(ids, [m.tolist() for m in masks], seeds, mc), vt)
     vt.close()
 
-    report(a, rows, bound, n_pos, L, K, W, MK, len(ids), start, params, peak, out)
+    report(
+        a,
+        rows,
+        bound=bound,
+        n_pos=n_pos,
+        L=L,
+        K=K,
+        W=W,
+        MK=MK,
+        n_rows=len(ids),
+        start=start,
+        params=params,
+        peak=peak,
+        out=out,
+    )
 
 
-def report(a, rows, bound, n_pos, L, K, W, MK, n_rows, start, params, peak, out) -> None:
+def report(a, rows, *, bound, n_pos, L, K, W, MK, n_rows, start, params, peak, out) -> None:
     print(
         f"default teacher ({params / 1e6:.0f}M parameters), {a.device} {a.dtype}, one shard: rows={n_rows} L={L}; "
         f"topk K={K} W={W}; mc K={MK} --mc-weights {a.weights} next-token; target positions={n_pos}"

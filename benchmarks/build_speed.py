@@ -1,8 +1,8 @@
 """Whole `kdtargets build` runs as the CLI runs them (`run_build`), teacher load timed apart: target positions/s,
-teacher tokens/s, MFU and, for mc, the fraction of the memory-bandwidth limit (issue 19).
+teacher tokens/s, MFU and, for mc, the fraction of the memory-bandwidth limit.
 
-    python benchmarks/build_speed.py --shape 135m --mode mc --rows 1024 [--seq-len 512 --k 8 --window 16]
-    python benchmarks/build_speed.py --teacher FOLDER_OR_GGUF --mode topk --rows 256 -- --token-budget 65536
+    python -m benchmarks.build_speed --shape 135m --mode mc --rows 1024 [--seq-len 512 --k 8 --window 16]
+    python -m benchmarks.build_speed --teacher FOLDER_OR_GGUF --mode topk --rows 256 -- --token-budget 65536
 
 ``--shape 135m|1.7b|8b``: a random-initialised teacher of that shape with the default teacher's tokenizer, saved to
 a temporary folder (throughput does not depend on the weights' values). Teacher tokens: topk L + Σ_i (K+1)(n_i+1)
@@ -14,7 +14,6 @@ per row (n_i = min(W, L-1-i)), mc K·L per row, fim one prompt per position (cou
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,10 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHAPES, copy_bandwidth, random_teacher  # noqa: E402
-
-from ar2mdm.precompute.mc.particles import kv_bytes_per_position  # noqa: E402
+from ar2mdm.precompute.mc.particles import kv_bytes_per_position
+from benchmarks.common import SHAPES, copy_bandwidth, random_teacher
 
 
 def teacher_tokens(cfg, data) -> int:

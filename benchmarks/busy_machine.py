@@ -1,6 +1,6 @@
 """How ar2mdm's torch work degrades when another job shares the CPUs, and which thread settings degrade best.
 
-    python benchmarks/busy_machine.py [--seconds 20]
+    python -m benchmarks.busy_machine [--seconds 20]
 
 Two workloads stand for the two stages: `train` (forward + backward of a 4-layer, 576-wide Llama on 8 x 64
 tokens, an A2D step in small) and `decode` (one-token forwards of the same model for 32 rows, an mc build's

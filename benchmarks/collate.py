@@ -1,6 +1,6 @@
-"""collate (shard rows -> a padded Batch) against the per-position loop it replaced (issue 20), same rows, same run.
+"""collate (shard rows -> a padded Batch) against the per-position loop it replaced, same rows, same run.
 
-    python benchmarks/collate.py [--batch-size 16] [--seq-len 512] [--top-n 16]
+    python -m benchmarks.collate [--batch-size 16] [--seq-len 512] [--top-n 16]
 
 Rows are synthetic in the shape the trainer streams (t ~ U(0, 1) of the positions masked, a target at each masked
 position with top-n entries): what one batch costs the data path, in ms, and the batches/s one loader worker
@@ -10,15 +10,12 @@ can feed.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ar2mdm.train.data import Row, TargetSpec, collate  # noqa: E402
-from tests.train.test_collate import reference_collate  # noqa: E402  (the loop, kept with the tests)
+from ar2mdm.train.data import Row, TargetSpec, collate
+from tests.train.test_collate import reference_collate
 
 
 def rows(n: int, L: int, top_n: int, g) -> list[Row]:

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 SHAPES = {  # hidden, layers, heads, KV heads, intermediate (Llama-style)
@@ -44,7 +45,6 @@ def random_teacher(shape: str, out: Path, dtype: str) -> Path:
         cfg = AutoConfig.from_pretrained(folder)
         tok = load_tokenizer(folder)
     except Exception as e:  # no default teacher here: the same sizes and vocabulary, a character tokenizer
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from tests.tiny import char_tokenizer
 
         print(f"(default teacher unavailable: {str(e).splitlines()[0][:80]}; a character tokenizer)", file=sys.stderr)
@@ -63,7 +63,6 @@ def benchmark_rows(cfg, folder: Path) -> tuple[list, list]:
     masks (t ~ U(0, 1)), tokenized by the teacher in ``folder``."""
     import numpy as np
 
-    from ar2mdm.precompute.build import rank_sequences
     from ar2mdm.precompute.targets import row_masks
     from ar2mdm.precompute.teacher import load_tokenizer
     from ar2mdm.shared.corpus import list_corpus_files
@@ -85,3 +84,18 @@ def copy_bandwidth(device: str) -> float:
         b.copy_(a)
     torch.cuda.synchronize()
     return 2 * 10 * a.numel() / (time.perf_counter() - t0)
+
+
+def rank_sequences(cfg, files: list, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """All of this rank's packed rows in memory: (ids (N, L) int32, prompt_len (N,) int32) (the build streams
+    them)."""
+    from ar2mdm.precompute.build import no_rows_error, rank_stream, warn_skipped
+    from ar2mdm.shared.corpus import CorpusStats
+    from ar2mdm.shared.tokenizer import PackStats
+
+    stats, pstats = CorpusStats(), PackStats()
+    pairs = list(rank_stream(cfg, files, tokenizer, stats, pstats))
+    warn_skipped(stats)
+    if not pairs:
+        raise no_rows_error(cfg, stats, pstats)
+    return np.stack([p[0] for p in pairs]).astype(np.int32), np.asarray([p[1] for p in pairs], np.int32)

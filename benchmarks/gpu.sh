@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The precompute on a CUDA machine (issue 19), bf16, L=512, K=8, W=16, as it runs there: no `datasets`, `gguf` or
+# The precompute on a CUDA machine, bf16, L=512, K=8, W=16, as it runs there: no `datasets`, `gguf` or
 # `vllm` and no network, so the teachers are random-initialised with the default teacher's config and tokenizer
 # (throughput does not depend on the weights' values), and the corpus is this Python's standard library.
-# Per shape: the mc sampler alone against the sampler before issue 19 (benchmarks/mc.py: tokens/s, MFU, the
+# Per shape: the mc sampler alone, its rows batched against one at a time (benchmarks/mc.py: tokens/s, MFU, the
 # fraction of the memory-bandwidth limit), then whole builds as the CLI runs them (benchmarks/build_speed.py):
 # mc smc with --batch-size auto, and topk with the tree mask dense and as FlexAttention (--tree-mask flex).
 #
@@ -30,13 +30,13 @@ for shape in $SHAPES; do
       mc-sampler)
         [[ -n "${TEACHER:-}" ]] && continue
         part "$tag-$p" "$shape: the mc sampler alone (${MC_SAMPLER_ROWS:-64} rows)" \
-          "$PY" benchmarks/mc.py --shape "$shape" --rows "${MC_SAMPLER_ROWS:-64}" --seq-len "$L" --k 8 --baseline "${BASELINE:-c23c40f}" ;;
+          "$PY" -m benchmarks.mc --shape "$shape" --rows "${MC_SAMPLER_ROWS:-64}" --seq-len "$L" --k 8 ;;
       mc-build)
         part "$tag-$p" "$shape: kdtargets build --mode mc (smc), $mc_rows rows, --batch-size auto" \
-          "$PY" benchmarks/build_speed.py "${which[@]}" --corpus "$CORPUS" --mode mc --rows "$mc_rows" --seq-len "$L" --k 8 ;;
+          "$PY" -m benchmarks.build_speed "${which[@]}" --corpus "$CORPUS" --mode mc --rows "$mc_rows" --seq-len "$L" --k 8 ;;
       topk-dense | topk-flex)
         part "$tag-$p" "$shape: kdtargets build --mode topk, $tk_rows rows, --token-budget auto, --tree-mask ${p#topk-}" \
-          "$PY" benchmarks/build_speed.py "${which[@]}" --corpus "$CORPUS" --mode topk --rows "$tk_rows" --seq-len "$L" \
+          "$PY" -m benchmarks.build_speed "${which[@]}" --corpus "$CORPUS" --mode topk --rows "$tk_rows" --seq-len "$L" \
           --k 8 --window 16 -- --tree-mask "${p#topk-}" ;;
       *) echo "benchmarks/gpu.sh: PARTS: no part $p (mc-sampler mc-build topk-dense topk-flex)" >&2; exit 2 ;;
     esac

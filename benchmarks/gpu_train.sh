@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The trainer on a CUDA machine (issue 20), bf16 autocast, L=512, as it runs there (no `datasets`, `gguf`, `vllm`,
+# The trainer on a CUDA machine, bf16 autocast, L=512, as it runs there (no `datasets`, `gguf`, `vllm`,
 # no network): topk shards of this Python's standard library are built once from a random 2-layer teacher with the
 # default teacher's vocabulary (a step costs the same whatever the targets' values), then per student preset
 # benchmarks/train_profile.py prints tokens/s, MFU (6·N per token), the phase table (data wait, copy, forward, loss,
@@ -21,7 +21,7 @@ for student in ${STUDENTS:-base medium}; do
   for batch in ${BATCH:-16}; do
     for compile in ${COMPILE:---compile --no-compile}; do
       part "train-$student-$batch$compile" "student $student, batch $batch, $compile" \
-        "$PY" benchmarks/train_profile.py "$SHARDS" --rows "${ROWS:-512}" --seq-len "${SEQ_LEN:-512}" --student "$student" \
+        "$PY" -m benchmarks.train_profile "$SHARDS" --rows "${ROWS:-512}" --seq-len "${SEQ_LEN:-512}" --student "$student" \
         --batch-size "$batch" ${BATCH_TOKENS:+--batch-tokens "$BATCH_TOKENS"} --steps "${STEPS:-20}" "$compile" \
         ${LOG_DIR:+--out "$LOG_DIR/profile-$student-$batch$compile"}
     done

@@ -1,7 +1,7 @@
 """Does distillation help? Train the same student with λ=0 and λ=0.5 for the same steps on the same shards
 and print the held-out ELBO bound of both (lower is better).
 
-    python benchmarks/kd_gain.py SHARDS HELDOUT [--steps 300] [--student tiny]
+    python -m benchmarks.kd_gain SHARDS HELDOUT [--steps 300] [--student tiny]
 
 SHARDS: a `kdtargets build` output (e.g. the default teacher on the default corpus); HELDOUT: text the shards
 did not come from (a corpus folder or another shard folder).

@@ -1,9 +1,9 @@
-"""The mc sampler alone: today's `particles` sampler against the sampler of an earlier commit (default: the last one
-before issue 19's rewrite, `mc_rows.sample_completions_rows`, read from git), same rows, masks and teacher, same run.
+"""The mc sampler alone (`particles.sample_particles`): a batch of rows advancing together against the same rows
+one at a time, same masks and teacher, same run.
 
-    python benchmarks/mc.py [--rows 8] [--k 8] [--seq-len 128] [--weights smc] [--shape default|135m|1.7b|8b]
+    python -m benchmarks.mc [--rows 8] [--k 8] [--seq-len 128] [--weights smc] [--shape default|135m|1.7b|8b]
 
-Prints seconds, teacher tokens/s (R·p0 + R·K·(L - p0): every token the decode computes), the ratio new/old, and on
+Prints seconds, teacher tokens/s (R·p0 + R·K·(L - p0): every token the decode computes), the ratio, and on
 CUDA the MFU (2·params·tokens/s over the device's dense bf16 peak) and the fraction of the memory-bandwidth limit:
 each decode step must read the weights and every particle's KV cache; the limit is those bytes over the bandwidth
 of a device-to-device copy timed in the same run. ``--shape`` other than default: a random-initialised teacher of
@@ -13,9 +13,6 @@ that shape with the default teacher's tokenizer (throughput does not depend on t
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,42 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import SHAPES, benchmark_rows, copy_bandwidth, random_teacher  # noqa: E402
-
-from ar2mdm.precompute.mc.particles import kv_bytes_per_position  # noqa: E402
-
-BEFORE = "c23c40f"  # the last commit with precompute/mc_rows.py
-
-
-def baseline_source(rev: str, name: str) -> str:
-    """precompute/<name>.py at ``rev``: from git, or where a copy has no git (a GPU slot's), from
-    .bench/<rev>/<name>.py, which `benchmarks/gpu_slot.sh --prepare` writes beforehand."""
-    try:
-        return subprocess.run(
-            ["git", "show", f"{rev}:precompute/{name}.py"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return (ROOT / ".bench" / rev / f"{name}.py").read_text()  # OSError where neither is at hand
-
-
-def baseline_sampler(rev: str):
-    """`sample_completions_rows` as it was at ``rev`` (its mc.py and mc_rows.py), or None where it is not at hand."""
-    d = Path(tempfile.mkdtemp(prefix="ar2mdm-baseline-"))
-    try:
-        for name in ("mc", "mc_rows"):
-            src = baseline_source(rev, name)
-            (d / f"baseline_{name}.py").write_text(src.replace("ar2mdm.precompute.mc import", "baseline_mc import"))
-    except OSError:
-        return None
-    sys.path.insert(0, str(d))
-    for name in ("baseline_mc", "baseline_mc_rows"):
-        spec = importlib.util.spec_from_file_location(name, d / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["baseline_mc_rows"].sample_completions_rows
+from ar2mdm.precompute.mc.particles import kv_bytes_per_position
+from benchmarks.common import SHAPES, benchmark_rows, copy_bandwidth, random_teacher
 
 
 def load_teacher(shape: str, device: str, dtype: str):
@@ -81,7 +44,6 @@ def main() -> None:
     ap.add_argument("--shape", default="default", choices=["default", *SHAPES])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    ap.add_argument("--baseline", default=BEFORE, help="git revision of the old sampler ('' to skip it)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100/H200: 989)")
     a = ap.parse_args()
     dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
@@ -110,16 +72,12 @@ def main() -> None:
 
     with torch.no_grad():
         new = timed(lambda: sample_particles(decoder_for(model, L), xs, masks, seeds, s))
-        old_fn = baseline_sampler(a.baseline) if a.baseline else None
-        old = None
-        if old_fn is not None:
-            masks_l = [m.tolist() for m in masks]
-
-            def run_old():
-                gens = [torch.Generator(device=a.device).manual_seed(q) for q in seeds]
-                return old_fn(model, xs, masks_l, K, 1.0, gens, keep=s.keep, smc_ess=s.resample_below)
-
-            old = timed(run_old)
+        alone = timed(
+            lambda: [
+                sample_particles(decoder_for(model, L), xs[r : r + 1], masks[r : r + 1], seeds[r : r + 1], s)
+                for r in range(R)
+            ]
+        )
 
     params = sum(p.numel() for p in model.parameters())
     p0 = min(int(m[0]) for m in masks)
@@ -129,16 +87,12 @@ def main() -> None:
         f"{name}, torch {torch.__version__}, {dtype}; teacher {a.shape} ({params / 1e6:.0f}M parameters); rows={R} "
         f"L={L} K={K} --mc-weights {a.weights}; {sum(len(m) for m in masks)} masked positions"
     )
-    rows = [("particles (new)", new)] + ([(f"mc_rows @ {a.baseline} (old)", old)] if old is not None else [])
-    for label, sec in rows:
+    for label, sec in ((f"{R} rows together", new), ("one row at a time", alone)):
         line = f"{label:28s} {sec:8.2f} s  {tokens / sec:10.0f} teacher tok/s"
         if cuda:
             line += f"  MFU {2 * params * tokens / sec / (a.peak_tflops * 1e12):.2%}"
         print(line)
-    if old is not None:
-        print(f"speed-up (old / new): {old / new:.2f}x")
-    elif a.baseline:
-        print(f"old sampler not measured: git revision {a.baseline} not readable here")
+    print(f"batched / one at a time: {alone / new:.2f}x faster")
     if cuda:
         elt = torch.finfo(getattr(torch, dtype)).bits // 8
         # per decode step j: the weights once, and every particle's KV cache of j positions
@@ -148,7 +102,7 @@ def main() -> None:
         bw = copy_bandwidth(a.device)
         print(
             f"memory-bandwidth limit: {read / 1e9:.1f} GB read over {len(steps)} decode steps at {bw / 1e12:.2f} TB/s "
-            f"(copy) = {read / bw:.3f} s; the new sampler reaches {read / bw / new:.1%} of it"
+            f"(copy) = {read / bw:.3f} s; the batched sampler reaches {read / bw / new:.1%} of it"
         )
 
 

@@ -1,4 +1,4 @@
-"""How good are Monte Carlo targets, per estimator, on real text (issue 11): the default teacher, rows and masks
+"""How good are Monte Carlo targets, per estimator, on real text: the default teacher, rows and masks
 drawn exactly as `kdtargets build --mode mc` draws them (t ~ U(eps, 1) per row, the row's seed).
 
 Per estimator (weights x score) it prints, over every masked position of the rows:
@@ -11,7 +11,7 @@ Per estimator (weights x score) it prints, over every masked position of the row
   tok/pos      teacher tokens computed per masked position (a forward hook counts every input token)
   s/pos        seconds per masked position on this machine
 
-    python benchmarks/mc_quality.py [--rows 8] [--seq-len 128] [--k 8] [--reference-k 0] [--window 16]
+    python -m benchmarks.mc_quality [--rows 8] [--seq-len 128] [--k 8] [--reference-k 0] [--window 16]
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import time
 import numpy as np
 import torch
 
-from ar2mdm.precompute.build import rank_sequences
 from ar2mdm.precompute.config import BuildConfig
 from ar2mdm.precompute.mc.estimators import mc_targets
 from ar2mdm.precompute.mc.particles import McSettings
@@ -32,6 +31,7 @@ from ar2mdm.precompute.teacher import TorchTeacher, load_tokenizer, resolve_teac
 from ar2mdm.shared.corpus import list_corpus_files
 from ar2mdm.shared.defaults import default_corpus
 from ar2mdm.shared.masking import row_seed
+from benchmarks.common import rank_sequences
 
 ESTIMATORS = [
     ("uniform", "next-token"),
@@ -64,7 +64,7 @@ def tv(p: dict, q: dict) -> float:
     return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in set(p) | set(q))
 
 
-def estimate(teacher, counter, rows, weights, score, K, a, salt=":mc") -> tuple[list[list[dict]], dict]:
+def estimate(teacher, counter, rows, *, weights, score, K, a, salt=":mc") -> tuple[list[list[dict]], dict]:
     """Targets (per row, per masked position, as {id: prob} over the top 256) and the raw statistics."""
     counter.tokens = 0
     out, ess, before, resamples = [], [], [], []
@@ -154,11 +154,13 @@ def main() -> None:
     )
     table = {}
     if a.reference_k:
-        reference, st = estimate(teacher, counter, rows, "smc", "full-conditional", a.reference_k, a, ":reference")
+        reference, st = estimate(
+            teacher, counter, rows, weights="smc", score="full-conditional", K=a.reference_k, a=a, salt=":reference"
+        )
         table[f"reference smc/full-conditional K={a.reference_k}"] = metrics(reference, rows, st)
         print(f"reference K={a.reference_k}: {st['seconds']:.0f} s", flush=True)
     for weights, score in todo:
-        targets, st = estimate(teacher, counter, rows, weights, score, a.k, a)
+        targets, st = estimate(teacher, counter, rows, weights=weights, score=score, K=a.k, a=a)
         table[f"{weights}/{score}"] = metrics(targets, rows, st, reference)
         row = {k: round(v, 4) if isinstance(v, float) else v for k, v in table[f"{weights}/{score}"].items()}
         print(f"{weights}/{score}: {json.dumps(row)}", flush=True)

@@ -1,8 +1,8 @@
-"""Half-precision against fp32 targets of the same teacher, rows and masks (issue 19, item 6): TV between the stored
+"""Half-precision against fp32 targets of the same teacher, rows and masks: TV between the stored
 targets (each a sparse distribution over the vocabulary), mean, median, p99 and max, per mode and dtype; mc also
 against fp32 with other random draws (its own sampling noise, the floor a numerics difference is read against).
 
-    python benchmarks/numerics.py [--rows 4] [--seq-len 128] [--modes topk,mc] [--dtypes bfloat16,float16]
+    python -m benchmarks.numerics [--rows 4] [--seq-len 128] [--modes topk,mc] [--dtypes bfloat16,float16]
 
 Runs on the CPU (half precision is slow there but computes the same roundings) or on CUDA (``--device cuda``).
 """
@@ -10,14 +10,11 @@ Runs on the CPU (half precision is slow there but computes the same roundings) o
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import benchmark_rows  # noqa: E402  (benchmarks/common.py)
+from benchmarks.common import benchmark_rows
 
 
 def dense(ids, lps, V: int) -> np.ndarray:

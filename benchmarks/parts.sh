@@ -1,9 +1,9 @@
-# Sourced by the GPU scripts (from the checkout's root). It sets PY and PYTHONPATH (scripts/on_path.sh), stops
-# with one line where there is no CUDA device, and prints the device and the date. Then `part NAME HEADING
-# COMMAND...` runs one measurement under `timeout PART_SECONDS` (none if unset), prints its output as it comes
-# and, with LOG_DIR set, keeps it in $LOG_DIR/NAME.log. A part that fails or runs out of time is reported in one
-# line and does not stop the others: a short GPU slot brings back every figure that finished.
-source scripts/on_path.sh
+# Sourced by benchmarks/gpu.sh and gpu_train.sh (from the checkout's root). PY is the interpreter (PYTHON, else
+# python3, else python); it stops with one line where there is no CUDA device, and prints the device and the date.
+# Then `part NAME HEADING COMMAND...` runs one measurement under `timeout PART_SECONDS` (none if unset), prints its
+# output as it comes and, with LOG_DIR set, keeps it in $LOG_DIR/NAME.log. A part that fails or runs out of time is
+# reported in one line and does not stop the others.
+PY=${PY:-${PYTHON:-$(command -v python3 || command -v python)}}
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else '$0: no CUDA device')" || exit 1
 "$PY" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}')"
 date -u

@@ -1,6 +1,6 @@
 """Top-K rescoring: packed tree-attention implementation vs naive recomputation, same rows, same run.
 
-    python benchmarks/rescoring.py [--rows 2] [--positions 16] [--seq-len 128] [--k 8] [--window 16]
+    python -m benchmarks.rescoring [--rows 2] [--positions 16] [--seq-len 128] [--k 8] [--window 16]
 
 Prints both timings, teacher tokens/s, the speed ratio and the largest difference between the two targets.
 Uses the embedded default teacher (SmolLM2-135M-Instruct) and the default corpus.
@@ -9,22 +9,18 @@ Uses the embedded default teacher (SmolLM2-135M-Instruct) and the default corpus
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from ar2mdm.precompute.build import rank_sequences
 from ar2mdm.precompute.config import BuildConfig
 from ar2mdm.precompute.teacher import TorchTeacher, load_tokenizer, resolve_teacher
 from ar2mdm.precompute.topk import rescore
 from ar2mdm.shared.corpus import list_corpus_files
 from ar2mdm.shared.defaults import default_corpus
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.precompute.reference import rescore_naive  # noqa: E402  (the reference lives with the tests)
+from benchmarks.common import rank_sequences
+from tests.precompute.reference import rescore_naive
 
 
 def main() -> None:
@@ -48,10 +44,10 @@ def main() -> None:
     x = torch.as_tensor(ids, dtype=torch.long, device=teacher.device)
     sync = torch.cuda.synchronize if teacher.device.startswith("cuda") else (lambda: None)
 
-    rescore(teacher.model, x[:1], [positions[0][:2]], a.k, a.window)  # warm-up
+    rescore(teacher.model, x[:1], [positions[0][:2]], k=a.k, window=a.window)  # warm-up
     sync()
     t0 = time.perf_counter()
-    fast = rescore(teacher.model, x, positions, a.k, a.window)
+    fast = rescore(teacher.model, x, positions, k=a.k, window=a.window)
     sync()
     t_fast = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """`kdtrain sample --num N`: N samples in batches against the same N drawn one at a time, same run, same seeds.
 
-    python benchmarks/sample_batch.py [--student tiny|small|base] [--num 32] [--batch-size 16] [--length 48]
+    python -m benchmarks.sample_batch [--student tiny|small|base] [--num 32] [--batch-size 16] [--length 48]
         [--steps 16] [--remasking random|low-confidence] [--temperature 1] [--device auto]
 
 A random student of the preset's shape with the default teacher's vocabulary (49,152): sampling costs the same

@@ -1,4 +1,4 @@
-"""Top-N vs RS-KD sampled sparse targets at equal bytes (issue 13.5), on dense teacher distributions: the
+"""Top-N vs RS-KD sampled sparse targets at equal bytes, on dense teacher distributions: the
 default teacher's next-token distributions p_T(. | x_<i) over its whole vocabulary, on rows of the default
 corpus (the fim mode's target has the same form).
 
@@ -8,7 +8,7 @@ a sampled target as stored), TV(stored, q), and the bias TV(E[stored], q) (the s
 estimated over --draws draws, and over a quarter of them: the figure falls with more draws, it is the estimate's
 noise). Top-N's bias is its dropped tail and stays; sampling has none.
 
-    python benchmarks/sparsify.py [--rows 4] [--seq-len 64] [--draws 64]
+    python -m benchmarks.sparsify [--rows 4] [--seq-len 64] [--draws 64]
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import argparse
 import numpy as np
 import torch
 
-from ar2mdm.precompute.build import rank_sequences
 from ar2mdm.precompute.config import BuildConfig
 from ar2mdm.precompute.sparsify import sample_sparse
 from ar2mdm.precompute.teacher import TorchTeacher, load_tokenizer, resolve_teacher
 from ar2mdm.shared.corpus import list_corpus_files
 from ar2mdm.shared.defaults import default_corpus
+from benchmarks.common import rank_sequences
 
 BYTES_PER_ENTRY = 4 + 2
 

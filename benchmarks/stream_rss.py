@@ -1,11 +1,11 @@
-"""Peak RSS of the build's corpus pipeline at 1x and 10x the default corpus (issue 10), same run.
+"""Peak RSS of the build's corpus pipeline at 1x and 10x the default corpus, same run.
 
 "stream" is what `kdtargets build` runs: documents read, tokenized (the default teacher's tokenizer) and packed
 into L-token rows one at a time, grouped into shards of --seqs-per-shard sequences, each shard dropped before the
 next. "hold" is the plan the build used before: every row of the rank in memory before the first shard. Each
 measurement is a fresh subprocess (ru_maxrss).
 
-    python benchmarks/stream_rss.py [--scales 1,10] [--seq-len 128] [--seqs-per-shard 64]
+    python -m benchmarks.stream_rss [--scales 1,10] [--seq-len 128] [--seqs-per-shard 64]
 
 The corpus copies are written under a temporary folder and removed at the end.
 """
@@ -26,11 +26,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def child(way: str, corpus: str, seq_len: int, per_shard: int) -> None:
-    from ar2mdm.precompute.build import rank_sequences, rank_stream, shard_chunks
+    from ar2mdm.precompute.build import rank_stream, shard_chunks
     from ar2mdm.precompute.config import BuildConfig
     from ar2mdm.precompute.teacher import load_tokenizer, resolve_teacher
     from ar2mdm.shared.corpus import CorpusStats, list_corpus_files
     from ar2mdm.shared.tokenizer import PackStats
+    from benchmarks.common import rank_sequences
 
     tok = load_tokenizer(resolve_teacher(None)[0])
     cfg = BuildConfig(corpus=corpus, seq_len=seq_len, seqs_per_shard=per_shard)

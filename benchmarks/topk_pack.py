@@ -2,21 +2,18 @@
 replaced (`tests/precompute/reference.py`), measured in the same run. On a GPU this host time is not hidden:
 the forward of the packed batch waits for it.
 
-    python benchmarks/topk_pack.py [--rows 8 --seq-len 512 --positions 256 --k 8 --window 16]
+    python -m benchmarks.topk_pack [--rows 8 --seq-len 512 --positions 256 --k 8 --window 16]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ar2mdm.precompute.topk import Branch, _segments, pack_segment  # noqa: E402
-from tests.precompute.reference import pack_segment_loop  # noqa: E402
+from ar2mdm.precompute.topk import Branch, _segments, pack_segment
+from tests.precompute.reference import pack_segment_loop
 
 
 def pack_all(x, branches, pack) -> tuple[float, int]:

@@ -1,4 +1,4 @@
-"""Where a training step's time goes (issue 20): the real trainer (`setup_training`: DataLoader, DDP/compile
+"""Where a training step's time goes: the real trainer (`setup_training`: DataLoader, DDP/compile
 wrapping, AdamW) on real shards, three ways in one run:
 
 1. throughput: `train_step` as `kdtrain run` calls it, no added syncs: tokens/s, and MFU at 6·N per token
@@ -7,7 +7,7 @@ wrapping, AdamW) on real shards, three ways in one run:
    loss, backward, optimizer), each phase's mean time and share of the synced step;
 3. torch.profiler over a few steps: the operators that take the most device (CPU: host) time, as a table.
 
-    python benchmarks/train_profile.py [SHARDS] [--student base] [--batch-size 16] [--steps 20] [--device cuda]
+    python -m benchmarks.train_profile [SHARDS] [--student base] [--batch-size 16] [--steps 20] [--device cuda]
 
 Where SHARDS holds no manifest (or is left out: a temporary folder), topk shards are built there first (L =
 --seq-len, --rows rows of this Python's standard library), as `benchmarks/gpu_train.sh` does once for all its runs,
@@ -25,13 +25,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import random_teacher  # noqa: E402
-
-from ar2mdm.train.config import TrainConfig  # noqa: E402
-from ar2mdm.train.loop import setup_training, train_step  # noqa: E402
-from ar2mdm.train.losses import corrupt  # noqa: E402
-from ar2mdm.train.step import autocast_for, batch_loss, read_parts  # noqa: E402
+from ar2mdm.train.config import TrainConfig
+from ar2mdm.train.loop import setup_training, train_step
+from ar2mdm.train.losses import batch_loss, corrupt
+from ar2mdm.train.step import autocast_for, read_parts
+from benchmarks.common import random_teacher
 
 PHASES = ("data wait", "copy to device", "forward", "loss", "backward", "optimizer")
 

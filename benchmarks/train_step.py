@@ -6,7 +6,7 @@
    `--tail bucket` against the same loss with every row's rest mass summed over the vocabulary (the baseline:
    how the bucket was computed before `rest_logmass` took the short route), and `--tail renormalize`.
 
-    python benchmarks/train_step.py SHARDS [--student small] [--batch-size 16] [--steps 20]
+    python -m benchmarks.train_step SHARDS [--student small] [--batch-size 16] [--steps 20]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from ar2mdm.train.step import autocast_for, step_losses
 DEVICE = "cpu"
 
 
-def timed_steps(model, opt, batches, cfg, mask_id, spec) -> float:
+def timed_steps(model, opt, batches, cfg, mask_id, *, spec) -> float:
     cuda = DEVICE.startswith("cuda")
     autocast = autocast_for(DEVICE, "auto")
     t0 = time.perf_counter()
@@ -65,24 +65,29 @@ def main() -> None:
     spec = TargetSpec.from_manifest(m)
 
     def stream():
-        it = iter(BatchLoader(shards, m, 0, 1, 0, a.batch_size))
+        it = iter(BatchLoader(shards, m, 0, 1, 0, batch_size=a.batch_size))
         return (next(it) for _ in range(a.steps))
 
     in_memory = list(stream())
-    timed_steps(fwd, opt, in_memory[:2], kd_cfg, mask_id, spec)  # warm-up
-    t_mem = timed_steps(fwd, opt, in_memory, kd_cfg, mask_id, spec)
-    t_stream = timed_steps(fwd, opt, stream(), kd_cfg, mask_id, spec)
-    t_mdm = timed_steps(fwd, opt, in_memory, mdm_cfg, mask_id, spec)
-    t_kd = timed_steps(fwd, opt, in_memory, kd_cfg, mask_id, spec)
+    timed_steps(fwd, opt, in_memory[:2], kd_cfg, mask_id, spec=spec)  # warm-up
+    t_mem = timed_steps(fwd, opt, in_memory, kd_cfg, mask_id, spec=spec)
+    t_stream = timed_steps(fwd, opt, stream(), kd_cfg, mask_id, spec=spec)
+    t_mdm = timed_steps(fwd, opt, in_memory, mdm_cfg, mask_id, spec=spec)
+    t_kd = timed_steps(fwd, opt, in_memory, kd_cfg, mask_id, spec=spec)
     t_kd2 = timed_steps(
-        fwd, opt, in_memory, TrainConfig(shards=str(shards), lam=0.5, tail="bucket", temperature=2.0), mask_id, spec
+        fwd,
+        opt,
+        in_memory,
+        TrainConfig(shards=str(shards), lam=0.5, tail="bucket", temperature=2.0),
+        mask_id,
+        spec=spec,
     )
     t_ren = timed_steps(
-        fwd, opt, in_memory, TrainConfig(shards=str(shards), lam=0.5, tail="renormalize"), mask_id, spec
+        fwd, opt, in_memory, TrainConfig(shards=str(shards), lam=0.5, tail="renormalize"), mask_id, spec=spec
     )
     short = losses.COMPLEMENT_MAX_MASS
     losses.COMPLEMENT_MAX_MASS = 1e-300  # every row takes the summed route
-    t_sum = timed_steps(fwd, opt, in_memory, kd_cfg, mask_id, spec)
+    t_sum = timed_steps(fwd, opt, in_memory, kd_cfg, mask_id, spec=spec)
     losses.COMPLEMENT_MAX_MASS = short
     print(
         f"student={a.student} params={sum(p.numel() for p in model.parameters()) / 1e6:.1f}M batch={a.batch_size} "

@@ -59,7 +59,7 @@ from ar2mdm.shared.corpus import (
     iter_documents,
     iter_sft_examples,
     list_corpus_files,
-    rank_files,
+    rank_share,
 )
 from ar2mdm.shared.defaults import default_corpus
 from ar2mdm.shared.errors import UserError, warn
@@ -92,10 +92,8 @@ class BuildSummary:
 def rank_stream(cfg: BuildConfig, files: list, tokenizer, stats: CorpusStats, pstats: PackStats):
     """This rank's packed rows as the corpus streams: (ids (L,) int32, prompt_len). Memory does not grow with
     the corpus: documents are read, tokenized and packed one at a time."""
-    files, split_docs = rank_files(files, cfg.rank, cfg.world_size)
-
-    def mine(j: int) -> bool:
-        return not split_docs or j % cfg.world_size == cfg.rank
+    share = rank_share(files, cfg.rank, cfg.world_size)
+    files, mine = share.files, share.keeps
 
     if cfg.task == "sft":
         examples = (e for j, e in enumerate(iter_sft_examples(files, stats, cfg.messages_field)) if mine(j))
@@ -126,17 +124,6 @@ def warn_skipped(stats: CorpusStats) -> None:
             f"skipped {stats.skipped_empty} empty, {stats.skipped_binary} binary files and {stats.skipped_bad_rows} "
             f"bad rows"
         )
-
-
-def rank_sequences(cfg: BuildConfig, files: list, tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """All of this rank's packed rows in memory: (ids (N, L) int32, prompt_len (N,) int32) (benchmarks, tests;
-    the build streams them)."""
-    stats, pstats = CorpusStats(), PackStats()
-    pairs = list(rank_stream(cfg, files, tokenizer, stats, pstats))
-    warn_skipped(stats)
-    if not pairs:
-        raise no_rows_error(cfg, stats, pstats)
-    return np.stack([p[0] for p in pairs]).astype(np.int32), np.asarray([p[1] for p in pairs], np.int32)
 
 
 def shard_chunks(stream, per_shard: int):
@@ -196,8 +183,7 @@ def size_threads(threads: int | None) -> int:
 def check_rank_files(out: Path, cfg: BuildConfig, files: list, corpus) -> None:
     """Record the sha256 of the names and contents of the files this rank reads (once per rank, its own bytes
     only), or check it against the earlier run's: the manifest's fingerprint covers names and sizes only."""
-    mine, _ = rank_files(files, cfg.rank, cfg.world_size)
-    digest = files_sha256(mine, corpus)
+    digest = files_sha256(rank_share(files, cfg.rank, cfg.world_size).files, corpus)
     rec = out / rank_started_name(cfg.rank)
     if rec.exists() and rec.read_text().strip() != digest and finished_work(out):
         raise UserError(

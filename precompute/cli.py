@@ -12,7 +12,7 @@ import typer
 from ar2mdm.precompute.config import BuildConfig, ScoreConfig, TeacherSampleConfig
 from ar2mdm.schemas import SchemaError
 from ar2mdm.shared.cpus import passive_threads_when_busy
-from ar2mdm.shared.errors import UserError
+from ar2mdm.shared.errors import UserError, fail
 from ar2mdm.shared.settings import cli_signature
 
 app = typer.Typer(
@@ -20,16 +20,11 @@ app = typer.Typer(
 )
 
 
-def _fail(msg: str) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(2)
-
-
 def _engine_args(pairs: list[str]) -> dict[str, str]:
     out = {}
     for p in pairs:
         if "=" not in p:
-            _fail(f"--engine takes KEY=VALUE, got {p!r}")
+            fail(f"--engine takes KEY=VALUE, got {p!r}")
         k, v = p.split("=", 1)
         out[k] = v
     return out
@@ -46,7 +41,7 @@ def build(**settings) -> None:
         try:
             launched = launcher_rank()
         except UserError as e:
-            _fail(str(e))
+            fail(str(e))
         if launched:
             rank = launched[0] if rank is None else rank
             world_size = launched[1] if world_size is None else world_size
@@ -62,7 +57,7 @@ def build(**settings) -> None:
         cfg.check()
         cfg.check_paths()
     except UserError as e:
-        _fail(str(e))
+        fail(str(e))
     passive_threads_when_busy("kdtargets")  # before torch starts OpenMP (shared/cpus.py: measured)
     from ar2mdm.precompute.build import Interrupted, run_build
 
@@ -72,7 +67,7 @@ def build(**settings) -> None:
         typer.echo(str(e), err=True)
         raise typer.Exit(130)
     except (UserError, SchemaError) as e:
-        _fail(str(e))
+        fail(str(e))
     if s.empty_rank:
         typer.echo(
             f"{s.out}: rank {cfg.rank} of {cfg.world_size} has nothing to do ({s.empty_rank}); finished with 0 shards"
@@ -105,7 +100,7 @@ def sample(**settings) -> None:
         if cfg.out:
             write_samples(cfg.out, records)
     except (UserError, SchemaError) as e:
-        _fail(str(e))
+        fail(str(e))
     if not cfg.out:
         for r in records:
             typer.echo(json.dumps({"prompt": r.prompt, "text": r.text}))
@@ -129,7 +124,7 @@ def score(**settings) -> None:
         judges = [Judge.load(j, cfg.device, cfg.dtype) for j in dict.fromkeys(cfg.judge)]
         scored = [score_file(f, recs, judges, cfg.batch_size) for f, recs in files.items()]
     except (UserError, SchemaError) as e:
-        _fail(str(e))
+        fail(str(e))
     from dataclasses import asdict
 
     from ar2mdm.schemas.manifest import write_atomic
@@ -152,7 +147,7 @@ def inspect(
     try:
         s = summarize_dir(directory)
     except (SchemaError, UserError) as e:
-        _fail(str(e))
+        fail(str(e))
     if as_json:
         typer.echo(json.dumps(s, indent=2))
         return

@@ -81,12 +81,12 @@ class BuildConfig:
     # mc (see docs/mc.md)
     sample_temperature: float = setting(1.0, "mc: sampling temperature.", above=0)
     mc_score: Literal["next-token", "full-conditional"] = setting("next-token", "mc: next-token | full-conditional")
-    # smc: the default since issue 11's measurements (docs/mc.md): better targets than the seed's uniform weights
-    # at the same teacher cost; `uniform` keeps the seed's estimator
+    # smc: the default (docs/mc.md, docs/results.md): better targets than uniform weights at the same teacher cost;
+    # `uniform` is plain Monte Carlo
     mc_weights: Literal["uniform", "importance", "smc"] = setting(
         "smc",
-        "mc: smc (sequential Monte Carlo with resampling, the default; docs/mc.md) | importance | uniform (the "
-        "seed's estimator).",
+        "mc: smc (sequential Monte Carlo with resampling, the default; docs/mc.md) | importance | uniform (plain "
+        "Monte Carlo).",
     )
     smc_ess: float = setting(
         0.5,

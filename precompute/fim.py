@@ -1,4 +1,4 @@
-"""Fill-in-the-middle targets (seed §5) from a code teacher that has FIM tokens.
+"""Fill-in-the-middle targets (docs/design.md §5) from a code teacher that has FIM tokens.
 
 The target for position i is the teacher's next-token distribution after the token-level prompt
 
@@ -45,6 +45,7 @@ def fim_targets(
     rows: torch.Tensor,
     positions: list[torch.Tensor],
     fim: tuple[int, int, int],
+    *,
     window: int | None,
     top_n: int,
     token_budget: int = 4096,

@@ -25,7 +25,7 @@ def draw(logits: torch.Tensor, temperature: float, generators: list[torch.Genera
 
 
 @torch.no_grad()
-def ar_sample(decoder, prompts: torch.Tensor, length: int, temperature: float, seeds: list[int], stops: list[int]):
+def ar_sample(decoder, prompts: torch.Tensor, length: int, *, temperature: float, seeds: list[int], stops: list[int]):
     """(B, n) ids continuing ``prompts`` (B, P) (one length), n <= length: every row drawn until it holds a stop
     token or ``length`` tokens (a row that stopped early is cut later, `cut_at_stop`)."""
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -67,7 +67,7 @@ def sample(cfg: TeacherSampleConfig) -> list[SampleRecord]:
         x = torch.tensor([prompts[i].ids for i in batch], device=teacher.device)  # (B, P)
         decoder = decoder_for(teacher.model, x.shape[1] + cfg.length)
         seeds = [sample_seed(cfg.seed, i) for i in batch]
-        out = ar_sample(decoder, x, cfg.length, cfg.temperature, seeds, stops)
+        out = ar_sample(decoder, x, cfg.length, temperature=cfg.temperature, seeds=seeds, stops=stops)
         for i, row in zip(batch, out.tolist()):
             records[i] = SampleRecord(i, prompts[i].text, prompts[i].ids, *_text_of(row, stops, tok), source)
     return records

@@ -37,6 +37,7 @@ def clean_context_targets(
     ids: np.ndarray,
     positions: list[np.ndarray],
     keys: list[str],
+    *,
     fim_ids=None,
     on_batch=None,
 ) -> list[dict]:
@@ -47,7 +48,9 @@ def clean_context_targets(
     for a in range(0, len(ids), step):
         x, pos = ids[a : a + step], positions[a : a + step]
         if cfg.mode == "fim":
-            res = teacher.fim_targets(x, pos, fim_ids, cfg.window, support_size(cfg), cfg.token_budget)
+            res = teacher.fim_targets(
+                x, pos, fim_ids, window=cfg.window, top_n=support_size(cfg), token_budget=cfg.token_budget
+            )
         else:
             res = teacher.rescore_targets(x, pos, cfg.k, cfg.window, cfg.token_budget)
         for (cand, logq), p, key in zip(res, pos, keys[a : a + step]):
@@ -59,7 +62,7 @@ def clean_context_targets(
 
 
 def mc_targets_of(
-    cfg: BuildConfig, teacher, xs: list[np.ndarray], masks: list[np.ndarray], keys: list[str], on_step=None
+    cfg: BuildConfig, teacher, xs: list[np.ndarray], masks: list[np.ndarray], keys: list[str], *, on_step=None
 ):
     """MC targets of some rows at their masked positions, one teacher call: per row (ids list, logprobs list,
     McTargets). ``on_step(n)``: as the teacher draws n more masked positions."""
@@ -155,7 +158,7 @@ def build_rows(cfg: BuildConfig, teacher, plan: TargetPlan, fim_ids=None, on_bat
         # mc targets depend on the mask: every row is its own computation, all rows in one teacher call
         # progress advances with every decode step (on_batch per step), not per finished batch
         res = []
-        for i, lp, r in mc_targets_of(cfg, teacher, [ids[s] for s in src], masks, ex, on_batch):
+        for i, lp, r in mc_targets_of(cfg, teacher, [ids[s] for s in src], masks, ex, on_step=on_batch):
             tids += i
             tlps += lp
             res.append(r)
@@ -166,7 +169,9 @@ def build_rows(cfg: BuildConfig, teacher, plan: TargetPlan, fim_ids=None, on_bat
             mc_resample_ess=np.asarray([np.mean(r.ess_before) if r.ess_before else np.nan for r in res], np.float32),
         )
     else:
-        targets = clean_context_targets(cfg, teacher, ids, plan.seq_positions, plan.seq_keys, fim_ids, on_batch)
+        targets = clean_context_targets(
+            cfg, teacher, ids, plan.seq_positions, plan.seq_keys, fim_ids=fim_ids, on_batch=on_batch
+        )
         for s, pos in zip(src, plan.row_positions):
             tab = targets[s]
             for i in pos.tolist():

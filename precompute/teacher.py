@@ -83,7 +83,7 @@ class Backend(Protocol):
         """topk: per row (cand (P, k+1), logq (P, k+1)) at its positions."""
         ...
 
-    def fim_targets(self, rows, positions, fim_ids, window: int | None, top_n: int, token_budget: int) -> list:
+    def fim_targets(self, rows, positions, fim_ids, *, window: int | None, top_n: int, token_budget: int) -> list:
         """fim: per row (ids (P, n), logprobs (P, n)) at its positions."""
         ...
 
@@ -141,14 +141,14 @@ class TorchTeacher:
         from ar2mdm.precompute.topk import rescore
 
         x, pos = self._rows(rows, positions)
-        return rescore(self.model, x, pos, k, window, token_budget, self.tree_mask)
+        return rescore(self.model, x, pos, k=k, window=window, token_budget=token_budget, tree_mask=self.tree_mask)
 
-    def fim_targets(self, rows, positions, fim_ids, window: int | None, top_n: int, token_budget: int):
+    def fim_targets(self, rows, positions, fim_ids, *, window: int | None, top_n: int, token_budget: int):
         """FIM: per row (ids (P, n), logprobs (P, n)); see `fim.fim_targets`."""
         from ar2mdm.precompute.fim import fim_targets
 
         x, pos = self._rows(rows, positions)
-        return fim_targets(self.model, x, pos, fim_ids, window, top_n, token_budget)
+        return fim_targets(self.model, x, pos, fim_ids, window=window, top_n=top_n, token_budget=token_budget)
 
     def mc_batch(self, rows, masks, seeds: list[int], s, on_step=None):
         """MC targets of several rows, all their particles advancing together (see `particles`, `mc`)."""
@@ -161,7 +161,7 @@ class TorchTeacher:
         L = xs.shape[1]
         if L not in self.decoders:
             self.decoders[L] = decoder_for(self.model, L)
-        return mc_targets(self.model, xs, masks, seeds, s, on_step, self.decoders[L])
+        return mc_targets(self.model, xs, masks, seeds, s, on_step=on_step, decoder=self.decoders[L])
 
     def close(self) -> None:
         pass

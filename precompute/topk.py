@@ -1,4 +1,4 @@
-"""Top-K rescoring (seed section 3) on a transformers causal LM, with shared prefixes.
+"""Top-K rescoring (docs/design.md §3) on a transformers causal LM, with shared prefixes.
 
 For a target position i of a row x (length L), candidates C_i = top-K of p_T(.|x_<i) plus the true token x_i;
 for each v in C_i
@@ -146,6 +146,7 @@ def branch_logliks(
     model,
     input_ids: torch.Tensor,
     branches: list[Branch],
+    *,
     num_out: int,
     token_budget: int = 4096,
     segment_tokens: int = 1024,
@@ -213,6 +214,7 @@ def rescore(
     model,
     input_ids: torch.Tensor,
     positions: list[torch.Tensor],
+    *,
     k: int,
     window: int | None,
     token_budget: int = 4096,
@@ -246,7 +248,9 @@ def rescore(
                 if valid_b[p][c]:
                     branches.append(Branch(b, i, cand_b[p][c], n, out + p * (k + 1) + c))
         out += sizes[b] * (k + 1)
-    right = branch_logliks(model, input_ids, branches, out, token_budget, tree_mask=tree_mask).cpu()
+    right = branch_logliks(
+        model, input_ids, branches, num_out=out, token_budget=token_budget, tree_mask=tree_mask
+    ).cpu()
     results = []
     for b in range(B):
         P = len(positions[b])

@@ -152,16 +152,16 @@ class VllmTeacher:
 
     # ------------------------------------------------------------------------------------------- topk
 
-    def rescore_targets(self, rows, positions, k: int, window: int | None, token_budget: int = 0, plan: str = ""):
+    def rescore_targets(self, rows, positions, k: int, window: int | None, token_budget: int = 0, *, read_cache=True):
         """Top-K rescoring of every row handed over, in two engine calls: the first distributions (prompt
         log-probs of each row), then every (position, candidate) branch ``[x_<i, v, x_{i+1..i+n}]`` with prompt
-        log-probs. ``plan`` "cached" (the default) lets the branches read the prefix cache
-        (``skip_reading_prefix_cache=False``): only the uncached tail of ``x_<i`` is recomputed, and the true
-        token's branch, the row itself, is read off the first pass; "prompt" recomputes every prefix (vLLM's
-        default for prompt-logprob requests; the old plan, kept as the benchmark's baseline)."""
+        log-probs. The branches read the prefix cache (``skip_reading_prefix_cache=False``): only the uncached
+        tail of ``x_<i`` is recomputed, and the true token's branch, the row itself, is read off the first pass.
+        ``read_cache=False`` recomputes every prefix (vLLM's default for prompt-logprob requests): the same
+        scores, what the parity test compares the cached ones with and `benchmarks/backends.py` times them
+        against."""
         from vllm import SamplingParams
 
-        plan = plan or "cached"
         rows = [list(map(int, r)) for r in rows]
         L = len(rows[0])
         first = self._generate(rows, SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False))
@@ -188,7 +188,7 @@ class VllmTeacher:
             firsts.append(lp0)
         right = [torch.zeros(len(c), k + 1, dtype=torch.float64) for c in cands]
         if branches:
-            cached = plan == "cached"
+            cached = read_cache
             if cached:  # the true token's branch is the row itself: its scores came with the first pass
                 for br in branches:
                     if br.token == rows[br.row][br.pos]:
@@ -224,7 +224,7 @@ class VllmTeacher:
 
     # -------------------------------------------------------------------------------------------- fim
 
-    def fim_targets(self, rows, positions, fim_ids, window: int | None, top_n: int, token_budget: int = 0):
+    def fim_targets(self, rows, positions, fim_ids, *, window: int | None, top_n: int, token_budget: int = 0):
         from vllm import SamplingParams
 
         top_n = min(top_n, self.llm.llm_engine.model_config.get_vocab_size())
@@ -307,7 +307,7 @@ class VllmTeacher:
                 [st.masked for st in states],
                 w,
                 s,
-                [st.ess_before for st in states],
+                ess_before=[st.ess_before for st in states],
             )
         return [
             targets(

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# KD at the scale users train at (issue 20, item 2), cut into phases that each fit one short GPU slot. Everything
-# lands in $D (default study/); a phase skips what an earlier run of it finished, so a cut slot resumes.
+# KD at the scale users train at, in phases run one at a time or all at once. Everything lands in $D (default
+# study/); a phase skips what an earlier run of it finished, so a stopped phase resumes.
 #
 # Corpus: this Python's standard library (code: on every machine, nothing to carry), split by file: every 20th
 # file in sorted order is held out and never trained on ($D/heldout), the rest is $D/train.
@@ -32,7 +32,7 @@ STUDENT=${STUDENT:-base}
 BATCH=${BATCH:-16}
 EVAL_ROWS=${EVAL_ROWS:-256}
 PHASE=${PHASE:-all}
-source scripts/on_path.sh  # PY, and the source folders where ar2mdm is not installed
+PY=${PY:-${PYTHON:-$(command -v python3 || command -v python)}}
 teacher=(${TEACHER:+--teacher "$TEACHER"})
 mkdir -p "$D"
 say() { echo "== study_scale: $*" >&2; }

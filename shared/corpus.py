@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ar2mdm.shared.errors import UserError, warn
+from ar2mdm.shared.split import Share, share_of
 
 TEXT_SUFFIXES = (".txt", ".md", ".py")
 SUPPORTED_SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
@@ -181,19 +182,6 @@ def files_sha256(files: list[Path | DatasetCorpus], root: str | Path) -> str:
     return h.hexdigest()
 
 
-def rank_files(
-    files: list[Path | DatasetCorpus], rank: int, world_size: int
-) -> tuple[list[Path | DatasetCorpus], bool]:
-    """The files a rank reads, and whether it keeps only documents ``[rank::world_size]`` of them.
-
-    With at least as many files as ranks, rank r reads ``files[r::world_size]`` alone (datatrove's split: no
-    rank reads another's bytes); with fewer files (or a dataset), every rank reads every file and keeps every
-    world_size-th document."""
-    if world_size > 1 and len(files) >= world_size and not isinstance(files[0], DatasetCorpus):
-        return files[rank::world_size], False
-    return files, world_size > 1
-
-
 def _read_text(path: Path, stats: CorpusStats) -> str | None:
     data = path.read_bytes()
     if b"\0" in data[:8192]:
@@ -327,3 +315,8 @@ def iter_sft_examples(
             stats.documents += 1
             stats.sft_pairs += 1
             yield SftExample(source, prompt=prompt, response=response)
+
+
+def rank_share(files: list[Path | DatasetCorpus], rank: int, world_size: int) -> Share:
+    """A rank's share of the corpus (`shared.split`): a dataset is split by record."""
+    return share_of(files, rank, world_size, by_file=not (files and isinstance(files[0], DatasetCorpus)))

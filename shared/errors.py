@@ -16,3 +16,11 @@ class UserError(Exception):
 def warn(msg: str) -> None:
     """Print a one-line warning on stderr."""
     print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def fail(msg: str):
+    """End a command with ``error: msg`` on stderr and exit status 2 (both CLIs' way out on bad input)."""
+    import typer
+
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)

@@ -1,7 +1,8 @@
 """Mask sampling, shared by the precompute (which stores masks) and the trainer (which may resample them).
 
-Masks follow the seed's forward process: t ~ U(eps, 1), then every maskable position is masked independently
-with probability t. We force at least one masked position, since a row without any contributes no loss.
+Masks follow the forward process of docs/design.md §1: t ~ U(eps, 1), then every maskable position is masked
+independently with probability t. We force at least one masked position, since a row without any contributes no
+loss.
 """
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ def _file_prompts(path: Path) -> list[str]:
     return out
 
 
-def corpus_prompts(corpus: str, tokenizer, prompt_tokens: int, length: int, num: int, split: str) -> list[Prompt]:
+def corpus_prompts(corpus: str, tokenizer, *, prompt_tokens: int, length: int, num: int, split: str) -> list[Prompt]:
     """The first ``num`` rows of ``corpus`` packed into rows of 1 + prompt_tokens + length ids: each row's BOS and
     first ``prompt_tokens`` tokens are a prompt, the rest its reference continuation."""
     from ar2mdm.shared.corpus import CorpusStats, iter_documents, list_corpus_files
@@ -120,7 +120,9 @@ def prompts_for(cfg, tokenizer, length: int, render: Callable[[str], list[int]] 
     from ar2mdm.shared.tokenizer import special_ids
 
     if cfg.prompts_from:
-        return corpus_prompts(cfg.prompts_from, tokenizer, cfg.prompt_tokens, length, cfg.num, cfg.split)
+        return corpus_prompts(
+            cfg.prompts_from, tokenizer, prompt_tokens=cfg.prompt_tokens, length=length, num=cfg.num, split=cfg.split
+        )
     bos, _ = special_ids(tokenizer)
     render = render or (lambda text: [bos] + tokenizer(text, add_special_tokens=False)["input_ids"])
     texts = _file_prompts(Path(cfg.prompts)) if cfg.prompts else [cfg.prompt]

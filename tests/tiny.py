@@ -32,7 +32,13 @@ def char_tokenizer():
 
 
 def tiny_llama(
-    vocab_size: int, seed: int = 0, max_positions: int = 256, layers: int = 2, sharpness: float = 20.0, hidden: int = 32
+    vocab_size: int,
+    seed: int = 0,
+    *,
+    max_positions: int = 256,
+    layers: int = 2,
+    sharpness: float = 20.0,
+    hidden: int = 32,
 ):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -66,7 +72,7 @@ CHAT_TEMPLATE = (
 
 
 def save_tiny_teacher(
-    folder: Path, seed: int = 0, max_positions: int = 256, fim: bool = False, hidden: int = 32, chat: bool = False
+    folder: Path, *, seed: int = 0, max_positions: int = 256, fim: bool = False, hidden: int = 32, chat: bool = False
 ) -> Path:
     tok = char_tokenizer()
     if fim:

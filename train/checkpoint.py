@@ -21,7 +21,7 @@ CKPT = "checkpoint"
 
 
 def save_checkpoint(
-    run: Path, state_dict: dict, config: StudentConfig, meta: dict, state: dict, tokenizer_dir: Path
+    run: Path, state_dict: dict, config: StudentConfig, *, meta: dict, state: dict, tokenizer_dir: Path
 ) -> None:
     """Write RUN/checkpoint atomically: weights (an unsharded state dict), config, training state, tokenizer."""
     final = run / CKPT
@@ -76,7 +76,8 @@ def load_student(run: Path, device: str = "cpu") -> tuple[Student, dict]:
     return model.to(device).eval(), meta
 
 
-def load_tokenizer(run: Path):
+def run_tokenizer(run: Path):
+    """The tokenizer a run was trained with: its checkpoint's copy of the shards' tokenizer."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(checkpoint_dir(run) / "tokenizer")

@@ -10,7 +10,7 @@ import typer
 
 from ar2mdm.schemas import SchemaError
 from ar2mdm.shared.cpus import passive_threads_when_busy
-from ar2mdm.shared.errors import UserError
+from ar2mdm.shared.errors import UserError, fail
 from ar2mdm.shared.settings import cli_signature
 from ar2mdm.train.config import EvalConfig, FillConfig, SampleConfig, TrainConfig
 from ar2mdm.train.sweep import SweepConfig
@@ -18,11 +18,6 @@ from ar2mdm.train.sweep import SweepConfig
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Train a masked-diffusion student on kdtargets shards."
 )
-
-
-def _fail(msg: str) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(2)
 
 
 @app.command()
@@ -34,14 +29,14 @@ def run(**settings) -> None:
         cfg.check()
         cfg.check_paths()
     except UserError as e:
-        _fail(str(e))
+        fail(str(e))
     passive_threads_when_busy("kdtrain")  # before torch starts OpenMP (shared/cpus.py: measured)
     from ar2mdm.train.loop import run_training
 
     try:
         res = run_training(cfg)
     except (UserError, SchemaError) as e:
-        _fail(str(e))
+        fail(str(e))
     typer.echo(json.dumps(res))
 
 
@@ -56,7 +51,7 @@ def eval_(**settings) -> None:
 
         res = evaluate(cfg)
     except (UserError, SchemaError) as e:
-        _fail(str(e))
+        fail(str(e))
     scope = "response tokens" if res["task"] == "sft" else "tokens"
     typer.echo(
         f"nll_bound {res['nll_bound']:.3f} ± {res['nll_bound_se']:.3f} nats per token over {res['tokens']} "
@@ -80,7 +75,7 @@ def sample(**settings) -> None:
 
             write_samples(cfg.out, records)
     except (UserError, SchemaError) as e:
-        _fail(str(e))
+        fail(str(e))
     if cfg.out:
         stopped = sum(r.stopped for r in records)
         typer.echo(
@@ -107,7 +102,7 @@ def fill(**settings) -> None:
 
         preds = do_fill(cfg)
     except UserError as e:
-        _fail(str(e))
+        fail(str(e))
     typer.echo(cfg.text)
     for j, cands in enumerate(preds, 1):
         typer.echo(f"[MASK] {j}: " + "  ".join(f"{_visible(t)!s:>8} {p:.3g}" for t, p in cands))
@@ -127,7 +122,7 @@ def export(
     try:
         d = do_export(run, out, overwrite)
     except UserError as e:
-        _fail(str(e))
+        fail(str(e))
     typer.echo(
         f"exported {run} -> {d} (load it with AutoModelForMaskedLM.from_pretrained({str(d)!r}, trust_remote_code=True))"
     )
@@ -149,7 +144,7 @@ def plot(
     try:
         typer.echo(str(do_plot(runs, out)))
     except UserError as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 @app.command()
@@ -163,7 +158,7 @@ def sweep(**settings) -> None:
         cfg = SweepConfig(grid=grid, fixed=fixed, **settings)
         run_sweep(cfg)
     except (UserError, SchemaError) as e:
-        _fail(str(e))
+        fail(str(e))
     typer.echo((Path(cfg.out) / "sweep.md").read_text())
 
 

@@ -19,6 +19,7 @@ from ar2mdm.schemas import Manifest, SchemaError
 from ar2mdm.shared.errors import UserError, warn
 from ar2mdm.shared.masking import sample_row_mask
 from ar2mdm.shared.shards import check_shard_file, iter_shard_batches
+from ar2mdm.shared.split import share_of
 from ar2mdm.shared.validate import partial_world_line
 
 
@@ -113,9 +114,8 @@ def rows_of_shard(path: Path) -> Iterator[Row]:
 class RowStream:
     """Rows of a shard folder for one (rank, worker), shuffled through a buffer, epoch after epoch.
 
-    Split: with at least as many shards as consumers, each consumer reads its own shards
-    ``[consumer::consumers]``; with fewer shards, every consumer reads all and keeps rows
-    ``[consumer::consumers]``. Either way no row is seen twice in an epoch.
+    Split by `shared.split` (whole shards per consumer where there are enough, else rows ``[consumer::consumers]``):
+    no row is seen twice in an epoch.
     """
 
     def __init__(
@@ -125,6 +125,7 @@ class RowStream:
         consumer: int,
         consumers: int,
         seed: int,
+        *,
         shuffle_buffer: int = 1024,
         resample_masks: bool = False,
         mask_eps: float = 1e-3,
@@ -136,24 +137,21 @@ class RowStream:
         self.seq_len, self.mask_eps = manifest.seq_len, mask_eps
 
     def rows_per_epoch(self, manifest: Manifest) -> int:
-        if len(self.files) >= self.consumers:
-            return sum(s.rows for s in manifest.shards[self.consumer :: self.consumers])
+        share = share_of(manifest.shards, self.consumer, self.consumers)
+        if not share.by_record:
+            return sum(s.rows for s in share.files)
         total = sum(s.rows for s in manifest.shards)
         return len(range(self.consumer, total, self.consumers))
 
     def _epoch_rows(self, epoch: int) -> Iterator[Row]:
         order = list(range(len(self.files)))
         random.Random(f"{self.seed}:{epoch}").shuffle(order)  # the same order on every consumer
-        split_files = len(self.files) >= self.consumers
-        files = [self.files[j] for j in order]
-        if split_files:
-            files = files[self.consumer :: self.consumers]
+        share = share_of([self.files[j] for j in order], self.consumer, self.consumers)
         n = 0
-        for f in files:
+        for f in share.files:
             for row in rows_of_shard(f):
-                keep = split_files or n % self.consumers == self.consumer
                 n += 1
-                if keep:
+                if share.keeps(n - 1):
                     yield row
 
     def __iter__(self) -> Iterator[tuple[int, Row]]:
@@ -232,7 +230,7 @@ class BatchLoader(torch.utils.data.IterableDataset):
     in turn, so worker w produced batches w, w+W, w+2W, ... of them, and skips exactly that many of its own.
     """
 
-    def __init__(self, directory, manifest, rank, world, seed, batch_size, skip_batches=0, **stream_kw):
+    def __init__(self, directory, manifest, rank, world, seed, *, batch_size, skip_batches=0, **stream_kw):
         self.directory, self.manifest = Path(directory), manifest
         self.rank, self.world, self.seed = rank, world, seed
         self.batch_size, self.skip_batches, self.stream_kw = batch_size, skip_batches, stream_kw

@@ -11,14 +11,14 @@ import torch
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.masking import maskable_positions, sample_count_masks, stratified_counts
 from ar2mdm.shared.stats import ratio_se
-from ar2mdm.train.checkpoint import load_student, load_tokenizer, run_task
+from ar2mdm.train.checkpoint import load_student, run_task, run_tokenizer
 from ar2mdm.train.config import EvalConfig, TrainConfig
 from ar2mdm.train.data import Row, collate, load_shard_manifest
 from ar2mdm.train.losses import corrupt
 from ar2mdm.train.step import resolve_device, step_losses
 
 
-def _sft_rows(data: Path, files: list, tokenizer, meta: dict, max_rows: int, messages_field: str) -> list[Row]:
+def _sft_rows(data: Path, files: list, tokenizer, meta: dict, *, max_rows: int, messages_field: str) -> list[Row]:
     """Held-out chats rendered exactly as `kdtargets build --task sft` renders them (template, truncation)."""
     from itertools import islice
 
@@ -53,6 +53,7 @@ def _rows_from(
     data: Path,
     meta: dict,
     tokenizer,
+    *,
     max_rows: int,
     by_line: bool,
     text_field: str,
@@ -80,7 +81,7 @@ def _rows_from(
 
     files = list_corpus_files(data, split)
     if task == "sft":
-        return _sft_rows(data, files, tokenizer, meta, max_rows, messages_field), None
+        return _sft_rows(data, files, tokenizer, meta, max_rows=max_rows, messages_field=messages_field), None
     rows = []
     docs = iter_documents(files, CorpusStats(), by_line=by_line, text_field=text_field)
     for ids in pack_documents(docs, tokenizer, meta["seq_len"]):
@@ -94,7 +95,7 @@ def _rows_from(
 
 @torch.no_grad()
 def elbo_row_estimates(
-    model, ids: torch.Tensor, maskable: torch.Tensor, draws: int, g: torch.Generator, mask_id: int
+    model, ids: torch.Tensor, maskable: torch.Tensor, draws: int, g: torch.Generator, *, mask_id: int
 ) -> tuple[torch.Tensor, float, float]:
     """(B,) float64 unbiased estimates of each row's ELBO bound on -log p(maskable tokens | the rest), in nats,
     and the masked-token hits and count. ids, maskable: (B, L); masks are drawn on the CPU from ``g``.
@@ -141,10 +142,18 @@ def evaluate(cfg: EvalConfig) -> dict:
     cfg.check()
     device = resolve_device(cfg.device)
     model, meta = load_student(Path(cfg.run), device)
-    tokenizer = load_tokenizer(Path(cfg.run))
+    tokenizer = run_tokenizer(Path(cfg.run))
     task = run_task(meta)[0] if cfg.task == "auto" else cfg.task
     rows, manifest = _rows_from(
-        Path(cfg.data), meta, tokenizer, cfg.max_rows, cfg.by_line, cfg.text_field, cfg.split, task, cfg.messages_field
+        Path(cfg.data),
+        meta,
+        tokenizer,
+        max_rows=cfg.max_rows,
+        by_line=cfg.by_line,
+        text_field=cfg.text_field,
+        split=cfg.split,
+        task=task,
+        messages_field=cfg.messages_field,
     )
     mc_samples, seed, batch_size = cfg.mc_samples, cfg.seed, cfg.batch_size
     from ar2mdm.shared.tokenizer import response_length, stop_ids
@@ -167,7 +176,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                 [r.prompt_len + response_length(r.input_ids, r.prompt_len, stops) for r in chunk], device=device
             )
             maskable &= torch.arange(ids.shape[1], device=device)[None, :] < end[:, None]
-        est, hits, k = elbo_row_estimates(model, ids, maskable, mc_samples, g, mask_id)
+        est, hits, k = elbo_row_estimates(model, ids, maskable, mc_samples, g, mask_id=mask_id)
         correct += hits
         masked += k
         row_est.append(est)

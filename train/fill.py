@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ar2mdm.shared.errors import UserError
-from ar2mdm.train.checkpoint import load_student, load_tokenizer
+from ar2mdm.train.checkpoint import load_student, run_tokenizer
 from ar2mdm.train.config import FillConfig
 from ar2mdm.train.sample import chat_template_for, prompt_row
 from ar2mdm.train.step import resolve_device
@@ -32,7 +32,7 @@ def fill(cfg: FillConfig) -> list[list[tuple[str, float]]]:
         raise UserError(f"--text needs at least one {MASK_MARK}")
     device = resolve_device(cfg.device)
     model, meta = load_student(Path(cfg.run), device)
-    tok = load_tokenizer(Path(cfg.run))
+    tok = run_tokenizer(Path(cfg.run))
     bos, _ = special_ids(tok)
     pieces = text.split(MASK_MARK)
     ids = prompt_row(meta, tok, prompt, True) if chat else [bos]

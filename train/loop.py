@@ -114,7 +114,7 @@ class Trainer:
         model_sd, opt_sd = full_states(self.model, self.opt, self.cfg.fsdp and self.distributed)
         if self.rank == 0:
             st = {"step": self.step, "rows": self.rows_done, "optimizer": opt_sd, "torch_rng": torch.get_rng_state()}
-            save_checkpoint(self.run, model_sd, self.model.config, self.meta, st, self.tok_dir)
+            save_checkpoint(self.run, model_sd, self.model.config, meta=self.meta, state=st, tokenizer_dir=self.tok_dir)
         self.saved = self.step
 
 
@@ -201,7 +201,7 @@ def train_step(tr: Trainer, autocast) -> tuple[dict[str, float], float, int]:
         tokens += batch.input_ids.numel()
         with autocast:
             progress = tr.step / max(tr.total, 1)
-            loss, parts = step_losses(tr.train_model, batch, cfg, tr.model.config.mask_id, tr.spec, progress)
+            loss, parts = step_losses(tr.train_model, batch, cfg, tr.model.config.mask_id, tr.spec, progress=progress)
         (loss / cfg.grad_accum).backward()
         for k, v in parts.items():
             acc[k] = acc[k] + v / cfg.grad_accum if k in acc else v / cfg.grad_accum
@@ -222,39 +222,20 @@ def setup_training(cfg: TrainConfig) -> Trainer:
     cfg.check()
     shards = Path(cfg.shards)
     manifest = load_shard_manifest(shards, cfg.allow_partial)
-    if cfg.resample_masks and (manifest.mask_dependent_targets or not manifest.targets_at_all_positions):
-        raise UserError(
-            "--resample-masks needs targets at every position that do not depend on the mask "
-            f"(build with --positions all and --mode topk or fim); these shards are mode {manifest.mode}, "
-            f"positions {manifest.params.get('positions')}"
-        )
     spec = TargetSpec.from_manifest(manifest)
-    if spec.sampled and cfg.temperature != 1.0 and cfg.lam > 0:
-        raise UserError(
-            f"--temperature {cfg.temperature}: these shards hold sampled targets (--sparsify sample), an "
-            "unbiased estimate of q at T = 1 only; train them at --temperature 1, or build top-N targets"
-        )
+    _check_shards(cfg, manifest, spec)
     run = cfg.run_dir
     rank, world, distributed = _dist()
-    device = resolve_device(cfg.device)
-    if device == "cuda" and distributed:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        torch.cuda.set_device(device)
+    device = _device(cfg, distributed)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     model, state = _student(cfg, manifest, run)
     model.to(device)
-    cfg = _micro_batches(cfg, model, spec, manifest.seq_len, world, device, state is not None, rank)
-    meta = {
-        "mask_id": manifest.tokenizer.vocab_size,
-        "tokenizer_sha256": manifest.tokenizer.sha256,
-        "shards": str(shards.resolve()),
-        "train": cfg.to_dict(),  # --batch-size auto as it was resolved: a resume takes the same micro-batches
-        "seq_len": manifest.seq_len,
-        "task": manifest.task,
-        "sft_format": manifest.sft_format,
-    }
+    resumed = state is not None
+    cfg = _micro_batches(
+        cfg, model, spec, seq_len=manifest.seq_len, world=world, device=device, resumed=resumed, rank=rank
+    )
     # data: a fixed number of steps per epoch, the same on every rank, so DDP ranks never wait on each other
     rows_per_rank = min(RowStream(shards, manifest, r, world, cfg.seed).rows_per_epoch(manifest) for r in range(world))
     steps_per_epoch = max(1, rows_per_rank // (cfg.batch_size * cfg.grad_accum))
@@ -263,17 +244,7 @@ def setup_training(cfg: TrainConfig) -> Trainer:
         _announce(cfg, rows_per_rank, world, steps_per_epoch, total)
     train_model, opt = _wrap(cfg, model, device, distributed, state)
     rows_done = state["rows"] if state else 0
-    loader_kw = dict(
-        shuffle_buffer=cfg.shuffle_buffer,
-        resample_masks=cfg.resample_masks,
-        mask_eps=float(manifest.params.get("mask_eps", 1e-3)),
-    )
-    loader = torch.utils.data.DataLoader(
-        BatchLoader(shards, manifest, rank, world, cfg.seed, cfg.batch_size, rows_done // cfg.batch_size, **loader_kw),
-        batch_size=None,
-        num_workers=cfg.num_workers if cfg.num_workers is not None else (2 if device.startswith("cuda") else 0),
-        pin_memory=device.startswith("cuda"),  # page-locked batches: the copy below does not block the step
-    )
+    loader = _loader(cfg, manifest, rank=rank, world=world, device=device, rows_done=rows_done)
     run.mkdir(parents=True, exist_ok=True)
     step = state["step"] if state else 0
     return Trainer(
@@ -288,7 +259,7 @@ def setup_training(cfg: TrainConfig) -> Trainer:
         opt=opt,
         batches=iter(loader),
         spec=spec,
-        meta=meta,
+        meta=_run_meta(cfg, manifest),
         tok_dir=shards / "tokenizer",
         total=total,
         end=min(total, cfg.stop_at) if cfg.stop_at else total,
@@ -299,8 +270,75 @@ def setup_training(cfg: TrainConfig) -> Trainer:
     )
 
 
+def _check_shards(cfg: TrainConfig, manifest: Manifest, spec: TargetSpec) -> None:
+    """Refuse settings these shards cannot serve, in one line."""
+    if cfg.resample_masks and (manifest.mask_dependent_targets or not manifest.targets_at_all_positions):
+        raise UserError(
+            "--resample-masks needs targets at every position that do not depend on the mask "
+            f"(build with --positions all and --mode topk or fim); these shards are mode {manifest.mode}, "
+            f"positions {manifest.params.get('positions')}"
+        )
+    if spec.sampled and cfg.temperature != 1.0 and cfg.lam > 0:
+        raise UserError(
+            f"--temperature {cfg.temperature}: these shards hold sampled targets (--sparsify sample), an "
+            "unbiased estimate of q at T = 1 only; train them at --temperature 1, or build top-N targets"
+        )
+
+
+def _device(cfg: TrainConfig, distributed: bool) -> str:
+    """The device of this process: under torchrun on CUDA, the GPU of its local rank."""
+    device = resolve_device(cfg.device)
+    if device == "cuda" and distributed:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    return device
+
+
+def _run_meta(cfg: TrainConfig, manifest: Manifest) -> dict:
+    """How the student was trained, written into every checkpoint."""
+    return {
+        "mask_id": manifest.tokenizer.vocab_size,
+        "tokenizer_sha256": manifest.tokenizer.sha256,
+        "shards": str(Path(cfg.shards).resolve()),
+        "train": cfg.to_dict(),  # --batch-size auto as it was resolved: a resume takes the same micro-batches
+        "seq_len": manifest.seq_len,
+        "task": manifest.task,
+        "sft_format": manifest.sft_format,
+    }
+
+
+def _loader(cfg: TrainConfig, manifest: Manifest, *, rank: int, world: int, device: str, rows_done: int):
+    """This rank's batches, from where the checkpoint left them (``rows_done`` rows consumed)."""
+    stream = BatchLoader(
+        Path(cfg.shards),
+        manifest,
+        rank,
+        world,
+        cfg.seed,
+        batch_size=cfg.batch_size,
+        skip_batches=rows_done // cfg.batch_size,
+        shuffle_buffer=cfg.shuffle_buffer,
+        resample_masks=cfg.resample_masks,
+        mask_eps=float(manifest.params.get("mask_eps", 1e-3)),
+    )
+    return torch.utils.data.DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=cfg.num_workers if cfg.num_workers is not None else (2 if device.startswith("cuda") else 0),
+        pin_memory=device.startswith("cuda"),  # page-locked batches: the copy below does not block the step
+    )
+
+
 def _micro_batches(
-    cfg: TrainConfig, model: Student, spec: TargetSpec, seq_len: int, world: int, device: str, resumed: bool, rank: int
+    cfg: TrainConfig,
+    model: Student,
+    spec: TargetSpec,
+    *,
+    seq_len: int,
+    world: int,
+    device: str,
+    resumed: bool,
+    rank: int,
 ) -> TrainConfig:
     """``cfg`` with --batch-size and --grad-accum as the run takes them: --batch-size auto resolved (or, on
     --resume, taken from the checkpoint, so that the data stream continues where it stopped), and --batch-tokens
@@ -311,7 +349,16 @@ def _micro_batches(
     if cfg.batch_size == "auto":
         from ar2mdm.train.memory import auto_batch
 
-        cfg, said = auto_batch(cfg, model, spec, seq_len, world, device, autocast_for(device, cfg.dtype), cfg.fsdp)
+        cfg, said = auto_batch(
+            cfg,
+            model,
+            spec,
+            seq_len=seq_len,
+            world=world,
+            device=device,
+            autocast=autocast_for(device, cfg.dtype),
+            fsdp=cfg.fsdp,
+        )
         if rank == 0:
             print(f"kdtrain: {said}", file=sys.stderr)
         return cfg

@@ -1,9 +1,10 @@
-"""Losses of seed sections 1-2 as pure tensor functions.
+"""Losses of docs/design.md §1–§2 as pure tensor functions.
 
 Shapes: B rows, L positions, V vocabulary, N stored target entries per position. Every function takes the
 student's log-probabilities only at the positions that carry a loss (``M`` of them, gathered from (B, L, V)),
 so that the V-sized work is proportional to the masked positions; `masked_losses` makes both terms per
 position from one log-softmax at T = 1, in chunks of positions, and `mdm_loss` / `kd_loss` sum them by row.
+`batch_loss` composes them for one batch: (1-λ)·MDM + λ·KD.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from ar2mdm.shared.masking import maskable_positions
+from ar2mdm.train.config import TrainConfig
+from ar2mdm.train.data import Batch, TargetSpec
 
 NEG_INF = float("-inf")
 
@@ -27,7 +32,7 @@ def corrupt(input_ids: torch.Tensor, mask: torch.Tensor, mask_id: int) -> torch.
 
 
 def row_norm(prompt_len: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """(B,) the seed's normaliser: L for pretrain rows (prompt_len 0), |response| = L - prompt_len for SFT rows."""
+    """(B,) §1's normaliser: L for pretrain rows (prompt_len 0), |response| = L - prompt_len for SFT rows."""
     return torch.where(prompt_len > 0, seq_len - prompt_len, torch.full_like(prompt_len, seq_len)).float()
 
 
@@ -129,6 +134,7 @@ def sparse_kl(
     target_logprobs: torch.Tensor,
     temperature: float,
     tail: str,
+    *,
     slack: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-position T²·KL(q_T ‖ p_θ^T) against a sparse stored target.
@@ -250,7 +256,7 @@ def _position_terms(
     if targets is None:
         return nll, None
     t = targets
-    return nll, sparse_kl(logp, t.ids, t.logprobs, t.temperature, t.tail, t.slack)
+    return nll, sparse_kl(logp, t.ids, t.logprobs, t.temperature, t.tail, slack=t.slack)
 
 
 def elbo_weight(t: torch.Tensor, mask: torch.Tensor, maskable: torch.Tensor) -> torch.Tensor:
@@ -301,3 +307,45 @@ def kd_weight(
     }[schedule]
     g = {"none": torch.ones_like(t), "low-t": 2.0 * (1.0 - t), "high-t": 2.0 * t}[t_mode]
     return (lam * s * g).clamp(0.0, 1.0)
+
+
+def batch_loss(
+    logits: torch.Tensor, batch: Batch, cfg: TrainConfig, spec: TargetSpec, progress: float = 0.0
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(1-λ)·MDM + λ·KD from the (M, V) logits at the batch's masked positions, and its parts as 0-d tensors on
+    the device (`read_parts` turns them into floats with one host sync). ``progress``: step / total steps, for
+    a λ schedule; with a schedule or a t-dependent λ, each row gets its own λ_b (`losses.kd_weight`).
+
+    Nothing here waits for the device: the masked positions come from the batch (``positions``, made on the
+    host by `collate`), not from a nonzero() or a boolean index of device tensors."""
+    L = batch.input_ids.shape[1]
+    row = batch.positions // L  # (M,)
+    norm = row_norm(batch.prompt_len, L)  # docs/design.md §1: 1/L pretrain, 1/|response| SFT
+    if cfg.loss_weighting == "elbo":
+        weight = elbo_weight(batch.t, batch.mask, maskable_positions(L, batch.prompt_len))  # (B,)
+    else:
+        weight = torch.ones_like(batch.t)
+    per_row = cfg.lam > 0.0 and (cfg.schedule != "constant" or cfg.lambda_t != "none")  # λ = 0 stays 0: no KD term
+    lam = kd_weight(cfg.lam, progress, batch.t, cfg.schedule, cfg.lambda_t) if per_row else cfg.lam  # (B,) or float
+    targets = None
+    if per_row or cfg.lam > 0.0:
+        tail = cfg.tail_for(spec.exact_support)
+        slack = None
+        if tail == "bucket":  # a leftover within the storage rounding is no tail; exact supports have none
+            tl = batch.target_logprobs
+            slack = tl.new_full(tl.shape[:1], math.inf) if spec.exact_support else storage_slack(tl, spec.logprob_dtype)
+        targets = SparseTargets(batch.target_ids, batch.target_logprobs, cfg.temperature, tail, slack)
+    nll, kl = masked_losses(logits, batch.input_ids.flatten()[batch.positions], targets)  # (M,), (M,) or None
+    parts = {}
+    mdm = kd = None
+    if per_row or cfg.lam < 1.0:
+        mdm = mdm_loss(nll, row, norm, weight, per_row=per_row)
+        parts["mdm"] = mdm.detach().mean()
+    if kl is not None:
+        kd = kd_loss(kl, row, norm, per_row=per_row)
+        parts["kd"] = kd.detach().mean()
+    if per_row:
+        parts["lambda"] = lam.mean()
+    loss = combined_loss(mdm, kd, lam)
+    parts["loss"] = loss.detach()
+    return loss, parts

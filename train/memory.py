@@ -88,7 +88,7 @@ def step_peak(model, batch: Batch, cfg: TrainConfig, spec: TargetSpec, autocast)
 
 
 def auto_batch(
-    cfg: TrainConfig, model, spec: TargetSpec, seq_len: int, world: int, device: str, autocast, fsdp: bool
+    cfg: TrainConfig, model, spec: TargetSpec, *, seq_len: int, world: int, device: str, autocast, fsdp: bool
 ) -> tuple[TrainConfig, str]:
     """``cfg`` with --batch-size auto turned into a micro-batch and --grad-accum, and a line saying why.
 

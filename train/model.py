@@ -23,7 +23,7 @@ PRESETS = {
     "tiny": dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=384),
     "small": dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=768),
     "base": dict(hidden_size=576, num_layers=12, num_heads=9, num_kv_heads=3, intermediate_size=1536),
-    # ~350M with the 49k vocabulary (tied): for a GPU (issue 20)
+    # ~350M with the 49k vocabulary (tied): for a GPU
     "medium": dict(hidden_size=1024, num_layers=24, num_heads=16, num_kv_heads=8, intermediate_size=3072),
 }
 

@@ -14,7 +14,7 @@ import torch
 from ar2mdm.schemas.samples import SampleRecord, SampleSource
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.sampling import Prompt, batches_of, prompts_for, sample_seed, source_settings, until_stop
-from ar2mdm.train.checkpoint import checkpoint_dir, load_student, load_tokenizer, run_task
+from ar2mdm.train.checkpoint import checkpoint_dir, load_student, run_task, run_tokenizer
 from ar2mdm.train.config import SampleConfig
 from ar2mdm.train.denoise import denoise
 from ar2mdm.train.step import resolve_device
@@ -66,7 +66,7 @@ def sample(cfg: SampleConfig) -> list[SampleRecord]:
     device = resolve_device(cfg.device)
     run = Path(cfg.run)
     model, meta = load_student(run, device)
-    tok = load_tokenizer(run)
+    tok = run_tokenizer(run)
     chat = run_task(meta)[0] == "sft" if cfg.chat is None else cfg.chat
     if chat and cfg.prompts_from:
         raise UserError("--prompts-from gives plain-text prompts; a chat student takes --prompt or --prompts")

@@ -1,4 +1,4 @@
-"""Monte Carlo completion targets (seed §4): the estimators over the K completions (particles) of each row.
+"""Monte Carlo completion targets (docs/design.md §4): the estimators over the K completions (particles) of each row.
 
 For a row x with masked positions M (visible tokens V = the rest), K completions z^(1..K) are drawn left to
 right (`particles`: x_j ~ p_T(.|x_<j) at a masked j, the row's token at a visible j). The target at a masked
@@ -6,10 +6,10 @@ position i is
 
     q̂(v) = Σ_k w_k · score_k(v)
 
-- score "next-token" (the seed's formula): p_T(v | x_<i^(k)), read off while sampling, so it is free;
+- score "next-token" (§4's formula): p_T(v | x_<i^(k)), read off while sampling, so it is free;
 - score "full-conditional": P_T(x_i = v | every other token of completion k), top-K rescoring of the completed
   sequence (the topk mode's computation), which is what makes the estimate look to the right;
-- weights "uniform": 1/K (the seed);
+- weights "uniform": 1/K (plain Monte Carlo);
 - weights "importance": self-normalised w_k ∝ Π_{j ∈ V, j > first masked} p_T(x_j | x_<j^(k)) (times the
   proposal correction p_T/p_T^τ for the sampled tokens when τ != 1): the sampler never looks at the visible
   tokens to its right; these weights make the estimate consistent for the posterior (docs/mc.md derives it).
@@ -140,7 +140,9 @@ def full_conditional_scores(res, where) -> tuple[torch.Tensor, torch.Tensor]:
     return cand, prob  # probs 0 on invalid slots (log-prob -inf)
 
 
-def full_conditional_targets(rescore_rows, seqs, masks, w: torch.Tensor, s: McSettings, ess_before) -> list[McTargets]:
+def full_conditional_targets(
+    rescore_rows, seqs, masks, w: torch.Tensor, s: McSettings, *, ess_before
+) -> list[McTargets]:
     """Every row's distinct branches rescored in one call, then each row's mixture.
 
     rescore_rows(seqs, positions) -> per sequence (cand (P, R+1), logq (P, R+1)): the backend's top-K rescoring.
@@ -160,13 +162,14 @@ def mc_targets(
     masks: list[np.ndarray],
     seeds: list[int],
     s: McSettings,
+    *,
     on_step: Callable[[int], None] | None = None,
     decoder: Decoder | None = None,
 ) -> list[McTargets]:
     """The MC soft targets of the rows ``xs`` (R, L) at their masked positions, on a transformers causal LM
     (through ``decoder``, default `decode.decoder_for` the model)."""
     masks = [np.asarray(m, dtype=np.int64) for m in masks]
-    p = sample_particles(decoder or decoder_for(model, xs.shape[1]), xs, masks, seeds, s, on_step)
+    p = sample_particles(decoder or decoder_for(model, xs.shape[1]), xs, masks, seeds, s, on_step=on_step)
     R, K = p.logw.shape
     w = final_weights(p.logw, s.weights)  # (R, K)
     check_finite(p.logw.sum() + p.top_probs.sum(), "mc log-probs")  # the batch's one sync before the copies
@@ -177,10 +180,10 @@ def mc_targets(
         def rescore_rows(flat, positions):
             x = torch.tensor(flat, dtype=torch.long, device=xs.device)
             pos = [torch.tensor(q, dtype=torch.long) for q in positions]
-            return rescore(model, x, pos, s.rescore_k, s.window, s.token_budget)
+            return rescore(model, x, pos, k=s.rescore_k, window=s.window, token_budget=s.token_budget)
 
         seqs = p.seqs.view(R, K, -1).tolist()
-        return full_conditional_targets(rescore_rows, seqs, [m.tolist() for m in masks], w, s, ess_before)
+        return full_conditional_targets(rescore_rows, seqs, [m.tolist() for m in masks], w, s, ess_before=ess_before)
     # next-token: every row's recorded scores mixed in one call: (R·M, K, m) positions by slot
     M, m = p.top_ids.shape[1:]
     ids = p.top_ids.view(R, K, M, m).transpose(1, 2).reshape(R * M, K, m)

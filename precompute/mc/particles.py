@@ -1,4 +1,4 @@
-"""Monte Carlo completions of a batch of rows: one particle state, one sampler (seed §4; docs/mc.md).
+"""Monte Carlo completions of a batch of rows: one particle state, one sampler (docs/design.md §4; docs/mc.md).
 
 Each of the R rows of a batch holds K particles, completions of the row in which the masked tokens are drawn
 left to right, x_j ~ p_T(.|x_<j) at the sampling temperature, and the visible tokens are kept. All R·K particles
@@ -238,6 +238,7 @@ def sample_particles(
     masks: list[np.ndarray],
     seeds: list[int],
     s: McSettings,
+    *,
     on_step: Callable[[int], None] | None = None,
 ) -> Particles:
     """K completions of each row of ``xs`` (R, L) with its ``masks`` (ascending positions, all >= 1) drawn.

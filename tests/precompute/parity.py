@@ -104,7 +104,7 @@ def forced_decoding(teacher) -> dict:
     topk = {}
     for plan in ("prompt", "cached", "cached"):  # the second cached call finds its branches cached (asked again)
         c0 = teacher.counters()
-        res = teacher.rescore_targets(rows, positions, 4, 6, plan=plan)
+        res = teacher.rescore_targets(rows, positions, 4, 6, read_cache=plan == "cached")
         c1 = teacher.counters()
         topk.setdefault(plan, []).append(
             {

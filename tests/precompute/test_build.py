@@ -167,7 +167,7 @@ def test_validate_catches_tampering(tiny_corpus, tiny_teacher, tmp_path):
 
 
 def _build_cmd(corpus, teacher, out, *extra, seqs_per_shard=1):
-    """`kdtargets build` as a process (for signals); also tests/precompute/test_newcomer.py's."""
+    """`kdtargets build` as a process (for signals); also tests/precompute/test_build_recovery.py's."""
     return [
         sys.executable,
         "-m",
@@ -309,7 +309,7 @@ def test_mc_build_is_reproducible_and_resumes_identically(tiny_corpus, tiny_teac
 
 
 def test_mc_targets_do_not_depend_on_the_batch_size(tiny_corpus, tiny_teacher, tmp_path):
-    """Issue 19: a row's draws are a function of (seed, row, position, particle), so --batch-size 1 and 7 agree."""
+    """A row's draws are a function of (seed, row, position, particle), so --batch-size 1 and 7 agree."""
     kw = dict(mode="mc", k=4, max_sequences=7, seqs_per_shard=7, smc_ess=1.0, logprob_dtype="float32")
     one, seven = tmp_path / "b1", tmp_path / "b7"
     run_build(cfg(tiny_corpus, tiny_teacher, one, batch_size=1, **kw))

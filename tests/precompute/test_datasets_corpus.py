@@ -1,4 +1,4 @@
-"""Corpora through `datasets` (issue 13.1): a save_to_disk folder (any split, any text field) and hf:NAME read
+"""Corpora through `datasets`: a save_to_disk folder (any split, any text field) and hf:NAME read
 offline build exactly the rows the same documents give as files; bad datasets are one-line errors."""
 
 import json

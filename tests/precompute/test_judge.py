@@ -104,7 +104,7 @@ def test_teacher_samples_are_what_a_loop_without_cache_draws(tiny_teacher, judge
     generators."""
     model = judge.model
     x = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 10]])
-    got = ar_sample(TorchDecoder(model), x, 6, 1.0, [3, 4], stops=[2])
+    got = ar_sample(TorchDecoder(model), x, 6, temperature=1.0, seeds=[3, 4], stops=[2])
     gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
     rows = x.clone()
     for _ in range(got.shape[1]):
@@ -128,7 +128,7 @@ def test_kdtargets_sample_writes_teacher_and_text_anchors(tiny_teacher, tmp_path
     tok = judge_tok = Judge.load(str(tiny_teacher), "cpu", "float32").tokenizer
     from ar2mdm.shared.sampling import corpus_prompts
 
-    refs = corpus_prompts(str(held), judge_tok, 4, 8, 3, "test")
+    refs = corpus_prompts(str(held), judge_tok, prompt_tokens=4, length=8, num=3, split="test")
     assert [r.ids for r in text] == [p.reference[: len(r.ids)] for r, p in zip(text, refs)]
     assert all(r.text == tok.decode(r.ids) for r in text) and text[0].source.kind == "text"
     assert t1[0].source.kind == "teacher" and t1[0].source.settings["temperature"] == 1.0

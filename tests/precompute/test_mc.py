@@ -136,7 +136,7 @@ def test_seeded_runs_reproduce_and_sums_stay_below_one():
 
 
 def test_both_backends_keep_the_same_next_token_entries_for_large_top_n(tmp_path):
-    """vLLM's engine must allow as many log-probs as the torch backend keeps (issue 8.7: it capped at 64)."""
+    """vLLM's engine must allow as many log-probs as the torch backend keeps (vLLM's default caps them at 64)."""
     from ar2mdm.precompute.build import engine_max_logprobs
     from ar2mdm.precompute.config import BuildConfig
     from ar2mdm.precompute.mc.particles import next_token_keep
@@ -149,7 +149,7 @@ def test_both_backends_keep_the_same_next_token_entries_for_large_top_n(tmp_path
         assert engine_max_logprobs(cfg) >= next_token_keep(support_size(cfg))  # sampling keeps a wider support
 
 
-# ---------------------------------------------------------------------------------------- smc (issue 11)
+# ---------------------------------------------------------------------------------------------------- smc
 
 SMC_ROW = torch.tensor([1, 3, 0, 5, 0, 2, 0, 4])
 SMC_MASKED = [2, 4, 6]  # visible runs at 3 and 5 are resampling points (a masked position follows); 7 is not

@@ -1,4 +1,4 @@
-"""The particle sampler (issue 19): a row's draws do not depend on which rows share its batch, the vectorised
+"""The particle sampler: a row's draws do not depend on which rows share its batch, the vectorised
 pieces (inverse-CDF draws, systematic resampling over rows, the mixture) equal their plain definitions, and the
 batched estimates converge to the exact limits (enumeration, tests/precompute/test_mc.py)."""
 
@@ -225,7 +225,7 @@ def test_a_teacher_that_overflows_stops_with_one_line():
     with pytest.raises(UserError, match="--dtype bfloat16"):
         mc_targets(model, ROWS, MASKED, SEEDS, McSettings(k=2, weights="importance", top_n=2))
     with pytest.raises(UserError, match="--dtype bfloat16"):
-        rescore(model, ROWS, [torch.as_tensor(m) for m in MASKED], 2, 2)
+        rescore(model, ROWS, [torch.as_tensor(m) for m in MASKED], k=2, window=2)
 
 
 def test_auto_dtype_is_float16_on_cuda_except_for_gemma():

@@ -94,7 +94,7 @@ def test_select_top_n_orders_and_truncates():
 
 @pytest.mark.parametrize("arch", ["granite", "cohere"])
 def test_head_path_applies_the_models_logit_scaling(arch):
-    """topk/fim apply the head to hidden states; their log-probs must be the model's own (issue 8.7)."""
+    """topk/fim apply the head to hidden states; their log-probs must be the model's own."""
     import transformers
 
     from ar2mdm.precompute.forward import check_head_path, hidden_states, log_softmax_head

@@ -1,4 +1,4 @@
-"""RS-KD sampled sparse targets (issue 13.5): unbiased for the dense target, and so is the KD gradient."""
+"""RS-KD sampled sparse targets: unbiased for the dense target, and so is the KD gradient."""
 
 import numpy as np
 import pytest

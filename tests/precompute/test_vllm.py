@@ -123,7 +123,7 @@ def test_mc_matches_torch_within_sampling_noise(builds, name):
 
 
 def test_smc_on_vllm_converges_to_the_exact_importance_limit(builds):
-    """Issue 11: smc on the vLLM backend, against the limits computed by enumerating every completion."""
+    """smc on the vLLM backend, against the limits computed by enumerating every completion."""
     import json
 
     import torch
@@ -146,12 +146,12 @@ def test_smc_on_vllm_converges_to_the_exact_importance_limit(builds):
         other = limits[i][("uniform", "next-token")]
         tv_own, tv_other = 0.5 * float((got - own).abs().sum()), 0.5 * float((got - other).abs().sum())
         assert tv_own < 0.04, (i, tv_own)
-        if i == 4:  # here the seed's limit is 0.57 away
+        if i == 4:  # here plain Monte Carlo's limit is 0.57 away
             assert tv_other > 0.4, tv_other
 
 
 def test_forced_tokens_come_back_with_the_models_raw_logprobs(builds):
-    """Issue 10: the ForceTokens processor emits exactly the forced tokens, samples elsewhere, and the engine
+    """The ForceTokens processor emits exactly the forced tokens, samples elsewhere, and the engine
     returns the forced tokens' raw log-probs (equal to the same sequence's prompt log-probs); topk branches read
     from the prefix cache score as those that recompute it."""
     import json

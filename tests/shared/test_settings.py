@@ -1,4 +1,4 @@
-"""Settings written once (issue 21): choices and ranges declared on the fields, checked in the CLI's words."""
+"""Settings written once: choices and ranges declared on the fields, checked in the CLI's words."""
 
 from dataclasses import dataclass
 from typing import Literal

@@ -1,4 +1,4 @@
-"""Shards are a dataset (issue 13.2): `datasets`, pandas and DuckDB read a build's Parquet shards with the columns
+"""Shards are a dataset: `datasets`, pandas and DuckDB read a build's Parquet shards with the columns
 docs/schema.md documents, and agree with ar2mdm's own reader."""
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""collate, vectorised over each row's masked positions (issue 20), against the loop it replaced; the medium preset."""
+"""collate, vectorised over each row's masked positions, against the loop it replaced; the medium preset."""
 
 from dataclasses import replace
 
@@ -94,7 +94,7 @@ def test_collate_equals_the_loop_on_sft_padding_and_positions_without_targets():
 
 
 def test_the_medium_preset_is_about_350m_parameters():
-    """Issue 20's GPU preset: built on the meta device (no memory), counted with the tied head."""
+    """The GPU preset (medium): built on the meta device (no memory), counted with the tied head."""
     from ar2mdm.train.model import Student, StudentConfig
 
     with torch.device("meta"):

@@ -1,4 +1,4 @@
-"""`kdtrain export` (issue 13.3): the exported folder loads with transformers in a fresh process, without ar2mdm
+"""`kdtrain export`: the exported folder loads with transformers in a fresh process, without ar2mdm
 on the path, and computes kdtrain's logits and samples."""
 
 import json

@@ -156,7 +156,7 @@ def test_chunked_masked_losses_keep_no_float32_vocabulary_tensor_for_the_backwar
     assert not kept(16)
 
 
-# ---- issue 8: no NaN, a tail within the storage precision, one tempering of the tail, forced-mask weights
+# ---- numerics: no NaN, a tail within the storage precision, one tempering of the tail, forced-mask weights
 
 from ar2mdm.shared.shards import to_float16_down  # noqa: E402
 from ar2mdm.train.losses import _log1mexp, elbo_weight, storage_slack  # noqa: E402

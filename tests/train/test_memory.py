@@ -66,7 +66,7 @@ def test_auto_on_the_cpu_takes_the_step_in_one_micro_batch(tiny_shards):
 
     def auto(**kw):
         cfg = tcfg(tiny_shards, "unused", batch_size="auto", **kw)
-        got, said = auto_batch(cfg, model, spec, L, 1, "cpu", ac, False)
+        got, said = auto_batch(cfg, model, spec, seq_len=L, world=1, device="cpu", autocast=ac, fsdp=False)
         return got.batch_size, got.grad_accum, said
 
     assert auto()[:2] == (16, 1)  # the field's default

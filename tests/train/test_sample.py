@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from ar2mdm.schemas.samples import read_samples
 from ar2mdm.shared.sampling import corpus_prompts, sample_seed
-from ar2mdm.train.checkpoint import load_tokenizer
+from ar2mdm.train.checkpoint import run_tokenizer
 from ar2mdm.train.cli import app
 from ar2mdm.train.config import SampleConfig, TrainConfig
 from ar2mdm.train.denoise import denoise
@@ -89,8 +89,8 @@ def test_prompts_from_held_out_rows_and_what_ends_a_sample(tiny_run, tmp_path):
     held = tmp_path / "held"
     held.mkdir()
     (held / "h.txt").write_text(TEXT * 3)
-    tok = load_tokenizer(tiny_run)
-    prompts = corpus_prompts(str(held), tok, 4, 7, 3, "test")
+    tok = run_tokenizer(tiny_run)
+    prompts = corpus_prompts(str(held), tok, prompt_tokens=4, length=7, num=3, split="test")
     from ar2mdm.shared.corpus import CorpusStats, iter_documents, list_corpus_files
     from ar2mdm.shared.tokenizer import pack_documents
 

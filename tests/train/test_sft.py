@@ -15,7 +15,7 @@ from ar2mdm.precompute.build import run_build
 from ar2mdm.precompute.config import BuildConfig
 from ar2mdm.schemas import Manifest
 from ar2mdm.shared.shards import read_shard
-from ar2mdm.train.checkpoint import load_meta, load_tokenizer
+from ar2mdm.train.checkpoint import load_meta, run_tokenizer
 from ar2mdm.train.cli import app
 from ar2mdm.train.config import EvalConfig, TrainConfig
 from ar2mdm.train.denoise import cut_at_stop, denoise
@@ -73,9 +73,11 @@ def test_the_template_is_applied_identically_in_build_eval_and_sample(sft_run):
     m = Manifest.load(shards)
     assert m.task == "sft" and m.sft_format == "chat-template"
     data = read_shard(shards / m.shards[0].file)
-    meta, tok = load_meta(run), load_tokenizer(run)
+    meta, tok = load_meta(run), run_tokenizer(run)
     assert meta["task"] == "sft" and tok.chat_template  # the run's tokenizer carries the template
-    rows, _ = _rows_from(shards.parent / "train.jsonl", meta, tok, 64, False, "text", task="sft")
+    rows, _ = _rows_from(
+        shards.parent / "train.jsonl", meta, tok, max_rows=64, by_line=False, text_field="text", task="sft"
+    )
     for r in range(data.rows):  # eval renders each training chat to the very row the build wrote
         j = int(data.example_ids[r].split("-")[1])
         np.testing.assert_array_equal(rows[j].input_ids, data.input_ids[r])
@@ -89,7 +91,7 @@ def test_the_template_is_applied_identically_in_build_eval_and_sample(sft_run):
 
 def test_eval_scores_the_responses_only_against_a_hand_count(sft_run, monkeypatch):
     shards, run, heldout = sft_run
-    tok = load_tokenizer(run)
+    tok = run_tokenizer(run)
     seen = []
     real = masking.sample_count_masks
 
@@ -106,7 +108,7 @@ def test_eval_scores_the_responses_only_against_a_hand_count(sft_run, monkeypatc
     assert res["row_tokens"] == [len(a) + 1 for _, a in HELD_OUT]
     assert res["tokens"] == sum(len(a) + 1 for _, a in HELD_OUT)
     end = tok.convert_tokens_to_ids("<|im_end|>")
-    rows, _ = _rows_from(heldout, load_meta(run), tok, 64, False, "text", task="sft")
+    rows, _ = _rows_from(heldout, load_meta(run), tok, max_rows=64, by_line=False, text_field="text", task="sft")
     for mask in seen:
         for b, row in enumerate(rows):
             pos = mask[b].nonzero()[:, 0]
@@ -151,7 +153,7 @@ def test_nothing_after_the_first_end_of_turn(block_length):
 
 def test_chat_sample_prints_the_answer_up_to_its_end_of_turn(sft_run, monkeypatch):
     _, run, _ = sft_run
-    tok = load_tokenizer(run)
+    tok = run_tokenizer(run)
     end = tok.convert_tokens_to_ids("<|im_end|>")
     scripted = ids(tok, "upon the heath") + [end] + ids(tok, "zz")
     seen = {}

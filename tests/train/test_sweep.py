@@ -1,4 +1,4 @@
-"""`kdtrain sweep` (issue 9): a grid over one precompute, evaluated on held-out text; λ schedules."""
+"""`kdtrain sweep`: a grid over one precompute, evaluated on held-out text; λ schedules."""
 
 import csv
 import json

@@ -1,4 +1,4 @@
-"""--report-to (issue 13.4): the metrics of metrics.jsonl reach TensorBoard and W&B (offline), resumes included."""
+"""--report-to: the metrics of metrics.jsonl reach TensorBoard and W&B (offline), resumes included."""
 
 import json
 

@@ -310,7 +310,7 @@ def test_a_step_waits_for_the_device_only_where_it_must(tiny_shards, tmp_path, t
     tr = setup_training(cfg)
     batch = next(tr.batches).to(tr.device)
     with HostSyncs() as syncs, autocast_for(tr.device, "auto"):
-        loss, _ = step_losses(tr.train_model, batch, tr.cfg, tr.model.config.mask_id, tr.spec, 0.3)
+        loss, _ = step_losses(tr.train_model, batch, tr.cfg, tr.model.config.mask_id, tr.spec, progress=0.3)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(tr.model.parameters(), tr.cfg.clip)
     expected = {("_local_scalar_dense", "losses.py")} if tail == "bucket" else set()

@@ -1,5 +1,5 @@
-"""A newcomer's first hour with kdtargets (issue 12): failed builds block nothing, Ctrl-C keeps and says what
-it kept, changed plans are named and can be started afresh, inspect/validate tell the state of a folder."""
+"""Failed, stopped and changed builds: a failure blocks nothing, Ctrl-C keeps and says what it kept, changed
+plans are named and can be started afresh, inspect/validate tell the state of a folder, the progress bar."""
 
 import json
 import os

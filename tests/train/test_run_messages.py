@@ -1,5 +1,5 @@
-"""A newcomer's first hour with kdtrain (issue 12): damaged shards are named before anything starts, a run
-says what it will do, every option has help, and sampling shows what the student wrote."""
+"""What kdtrain says: damaged shards are named before anything starts, a run says what it will do, every
+option has help, and sampling shows what the student wrote."""
 
 import json
 import shutil

@@ -1,36 +1,22 @@
 #!/usr/bin/env bash
-# One short GPU slot (a single call of at most 10 minutes on one H200) that brings back the headline figures of
-# issues 19 and 20 on a machine set up as this project's GPU machines are: torch, transformers, pyarrow, typer;
-# no `datasets`, `gguf` or `vllm`, no network, and a copy of the checkout without .git. In order of worth, each
-# part under its own time limit so that a slow one costs only itself (benchmarks/parts.sh):
+# One call of at most 10 minutes on a lent GPU machine (torch, transformers, pyarrow, typer; no `datasets`, `gguf`
+# or `vllm`, no network; a copy of the checkout without .git) that brings back the headline figures of the
+# precompute and the trainer, each part under its own time limit (benchmarks/parts.sh), in order of worth:
 #
-#   1. the 135M shape's whole mc build, 1,024 rows, --batch-size auto (issue 19's headline: teacher tokens/s, MFU,
-#      fraction of the bandwidth limit)                                                              160 s
+#   1. the 135M shape's whole mc build, 1,024 rows, --batch-size auto (teacher tokens/s, MFU, fraction of the
+#      bandwidth limit)                                                                                160 s
 #   2. the 135M shape's whole topk build, 128 rows, the dense tree mask                                 90 s
 #   3. the trainer, `base`, batch 16, compiled: tokens/s, MFU, the phase table, the profiler's top ops  140 s
-#   4. the mc sampler alone against the one before issue 19, 32 rows                                    70 s
+#   4. the mc sampler alone, 32 rows batched against one at a time                                      70 s
 #   5. topk as 2, with --tree-mask flex                                                                 60 s
-#   6. the CUDA half of the tests that have one (`pytest -m gpu`: the decode step as a CUDA graph against
-#      the dynamic cache, flex against dense, host syncs, the trainer's --batch-size auto)             90 s
-#   7. if time is left: `base` again with --batch-size auto --batch-tokens 131072 (256 rows a step, in the
-#      largest micro-batches that fit): the MFU a bigger batch reaches                                 120 s
+#   6. the CUDA half of the tests that have one (`pytest -m gpu`)                                       90 s
+#   7. if time is left: `base` again with --batch-size auto --batch-tokens 131072                     120 s
 #
 # A part gets its own limit or what is left before the call's deadline (BUDGET, 570 s), whichever is less.
-#
-# Here, before the call (the old sampler is read from git, which the copy there lacks):
-#   bash benchmarks/gpu_slot.sh --prepare          # writes .bench/ (ignored, 40 KB)
-# The call (the device tool's `run`): command "bash benchmarks/gpu_slot.sh", carry [".bench"], timeout_s 600.
-# Everything it prints is also in $OUT/slot.log (the device tool brings $OUT back). Then fill docs/scaling.md.
+# The call: command "bash dev/slot.sh", timeout_s 600; everything it prints is also in $OUT/slot.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if [[ "${1:-}" == --prepare ]]; then
-  rev=${BASELINE:-c23c40f}
-  mkdir -p ".bench/$rev"
-  for name in mc mc_rows; do git show "$rev:precompute/$name.py" > ".bench/$rev/$name.py"; done
-  echo "wrote .bench/$rev: carry .bench in the call"
-  exit 0
-fi
-source scripts/on_path.sh
+source dev/on_path.sh
 log=${OUT:-.}/slot.log
 deadline=$((SECONDS + ${BUDGET:-570}))  # the call's 600 s, less start-up and the copy back
 within() {  # LIMIT COMMAND...: COMMAND with PART_SECONDS = LIMIT, or what is left before the deadline if less

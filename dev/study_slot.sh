@@ -2,11 +2,11 @@
 # One GPU call of the KD-at-scale study (scripts/study_scale.sh) with the real default teacher. The shards do not
 # travel (a call brings back 8 files at most), so a call builds what its phases need and brings back the tables.
 #
-#   here, once:      bash scripts/carry_teacher.sh prepare
-#   device call 1:   command "bash scripts/carry_teacher.sh stage1", carry [".carry1"]
+#   here, once:      bash dev/carry_teacher.sh prepare
+#   device call 1:   command "bash dev/carry_teacher.sh stage1", carry ["dev/.carry1"]
 #   device call 2, at once:
-#                    command "bash scripts/study_slot.sh", carry [".carry2"], timeout_s 600
-#                    e.g. command "ROWS=2048 PHASES='build scratch' bash scripts/study_slot.sh"
+#                    command "bash dev/study_slot.sh", carry ["dev/.carry2"], timeout_s 600
+#                    e.g. command "ROWS=2048 PHASES='build scratch' bash dev/study_slot.sh"
 #
 # PHASES (default "build scratch"; then "build a2d curve" in another slot) run in order against one deadline
 # (BUDGET seconds, default 540, of which the last 20 are kept for the tables); a phase cut by it stops there.
@@ -14,7 +14,7 @@
 # curve.jsonl and curve.png (those that exist). The study's own knobs (ROWS, TOPK_ROWS, STUDENT, ...) pass through.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-source scripts/carry_teacher.sh stage2 || exit 1
+source dev/carry_teacher.sh stage2 || exit 1
 export PYTHONUNBUFFERED=1 D=${D:-/tmp/study}
 out=${OUT:-.}
 deadline=$((SECONDS + ${BUDGET:-540} - 20))

@@ -1,4 +1,4 @@
-"""Trainer and evaluator maths (issue 8): the non-finite guard, SFT padding targets, the A2D warm start
+"""Trainer and evaluator maths: the non-finite guard, SFT padding targets, the A2D warm start
 (AR shift, RoPE scaling, biases), --steps 0, and the ELBO estimator against exact enumeration."""
 
 import itertools
@@ -31,9 +31,9 @@ def test_a_non_finite_loss_stops_the_run_with_one_line_naming_the_step(tiny_shar
     real = loop.step_losses
     calls = {"n": 0}
 
-    def nan_at_step_5(*args):
+    def nan_at_step_5(*args, **kw):
         calls["n"] += 1
-        loss, parts = real(*args)
+        loss, parts = real(*args, **kw)
         if calls["n"] == 5:
             loss = loss * float("nan")
             parts["loss"] = parts["loss"] * float("nan")
@@ -50,8 +50,8 @@ def test_a_non_finite_loss_stops_the_run_with_one_line_naming_the_step(tiny_shar
 def test_a_non_finite_gradient_is_refused_before_the_update(tiny_shards, tmp_path, monkeypatch):
     real = loop.step_losses
 
-    def nan_grad(*args):
-        loss, parts = real(*args)
+    def nan_grad(*args, **kw):
+        loss, parts = real(*args, **kw)
         w = next(args[0].parameters())
         return loss + torch.sqrt((w * 0.0).sum()), parts  # value unchanged, d sqrt(0) = inf: NaN gradients
 
@@ -248,7 +248,10 @@ def test_elbo_estimator_is_unbiased_against_exact_enumeration():
     g = torch.Generator().manual_seed(1)
     reps = 400
     ests = torch.cat(
-        [elbo_row_estimates(student, ids.repeat(50, 1), maskable.repeat(50, 1), 4, g, V)[0] for _ in range(reps // 50)]
+        [
+            elbo_row_estimates(student, ids.repeat(50, 1), maskable.repeat(50, 1), 4, g, mask_id=V)[0]
+            for _ in range(reps // 50)
+        ]
     )
     se = float(ests.std() / math.sqrt(len(ests)))
     assert abs(float(ests.mean()) - exact) < 4 * se + 1e-6, (float(ests.mean()), exact, se)

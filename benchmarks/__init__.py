@@ -1,0 +1,1 @@
+"""Speed measured against a baseline in the same run; run from the repository root as `python -m benchmarks.NAME`."""
