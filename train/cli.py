@@ -63,24 +63,31 @@ def eval_(**settings) -> None:
 @app.command()
 @cli_signature(SampleConfig)
 def sample(**settings) -> None:
-    """Draw samples (LLaDA's remasking sampler, in batches); print them, or write them as JSONL (--out)."""
+    """Draw samples in batches; print them, or write them as JSONL (--out), and the states they visited (--states)."""
     cfg = SampleConfig(**settings)
     try:
         cfg.check()
         from ar2mdm.train.sample import sample as do_sample
 
-        records = do_sample(cfg)
+        records, states = do_sample(cfg)
         if cfg.out:
             from ar2mdm.schemas.samples import write_samples
 
             write_samples(cfg.out, records)
+        if cfg.states:
+            from ar2mdm.schemas.states import write_states
+
+            write_states(cfg.states, states)
     except (UserError, SchemaError) as e:
         fail(str(e))
+    if cfg.states:
+        typer.echo(f"{cfg.states}: {len(states)} states of {len(records)} trajectories")
     if cfg.out:
         stopped = sum(r.stopped for r in records)
         typer.echo(
             f"{cfg.out}: {len(records)} samples of {cfg.length} tokens in {cfg.steps} steps ({stopped} ended early)"
         )
+    if cfg.out or cfg.states:
         return
     for r in records:
         if cfg.raw:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from ar2mdm.shared.errors import UserError
-from ar2mdm.shared.paths import check_output_folder
+from ar2mdm.shared.paths import check_output_file, check_output_folder
 from ar2mdm.shared.sampling import check_sample_settings, sample_setting
 from ar2mdm.shared.settings import check_settings, setting
 
@@ -55,6 +55,12 @@ class TrainConfig:
     # elbo: multiply the MDM term by 1/t
     loss_weighting: Literal["seed", "elbo"] = setting(
         "seed", "seed (no weight) | elbo (1/t, LLaDA/MDLM; forced masks corrected)."
+    )
+    mix: list[str] = setting(
+        [],
+        "Also train on another shard folder, FOLDER:SHARE (repeatable): SHARE of each batch's rows come from it, the "
+        "rest from SHARDS (e.g. targets on a student's states, kdtargets build --states); with --resume, a changed "
+        "mixture starts its own data stream while the step and the optimizer state continue.",
     )
     resample_masks: bool = setting(False, "Fresh masks after epoch 0 (shards with --positions all only).")
     allow_partial: bool = setting(False, "Train on a build whose ranks have not all finished (refused by default).")
@@ -120,6 +126,24 @@ class TrainConfig:
             raise UserError("--batch-tokens sets --grad-accum: give one of them, not both")
         if self.batch_size == "auto" and self.grad_accum != 1:
             raise UserError("--batch-size auto sets --grad-accum: give the step's size as --batch-tokens instead")
+        shares = [share for _, share in self.mixture]
+        if sum(shares) >= 1:
+            raise UserError(f"--mix shares sum to {sum(shares):g}: they must leave SHARDS a share (sum below 1)")
+
+    @property
+    def mixture(self) -> list[tuple[str, float]]:
+        """The --mix folders and their shares, checked: FOLDER:SHARE with 0 < SHARE < 1."""
+        out = []
+        for m in self.mix:
+            folder, _, share = m.rpartition(":")
+            try:
+                value = float(share)
+            except ValueError:
+                value = -1.0
+            if not folder or not 0 < value < 1:
+                raise UserError(f"--mix {m!r}: give FOLDER:SHARE with a share between 0 and 1, e.g. rounds/r1:0.25")
+            out.append((folder, value))
+        return out
 
     @property
     def run_dir(self) -> Path:
@@ -128,8 +152,9 @@ class TrainConfig:
 
     def check_paths(self) -> None:
         """Raise UserError on a missing shard folder or a run folder that cannot be written (cheap: no torch)."""
-        if not Path(self.shards).is_dir():
-            raise UserError(f"shard folder {self.shards} does not exist")
+        for folder in [self.shards] + [f for f, _ in self.mixture]:
+            if not Path(folder).is_dir():
+                raise UserError(f"shard folder {folder} does not exist")
         check_output_folder(self.run_dir, "--out")
 
     def tail_for(self, exact_support: bool) -> str:
@@ -216,6 +241,13 @@ class SampleConfig:
     seed: int = sample_setting("seed")
     batch_size: int = sample_setting("batch_size")
     out: str | None = sample_setting("out")
+    states: str | None = setting(
+        None,
+        "Also write states the trajectories visited to this JSONL file (on-policy rows for kdtargets build --states).",
+    )
+    states_per_sample: int = setting(
+        1, "--states: states kept per trajectory, at steps drawn uniformly (so spread over noise levels).", at_least=1
+    )
     raw: bool = setting(False, "Print prompt + completion as plain text (default: labelled, newlines shown as \\n).")
     chat: bool | None = setting(
         None,
@@ -228,6 +260,8 @@ class SampleConfig:
     def check(self) -> None:
         check_settings(self)
         check_sample_settings(self)
+        if self.states:
+            check_output_file(Path(self.states), "--states")
 
 
 @dataclass

@@ -34,6 +34,7 @@ class Row:
     entry_offsets: np.ndarray  # (P+1,) int64, into target_ids/target_logprobs
     target_ids: np.ndarray  # (E,) int32
     target_logprobs: np.ndarray  # (E,) float32
+    truth: bool = True  # its masked positions hold the truth (False: a student's state, whose targets are all)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class TargetSpec:
     logprob_dtype: str  # storage precision of the log-probs ("float16" | "float32")
     exact_support: bool  # the stored entries are the whole target (topk with top_n >= K+1): no tail
     sampled: bool = False  # RS-KD sampled targets: unbiased for q at T = 1 only
+    states: bool = False  # some rows are a student's states (no truth at their masked positions): KD alone there
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> "TargetSpec":
@@ -54,7 +56,8 @@ class TargetSpec:
         # topk's K+1 candidates are its whole target: top-N of all of them, or draws from all of them, sum to 1
         exact = manifest.mode == "topk" and (top_n >= int(p.get("k", 0)) + 1 or sampled)
         width = max(top_n, int(p["samples"])) if sampled else top_n
-        return cls(width, int(manifest.tokenizer.eos_id), str(p.get("logprob_dtype", "float16")), exact, sampled)
+        eos, dtype = int(manifest.tokenizer.eos_id), str(p.get("logprob_dtype", "float16"))
+        return cls(width, eos, dtype, exact, sampled, manifest.states is not None)
 
 
 def sft_padding_start(input_ids: np.ndarray, prompt_len: int, eos_id: int) -> int:
@@ -82,6 +85,7 @@ class Batch:
     # (M,) long b·L + i of each masked position, in mask.nonzero() order: made on the host, so that gathering
     # the masked positions on the device needs no nonzero() (a host sync per step)
     positions: torch.Tensor
+    truth: torch.Tensor  # (B,) bool: the row's masked positions hold the truth (False: a student's state)
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         return Batch(*(getattr(self, f).to(device, non_blocking=non_blocking) for f in self.__dataclass_fields__))
@@ -92,7 +96,8 @@ class Batch:
         return Batch(*(getattr(self, f).pin_memory() for f in self.__dataclass_fields__))
 
 
-def rows_of_shard(path: Path) -> Iterator[Row]:
+def rows_of_shard(path: Path, truth: bool = True) -> Iterator[Row]:
+    """The rows of one shard file; ``truth``: False for a build on a student's states (its manifest's `states`)."""
     for data in iter_shard_batches(path):
         lp = data.target_logprobs.astype(np.float32)
         for r in range(data.rows):
@@ -108,6 +113,7 @@ def rows_of_shard(path: Path) -> Iterator[Row]:
                 entry_offsets=data.entry_offsets[a : b + 1] - e0,
                 target_ids=data.target_ids[e0:e1],
                 target_logprobs=lp[e0:e1],
+                truth=truth,
             )
 
 
@@ -131,6 +137,7 @@ class RowStream:
         mask_eps: float = 1e-3,
     ):
         self.files = [directory / s.file for s in manifest.shards]
+        self.truth = manifest.states is None
         self.consumer, self.consumers = consumer, consumers
         self.seed, self.buffer = seed, shuffle_buffer
         self.resample = resample_masks
@@ -149,7 +156,7 @@ class RowStream:
         share = share_of([self.files[j] for j in order], self.consumer, self.consumers)
         n = 0
         for f in share.files:
-            for row in rows_of_shard(f):
+            for row in rows_of_shard(f, self.truth):
                 n += 1
                 if share.keeps(n - 1):
                     yield row
@@ -220,7 +227,25 @@ def collate(rows: list[Row], spec: TargetSpec) -> Batch:
         target_ids=torch.as_tensor(np.concatenate(tids)),  # (M, top_n)
         target_logprobs=torch.as_tensor(np.concatenate(tlps)),
         positions=mask.flatten().nonzero()[:, 0],
+        truth=torch.tensor([r.truth for r in rows]),
     )
+
+
+@dataclass(frozen=True)
+class Source:
+    """A shard folder the trainer reads, and the share of each batch's rows it gives."""
+
+    directory: Path
+    manifest: Manifest
+    share: float = 1.0
+
+
+def mixed(streams: list[Iterator], shares: list[float], rng: random.Random) -> Iterator[Row]:
+    """Rows drawn from ``streams`` in proportion to ``shares``: each row's source is drawn from ``rng``."""
+    cum = np.cumsum(shares) / sum(shares)
+    while True:
+        j = min(int(np.searchsorted(cum, rng.random(), side="right")), len(streams) - 1)
+        yield next(streams[j])[1]
 
 
 class BatchLoader(torch.utils.data.IterableDataset):
@@ -228,10 +253,11 @@ class BatchLoader(torch.utils.data.IterableDataset):
 
     ``skip_batches``: batches this rank already consumed (resume). The DataLoader takes batches from its workers
     in turn, so worker w produced batches w, w+W, w+2W, ... of them, and skips exactly that many of its own.
+    Several ``sources``: each row comes from one of them, drawn by their shares (seeded per consumer).
     """
 
-    def __init__(self, directory, manifest, rank, world, seed, *, batch_size, skip_batches=0, **stream_kw):
-        self.directory, self.manifest = Path(directory), manifest
+    def __init__(self, sources: list[Source], rank, world, seed, *, batch_size, skip_batches=0, **stream_kw):
+        self.sources = sources
         self.rank, self.world, self.seed = rank, world, seed
         self.batch_size, self.skip_batches, self.stream_kw = batch_size, skip_batches, stream_kw
 
@@ -242,16 +268,20 @@ class BatchLoader(torch.utils.data.IterableDataset):
         # role of the worker that would have produced batch `skip + w`.
         skip, bs = self.skip_batches, self.batch_size
         role = (wid + skip) % nw
-        stream = RowStream(
-            self.directory, self.manifest, self.rank * nw + role, self.world * nw, self.seed, **self.stream_kw
-        )
-        spec = TargetSpec.from_manifest(self.manifest)
-        it = iter(stream)
+        consumer, consumers = self.rank * nw + role, self.world * nw
+        streams = [
+            iter(RowStream(s.directory, s.manifest, consumer, consumers, self.seed, **self.stream_kw))
+            for s in self.sources
+        ]
+        if len(streams) == 1:
+            it = (row for _, row in streams[0])
+        else:
+            it = mixed(streams, [s.share for s in self.sources], random.Random(f"{self.seed}:mix:{consumer}"))
+        spec = TargetSpec.from_manifest(self.sources[0].manifest)
         for _ in range(len(range(role, skip, nw)) * bs):
             next(it)
         while True:
-            rows = [next(it)[1] for _ in range(bs)]
-            yield collate(rows, spec)
+            yield collate([next(it) for _ in range(bs)], spec)
 
 
 def load_shard_manifest(shards: str | Path, allow_partial: bool = False) -> Manifest:

@@ -38,6 +38,7 @@ def denoise(
     seeds: list[int] | None = None,
     block_length: int | None = None,
     stop_ids: tuple[int, ...] = (),
+    on_step=None,
 ) -> torch.Tensor:
     """Fill the masked positions of ``x`` (B, S) (mask id = the model's vocab_size) in ``steps`` steps.
 
@@ -51,7 +52,9 @@ def denoise(
     semi-autoregressive decoding: the masked positions are revealed block by block, left to right, ``steps``
     shared evenly among the blocks; a later block stays masked (and attended to) until its turn, and once every
     row holds one of ``stop_ids`` in a finished block the rest stay masked. ``seeds``: one per row (default 0,
-    1, ...), the seed of that row's draws, made on the rows' device.
+    1, ...), the seed of that row's draws, made on the rows' device. ``on_step(s, x)``: called with the rows as
+    they are before the s-th step that reveals tokens (s = 0, 1, ...; `planned_steps` of them): the states the
+    sampler visits.
     """
     mask_id = model.config.mask_id
     x = x.clone()
@@ -66,6 +69,7 @@ def denoise(
     block_steps = max(1, steps // len(blocks))
     rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
     done = 0  # positions of `todo` in finished blocks
+    taken = 0  # steps that revealed tokens so far
     for block in blocks:
         length = len(block)
         n_steps = min(block_steps, length)
@@ -77,6 +81,9 @@ def denoise(
             reveal = left - int(length * (1 - (s + 1) / n_steps))
             if reveal <= 0:
                 continue
+            if on_step is not None:
+                on_step(taken, x)
+            taken += 1
             pos = here.nonzero()[:, 1].view(B, left)  # (B, left), ascending
             if remasking == "random":  # the positions first, then the tokens at those alone
                 pick = torch.stack([torch.rand(left, generator=g, device=x.device) for g in generators])
@@ -94,6 +101,14 @@ def denoise(
         if stop_ids and bool(torch.isin(x[:, todo[:done]], torch.tensor(stop_ids, device=x.device)).any(1).all()):
             break  # every row's response ended: the later blocks are not computed
     return x
+
+
+def planned_steps(n_masked: int, steps: int, block_length: int | None = None) -> int:
+    """The steps `denoise` takes to fill ``n_masked`` positions (each reveals at least one token), fewer only where
+    every row's answer ends early."""
+    blocks = [min(block_length, n_masked - a) for a in range(0, n_masked, block_length)] if block_length else [n_masked]
+    per_block = max(1, steps // len(blocks))
+    return sum(min(per_block, b) for b in blocks)
 
 
 def cut_at_stop(ids: list[int], stop_ids: tuple[int, ...] | list[int], keep_stop: bool = False) -> list[int]:

@@ -12,7 +12,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -23,7 +23,7 @@ from ar2mdm.schemas import Manifest, SchemaError
 from ar2mdm.shared.errors import UserError, warn
 from ar2mdm.train.checkpoint import checkpoint_dir, load_meta, load_student, save_checkpoint
 from ar2mdm.train.config import TrainConfig
-from ar2mdm.train.data import Batch, BatchLoader, RowStream, TargetSpec, load_shard_manifest
+from ar2mdm.train.data import Batch, BatchLoader, RowStream, Source, TargetSpec, load_shard_manifest
 from ar2mdm.train.model import Student, StudentConfig
 from ar2mdm.train.step import autocast_for, read_parts, resolve_device, step_losses
 from ar2mdm.train.tracking import open_tracker
@@ -107,13 +107,15 @@ class Trainer:
     rows_per_rank: int
     step: int = 0
     saved: int | None = None  # the step of the last checkpoint on disk
-    rows_done: int = 0  # rows this rank consumed (resume skips them)
+    rows_done: int = 0  # rows this rank consumed from the current mixture (resume skips them)
+    mix: list = field(default_factory=list)  # the --mix folders and shares: a resume with another starts afresh
 
     def save(self) -> None:
         """A checkpoint of the current step (a collective under FSDP: every rank takes part)."""
         model_sd, opt_sd = full_states(self.model, self.opt, self.cfg.fsdp and self.distributed)
         if self.rank == 0:
             st = {"step": self.step, "rows": self.rows_done, "optimizer": opt_sd, "torch_rng": torch.get_rng_state()}
+            st["mix"] = self.mix
             save_checkpoint(self.run, model_sd, self.model.config, meta=self.meta, state=st, tokenizer_dir=self.tok_dir)
         self.saved = self.step
 
@@ -221,9 +223,10 @@ def setup_training(cfg: TrainConfig) -> Trainer:
     open the data stream where the last checkpoint left it; say what the run will do."""
     cfg.check()
     shards = Path(cfg.shards)
-    manifest = load_shard_manifest(shards, cfg.allow_partial)
-    spec = TargetSpec.from_manifest(manifest)
-    _check_shards(cfg, manifest, spec)
+    sources = _sources(cfg)
+    manifest = sources[0].manifest
+    spec = replace(TargetSpec.from_manifest(manifest), states=any(s.manifest.states is not None for s in sources))
+    _check_shards(cfg, sources, spec)
     run = cfg.run_dir
     rank, world, distributed = _dist()
     device = _device(cfg, distributed)
@@ -243,8 +246,11 @@ def setup_training(cfg: TrainConfig) -> Trainer:
     if rank == 0:
         _announce(cfg, rows_per_rank, world, steps_per_epoch, total)
     train_model, opt = _wrap(cfg, model, device, distributed, state)
-    rows_done = state["rows"] if state else 0
-    loader = _loader(cfg, manifest, rank=rank, world=world, device=device, rows_done=rows_done)
+    mix = [[str(s.directory.resolve()), s.share] for s in sources[1:]]
+    rows_done = state["rows"] if state and state.get("mix", []) == mix else 0
+    if state and rows_done == 0 and rank == 0:
+        print("kdtrain: a new data mixture: its stream starts afresh; the step and optimizer continue", file=sys.stderr)
+    loader = _loader(cfg, sources, rank=rank, world=world, device=device, rows_done=rows_done)
     run.mkdir(parents=True, exist_ok=True)
     step = state["step"] if state else 0
     return Trainer(
@@ -267,21 +273,55 @@ def setup_training(cfg: TrainConfig) -> Trainer:
         step=step,
         saved=step if state else None,
         rows_done=rows_done,
+        mix=mix,
     )
 
 
-def _check_shards(cfg: TrainConfig, manifest: Manifest, spec: TargetSpec) -> None:
+def _sources(cfg: TrainConfig) -> list[Source]:
+    """SHARDS and the --mix folders, each with its share of a batch's rows; refused in one line where they do not
+    fit together (another tokenizer, row length, task or kind of targets)."""
+    main = load_shard_manifest(cfg.shards, cfg.allow_partial)
+    mixture = cfg.mixture
+    sources = [Source(Path(cfg.shards), main, 1.0 - sum(share for _, share in mixture))]
+    for folder, share in mixture:
+        m = load_shard_manifest(folder, cfg.allow_partial)
+        for what, mine, theirs in (
+            ("tokenizer", m.tokenizer.sha256, main.tokenizer.sha256),
+            ("row length", m.seq_len, main.seq_len),
+            ("task", m.task, main.task),
+            ("kind of targets", _kind(m), _kind(main)),
+        ):
+            if mine != theirs:
+                raise UserError(f"--mix {folder}: another {what} than {cfg.shards} ({mine} against {theirs})")
+        sources.append(Source(Path(folder), m, share))
+    return sources
+
+
+def _kind(m: Manifest) -> tuple:
+    """What a batch's targets must share across folders: entries kept, whether they are the whole target (the
+    tail), and whether they were sampled."""
+    spec = TargetSpec.from_manifest(m)
+    return spec.top_n, spec.exact_support, spec.sampled
+
+
+def _check_shards(cfg: TrainConfig, sources: list[Source], spec: TargetSpec) -> None:
     """Refuse settings these shards cannot serve, in one line."""
-    if cfg.resample_masks and (manifest.mask_dependent_targets or not manifest.targets_at_all_positions):
-        raise UserError(
-            "--resample-masks needs targets at every position that do not depend on the mask "
-            f"(build with --positions all and --mode topk or fim); these shards are mode {manifest.mode}, "
-            f"positions {manifest.params.get('positions')}"
-        )
+    for s in sources:
+        m = s.manifest
+        if cfg.resample_masks and (m.mask_dependent_targets or not m.targets_at_all_positions):
+            raise UserError(
+                "--resample-masks needs targets at every position that do not depend on the mask "
+                f"(build with --positions all and --mode topk or fim); {s.directory} is mode {m.mode}, "
+                f"positions {m.params.get('positions')}"
+            )
     if spec.sampled and cfg.temperature != 1.0 and cfg.lam > 0:
         raise UserError(
             f"--temperature {cfg.temperature}: these shards hold sampled targets (--sparsify sample), an "
             "unbiased estimate of q at T = 1 only; train them at --temperature 1, or build top-N targets"
+        )
+    if spec.states and cfg.lam == 0:
+        raise UserError(
+            "--lambda 0 with a student's states: their rows have no truth, only teacher targets; give λ > 0"
         )
 
 
@@ -307,19 +347,18 @@ def _run_meta(cfg: TrainConfig, manifest: Manifest) -> dict:
     }
 
 
-def _loader(cfg: TrainConfig, manifest: Manifest, *, rank: int, world: int, device: str, rows_done: int):
-    """This rank's batches, from where the checkpoint left them (``rows_done`` rows consumed)."""
+def _loader(cfg: TrainConfig, sources: list[Source], *, rank: int, world: int, device: str, rows_done: int):
+    """This rank's batches, from where the checkpoint left them (``rows_done`` rows of this mixture consumed)."""
     stream = BatchLoader(
-        Path(cfg.shards),
-        manifest,
+        sources,
         rank,
         world,
-        cfg.seed,
+        cfg.seed if len(sources) == 1 else f"{cfg.seed}:mix:{len(sources)}",  # each mixture its own order
         batch_size=cfg.batch_size,
         skip_batches=rows_done // cfg.batch_size,
         shuffle_buffer=cfg.shuffle_buffer,
         resample_masks=cfg.resample_masks,
-        mask_eps=float(manifest.params.get("mask_eps", 1e-3)),
+        mask_eps=float(sources[0].manifest.params.get("mask_eps", 1e-3)),
     )
     return torch.utils.data.DataLoader(
         stream,

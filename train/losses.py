@@ -44,7 +44,7 @@ def student_logprobs(logits: torch.Tensor) -> torch.Tensor:
 def mdm_loss(
     nll: torch.Tensor, row: torch.Tensor, norm: torch.Tensor, weight: torch.Tensor, per_row: bool = False
 ) -> torch.Tensor:
-    """Seed §1: mean over rows of (1/norm_b) · weight_b · Σ_{i masked in b} -log p_θ(x_0,i | x_t).
+    """docs/design.md §1: mean over rows of (1/norm_b) · weight_b · Σ_{i masked in b} -log p_θ(x_0,i | x_t).
 
     nll: (M,) -log p_θ(x_0,i | x_t) at the masked positions (`masked_losses`); row: (M,) row of each position;
     norm: (B,) L for pretrain rows, the response length for SFT rows; weight: (B,) 1, or 1/t.
@@ -185,7 +185,7 @@ def sparse_kl(
 
 
 def kd_loss(kl: torch.Tensor, row: torch.Tensor, norm: torch.Tensor, per_row: bool = False) -> torch.Tensor:
-    """Seed §2: mean over rows of (1/norm_b) Σ_{i masked in b} T²·KL(q_T ‖ p_θ^T).
+    """docs/design.md §2: mean over rows of (1/norm_b) Σ_{i masked in b} T²·KL(q_T ‖ p_θ^T).
 
     kl: (M,) per-position terms (`masked_losses`; 0 where no target is stored); row: (M,); norm: (B,).
     ``per_row``: the (B,) row terms instead of their mean."""
@@ -314,7 +314,9 @@ def batch_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(1-λ)·MDM + λ·KD from the (M, V) logits at the batch's masked positions, and its parts as 0-d tensors on
     the device (`read_parts` turns them into floats with one host sync). ``progress``: step / total steps, for
-    a λ schedule; with a schedule or a t-dependent λ, each row gets its own λ_b (`losses.kd_weight`).
+    a λ schedule; with a schedule or a t-dependent λ, each row gets its own λ_b (`losses.kd_weight`). Where the
+    shards hold a student's states (``spec.states``), a row without truth at its masked positions
+    (``batch.truth`` False) gets no MDM term and its KD term alone: λ_b = 1 (docs/design.md, on-policy rows).
 
     Nothing here waits for the device: the masked positions come from the batch (``positions``, made on the
     host by `collate`), not from a nonzero() or a boolean index of device tensors."""
@@ -325,8 +327,11 @@ def batch_loss(
         weight = elbo_weight(batch.t, batch.mask, maskable_positions(L, batch.prompt_len))  # (B,)
     else:
         weight = torch.ones_like(batch.t)
-    per_row = cfg.lam > 0.0 and (cfg.schedule != "constant" or cfg.lambda_t != "none")  # λ = 0 stays 0: no KD term
+    per_row = cfg.lam > 0.0 and (cfg.schedule != "constant" or cfg.lambda_t != "none" or spec.states)  # λ = 0: no KD
     lam = kd_weight(cfg.lam, progress, batch.t, cfg.schedule, cfg.lambda_t) if per_row else cfg.lam  # (B,) or float
+    if per_row and spec.states:  # no truth, no MDM term: these rows carry their targets alone
+        lam = torch.where(batch.truth, lam, torch.ones_like(lam))
+        weight = weight * batch.truth
     targets = None
     if per_row or cfg.lam > 0.0:
         tail = cfg.tail_for(spec.exact_support)

@@ -65,6 +65,7 @@ def worst_batch(b: int, seq_len: int, top_n: int, mask_id: int, device: str) -> 
         target_ids=(base + torch.arange(top_n)) % mask_id,  # distinct, as a build's are
         target_logprobs=torch.log_softmax(torch.randn(M, top_n, generator=g), -1),
         positions=torch.arange(M),
+        truth=torch.ones(b, dtype=torch.bool),
     ).to(device)
 
 

@@ -7,16 +7,18 @@ each sample draws from its own seed, so the same command writes the same file wh
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import torch
 
 from ar2mdm.schemas.samples import SampleRecord, SampleSource
+from ar2mdm.schemas.states import StateRecord, StateSource
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.sampling import Prompt, batches_of, prompts_for, sample_seed, source_settings, until_stop
 from ar2mdm.train.checkpoint import checkpoint_dir, load_student, run_task, run_tokenizer
 from ar2mdm.train.config import SampleConfig
-from ar2mdm.train.denoise import denoise
+from ar2mdm.train.denoise import denoise, planned_steps
 from ar2mdm.train.step import resolve_device
 
 # the sampler's settings a samples file records (with the prompts' source)
@@ -52,9 +54,17 @@ def run_step(run: Path) -> int | None:
     return json.loads((checkpoint_dir(run) / "config.json").read_text()).get("step")
 
 
+def state_steps(seed: int, index: int, total: int, keep: int) -> list[int]:
+    """The steps of sample ``index``'s trajectory whose input states are kept: ``keep`` of its ``total`` steps,
+    uniformly without replacement. The linear schedule masks 1 - s/total of the positions before step s, so the
+    kept states spread over noise levels as the corpus rows' t ~ U(0, 1) do."""
+    return sorted(random.Random(sample_seed(seed, index) + 1).sample(range(total), min(keep, total)))
+
+
 @torch.no_grad()
-def sample(cfg: SampleConfig) -> list[SampleRecord]:
+def sample(cfg: SampleConfig) -> tuple[list[SampleRecord], list[StateRecord]]:
     """``cfg.num`` samples of the run's student, in batches of ``cfg.batch_size``; see `denoise` for the sampler.
+    With ``cfg.states``, also ``cfg.states_per_sample`` of the states each trajectory visited (`state_steps`).
 
     A chat run (``chat``, default: on for SFT runs) renders each prompt as a user turn, as the build rendered
     its rows, and ends each answer at its first end of turn; other runs end a sample at its first EOS (where a
@@ -77,12 +87,27 @@ def sample(cfg: SampleConfig) -> list[SampleRecord]:
             f"prompt ({longest} tokens) + --length {cfg.length} exceeds the student's "
             f"{model.config.max_positions} positions"
         )
-    stops = stop_ids(tok) if chat else [special_ids(tok)[1]]
-    source = SampleSource("student", str(run), tokenizer_hash(tok), run_step(run), source_settings(cfg, SAMPLER_FIELDS))
+    eos = special_ids(tok)[1]
+    stops = stop_ids(tok) if chat else [eos]
+    settings = source_settings(cfg, SAMPLER_FIELDS)
+    source = SampleSource("student", str(run), tokenizer_hash(tok), run_step(run), settings)
+    state_source = StateSource(
+        str(run), source.step, source.tokenizer_sha256, {**settings, "states_per_sample": cfg.states_per_sample}
+    )
     records: list[SampleRecord | None] = [None] * len(prompts)
+    states: list[StateRecord] = []
     mask = model.config.mask_id
+    total = planned_steps(cfg.length, cfg.steps, cfg.block_length)
     for batch in batches_of(prompts, cfg.batch_size):
         x = torch.tensor([prompts[i].ids + [mask] * cfg.length for i in batch], device=device)  # (B, P + length)
+        keep = {i: state_steps(cfg.seed, i, total, cfg.states_per_sample) for i in batch} if cfg.states else {}
+        seen: dict[tuple[int, int], list[int]] = {}
+
+        def record(s: int, rows: torch.Tensor) -> None:  # the states this batch's trajectories visit
+            for b, i in enumerate(batch):
+                if s in keep.get(i, ()):
+                    seen[i, s] = (rows[b] == mask).nonzero()[:, 0].tolist()
+
         x = denoise(
             model,
             x,
@@ -92,9 +117,14 @@ def sample(cfg: SampleConfig) -> list[SampleRecord]:
             seeds=[sample_seed(cfg.seed, i) for i in batch],
             block_length=cfg.block_length,
             stop_ids=tuple(stops) if chat else (),
+            on_step=record if keep else None,
         )
         for i, row in zip(batch, x.tolist()):
             p = prompts[i]
             ids, text, stopped = completion(row[len(p.ids) :], stops, tok)
             records[i] = SampleRecord(i, p.text, p.ids, ids, text, stopped, source)
-    return records
+            final = [eos if t == mask else t for t in row]  # (a chat answer's blocks after its end stay masked)
+            for s in keep.get(i, ()):
+                plen = len(p.ids) if chat else 0  # a chat row's prompt is its SFT prompt; else BOS is all
+                states.append(StateRecord(f"s{i:06d}-t{s:03d}", final, plen, seen[i, s], s, total, state_source))
+    return records, states

@@ -97,7 +97,7 @@ def test_prompts_from_held_out_rows_and_what_ends_a_sample(tiny_run, tmp_path):
     rows = list(pack_documents(iter_documents(list_corpus_files(held), CorpusStats()), tok, 12))[:3]
     assert [p.ids + p.reference for p in prompts] == [r.tolist() for r in rows]  # prompt + reference = the row
     cfg = SampleConfig(run=str(tiny_run), num=3, prompts_from=str(held), prompt_tokens=4, length=7, steps=7)
-    recs = sample(cfg)
+    recs, _ = sample(cfg)
     eos = tok.eos_token_id
     for r, p in zip(recs, prompts):
         assert r.prompt_ids == p.ids and r.prompt == tok.decode(p.ids[1:]) and eos not in r.ids

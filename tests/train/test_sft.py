@@ -158,7 +158,7 @@ def test_chat_sample_prints_the_answer_up_to_its_end_of_turn(sft_run, monkeypatc
     scripted = ids(tok, "upon the heath") + [end] + ids(tok, "zz")
     seen = {}
 
-    def fake_denoise(model, x, steps, *, temperature, remasking, seeds, block_length, stop_ids):
+    def fake_denoise(model, x, steps, *, temperature, remasking, seeds, block_length, stop_ids, on_step):
         seen["prompt"], seen["stops"], seen["block"] = x[0].tolist(), stop_ids, block_length
         y = x.clone()
         n = int((x[0] == model.config.mask_id).sum())
