@@ -121,6 +121,9 @@ def plot(rows: list[dict], judges: list[str], out: Path) -> None:
         for r, style in zip([r for r in rows if not r["steps"]], ("--", ":")):
             ax.axhline(r[key], color="black", linestyle=style, linewidth=1, label=r["label"])
         ax.set_xscale("log", base=2)
+        steps = sorted({r["steps"] for r in rows if r["steps"]})
+        ax.set_xticks(steps, [str(x) for x in steps])
+        ax.minorticks_off()
         ax.set_xlabel("sampling steps")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)

@@ -40,6 +40,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--corpus", help="training corpus (default: the embedded tragedies)")
+    ap.add_argument("--corpus-shards", help="an existing build of corpus targets to train on (instead of OUT/corpus)")
     ap.add_argument("--teacher", help="teacher (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--mode", default="mc", choices=["mc", "topk", "fim"])
     ap.add_argument("--k", type=int, default=4)
@@ -61,10 +62,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     teacher = ["--teacher", a.teacher] if a.teacher else []
     targets = ["--mode", a.mode, "--k", str(a.k), "--seq-len", str(a.seq_len), "--no-progress", *teacher]
-    run([*TARGETS, "build", *([a.corpus] if a.corpus else []), "--out", str(out / "corpus"), *targets,
-         "--max-sequences", str(a.corpus_rows), "--seqs-per-shard", "32"])  # fmt: skip
+    corpus = Path(a.corpus_shards) if a.corpus_shards else out / "corpus"
+    if not a.corpus_shards:
+        run([*TARGETS, "build", *([a.corpus] if a.corpus else []), "--out", str(corpus), *targets,
+             "--max-sequences", str(a.corpus_rows), "--seqs-per-shard", "32"])  # fmt: skip
     student = ["--init-from", a.init_from] if a.init_from else ["--student", a.student]
-    train = [*TRAIN, "run", str(out / "corpus"), "--out", str(out / "run"), *student, "--steps", str(a.steps)]
+    train = [*TRAIN, "run", str(corpus), "--out", str(out / "run"), *student, "--steps", str(a.steps)]
     train += ["--batch-size", str(a.batch_size), "--lr", str(a.lr), "--lambda", str(a.lam), "--seed", str(a.seed)]
     train += ["--no-progress", "--log-every", "10"]
     mix: list[str] = []
@@ -91,7 +94,7 @@ def main() -> None:
         if checkpoint_step(out / "run") < end:
             resume = ["--resume"] if checkpoint_step(out / "run") >= 0 else []
             run([*train, "--stop-at", str(end), *resume, *[x for m in mix for x in ("--mix", m)]])
-    print(f"{out / 'run'}: {a.steps} steps; teacher rows: {a.corpus_rows} corpus + {a.rounds} x {a.state_rows} states")
+    print(f"{out / 'run'}: {a.steps} steps; teacher rows: {corpus} + {a.rounds} x {a.state_rows} states")
 
 
 if __name__ == "__main__":
