@@ -9,13 +9,11 @@ field, and refuse a file whose lines disagree on their source.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ar2mdm.schemas.manifest import write_atomic
+from ar2mdm.schemas.jsonl import parse_record, read_records, to_line, write_records
 from ar2mdm.schemas.v1 import SchemaError
 
 SAMPLES_FORMAT = "ar2mdm.samples"
@@ -43,29 +41,16 @@ class SampleRecord:
     source: SampleSource
 
     def to_json(self) -> str:
-        return json.dumps({"format": SAMPLES_FORMAT, "version": SAMPLES_VERSION, **dataclasses.asdict(self)})
+        return to_line(self, SAMPLES_FORMAT, SAMPLES_VERSION)
 
 
 def write_samples(path: str | Path, records: list[SampleRecord]) -> Path:
     """Write ``records`` as JSONL, atomically (a reader never sees half a file)."""
-    path = Path(path)
-    if path.parent != Path("."):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, "".join(r.to_json() + "\n" for r in records).encode())
-    return path
+    return write_records(path, [r.to_json() for r in records])
 
 
 def _record(d: dict, where: str) -> SampleRecord:
-    if d.get("format") != SAMPLES_FORMAT:
-        raise SchemaError(f"{where}: not an ar2mdm samples record (format {d.get('format')!r})")
-    if d.get("version") != SAMPLES_VERSION:
-        raise SchemaError(f"{where}: samples version {d.get('version')}, this ar2mdm reads {SAMPLES_VERSION}")
-    try:
-        fields = {f.name: d[f.name] for f in dataclasses.fields(SampleRecord)}
-        fields["source"] = SampleSource(**fields["source"])
-        rec = SampleRecord(**fields)
-    except (KeyError, TypeError) as e:
-        raise SchemaError(f"{where}: malformed samples record ({type(e).__name__}: {e})") from e
+    rec = parse_record(d, SampleRecord, SampleSource, SAMPLES_FORMAT, SAMPLES_VERSION, where)
     if rec.source.kind not in SOURCE_KINDS:
         raise SchemaError(f"{where}: source kind {rec.source.kind!r} is not one of {', '.join(SOURCE_KINDS)}")
     if not all(isinstance(t, int) for t in rec.ids + rec.prompt_ids) or not isinstance(rec.text, str):
@@ -75,21 +60,4 @@ def _record(d: dict, where: str) -> SampleRecord:
 
 def read_samples(path: str | Path) -> list[SampleRecord]:
     """The records of a samples file, checked; SchemaError (one line) on anything malformed."""
-    path = Path(path)
-    if not path.is_file():
-        raise SchemaError(f"samples file {path} does not exist")
-    records = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SchemaError(f"{path} line {n}: not JSON ({e.msg})") from e
-        rec = _record(d, f"{path} line {n}")
-        if records and rec.source != records[0].source:
-            raise SchemaError(f"{path} line {n}: another source than line 1 (one file holds one model's samples)")
-        records.append(rec)
-    if not records:
-        raise SchemaError(f"samples file {path} holds no samples")
-    return records
+    return read_records(path, _record, "samples")

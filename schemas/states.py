@@ -10,13 +10,11 @@ whole row, condition on that completion. All lines of one file share one ``sourc
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ar2mdm.schemas.manifest import write_atomic
+from ar2mdm.schemas.jsonl import parse_record, read_records, to_line, write_records
 from ar2mdm.schemas.v1 import SchemaError
 
 STATES_FORMAT = "ar2mdm.states"
@@ -42,29 +40,16 @@ class StateRecord:
     source: StateSource
 
     def to_json(self) -> str:
-        return json.dumps({"format": STATES_FORMAT, "version": STATES_VERSION, **dataclasses.asdict(self)})
+        return to_line(self, STATES_FORMAT, STATES_VERSION)
 
 
 def write_states(path: str | Path, records: list[StateRecord]) -> Path:
     """Write ``records`` as JSONL, atomically."""
-    path = Path(path)
-    if path.parent != Path("."):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, "".join(r.to_json() + "\n" for r in records).encode())
-    return path
+    return write_records(path, [r.to_json() for r in records])
 
 
 def _record(d: dict, where: str) -> StateRecord:
-    if d.get("format") != STATES_FORMAT:
-        raise SchemaError(f"{where}: not an ar2mdm states record (format {d.get('format')!r})")
-    if d.get("version") != STATES_VERSION:
-        raise SchemaError(f"{where}: states version {d.get('version')}, this ar2mdm reads {STATES_VERSION}")
-    try:
-        fields = {f.name: d[f.name] for f in dataclasses.fields(StateRecord)}
-        fields["source"] = StateSource(**fields["source"])
-        rec = StateRecord(**fields)
-    except (KeyError, TypeError) as e:
-        raise SchemaError(f"{where}: malformed states record ({type(e).__name__}: {e})") from e
+    rec = parse_record(d, StateRecord, StateSource, STATES_FORMAT, STATES_VERSION, where)
     L, m = len(rec.input_ids), rec.mask_positions
     if not m:
         raise SchemaError(f"{where}: state {rec.example_id} has no masked position (nothing to build a target for)")
@@ -78,26 +63,13 @@ def _record(d: dict, where: str) -> StateRecord:
 
 def read_states(path: str | Path) -> list[StateRecord]:
     """The records of a states file, checked: one source, one row length, unique ids; SchemaError (one line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SchemaError(f"states file {path} does not exist")
-    records, seen = [], set()
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SchemaError(f"{path} line {n}: not JSON ({e.msg})") from e
-        rec = _record(d, f"{path} line {n}")
-        if records and rec.source != records[0].source:
-            raise SchemaError(f"{path} line {n}: another source than line 1 (one file holds one student's states)")
-        if records and len(rec.input_ids) != len(records[0].input_ids):
-            raise SchemaError(f"{path} line {n}: {len(rec.input_ids)} tokens, line 1 has {len(records[0].input_ids)}")
+    records = read_records(path, _record, "states")
+    seen = set()
+    for rec in records:
+        if len(rec.input_ids) != len(records[0].input_ids):
+            raise SchemaError(f"{path}: state {rec.example_id} is {len(rec.input_ids)} tokens, the first is "
+                              f"{len(records[0].input_ids)}")  # fmt: skip
         if rec.example_id in seen:
-            raise SchemaError(f"{path} line {n}: example id {rec.example_id} appears twice")
+            raise SchemaError(f"{path}: example id {rec.example_id} appears twice")
         seen.add(rec.example_id)
-        records.append(rec)
-    if not records:
-        raise SchemaError(f"states file {path} holds no states")
     return records

@@ -2,7 +2,8 @@
 # The main job on the embedded default, sized for a 2-core CPU (about 4 minutes once installed):
 # build top-K rescoring targets with SmolLM2-135M on Shakespeare's tragedies, validate and inspect them;
 # train a tiny student from scratch on them, and adapt the teacher itself (A2D warm start, 12 steps);
-# evaluate both on held-out text (the comedies, never trained on) and show what they predict.
+# evaluate both on held-out text (the comedies, never trained on) and show what they predict; judge the adapted
+# student's samples beside the teacher's own (kdtrain sample, kdtargets sample / score).
 # Safe to rerun: finished shards are kept, the two demo runs are retrained. The adapted student is exported
 # (kdtrain export) and sampled through transformers alone.
 set -euo pipefail
@@ -26,11 +27,25 @@ kdtrain plot "$RUN"
 kdtrain run "$OUT" --out "$RUN-a2d" --init-from default --steps 12 --batch-size 8 --lr 1e-4 --warmup 0.1 --log-every 4
 kdtrain eval "$RUN-a2d" --data "$HELDOUT" --max-rows 64
 kdtrain fill "$RUN-a2d" --text "$LINE"
-# after 12 steps on 24 rows the adapted student fills single masks well (above) but its free generation is still
-# mostly punctuation and newlines; docs/sft.md shows 96-step students that write sentences
-echo "a sample (12 steps of adaptation: expect punctuation, not prose; kdtrain fill above shows what it learnt):"
+# after 12 steps on 24 rows the adapted student fills single masks well (above) but its free generation is far
+# from prose; docs/sft.md shows 96-step students that write sentences
+echo "a sample (12 steps of adaptation: expect word salad; kdtrain fill above shows what it learnt):"
 kdtrain sample "$RUN-a2d" --prompt "To be, or not to be" --length 16 --steps 16
-# 3. the adapted student as a transformers folder, loaded and sampled by transformers alone
+# 3. sample quality as the field measures it: 16 held-out prompts (each comedy row's first 15 tokens), the adapted
+# student's samples (32 tokens, 32 steps) and the teacher's own, judged by the teacher: bits per byte of the
+# completions (lower is better) and the entropy of their tokens (repetition lowers it)
+P=(--prompts-from "$HELDOUT" --prompt-tokens 15 --num 16)
+kdtrain sample "$RUN-a2d" "${P[@]}" --out "$RUN-a2d/samples.jsonl"
+kdtargets sample "${P[@]}" --out "$RUN-a2d/teacher-samples.jsonl"
+kdtargets score "$RUN-a2d/samples.jsonl" "$RUN-a2d/teacher-samples.jsonl" --out "$RUN-a2d/scores.json" > /dev/null
+python - "$RUN-a2d/scores.json" <<'PY'
+import json, sys
+f = json.load(open(sys.argv[1]))["files"]
+s, t = ((x["judges"]["default"]["bits_per_byte"], x["text"]["entropy"]) for x in f)
+print(f"judged by the teacher: the adapted student's samples {s[0]:.2f} bits/byte (entropy {s[1]:.2f} nats), "
+      f"the teacher's own {t[0]:.2f} ({t[1]:.2f})")
+PY
+# 4. the adapted student as a transformers folder, loaded and sampled by transformers alone
 kdtrain export "$RUN-a2d" --out "$RUN-a2d-hf" --overwrite
 python - "$RUN-a2d-hf" <<'PY'
 import sys, torch
@@ -42,5 +57,6 @@ out = model.diffusion_generate(ids, max_new_tokens=16, steps=16)
 print("transformers:", repr(tok.decode(out[0, ids.shape[1]:])))
 PY
 echo
-echo "results: $OUT/ (targets + manifest.json), $RUN/ and $RUN-a2d/ (checkpoint/, metrics.jsonl; $RUN/loss.png),"
+echo "results: $OUT/ (targets + manifest.json), $RUN/ and $RUN-a2d/ (checkpoint/, metrics.jsonl; $RUN/loss.png;"
+echo "         $RUN-a2d/samples.jsonl, teacher-samples.jsonl and scores.json: the samples and every judged figure),"
 echo "         $RUN-a2d-hf/ (a transformers folder: AutoModelForMaskedLM.from_pretrained(..., trust_remote_code=True))"
