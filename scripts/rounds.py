@@ -3,7 +3,9 @@ on them mixed with the corpus targets. Each stage is its own command in its own 
 the teacher), meeting through files under --out; a rerun skips what is finished and resumes what is not.
 
     python scripts/rounds.py --out rounds                # the embedded default: SmolLM2-135M on the tragedies
-    python scripts/rounds.py --out rounds --rounds 2 --init-from default --steps 100 --lr 1e-4
+    python scripts/rounds.py --out rounds --rounds 2 --init-from default --steps 100 --lr 1e-4 --warmup 0.1
+
+Options it does not know go to every `kdtrain run` (here --warmup).
 
 The run is one schedule of --steps optimizer steps in R + 1 equal legs (`kdtrain run --stop-at`, then
 `--resume`): leg 0 on the corpus targets alone (OUT/corpus: --corpus-rows rows), then before leg r the student
@@ -57,7 +59,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--lambda", dest="lam", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args()
+    a, more = ap.parse_known_args()  # the rest: `kdtrain run` options
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     teacher = ["--teacher", a.teacher] if a.teacher else []
@@ -69,7 +71,7 @@ def main() -> None:
     student = ["--init-from", a.init_from] if a.init_from else ["--student", a.student]
     train = [*TRAIN, "run", str(corpus), "--out", str(out / "run"), *student, "--steps", str(a.steps)]
     train += ["--batch-size", str(a.batch_size), "--lr", str(a.lr), "--lambda", str(a.lam), "--seed", str(a.seed)]
-    train += ["--no-progress", "--log-every", "10"]
+    train += ["--no-progress", "--log-every", "10", *more]
     mix: list[str] = []
     for r in range(a.rounds + 1):
         end = a.steps * (r + 1) // (a.rounds + 1)
