@@ -17,11 +17,16 @@ def choose(
     """Tokens for k positions of each of B rows, and the student's probability of each.
 
     probs: (B, k, V) float32. temperature 0: the most probable token; > 0: a draw from probs^(1/T) (at T = 1,
-    probs itself) with row b's generator. Returns pred (B, k) long and conf (B, k), the probability of pred.
+    probs itself) by inverse CDF, one uniform per position from its row's generator: one cumulative sum over the
+    whole batch, so a batch costs what one row does per position. Returns pred (B, k) long and conf (B, k), the
+    probability of pred.
     """
     if temperature > 0:
         tempered = probs if temperature == 1 else torch.softmax(probs.log() / temperature, -1)  # (B, k, V)
-        pred = torch.stack([torch.multinomial(tempered[b], 1, generator=g)[:, 0] for b, g in enumerate(generators)])
+        cdf = tempered.cumsum(-1)  # (B, k, V)
+        u = torch.stack([torch.rand(probs.shape[1], generator=g, device=probs.device) for g in generators])  # (B, k)
+        # the first token whose cumulative mass exceeds u: never one of zero probability
+        pred = torch.searchsorted(cdf, (u * cdf[..., -1])[..., None], right=True)[..., 0].clamp(max=probs.shape[-1] - 1)
     else:
         pred = probs.argmax(-1)
     return pred, probs.gather(-1, pred[..., None])[..., 0]
