@@ -124,7 +124,8 @@ def sample(cfg: SampleConfig) -> tuple[list[SampleRecord], list[StateRecord]]:
             ids, text, stopped = completion(row[len(p.ids) :], stops, tok)
             records[i] = SampleRecord(i, p.text, p.ids, ids, text, stopped, source)
             final = [eos if t == mask else t for t in row]  # (a chat answer's blocks after its end stay masked)
+            plen = len(p.ids) if chat else 0  # a chat row's prompt is its SFT prompt; else BOS is all
             for s in keep.get(i, ()):
-                plen = len(p.ids) if chat else 0  # a chat row's prompt is its SFT prompt; else BOS is all
-                states.append(StateRecord(f"s{i:06d}-t{s:03d}", final, plen, seen[i, s], s, total, state_source))
+                if (i, s) in seen:  # (not a step after every answer of the batch had ended)
+                    states.append(StateRecord(f"s{i:06d}-t{s:03d}", final, plen, seen[i, s], s, total, state_source))
     return records, states

@@ -207,3 +207,26 @@ def test_the_export_carries_the_template_and_stops_like_kdtrain(sft_run, tmp_pat
     )
     want = cut_at_stop(mine[0, ids.shape[1] :].tolist(), model.config.stop_token_ids, keep_stop=True)
     assert out[0, ids.shape[1] :].tolist() == want
+
+
+def test_a_chat_students_states_keep_the_prompt_visible_and_train_as_sft_rows(sft_run, tmp_path):
+    """A chat student's states: the prompt (chat template included) is the row's prompt, never masked; the
+    teacher's targets on them build with --task sft, and a run continues on the mixture."""
+    from ar2mdm.schemas.states import read_states
+
+    shards, run, _ = sft_run
+    states = tmp_path / "states.jsonl"
+    args = ["sample", str(run), "--prompt", "where is the heath?", "--num", "3", "--steps", "8", "--block-length", "4"]
+    n = len(prompt_row(load_meta(run), run_tokenizer(run), "where is the heath?", chat=True))
+    r = runner.invoke(app, args + ["--length", str(SEQ - n), "--states", str(states), "--states-per-sample", "2"])
+    assert r.exit_code == 0, r.output
+    recs = read_states(states)
+    assert recs and all(s.prompt_len == n and min(s.mask_positions) >= n for s in recs)
+    teacher = Path(Manifest.load(shards).teacher.path)
+    out = tmp_path / "round"
+    run_build(BuildConfig(states=str(states), teacher=str(teacher), out=str(out), task="sft", mode="mc", k=2,
+                          seq_len=SEQ, top_n=4, progress=False))  # fmt: skip
+    assert Manifest.load(out).task == "sft"
+    res = run_training(TrainConfig(shards=str(shards), out=str(tmp_path / "run"), student="tiny", steps=2, batch_size=4,
+                                   mix=[f"{out}:0.5"], progress=False))  # fmt: skip
+    assert res["steps"] == 2
