@@ -16,7 +16,7 @@ from ar2mdm.shared.settings import check_settings, setting
 
 Mode = Literal["topk", "mc", "fim"]
 
-# what --batch-size and --token-budget become when not given (`targets.resolve_auto`)
+# what --batch-size and --token-budget become when not given (`autosize.resolve_auto`)
 DEFAULT_BATCH = 8  # sequences per teacher call (and not mc on CUDA, which fills free memory)
 DEFAULT_TOKEN_BUDGET = 4096  # tokens per packed rescoring forward (CPU)
 # on CUDA: topk at 65536 ran at 85k teacher tokens/s on an H200 against 52k at 4096 (../shared/notes/gpu.md)

@@ -38,7 +38,7 @@ def cache_arg(model) -> str:
 
 def last_logits(model, out) -> torch.Tensor:
     """(N, V) float32 logits after the last position, from the base model's output: the head applied to the last
-    hidden states only, not to every prefilled position (`rescoring.head_logits`)."""
+    hidden states only, not to every prefilled position (`forward.head_logits`)."""
     return head_logits(model, out.last_hidden_state[:, -1])
 
 

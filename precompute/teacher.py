@@ -66,7 +66,7 @@ def auto_dtype(device: str, config) -> str:
     """--dtype auto: float32 on the CPU; on CUDA float16, whose 10-bit mantissa keeps targets near fp32 (topk mean
     TV 0.003 against bf16's 0.018 on the default teacher: docs/scaling.md, "Numerics"), except for the Gemma
     family, trained in bf16 with activations beyond float16's range. A NaN output stops the build with a pointer
-    to --dtype bfloat16 (`rescoring.check_finite`)."""
+    to --dtype bfloat16 (`forward.check_finite`)."""
     if not device.startswith("cuda"):
         return "float32"
     return "bfloat16" if "gemma" in str(getattr(config, "model_type", "")).lower() else "float16"
@@ -137,7 +137,7 @@ class TorchTeacher:
         return x, [torch.as_tensor(p, dtype=torch.long) for p in positions]
 
     def rescore_targets(self, rows, positions, k: int, window: int | None, token_budget: int):
-        """Top-K rescoring: per row (cand (P, K+1), logq (P, K+1)); see `rescoring.rescore`."""
+        """Top-K rescoring: per row (cand (P, K+1), logq (P, K+1)); see `topk.rescore`."""
         from ar2mdm.precompute.topk import rescore
 
         x, pos = self._rows(rows, positions)

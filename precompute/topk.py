@@ -10,7 +10,7 @@ Cost. A naive implementation runs one forward of length i+W per (i, v). Here one
 log p_T(.|x_<i) at every i, and all "branches" [v, x_{i+1}, ..., x_{i+n-1}] of a row are packed behind one
 copy of the row's prefix in a single sequence with a tree attention mask: a branch token sees the prefix
 x_<i and the earlier tokens of its own branch, nothing else. So the prefix is computed once per segment instead
-of once per (i, v), and segments of several rows are batched. `benchmarks/rescoring.py` measures the gain.
+of once per (i, v), and segments of several rows are batched. `python -m benchmarks.rescoring` measures the gain.
 """
 
 from __future__ import annotations
