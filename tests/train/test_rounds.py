@@ -147,3 +147,16 @@ def test_the_rounds_driver_end_to_end(tiny_teacher, tiny_corpus, tmp_path):
     assert again.returncode == 0 and "kdtrain.cli run" not in again.stderr  # nothing left to train
     losses = [json.loads(x)["loss"] for x in (tmp_path / "r" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert np.isfinite(losses).all()
+
+
+def test_a_mixture_of_another_tokenizer_is_one_line(tiny_shards, tmp_path):
+    """Shards built by a teacher of another vocabulary (FIM tokens added) do not mix with the run's."""
+    from tests.tiny import TEXT, save_tiny_teacher
+
+    other = save_tiny_teacher(tmp_path / "fim_teacher", fim=True)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text(TEXT * 3)
+    run_build(BuildConfig(corpus=str(tmp_path / "c"), teacher=str(other), out=str(tmp_path / "o"), seq_len=32, k=3,
+                          window=4, top_n=4, max_sequences=4, progress=False))  # fmt: skip
+    r = runner.invoke(app, ["run", str(tiny_shards), "--out", str(tmp_path / "x"), "--mix", f"{tmp_path / 'o'}:0.5"])
+    assert r.exit_code == 2 and "another tokenizer than" in r.output and "Traceback" not in r.output, r.output
