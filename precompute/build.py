@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from ar2mdm.precompute.outdir import (
     write_partial,
 )
 from ar2mdm.precompute.sparsify import support_size
-from ar2mdm.precompute.targets import build_rows, target_plan
+from ar2mdm.precompute.targets import TargetPlan, build_rows, target_plan
 from ar2mdm.precompute.teacher import (
     TorchTeacher,
     load_tokenizer,
@@ -208,7 +208,9 @@ class BuildPlan:
     stats: CorpusStats
     fim_ids: object = None
     empty: str | None = None  # why this rank has no row (one rank of many: it finishes with no shard)
-    states: list | None = None  # --states: this rank's state records, the rows in order
+    # a shard's plan from its sequences (ids, prompt_len, index of the first): masks drawn, or --states' own
+    shard_plan: Callable[[np.ndarray, np.ndarray, int], TargetPlan] | None = None
+    rows: int | None = None  # this rank's rows where known up front (--states); else counted beside the build
 
 
 def plan_build(cfg: BuildConfig) -> BuildPlan:
@@ -291,8 +293,20 @@ def plan_build(cfg: BuildConfig) -> BuildPlan:
         sft_format=None if cfg.task != "sft" or states else "chat-template" if stats.sft_chats else "plain",
         states=states.provenance if states else None,
     )
-    rows = states.records if states else None
-    return BuildPlan(cfg, backend, folder, tokenizer, header, files, corpus, stream, stats, fim_ids, empty, rows)
+    if states:
+        from ar2mdm.precompute.states import states_plan
+
+        def plan_of(ids: np.ndarray, plen: np.ndarray, a: int) -> TargetPlan:  # the states' own masks
+            return states_plan(cfg, states.records[a : a + len(ids)])
+    else:
+
+        def plan_of(ids: np.ndarray, plen: np.ndarray, a: int) -> TargetPlan:  # masks drawn from (seed, row id)
+            return target_plan(cfg, ids, plen, np.arange(a, a + len(ids)))
+
+    rows = len(states.records) if states else None
+    return BuildPlan(
+        cfg, backend, folder, tokenizer, header, files, corpus, stream, stats, fim_ids, empty, plan_of, rows
+    )
 
 
 def open_out(plan: BuildPlan, out: Path) -> None:
@@ -344,8 +358,8 @@ def count_rows(plan: BuildPlan, into: list) -> None:
     """This rank's rows (sequences x masks per sequence), counted by streaming its share of the corpus once more
     (tokenizing only) into ``into``: the progress bar's total. Run beside the build, so it delays nothing."""
     cfg = plan.cfg
-    if plan.states is not None:
-        into.append(len(plan.states))
+    if plan.rows is not None:
+        into.append(plan.rows)
         return
     tokenizer = load_tokenizer(plan.folder)  # its own: a fast tokenizer is not to be shared between threads
     n = sum(1 for _ in rank_stream(cfg, plan.files, tokenizer, CorpusStats(), PackStats()))
@@ -400,12 +414,7 @@ def write_shards(plan: BuildPlan, out: Path, teacher=None) -> BuildSummary:
             # sequences in chunks of one teacher call: a whole shard for vLLM (the engine schedules it all at
             # once), else --batch-size sequences
             chunk = len(ids) if teacher.whole_shard else cfg.batch_size
-            if plan.states is not None:  # the states' own masks
-                from ar2mdm.precompute.states import states_plan
-
-                shard = states_plan(cfg, plan.states[a : a + len(ids)])
-            else:
-                shard = target_plan(cfg, ids, plen, np.arange(a, a + len(ids)))
+            shard = plan.shard_plan(ids, plen, a)
             bar.set_postfix_str(f"shard {u}")
             old = read_partial(path, shard.example_ids)
             parts = [old] if old is not None else []

@@ -101,14 +101,12 @@ class Judge:
 def judge_rows(judge: Judge, records: list[SampleRecord]) -> list[tuple[list[int], int]]:
     """Per record, the judge's ids (BOS + prompt + completion, each text tokenised by the judge) and where the
     completion starts."""
-    from ar2mdm.shared.tokenizer import special_ids
+    from ar2mdm.shared.tokenizer import text_row
 
-    bos, _ = special_ids(judge.tokenizer)
-    enc = judge.tokenizer
     out = []
     for r in records:
-        head = [bos] + (enc(r.prompt, add_special_tokens=False)["input_ids"] if r.prompt else [])
-        out.append((head + enc(r.text, add_special_tokens=False)["input_ids"], len(head)))
+        head = text_row(judge.tokenizer, r.prompt)
+        out.append((head + judge.tokenizer(r.text, add_special_tokens=False)["input_ids"], len(head)))
     return out
 
 

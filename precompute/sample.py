@@ -11,7 +11,7 @@ import torch
 
 from ar2mdm.precompute.config import TeacherSampleConfig
 from ar2mdm.schemas.samples import SampleRecord, SampleSource
-from ar2mdm.shared.sampling import batches_of, prompts_for, sample_seed, source_settings, until_stop
+from ar2mdm.shared.sampling import batches_of, completion, prompts_for, sample_seed, source_settings
 
 
 def draw(logits: torch.Tensor, temperature: float, generators: list[torch.Generator]) -> torch.Tensor:
@@ -27,7 +27,7 @@ def draw(logits: torch.Tensor, temperature: float, generators: list[torch.Genera
 @torch.no_grad()
 def ar_sample(decoder, prompts: torch.Tensor, length: int, *, temperature: float, seeds: list[int], stops: list[int]):
     """(B, n) ids continuing ``prompts`` (B, P) (one length), n <= length: every row drawn until it holds a stop
-    token or ``length`` tokens (a row that stopped early is cut later, `cut_at_stop`)."""
+    token or ``length`` tokens (a row that stopped early is cut later, `shared.sampling.completion`)."""
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     stop = torch.tensor(stops)
     logits = decoder.prefill(prompts, 1)  # (B, V)
@@ -58,21 +58,18 @@ def sample(cfg: TeacherSampleConfig) -> list[SampleRecord]:
     if cfg.source == "text":
         source = SampleSource("text", str(cfg.prompts_from), tokenizer_hash(tok), None, settings)
         return [
-            SampleRecord(i, p.text, p.ids, *_text_of(p.reference, stops, tok), source) for i, p in enumerate(prompts)
+            SampleRecord(i, p.text, p.ids, *completion(p.reference, stops, tok), source) for i, p in enumerate(prompts)
         ]
     teacher = TorchTeacher.load(folder, cfg.device, cfg.dtype)
     source = SampleSource("teacher", str(cfg.teacher or default_teacher()), tokenizer_hash(tok), None, settings)
     records: list[SampleRecord | None] = [None] * len(prompts)
+    decoders = {}  # one per row length, kept across batches (a static cache and its compiled step on CUDA)
     for batch in batches_of(prompts, cfg.batch_size):
         x = torch.tensor([prompts[i].ids for i in batch], device=teacher.device)  # (B, P)
-        decoder = decoder_for(teacher.model, x.shape[1] + cfg.length)
+        L = x.shape[1] + cfg.length
+        decoder = decoders[L] = decoders.get(L) or decoder_for(teacher.model, L)
         seeds = [sample_seed(cfg.seed, i) for i in batch]
         out = ar_sample(decoder, x, cfg.length, temperature=cfg.temperature, seeds=seeds, stops=stops)
         for i, row in zip(batch, out.tolist()):
-            records[i] = SampleRecord(i, prompts[i].text, prompts[i].ids, *_text_of(row, stops, tok), source)
+            records[i] = SampleRecord(i, prompts[i].text, prompts[i].ids, *completion(row, stops, tok), source)
     return records
-
-
-def _text_of(ids: list[int], stops: list[int], tok) -> tuple[list[int], str, bool]:
-    kept, stopped = until_stop(ids, stops)
-    return kept, tok.decode(kept, skip_special_tokens=False), stopped

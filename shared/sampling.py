@@ -117,14 +117,13 @@ def corpus_prompts(corpus: str, tokenizer, *, prompt_tokens: int, length: int, n
 def prompts_for(cfg, tokenizer, length: int, render: Callable[[str], list[int]] | None = None) -> list[Prompt]:
     """One prompt per sample (``cfg.num`` of them) from the settings' source; ``render`` turns a prompt's text
     into the ids a sample starts from (default: BOS + its ids; a chat student renders a user turn)."""
-    from ar2mdm.shared.tokenizer import special_ids
+    from ar2mdm.shared.tokenizer import text_row
 
     if cfg.prompts_from:
         return corpus_prompts(
             cfg.prompts_from, tokenizer, prompt_tokens=cfg.prompt_tokens, length=length, num=cfg.num, split=cfg.split
         )
-    bos, _ = special_ids(tokenizer)
-    render = render or (lambda text: [bos] + tokenizer(text, add_special_tokens=False)["input_ids"])
+    render = render or (lambda text: text_row(tokenizer, text))
     texts = _file_prompts(Path(cfg.prompts)) if cfg.prompts else [cfg.prompt]
     if not texts:
         raise UserError(f"--prompts {cfg.prompts} holds no prompt")
@@ -141,12 +140,12 @@ def batches_of(prompts: list[Prompt], batch_size: int) -> list[list[int]]:
     return [idx[a : a + batch_size] for _, idx in sorted(by_len.items()) for a in range(0, len(idx), batch_size)]
 
 
-def until_stop(ids: list[int], stops: list[int]) -> tuple[list[int], bool]:
-    """(``ids`` up to their first stop token, whether there was one): a sample ends where its text ends."""
-    for j, t in enumerate(ids):
-        if t in stops:
-            return ids[:j], True
-    return ids, False
+def completion(ids: list[int], stops: list[int], tokenizer) -> tuple[list[int], str, bool]:
+    """(``ids`` up to their first stop token, their text, whether a stop token ended them early): a sample ends
+    where its text ends."""
+    stop = next((j for j, t in enumerate(ids) if t in stops), None)
+    kept = ids if stop is None else ids[:stop]
+    return kept, tokenizer.decode(kept, skip_special_tokens=False), stop is not None
 
 
 def source_settings(cfg, fields: tuple[str, ...]) -> dict:

@@ -27,6 +27,11 @@ def special_ids(tokenizer) -> tuple[int, int]:
     return (eos if bos is None else bos), eos
 
 
+def text_row(tokenizer, text: str) -> list[int]:
+    """BOS + the ids of plain ``text``: how an unconditional row starts, and a plain prompt."""
+    return [special_ids(tokenizer)[0]] + tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def tokenizer_hash(tokenizer) -> str:
     """sha256 of the vocabulary (token -> id, sorted) and the special tokens.
 

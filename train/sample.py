@@ -15,7 +15,7 @@ import torch
 from ar2mdm.schemas.samples import SampleRecord, SampleSource
 from ar2mdm.schemas.states import StateRecord, StateSource
 from ar2mdm.shared.errors import UserError
-from ar2mdm.shared.sampling import Prompt, batches_of, prompts_for, sample_seed, source_settings, until_stop
+from ar2mdm.shared.sampling import Prompt, batches_of, completion, prompts_for, sample_seed, source_settings
 from ar2mdm.train.checkpoint import checkpoint_dir, load_student, run_task, run_tokenizer
 from ar2mdm.train.config import SampleConfig
 from ar2mdm.train.denoise import denoise, planned_steps
@@ -36,17 +36,11 @@ def chat_template_for(meta: dict, tokenizer) -> bool:
 def prompt_row(meta: dict, tok, prompt: str, chat: bool) -> list[int]:
     """The ids a generation starts from: BOS + the prompt, through the chat template as the build rendered this
     run's rows when ``chat``."""
-    from ar2mdm.shared.tokenizer import special_ids, user_prompt_row
+    from ar2mdm.shared.tokenizer import text_row, user_prompt_row
 
     if chat:
         return user_prompt_row(tok, prompt, chat_template_for(meta, tok))
-    return [special_ids(tok)[0]] + tok(prompt, add_special_tokens=False)["input_ids"]
-
-
-def completion(ids: list[int], stops: list[int], tok) -> tuple[list[int], str, bool]:
-    """(ids up to the first stop token, their text, whether a stop token ended them early)."""
-    kept, stopped = until_stop(ids, stops)
-    return kept, tok.decode(kept, skip_special_tokens=False), stopped
+    return text_row(tok, prompt)
 
 
 def run_step(run: Path) -> int | None:
