@@ -3,12 +3,12 @@
 Per mode and plan: target positions/s, the teacher tokens the engine computed (vLLM's own counters: prompt
 tokens not served by the prefix cache + generated tokens) over the bound, and engine calls for the shard.
 
-- topk: torch packed (the reference), vLLM "prompt" (prompt log-probs of [x_<i, v, window], every prefix
-  recomputed: the old plan), vLLM "cached" (the same requests reading the prefix cache; the true token's branch
-  read off the first pass). Bound per row: L + Σ_i (K+1)·(n_i+1), every prefix free.
+- topk: torch packed (the reference), vLLM "uncached" (prompt log-probs of [x_<i, v, window], every prefix
+  recomputed), vLLM "cached" (the same requests reading the prefix cache; the true token's branch read off the
+  first pass). Bound per row: L + Σ_i (K+1)·(n_i+1), every prefix free.
 - mc: torch (`particles`: every row's K particles in one forward per position), vLLM "forced" (every (row,
-  sample) of the shard in flight; smc: one call per span). Bound per row: K·L. The torch sampler against its
-  previous version: benchmarks/mc.py.
+  sample) of the shard in flight; smc: one call per span). Bound per row: K·L. The torch sampler against rows
+  one at a time: benchmarks/mc.py.
 
     python -m benchmarks.backends [--rows 4] [--seq-len 128] [--k 8] [--window 16] [--mc-k 8] [--weights smc]
 
@@ -23,6 +23,7 @@ import argparse
 import sys
 import time
 
+import numpy as np
 import torch
 
 from benchmarks.common import benchmark_rows
@@ -41,7 +42,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=16)
     ap.add_argument("--mc-k", type=int, default=8)
     ap.add_argument("--weights", default="smc")
-    ap.add_argument("--skip", default="", help="comma-separated plans to skip, e.g. 'topk vllm prompt (old)'")
+    ap.add_argument("--skip", default="", help="comma-separated plans to skip, e.g. 'topk vllm uncached'")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--no-vllm", action="store_true")
@@ -51,6 +52,7 @@ def main() -> None:
     from ar2mdm.precompute.config import BuildConfig
     from ar2mdm.precompute.mc.particles import McSettings
     from ar2mdm.precompute.teacher import TorchTeacher, resolve_teacher
+    from ar2mdm.precompute.topk import rescore
     from ar2mdm.precompute.vllm_backend import VllmTeacher, vllm_available
 
     folder, _ = resolve_teacher(None)
@@ -80,10 +82,14 @@ def main() -> None:
         rows.append((name, mode, sec, tok, calls))
         print(f"[{name}: {sec:.1f}s, {tok} engine tokens, {calls} calls]", file=sys.stderr, flush=True)
 
+    def topk(teacher, **scorer):
+        x, pos = torch.as_tensor(np.asarray(ids), dtype=torch.long), [torch.as_tensor(m) for m in masks]
+        return rescore(teacher.scorer(4096, **scorer), x, pos, k=K, window=W)
+
     hf = TorchTeacher.load(folder, a.device, a.dtype)
     params = sum(p.numel() for p in hf.model.parameters())
     mc = McSettings(k=MK, score="next-token", weights=a.weights, top_n=16, rescore_k=4)
-    run("topk torch packed", "topk", lambda: hf.rescore_targets(ids, masks, K, W, 4096))
+    run("topk torch packed", "topk", lambda: topk(hf))
     run("mc torch", "mc", lambda: hf.mc_batch(ids, [m.tolist() for m in masks], seeds, mc))
     hf = None  # frees the torch teacher before vLLM loads (the lambdas above have run)
     peak = a.peak_tflops
@@ -114,10 +120,10 @@ def main() -> None:
     t0 = time.perf_counter()
     vt = VllmTeacher.load(folder, {}, 64, 0)
     start = time.perf_counter() - t0
-    vt.rescore_targets(ids[:1], masks[:1], K, W)  # warm-up
+    rescore(vt.scorer(), torch.as_tensor(np.asarray(ids[:1])), [torch.as_tensor(masks[0])], k=K, window=W)  # warm-up
     vt.mc_batch(ids[:1], [masks[0].tolist()[:4]], [99], mc)
-    run("topk vllm prompt (old)", "topk", lambda: vt.rescore_targets(ids, masks, K, W, read_cache=False), vt)
-    run("topk vllm cached", "topk", lambda: vt.rescore_targets(ids, masks, K, W), vt)
+    run("topk vllm uncached", "topk", lambda: topk(vt, read_cache=False), vt)
+    run("topk vllm cached", "topk", lambda: topk(vt), vt)
     run("mc vllm forced", "mc", lambda: vt.mc_batch(ids, [m.tolist() for m in masks], seeds, mc), vt)
     vt.close()
 
@@ -158,7 +164,7 @@ def report(a, rows, *, bound, n_pos, L, K, W, MK, n_rows, start, params, peak, o
             f"{(f'{tok / bound[mode]:.2f}' if tok else '-'):>8s} {calls if calls is not None else '-':>6} "
             f"{tps:9.0f} {mfu:>6s}{extra}"
         )
-    for old, new in [("topk vllm prompt (old)", "topk vllm cached")]:
+    for old, new in [("topk vllm uncached", "topk vllm cached")]:
         t = {n: s for n, _, s, _, _ in rows}
         if old in t and new in t:
             print(f"{new} / {old}: {t[old] / t[new]:.2f}x faster")

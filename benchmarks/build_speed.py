@@ -6,7 +6,8 @@ teacher tokens/s, MFU and, for mc, the fraction of the memory-bandwidth limit.
 
 ``--shape 135m|1.7b|8b``: a random-initialised teacher of that shape with the default teacher's tokenizer, saved to
 a temporary folder (throughput does not depend on the weights' values). Teacher tokens: topk L + Σ_i (K+1)(n_i+1)
-per row (n_i = min(W, L-1-i)), mc K·L per row, fim one prompt per position (counted as its length). MFU =
+per row (n_i = `shared.blocks.right_context`), mc K·L per row, fim one prompt per position (counted as its
+length). MFU =
 2·params·tokens/s over the dense bf16 peak (989 TFLOP/s for H100/H200). Settings after ``--`` go to BuildConfig as
 ``--name value`` pairs (``--batch-size 64``).
 """
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from ar2mdm.precompute.mc.particles import kv_bytes_per_position
+from ar2mdm.shared.blocks import right_context
 from benchmarks.common import SHAPES, copy_bandwidth, random_teacher
 
 
@@ -33,8 +35,7 @@ def teacher_tokens(cfg, data) -> int:
     for r in range(data.rows):
         pos = data.target_positions[data.target_offsets[r] : data.target_offsets[r + 1]]
         if cfg.mode == "topk":
-            W = L if cfg.window is None else cfg.window
-            n += L + sum((cfg.k + 1) * (min(W, L - 1 - int(i)) + 1) for i in pos)
+            n += L + sum((cfg.k + 1) * (right_context(int(i), L, cfg.window, cfg.blocks) + 1) for i in pos)
         else:
             n += sum(L for _ in pos)
     return n

@@ -3,8 +3,8 @@ saved as folders, and the copy bandwidth of a GPU.
 
 Throughput does not depend on the weights' values, so a random teacher of a shape stands in for the real one. The
 config and tokenizer are the default teacher's where it loads (its package and `gguf` installed); on a machine
-without them (the benchmark GPU: no `gguf`, no network) a Llama config of the same sizes with the default
-teacher's vocabulary size (49,152) and a character tokenizer (tests/tiny.py): the logits cost the same.
+without them (no `gguf`, no network) a Llama config of the same sizes with the default teacher's vocabulary size
+(49,152) and a character tokenizer (tests/tiny.py): the logits cost the same.
 """
 
 from __future__ import annotations
@@ -63,14 +63,13 @@ def benchmark_rows(cfg, folder: Path) -> tuple[list, list]:
     masks (t ~ U(0, 1)), tokenized by the teacher in ``folder``."""
     import numpy as np
 
-    from ar2mdm.precompute.targets import row_masks
+    from ar2mdm.precompute.targets import draw_row_masks
     from ar2mdm.precompute.teacher import load_tokenizer
     from ar2mdm.shared.corpus import list_corpus_files
     from ar2mdm.shared.defaults import default_corpus
 
     ids, plen = rank_sequences(cfg, list_corpus_files(default_corpus()), load_tokenizer(folder))
-    _, _, masks, _ = row_masks(cfg, np.arange(len(ids)), plen)
-    return ids, masks
+    return ids, draw_row_masks(cfg, np.arange(len(ids)), plen).masks
 
 
 def copy_bandwidth(device: str) -> float:
@@ -99,3 +98,16 @@ def rank_sequences(cfg, files: list, tokenizer) -> tuple[np.ndarray, np.ndarray]
     if not pairs:
         raise no_rows_error(cfg, stats, pstats)
     return np.stack([p[0] for p in pairs]).astype(np.int32), np.asarray([p[1] for p in pairs], np.int32)
+
+
+class TokenCounter:
+    """Counts the input tokens of every forward of a transformers model's base model (the teacher tokens a
+    computation spent)."""
+
+    def __init__(self, model):
+        self.tokens = 0
+        model.base_model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.tokens += int(ids.numel()) if ids is not None else 0

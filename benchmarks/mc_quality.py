@@ -26,12 +26,12 @@ import torch
 from ar2mdm.precompute.config import BuildConfig
 from ar2mdm.precompute.mc.estimators import mc_targets
 from ar2mdm.precompute.mc.particles import McSettings
-from ar2mdm.precompute.targets import row_masks
+from ar2mdm.precompute.targets import draw_row_masks
 from ar2mdm.precompute.teacher import TorchTeacher, load_tokenizer, resolve_teacher
 from ar2mdm.shared.corpus import list_corpus_files
 from ar2mdm.shared.defaults import default_corpus
 from ar2mdm.shared.masking import row_seed
-from benchmarks.common import rank_sequences
+from benchmarks.common import TokenCounter, rank_sequences
 
 ESTIMATORS = [
     ("uniform", "next-token"),
@@ -41,18 +41,6 @@ ESTIMATORS = [
     ("importance", "full-conditional"),
     ("smc", "full-conditional"),
 ]
-
-
-class TokenCounter:
-    """Counts the input tokens of every forward of the teacher's base model (both mc.py's and rescoring's)."""
-
-    def __init__(self, model):
-        self.tokens = 0
-        model.base_model.register_forward_pre_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        self.tokens += int(ids.numel()) if ids is not None else 0
 
 
 def sparse(ids: torch.Tensor, lps: torch.Tensor) -> dict[int, float]:
@@ -138,7 +126,8 @@ def main() -> None:
     folder, _ = resolve_teacher(None)
     cfg = BuildConfig(seq_len=a.seq_len, max_sequences=a.rows, seed=a.seed, mode="mc")
     ids, plen = rank_sequences(cfg, list_corpus_files(a.corpus or default_corpus()), load_tokenizer(folder))
-    keys, _, masks, src = row_masks(cfg, np.arange(len(ids)), plen)
+    drawn = draw_row_masks(cfg, np.arange(len(ids)), plen)
+    keys, masks, src = drawn.example_ids, drawn.masks, drawn.src
     teacher = TorchTeacher.load(folder, a.device, a.dtype)
     counter = TokenCounter(teacher.model)
     rows = [

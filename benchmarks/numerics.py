@@ -13,6 +13,7 @@ import argparse
 import time
 
 import numpy as np
+import torch
 
 from benchmarks.common import benchmark_rows
 
@@ -43,6 +44,7 @@ def main() -> None:
     from ar2mdm.precompute.config import BuildConfig
     from ar2mdm.precompute.mc.particles import McSettings
     from ar2mdm.precompute.teacher import TorchTeacher, resolve_teacher
+    from ar2mdm.precompute.topk import rescore
 
     folder, _ = resolve_teacher(None)
     cfg = BuildConfig(seq_len=a.seq_len, max_sequences=a.rows)
@@ -53,7 +55,8 @@ def main() -> None:
     def targets(teacher, mode, seeds=None) -> list[np.ndarray]:
         V = teacher.model.config.vocab_size
         if mode == "topk":
-            res = teacher.rescore_targets(ids, masks, a.k, a.window, 4096)
+            x, pos = torch.as_tensor(np.asarray(ids), dtype=torch.long), [torch.as_tensor(m) for m in masks]
+            res = rescore(teacher.scorer(4096), x, pos, k=a.k, window=a.window)
             return [dense(c[p], lq[p], V) for c, lq in res for p in range(len(c))]
         res = teacher.mc_batch(list(ids), [m.tolist() for m in masks], seeds or list(range(len(ids))), mc)
         return [dense(i, lp, V) for r in res for i, lp in zip(r.ids, r.logprobs)]

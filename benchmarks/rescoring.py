@@ -44,10 +44,11 @@ def main() -> None:
     x = torch.as_tensor(ids, dtype=torch.long, device=teacher.device)
     sync = torch.cuda.synchronize if teacher.device.startswith("cuda") else (lambda: None)
 
-    rescore(teacher.model, x[:1], [positions[0][:2]], k=a.k, window=a.window)  # warm-up
+    scorer = teacher.scorer(4096)
+    rescore(scorer, x[:1].cpu(), [positions[0][:2]], k=a.k, window=a.window)  # warm-up
     sync()
     t0 = time.perf_counter()
-    fast = rescore(teacher.model, x, positions, k=a.k, window=a.window)
+    fast = rescore(scorer, x.cpu(), positions, k=a.k, window=a.window)
     sync()
     t_fast = time.perf_counter() - t0
     t0 = time.perf_counter()

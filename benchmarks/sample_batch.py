@@ -16,7 +16,8 @@ import time
 import torch
 
 from ar2mdm.train.denoise import denoise
-from ar2mdm.train.model import PRESETS, Student, StudentConfig
+from ar2mdm.train.model import Student, StudentConfig
+from ar2mdm.train.presets import PRESETS
 
 
 def timed(fn) -> tuple[torch.Tensor, float]:

@@ -12,7 +12,8 @@ import time
 
 import torch
 
-from ar2mdm.precompute.topk import Branch, _segments, pack_segment
+from ar2mdm.precompute.topk import Branch
+from ar2mdm.precompute.tree import _segments, pack_segment
 from tests.precompute.reference import pack_segment_loop
 
 

@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 
 from ar2mdm.train.config import TrainConfig
+from ar2mdm.train.device import autocast_for, read_parts
 from ar2mdm.train.loop import setup_training, train_step
-from ar2mdm.train.losses import batch_loss, corrupt
-from ar2mdm.train.step import autocast_for, read_parts
+from ar2mdm.train.losses import corrupt
+from ar2mdm.train.objective import batch_loss
 from benchmarks.common import random_teacher
 
 PHASES = ("data wait", "copy to device", "forward", "loss", "backward", "optimizer")
@@ -79,9 +80,10 @@ def phased_step(tr, autocast, sync) -> list[float]:
     batch = batch.to(tr.device, non_blocking=True)
     lap()
     with autocast:
-        logits = tr.train_model(corrupt(batch.input_ids, batch.mask, tr.model.config.mask_id), batch.positions)
+        x_t = corrupt(batch.input_ids, batch.mask, tr.model.config.mask_id)
+        logits = tr.train_model(x_t, batch.positions, clean=batch.input_ids)
         lap()
-        loss, parts = batch_loss(logits, batch, cfg, tr.spec, tr.step / max(tr.total, 1))
+        loss, parts = batch_loss(logits, batch, tr.objective, tr.spec, tr.step / max(tr.total, 1))
         lap()
     loss.backward()
     lap()

@@ -20,8 +20,10 @@ import torch
 from ar2mdm.train import losses
 from ar2mdm.train.config import TrainConfig
 from ar2mdm.train.data import BatchLoader, TargetSpec, load_shard_manifest
-from ar2mdm.train.model import Student, StudentConfig
-from ar2mdm.train.step import autocast_for, step_losses
+from ar2mdm.train.device import autocast_for
+from ar2mdm.train.model import Student
+from ar2mdm.train.objective import step_losses
+from ar2mdm.train.presets import student_config
 
 DEVICE = "cpu"
 
@@ -33,7 +35,7 @@ def timed_steps(model, opt, batches, cfg, mask_id, *, spec) -> float:
     for b in batches:
         opt.zero_grad(set_to_none=True)
         with autocast:
-            loss, _ = step_losses(model, b.to(DEVICE, non_blocking=True), cfg, mask_id, spec)
+            loss, _ = step_losses(model, b.to(DEVICE, non_blocking=True), cfg.objective(spec), spec, mask_id=mask_id)
         loss.backward()
         opt.step()
     if cuda:
@@ -55,7 +57,7 @@ def main() -> None:
     DEVICE = a.device
     shards = Path(a.shards)
     m = load_shard_manifest(shards)
-    model = Student(StudentConfig.from_spec(a.student, m.tokenizer.vocab_size, m.seq_len)).to(a.device)
+    model = Student(student_config(a.student, m.tokenizer.vocab_size, m.seq_len)).to(a.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     params = sum(p.numel() for p in model.parameters())  # the head counted (tied or not)
     fwd = torch.compile(model) if a.compile else model

@@ -303,9 +303,20 @@ def plan_build(cfg: BuildConfig) -> BuildPlan:
         def plan_of(ids: np.ndarray, plen: np.ndarray, a: int) -> TargetPlan:  # masks drawn from (seed, row id)
             return target_plan(cfg, ids, plen, np.arange(a, a + len(ids)))
 
-    rows = len(states.records) if states else None
     return BuildPlan(
-        cfg, backend, folder, tokenizer, header, files, corpus, stream, stats, fim_ids, empty, plan_of, rows
+        cfg=cfg,
+        backend=backend,
+        folder=folder,
+        tokenizer=tokenizer,
+        header=header,
+        files=files,
+        corpus=corpus,
+        stream=stream,
+        stats=stats,
+        fim_ids=fim_ids,
+        empty=empty,
+        shard_plan=plan_of,
+        rows=len(states.records) if states else None,
     )
 
 
@@ -453,4 +464,14 @@ def write_shards(plan: BuildPlan, out: Path, teacher=None) -> BuildSummary:
             teacher.close()
     done = writer.done
     rows, positions = sum(i.rows for i in done), sum(i.target_positions for i in done)
-    return BuildSummary(str(out), len(done), skipped, rows, positions, 0.0, plan.backend, resumed, plan.empty)
+    return BuildSummary(
+        out=str(out),
+        shards_written=len(done),
+        shards_skipped=skipped,
+        rows=rows,
+        target_positions=positions,
+        seconds=0.0,
+        backend=plan.backend,
+        resumed_sequences=resumed,
+        empty_rank=plan.empty,
+    )

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Mapping
 
+from ar2mdm.shared.blocks import check_block_size, normal_block_size
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.paths import check_output_file, check_output_folder
 from ar2mdm.shared.sampling import check_sample_settings, sample_setting
@@ -59,6 +60,13 @@ class BuildConfig:
     )
     # rows
     seq_len: int = setting(128, "Tokens per row, BOS included.", at_least=2)
+    block_size: int | None = setting(
+        None,
+        "Targets for a block student: rows cut into blocks of this many tokens (it must divide --seq-len), each with "
+        "its own mask ratio, a position's target conditioned on the clean blocks before its block and on its block "
+        "alone (docs/design.md §6). Default: the row is one block (a full-attention student).",
+        at_least=1,
+    )
     masks_per_seq: int = setting(1, "Rows (masks) per sequence.", at_least=1)
     mask_eps: float = setting(1e-3, "t ~ U(eps, 1).", above=0, below=1)
     seed: int = setting(0, "Seed of the masks (and of mc's samples); with the row ids it fixes every row.")
@@ -72,7 +80,12 @@ class BuildConfig:
     )
     # targets
     k: int = setting(8, "topk: candidates per position (+ the true token); mc: samples.", at_least=1)
-    window: int | None = setting(None, "Right-context tokens scored (default: the whole row).", at_least=1)
+    window: int | None = setting(
+        None,
+        "Right-context tokens a target is conditioned on (topk, fim; mc full-conditional), at most: default the rest "
+        "of the row or block; 0: the left context alone (topk: the teacher's next-token distribution).",
+        at_least=0,
+    )
     top_n: int = setting(16, "Target entries stored per position.", at_least=1)
     positions: Literal["masked", "all"] = setting("masked", "masked | all: which positions get targets.")
     sparsify: Literal["topn", "sample"] = setting(
@@ -163,6 +176,18 @@ class BuildConfig:
             raise UserError("give a corpus or --states, not both (a states file holds its rows)")
         if self.states and (self.positions == "all" or self.masks_per_seq != 1):
             raise UserError("--states: each state is one row with its own mask; drop --positions all / --masks-per-seq")
+        check_block_size(self.block_size, self.seq_len)
+        if self.states and self.blocks is not None:
+            raise UserError("--states: a state's mask was drawn for a full-attention student; drop --block-size")
+        if self.mode == "fim" and self.window == 0:
+            raise UserError(
+                "--mode fim --window 0 leaves no suffix to fill in the middle of; use --mode topk --window 0"
+            )
+
+    @property
+    def blocks(self) -> int | None:
+        """The block size rows are cut into, None for whole rows (no --block-size, or the row length)."""
+        return normal_block_size(self.block_size, self.seq_len)
 
     def check_paths(self) -> None:
         """Raise UserError on a missing corpus or an --out that cannot be written (cheap: before any import of
@@ -190,6 +215,8 @@ class BuildConfig:
         }
         if self.sparsify == "sample":
             p.update(sparsify="sample", samples=self.samples)
+        if self.blocks is not None:  # whole rows record none
+            p["block_size"] = self.blocks
         if self.messages_field != "messages":  # (the split is in the corpus fingerprint)
             p["messages_field"] = self.messages_field
         if self.mode == "mc":

@@ -9,6 +9,7 @@ step has fixed shapes and addresses and runs on CUDA as a CUDA graph (`torch.com
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -16,10 +17,42 @@ import torch
 from ar2mdm.precompute.forward import head_logits
 
 
+@dataclass
+class CleanRows:
+    """The clean rows' keys and values at every position and their last hidden states (`encode`): block rows
+    start their particles from a prefix of them (`Decoder.prefill_from`), so a row's prefix is computed once for
+    all its blocks."""
+
+    cache: object  # a transformers DynamicCache over (R, L)
+    hidden: torch.Tensor  # (R, L, H)
+
+
+def encode(model, ids: torch.Tensor) -> CleanRows:
+    """One causal forward of the rows ``ids`` (R, L), keeping what every prefix of them needs."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    out = model.base_model(input_ids=ids, use_cache=True, **{cache_arg(model.base_model): cache})
+    return CleanRows(cache, out.last_hidden_state)
+
+
+def prefix_layers(clean: CleanRows, rows: torch.Tensor, n: int, k: int):
+    """Per layer (keys, values) of the clean rows ``rows`` (R,) at positions [0, n), each repeated k times."""
+    return [
+        (layer.keys[rows, :, :n].repeat_interleave(k, 0), layer.values[rows, :, :n].repeat_interleave(k, 0))
+        for layer in clean.cache.layers
+    ]
+
+
 class Decoder(Protocol):
     def prefill(self, ids: torch.Tensor, k: int) -> torch.Tensor:
         """Start a cache for the rows ``ids`` (R, n), each repeated k times (row r's copies at r·k .. r·k + k - 1);
         return the logits after their last token (R·k, V) float32."""
+        ...
+
+    def prefill_from(self, clean: CleanRows, rows: torch.Tensor, n: int, k: int) -> torch.Tensor:
+        """As `prefill` for the first n tokens of the clean rows ``rows`` (R,), read from ``clean`` instead of
+        computed."""
         ...
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -70,6 +103,14 @@ class TorchDecoder:
         self.cache.batch_repeat_interleave(k)
         return last.repeat_interleave(k, 0)
 
+    def prefill_from(self, clean: CleanRows, rows: torch.Tensor, n: int, k: int) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache()
+        for j, (keys, values) in enumerate(prefix_layers(clean, rows, n, k)):
+            self.cache.update(keys, values, j)
+        return head_logits(self.model, clean.hidden[rows, n - 1]).repeat_interleave(k, 0)
+
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         return self._forward(tokens[:, None])
 
@@ -101,22 +142,32 @@ class StaticDecoder:
         out = self.model.base_model(input_ids=tokens, cache_position=pos, use_cache=True, **{self.arg: self.cache})
         return last_logits(self.model, out)
 
-    def prefill(self, ids: torch.Tensor, k: int) -> torch.Tensor:
+    def _start(self, rows: int, n: int, device) -> None:
+        """A zeroed cache for ``rows`` rows, the next position n."""
         from transformers import StaticCache
 
-        ids = ids.repeat_interleave(k, 0)
-        if self.cache is None or self.rows != ids.shape[0]:
+        if self.cache is None or self.rows != rows:
             self.cache = StaticCache(config=self.model.config, max_cache_len=self.length)
-            self.rows = ids.shape[0]
+            self.rows = rows
         else:
             self.cache.reset()  # the same buffers, zeroed: the compiled step's addresses stay valid
-        n = ids.shape[1]
-        pos = torch.arange(n, device=ids.device)
-        out = self.model.base_model(input_ids=ids, cache_position=pos, use_cache=True, **{self.arg: self.cache})
-        self.pos = torch.tensor([n], device=ids.device)
+        self.pos = torch.tensor([n], device=device)
         if self.graph and self._decode is None:  # a new batch size recompiles (a build's batches share one)
             self._decode = torch.compile(self._step, mode="reduce-overhead", dynamic=False)
+
+    def prefill(self, ids: torch.Tensor, k: int) -> torch.Tensor:
+        ids = ids.repeat_interleave(k, 0)
+        n = ids.shape[1]
+        self._start(ids.shape[0], n, ids.device)
+        pos = torch.arange(n, device=ids.device)
+        out = self.model.base_model(input_ids=ids, cache_position=pos, use_cache=True, **{self.arg: self.cache})
         return last_logits(self.model, out)
+
+    def prefill_from(self, clean: CleanRows, rows: torch.Tensor, n: int, k: int) -> torch.Tensor:
+        self._start(len(rows) * k, n, rows.device)
+        for j, (keys, values) in enumerate(prefix_layers(clean, rows, n, k)):
+            self.cache.update(keys, values, j)  # written into the static buffers at [0, n)
+        return head_logits(self.model, clean.hidden[rows, n - 1]).repeat_interleave(k, 0)
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         tokens = tokens[:, None].contiguous()

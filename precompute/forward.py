@@ -112,3 +112,27 @@ def text_config(config):
 
 def vocab_size_of(config) -> int:
     return int(text_config(config).vocab_size)
+
+
+@torch.no_grad()
+def last_token_top(model, prompts: list[list[int]], top_n: int, token_budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-n of p_T(. | prompt) after each prompt: ids (Q, n) long and log-probs (Q, n) float32, on the host,
+    n = min(top_n, V). Prompts of mixed lengths are batched within ``token_budget`` tokens, right-padded; the head
+    runs at each prompt's last token only (B x V logits, not B x S x V: V is 152k for Qwen)."""
+    dev = next(model.parameters()).device
+    n = min(top_n, model.get_output_embeddings().weight.shape[0])
+    out_ids = torch.zeros(len(prompts), n, dtype=torch.long)
+    out_lp = torch.zeros(len(prompts), n)
+    for idx in budget_batches([len(p) for p in prompts], token_budget):
+        S = max(len(prompts[j]) for j in idx)
+        ids = torch.zeros(len(idx), S, dtype=torch.long)
+        att = torch.zeros(len(idx), S, dtype=torch.long)
+        for r, j in enumerate(idx):
+            ids[r, : len(prompts[j])] = torch.tensor(prompts[j])
+            att[r, : len(prompts[j])] = 1
+        h = hidden_states(model, ids.to(dev), attention_mask=att.to(dev))  # (B, S, H)
+        lp = log_softmax_head(model, h[torch.arange(len(idx)), att.sum(1).to(dev) - 1])  # (B, V)
+        v, i = lp.topk(n, dim=-1)
+        check_finite(v, "fim log-probs")
+        out_ids[idx], out_lp[idx] = i.cpu(), v.cpu()  # one copy per batch: a copy per prompt waited on the device
+    return out_ids, out_lp

@@ -4,8 +4,9 @@ A judge is an AR model that reads each sample's text after its prompt: the negat
 completion's tokens given the prompt, per judge token (whose exponential is the generative perplexity) and per
 UTF-8 byte in bits (bits per byte compare across tokenizers). Beside it, what the judge cannot see: the unigram
 entropy of each sample's own tokens (low entropy is repetition, which flatters the perplexity), distinct-n, and
-the shares of samples that ended early or are mostly one token. Every figure is per sample, then over a file
-with its standard error (samples are the independent units).
+the shares of samples that ended early or are mostly one token, and the tokens the sampler drew per forward of the
+model (where the file counts forwards). Every figure is per sample, then over a file with its standard error
+(samples are the independent units).
 """
 
 from __future__ import annotations
@@ -56,16 +57,18 @@ class TextStats:
     top_share: float
     stopped: bool
     empty: bool
+    forwards: int | None  # the forwards that drew it (None: held-out text)
 
     @classmethod
     def of(cls, r: SampleRecord) -> "TextStats":
         return cls(
-            len(r.ids),
-            unigram_entropy(r.ids),
-            {n: distinct(r.ids, n) for n in DISTINCT_N},
-            top_share(r.ids),
-            r.stopped,
-            not r.ids or not r.text,
+            tokens=len(r.ids),
+            entropy=unigram_entropy(r.ids),
+            distinct={n: distinct(r.ids, n) for n in DISTINCT_N},
+            top_share=top_share(r.ids),
+            stopped=r.stopped,
+            empty=not r.ids or not r.text,
+            forwards=r.forwards,
         )
 
 
@@ -168,6 +171,10 @@ def summary(stats: list[TextStats], scores: list[JudgeScore] | None) -> dict:
     out["ended_early"] = float(np.mean([s.stopped for s in stats]))
     out["mostly_one_token"] = float(np.mean([s.top_share > MOSTLY_ONE for s in stats if not s.empty] or [0.0]))
     out["tokens_per_sample"] = float(np.mean([s.tokens for s in stats]))
+    if all(s.forwards for s in stats):  # the tokens (the stop included: it was drawn) over every forward that drew them
+        tok = [s.tokens + s.stopped for s in stats]
+        fwd = [s.forwards for s in stats]
+        out["tokens_per_forward"], out["tokens_per_forward_se"] = sum(tok) / sum(fwd), ratio_se(tok, fwd)
     return out
 
 
@@ -214,8 +221,8 @@ def check_tokenizers(files: dict[str, list[SampleRecord]]) -> None:
 
 def table(scored: list[FileScores]) -> str:
     """The files' figures as text: one line per file and judge."""
-    cols = ("samples", "judge", "bits/byte", "gen ppl", "entropy", "dist-2", "early", "1-tok")
-    widths = (36, 10, 15, 8, 13, 6, 5, 5)
+    cols = ("samples", "judge", "bits/byte", "gen ppl", "entropy", "dist-2", "early", "1-tok", "tok/fwd")
+    widths = (36, 10, 15, 8, 13, 6, 5, 5, 7)
     lines = [" ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cols, widths)))]
     for f in scored:
         t = f.text
@@ -225,6 +232,6 @@ def table(scored: list[FileScores]) -> str:
             lines.append(
                 f"{Path(f.path).name[-36:]:<36} {name[-10:]:<10} {bpb:>15} {ppl:>8} "
                 f"{t['entropy']:.2f} ± {t['entropy_se']:.2f} {t['distinct_2']:>6.2f} {t['ended_early']:>5.2f} "
-                f"{t['mostly_one_token']:>5.2f}"
+                f"{t['mostly_one_token']:>5.2f} {t.get('tokens_per_forward', float('nan')):>7.2f}"
             )
     return "\n".join(lines)

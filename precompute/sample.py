@@ -10,18 +10,19 @@ from __future__ import annotations
 import torch
 
 from ar2mdm.precompute.config import TeacherSampleConfig
+from ar2mdm.precompute.mc.particles import draw_tokens
 from ar2mdm.schemas.samples import SampleRecord, SampleSource
 from ar2mdm.shared.sampling import batches_of, completion, prompts_for, sample_seed, source_settings
 
 
 def draw(logits: torch.Tensor, temperature: float, generators: list[torch.Generator]) -> torch.Tensor:
-    """(B,) next tokens from (B, V) logits: row b drawn from softmax(logits / T) with its own generator (T = 0:
-    the most probable)."""
+    """(B,) next tokens from (B, V) logits: row b drawn from softmax(logits / T) by `particles.draw_tokens` at a
+    uniform from its own generator (T = 0: the most probable)."""
     logits = logits.float().cpu()
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, -1)
-    return torch.stack([torch.multinomial(probs[b], 1, generator=g)[0] for b, g in enumerate(generators)])
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])  # (B,)
+    return draw_tokens(torch.log_softmax(logits / temperature, -1), u)
 
 
 @torch.no_grad()
@@ -57,9 +58,7 @@ def sample(cfg: TeacherSampleConfig) -> list[SampleRecord]:
     settings = source_settings(cfg, ("length", "temperature", "seed"))
     if cfg.source == "text":
         source = SampleSource("text", str(cfg.prompts_from), tokenizer_hash(tok), None, settings)
-        return [
-            SampleRecord(i, p.text, p.ids, *completion(p.reference, stops, tok), source) for i, p in enumerate(prompts)
-        ]
+        return [record(i, p, p.reference, stops, tok, source=source) for i, p in enumerate(prompts)]
     teacher = TorchTeacher.load(folder, cfg.device, cfg.dtype)
     source = SampleSource("teacher", str(cfg.teacher or default_teacher()), tokenizer_hash(tok), None, settings)
     records: list[SampleRecord | None] = [None] * len(prompts)
@@ -71,5 +70,22 @@ def sample(cfg: TeacherSampleConfig) -> list[SampleRecord]:
         seeds = [sample_seed(cfg.seed, i) for i in batch]
         out = ar_sample(decoder, x, cfg.length, temperature=cfg.temperature, seeds=seeds, stops=stops)
         for i, row in zip(batch, out.tolist()):
-            records[i] = SampleRecord(i, prompts[i].text, prompts[i].ids, *completion(row, stops, tok), source)
+            records[i] = record(i, prompts[i], row, stops, tok, source=source)
     return records
+
+
+def record(index: int, prompt, row: list[int], stops: list[int], tok, *, source: SampleSource) -> SampleRecord:
+    """A sample's record: the teacher's drew one token per forward (its prefill's included), the stop too; held-out
+    text took none."""
+    ids, text, stopped = completion(row, stops, tok)
+    forwards = len(ids) + stopped if source.kind == "teacher" else None
+    return SampleRecord(
+        index=index,
+        prompt=prompt.text,
+        prompt_ids=prompt.ids,
+        ids=ids,
+        text=text,
+        stopped=stopped,
+        source=source,
+        forwards=forwards,
+    )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ar2mdm.precompute.config import BuildConfig
-from ar2mdm.precompute.targets import TargetPlan
+from ar2mdm.precompute.targets import RowMasks, TargetPlan
 from ar2mdm.schemas import SchemaError
 from ar2mdm.schemas.states import StateRecord, read_states
 from ar2mdm.shared.errors import UserError
@@ -66,5 +66,14 @@ def states_plan(cfg: BuildConfig, records: list[StateRecord]) -> TargetPlan:
     maskable = [cfg.seq_len - max(1, int(p)) for p in plen]
     t = np.asarray([len(m) / n for m, n in zip(masks, maskable)], np.float32)  # the share of maskable still masked
     keys = [r.example_id for r in records]
-    seq_positions = None if cfg.mode == "mc" else masks
-    return TargetPlan(ids, plen, keys, keys, t, masks, list(range(len(records))), masks, seq_positions)
+    rows = RowMasks(example_ids=keys, t=t.tolist(), masks=masks, src=list(range(len(records))), block_t=None)
+    mc = cfg.mode == "mc"
+    return TargetPlan(
+        ids=ids,
+        plen=plen,
+        seq_keys=keys,
+        rows=rows,
+        row_positions=masks,
+        mask_dependent=mc,
+        seq_positions=None if mc else masks,
+    )

@@ -7,53 +7,64 @@ randomness of its targets depend on (seed, example id) alone, so a resumed build
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 
 from ar2mdm.precompute.config import BuildConfig
+from ar2mdm.precompute.fim import fim_targets
 from ar2mdm.precompute.sparsify import sparse_targets, support_size
+from ar2mdm.precompute.topk import rescore
 from ar2mdm.shared.masking import row_seed, sample_row_mask
 from ar2mdm.shared.shards import ShardData, offsets_from_lengths
 
 
-def row_masks(cfg: BuildConfig, seq_index: np.ndarray, prompt_len: np.ndarray):
-    """(example_ids, t, mask list) for the rows of the given sequences, masks_per_seq rows each."""
-    ex, ts, masks, src = [], [], [], []
+def draw_row_masks(cfg: BuildConfig, seq_index: np.ndarray, prompt_len: np.ndarray) -> "RowMasks":
+    """The masks of the rows of the given sequences, --masks-per-seq rows each, drawn from (seed, example id)."""
+    out = RowMasks([], [], [], [], [] if cfg.blocks is not None else None)
     for s, pl in zip(seq_index.tolist(), prompt_len.tolist()):
         for m in range(cfg.masks_per_seq):
             key = f"{cfg.rank:05d}-{s:08d}-m{m}"
-            t, mask = sample_row_mask(pl, cfg.seq_len, cfg.seed, key, cfg.mask_eps)
-            ex.append(key)
-            ts.append(t)
-            masks.append(mask.nonzero()[:, 0].numpy().astype(np.int32))
-            src.append(s)
-    return ex, np.asarray(ts, np.float32), masks, src
+            t, mask = sample_row_mask(pl, cfg.seq_len, cfg.seed, key, cfg.mask_eps, cfg.blocks)
+            out.example_ids.append(key)
+            out.t.append(float(t.mean()) if out.block_t is not None else float(t[0]))
+            out.masks.append(mask.nonzero()[:, 0].numpy().astype(np.int32))
+            out.src.append(s)
+            if out.block_t is not None:
+                out.block_t.append(t.numpy())
+    return out
 
 
-def clean_context_targets(
-    cfg: BuildConfig,
-    teacher,
-    ids: np.ndarray,
-    positions: list[np.ndarray],
-    keys: list[str],
-    *,
-    fim_ids=None,
-    on_batch=None,
-) -> list[dict]:
-    """topk or fim targets for whole sequences: per sequence a dict position -> (ids, logprobs). One teacher call
-    per --batch-size sequences, or for all of them (a backend that schedules a whole shard, `whole_shard`)."""
+@dataclass
+class RowMasks:
+    """Rows and their masks: per row its example id, mask ratio t, masked positions and sequence; with blocks,
+    each block's t (t is then their mean)."""
+
+    example_ids: list[str]
+    t: list[float]
+    masks: list[np.ndarray]
+    src: list[int]
+    block_t: list[np.ndarray] | None
+
+
+def clean_context_targets(cfg: BuildConfig, teacher, plan: "TargetPlan", *, fim_ids=None, on_batch=None) -> list[dict]:
+    """topk or fim targets at the positions each sequence of the plan scores on its clean row: per sequence a dict
+    position -> (ids, logprobs). One teacher call per --batch-size sequences, or for all of them (a backend that
+    schedules a whole shard, `whole_shard`)."""
     out = []
-    step = len(ids) if teacher.whole_shard else cfg.batch_size
-    for a in range(0, len(ids), step):
-        x, pos = ids[a : a + step], positions[a : a + step]
+    step = len(plan.ids) if teacher.whole_shard else cfg.batch_size
+    context = dict(window=cfg.window, block_size=cfg.blocks)
+    for a in range(0, len(plan.ids), step):
+        x = torch.as_tensor(plan.ids[a : a + step], dtype=torch.long)
+        pos = [torch.as_tensor(p, dtype=torch.long) for p in plan.seq_positions[a : a + step]]
         if cfg.mode == "fim":
-            res = teacher.fim_targets(
-                x, pos, fim_ids, window=cfg.window, top_n=support_size(cfg), token_budget=cfg.token_budget
+            res = fim_targets(
+                teacher, x, pos, fim_ids, **context, top_n=support_size(cfg), token_budget=cfg.token_budget
             )
         else:
-            res = teacher.rescore_targets(x, pos, cfg.k, cfg.window, cfg.token_budget)
-        for (cand, logq), p, key in zip(res, pos, keys[a : a + step]):
+            res = rescore(teacher.scorer(cfg.token_budget), x, pos, k=cfg.k, **context)
+        for (cand, logq), p, key in zip(res, pos, plan.seq_keys[a : a + step]):
             tid, tlp = sparse_targets(cfg, cand, logq, key)
             out.append({int(i): (tid[j], tlp[j]) for j, i in enumerate(p.tolist())})
         if on_batch:
@@ -69,7 +80,8 @@ def mc_targets_of(
     from ar2mdm.precompute.mc.particles import McSettings
 
     seeds = [row_seed(cfg.seed, key + ":mc") for key in keys]
-    res = teacher.mc_batch(xs, [m.tolist() for m in masks], seeds, McSettings.of(cfg, support_size(cfg)), on_step)
+    s = McSettings.of(cfg, support_size(cfg))
+    res = teacher.mc_batch(xs, [m.tolist() for m in masks], seeds, s, block_size=cfg.blocks, on_step=on_step)
     out = []
     for r, key in zip(res, keys):
         if cfg.sparsify == "sample":
@@ -97,53 +109,67 @@ class TargetPlan:
     ids: np.ndarray  # (n, L) int32: the sequences
     plen: np.ndarray  # (n,) int32: their prompt lengths
     seq_keys: list[str]  # per sequence: the key of its targets' draws (topk/fim sparsify)
-    example_ids: list[str]  # per row
-    t: np.ndarray  # (R,) float32: each row's mask ratio
-    masks: list[np.ndarray]  # per row: its masked positions
-    src: list[int]  # per row: its sequence (an index into ids)
+    rows: RowMasks  # the rows: their ids, masks and sequences (src: an index into ids)
     row_positions: list[np.ndarray]  # per row: its target positions
-    seq_positions: list[np.ndarray] | None  # per sequence (topk/fim): the positions scored; None in mc (per row)
+    # True where a row's targets depend on its mask (mc: each row its own teacher computation at its masked
+    # positions); False where they are conditioned on the clean row (topk, fim), so the rows of a sequence share
+    # one computation at seq_positions
+    mask_dependent: bool
+    seq_positions: list[np.ndarray] | None = None  # per sequence: the positions scored on its clean row
 
     @property
     def scored(self) -> int:
         """Positions the teacher scores."""
-        return sum(len(p) for p in (self.row_positions if self.seq_positions is None else self.seq_positions))
+        return sum(len(p) for p in (self.row_positions if self.mask_dependent else self.seq_positions))
+
+    @property
+    def example_ids(self) -> list[str]:
+        return self.rows.example_ids
 
     def sequences(self, a: int, b: int) -> "TargetPlan":
         """The plan of sequences a..b-1 and their rows (a teacher call's share of a shard)."""
-        rows = [r for r, s in enumerate(self.src) if a <= s < b]
-        pick = lambda xs: [xs[r] for r in rows]  # noqa: E731
-        return TargetPlan(
-            self.ids[a:b],
-            self.plen[a:b],
-            self.seq_keys[a:b],
-            pick(self.example_ids),
-            self.t[rows],
-            pick(self.masks),
-            [self.src[r] - a for r in rows],
-            pick(self.row_positions),
-            None if self.seq_positions is None else self.seq_positions[a:b],
+        keep = [r for r, s in enumerate(self.rows.src) if a <= s < b]
+
+        def pick(xs):
+            return None if xs is None else [xs[r] for r in keep]
+
+        rows = RowMasks(
+            example_ids=pick(self.rows.example_ids),
+            t=pick(self.rows.t),
+            masks=pick(self.rows.masks),
+            src=[self.rows.src[r] - a for r in keep],
+            block_t=pick(self.rows.block_t),
+        )
+        return replace(
+            self,
+            ids=self.ids[a:b],
+            plen=self.plen[a:b],
+            seq_keys=self.seq_keys[a:b],
+            rows=rows,
+            row_positions=pick(self.row_positions),
+            seq_positions=None if self.seq_positions is None else self.seq_positions[a:b],
         )
 
 
 def target_plan(cfg: BuildConfig, ids: np.ndarray, plen: np.ndarray, seq_index: np.ndarray) -> TargetPlan:
     """The plan of the sequences ``ids`` (numbered ``seq_index`` in this rank's stream, prompt lengths ``plen``):
     their rows' masks, drawn from (seed, example id), and the target positions."""
-    ex, ts, masks, src = row_masks(cfg, seq_index, plen)
+    rows = draw_row_masks(cfg, seq_index, plen)
     local = {s: j for j, s in enumerate(seq_index.tolist())}
-    src = [local[s] for s in src]
+    rows.src = [local[s] for s in rows.src]
     keys = [f"{cfg.rank:05d}-{q:08d}" for q in seq_index.tolist()]
+    plan = TargetPlan(ids=ids, plen=plen, seq_keys=keys, rows=rows, row_positions=rows.masks, mask_dependent=True)
     if cfg.mode == "mc":
-        return TargetPlan(ids, plen, keys, ex, ts, masks, src, masks, None)
+        return plan
     # Targets are conditioned on the clean row, so the M masks of a sequence share one computation over the
     # union of their target positions.
     if cfg.positions == "all":
         per_seq = [np.arange(max(1, int(pl)), cfg.seq_len, dtype=np.int32) for pl in plen]
-        return TargetPlan(ids, plen, keys, ex, ts, masks, src, [per_seq[s] for s in src], per_seq)
+        return replace(plan, row_positions=[per_seq[s] for s in rows.src], mask_dependent=False, seq_positions=per_seq)
     per_seq = [np.zeros(0, np.int32) for _ in seq_index]
-    for s, m in zip(src, masks):
+    for s, m in zip(rows.src, rows.masks):
         per_seq[s] = np.union1d(per_seq[s], m).astype(np.int32)
-    return TargetPlan(ids, plen, keys, ex, ts, masks, src, masks, per_seq)
+    return replace(plan, mask_dependent=False, seq_positions=per_seq)
 
 
 def build_rows(cfg: BuildConfig, teacher, plan: TargetPlan, fim_ids=None, on_batch=None) -> ShardData:
@@ -151,7 +177,7 @@ def build_rows(cfg: BuildConfig, teacher, plan: TargetPlan, fim_ids=None, on_bat
     --batch-size and --token-budget resolved (`autosize.resolve_auto`).
 
     ``on_batch(n)``: called as the teacher scores n more positions (the progress bar)."""
-    ids, masks, src, ex = plan.ids, plan.masks, plan.src, plan.example_ids
+    ids, masks, src, ex = plan.ids, plan.rows.masks, plan.rows.src, plan.example_ids
     tids, tlps = [], []
     mc = {}
     if cfg.mode == "mc":
@@ -169,9 +195,7 @@ def build_rows(cfg: BuildConfig, teacher, plan: TargetPlan, fim_ids=None, on_bat
             mc_resample_ess=np.asarray([np.mean(r.ess_before) if r.ess_before else np.nan for r in res], np.float32),
         )
     else:
-        targets = clean_context_targets(
-            cfg, teacher, ids, plan.seq_positions, plan.seq_keys, fim_ids=fim_ids, on_batch=on_batch
-        )
+        targets = clean_context_targets(cfg, teacher, plan, fim_ids=fim_ids, on_batch=on_batch)
         for s, pos in zip(src, plan.row_positions):
             tab = targets[s]
             for i in pos.tolist():
@@ -182,7 +206,7 @@ def build_rows(cfg: BuildConfig, teacher, plan: TargetPlan, fim_ids=None, on_bat
         example_ids=ex,
         input_ids=row_ids,
         prompt_len=np.asarray([plan.plen[s] for s in src], np.int32),
-        t=plan.t,
+        t=np.asarray(plan.rows.t, np.float32),
         mask_offsets=offsets_from_lengths([len(m) for m in masks]),
         mask_positions=np.concatenate(masks).astype(np.int32),
         target_offsets=offsets_from_lengths([len(p) for p in plan.row_positions]),
@@ -191,4 +215,5 @@ def build_rows(cfg: BuildConfig, teacher, plan: TargetPlan, fim_ids=None, on_bat
         target_ids=np.concatenate(tids).astype(np.int32) if tids else np.zeros(0, np.int32),
         target_logprobs=np.concatenate(tlps).astype(np.float32) if tlps else np.zeros(0, np.float32),
         **mc,
+        block_t=None if plan.rows.block_t is None else np.stack(plan.rows.block_t).astype(np.float32),
     )

@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -17,6 +17,9 @@ from ar2mdm.shared.hfmodel import first_line as _first_line
 from ar2mdm.shared.hfmodel import quiet_transformers
 from ar2mdm.shared.hfmodel import resolve_model as resolve_teacher  # noqa: F401  (the build's name for it)
 from ar2mdm.shared.tokenizer import special_ids, tokenizer_hash
+
+if TYPE_CHECKING:
+    from ar2mdm.precompute.topk import Scorer
 
 # config keys that say how a file was loaded, not what the model computes
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "quantization_config", "dtype", "torch_dtype")
@@ -73,22 +76,23 @@ def auto_dtype(device: str, config) -> str:
 
 
 class Backend(Protocol):
-    """What the build asks of a teacher backend (`TorchTeacher`, `vllm_backend.VllmTeacher`): the same calls
-    with the same outputs, so the build does not know which one it drives."""
+    """What the build asks of a teacher backend (`TorchTeacher`, `vllm_backend.VllmTeacher`): teacher computations
+    only, the same for every mode file that calls them, so neither the build nor a mode knows which one it drives."""
 
     device: str
     whole_shard: bool  # the build hands over a whole shard per call (else --batch-size sequences)
 
-    def rescore_targets(self, rows, positions, k: int, window: int | None, token_budget: int) -> list:
-        """topk: per row (cand (P, k+1), logq (P, k+1)) at its positions."""
+    def scorer(self, token_budget: int) -> "Scorer":
+        """topk's first pass and branch log-likelihoods (`topk.Scorer`)."""
         ...
 
-    def fim_targets(self, rows, positions, fim_ids, *, window: int | None, top_n: int, token_budget: int) -> list:
-        """fim: per row (ids (P, n), logprobs (P, n)) at its positions."""
+    def next_token_top(self, prompts: list[list[int]], top_n: int, token_budget: int) -> tuple:
+        """fim: the top-n ids (Q, n) and log-probs (Q, n) of p_T(. | prompt) after each prompt."""
         ...
 
-    def mc_batch(self, rows, masks, seeds: list[int], s, on_step=None) -> list:
-        """mc: per row its `mc.McTargets` (s: `particles.McSettings`; on_step(n) as masked positions are drawn)."""
+    def mc_batch(self, rows, masks, seeds: list[int], s, *, block_size=None, on_step=None) -> list:
+        """mc: per row its `estimators.McTargets` (s: `particles.McSettings`; on_step(n) as masked positions are
+        drawn)."""
         ...
 
     def close(self) -> None: ...
@@ -130,28 +134,18 @@ class TorchTeacher:
         check_head_path(model)  # topk/fim apply the head themselves: it must be the model's own
         return cls(model=model, device=device, dtype=dtype, tree_mask=tree_mask)
 
-    def _rows(self, rows, positions):
-        import torch
+    def scorer(self, token_budget: int):
+        from ar2mdm.precompute.tree import TorchScorer
 
-        x = torch.as_tensor(rows, dtype=torch.long, device=self.device)
-        return x, [torch.as_tensor(p, dtype=torch.long) for p in positions]
+        return TorchScorer(self.model, token_budget, self.tree_mask)
 
-    def rescore_targets(self, rows, positions, k: int, window: int | None, token_budget: int):
-        """Top-K rescoring: per row (cand (P, K+1), logq (P, K+1)); see `topk.rescore`."""
-        from ar2mdm.precompute.topk import rescore
+    def next_token_top(self, prompts: list[list[int]], top_n: int, token_budget: int):
+        from ar2mdm.precompute.forward import last_token_top
 
-        x, pos = self._rows(rows, positions)
-        return rescore(self.model, x, pos, k=k, window=window, token_budget=token_budget, tree_mask=self.tree_mask)
+        return last_token_top(self.model, prompts, top_n, token_budget)
 
-    def fim_targets(self, rows, positions, fim_ids, *, window: int | None, top_n: int, token_budget: int):
-        """FIM: per row (ids (P, n), logprobs (P, n)); see `fim.fim_targets`."""
-        from ar2mdm.precompute.fim import fim_targets
-
-        x, pos = self._rows(rows, positions)
-        return fim_targets(self.model, x, pos, fim_ids, window=window, top_n=top_n, token_budget=token_budget)
-
-    def mc_batch(self, rows, masks, seeds: list[int], s, on_step=None):
-        """MC targets of several rows, all their particles advancing together (see `particles`, `mc`)."""
+    def mc_batch(self, rows, masks, seeds: list[int], s, *, block_size=None, on_step=None):
+        """MC targets of several rows, all their particles advancing together (see `particles`, `estimators`)."""
         import torch
 
         from ar2mdm.precompute.decode import decoder_for
@@ -161,7 +155,9 @@ class TorchTeacher:
         L = xs.shape[1]
         if L not in self.decoders:
             self.decoders[L] = decoder_for(self.model, L)
-        return mc_targets(self.model, xs, masks, seeds, s, on_step=on_step, decoder=self.decoders[L])
+        return mc_targets(
+            self.model, xs, masks, seeds, s, block_size=block_size, on_step=on_step, decoder=self.decoders[L]
+        )
 
     def close(self) -> None:
         pass

@@ -1,17 +1,15 @@
-"""The vLLM backend: the same calls as `TorchTeacher` (rescore, fim, mc), answered by a vLLM engine.
+"""The vLLM backend: the same teacher computations as `TorchTeacher` (`teacher.Backend`), answered by a vLLM engine.
 
 One engine per process (per rank); tensor parallelism and every other engine setting pass through
 ``--engine KEY=VALUE`` into ``vllm.LLM(**engine)`` unchanged. The build hands the engine a whole shard per call
 (``whole_shard``), so everything of a shard is in flight together. Plans, and why (docs/design.md, "Backends
 and plans"; measured by benchmarks/backends.py):
 
-- topk: one request per row with ``prompt_logprobs=K`` gives log p_T(.|x_<i) (top-K plus the true token) at
-  every position; then one request per (position, candidate) ``[x_<i, v, x_{i+1..i+n}]`` with
-  ``prompt_logprobs=0`` and ``skip_reading_prefix_cache=False``: vLLM skips the prefix cache for prompt-logprob
-  requests by default, but read from it the request computes only what follows its cached prefix (whose
-  log-probs we never read), so the prefixes are not recomputed. Two engine calls per shard.
-- mc: `vllm_mc`: one request per (row, sample), the visible tokens forced by a logits processor
-  (`vllm_force.ForceTokens`), the masked ones sampled; one call per shard (smc: one per span).
+- topk (`VllmScorer`): one request per row with ``prompt_logprobs=K`` gives log p_T(.|x_<i) (top-K plus the true
+  token) at every position; then one request per (position, candidate) ``[x_<i, v, x_{i+1..i+n}]`` reading the
+  prefix cache, so the prefixes are not recomputed. Two engine calls per shard.
+- mc (`mc.vllm`): one request per (row, sample), the visible tokens forced by a logits processor
+  (`mc.force.ForceTokens`), the masked ones sampled; one call per shard (smc: one per span).
 - fim: one request per target position with ``max_tokens=1, logprobs=N`` (greedy, so the N returned entries
   are exactly the top-N).
 Returned log-probs are the model's raw ones (``logprobs_mode=raw_logprobs``, set explicitly), also for forced
@@ -26,13 +24,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ar2mdm.precompute.fim import fim_prompt
-from ar2mdm.precompute.mc.estimators import McTargets, final_weights, full_conditional_targets, targets
+from ar2mdm.precompute.mc.estimators import McTargets, by_block, final_weights, full_conditional_targets, targets
 from ar2mdm.precompute.mc.particles import McSettings
 from ar2mdm.precompute.mc.vllm import FORCE_KEY, RowState, segments
-from ar2mdm.precompute.topk import NEG_INF
+from ar2mdm.precompute.topk import NEG_INF, Branch, FirstPass, rescore
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.hfmodel import first_line
 
@@ -61,21 +59,77 @@ def parse_engine_value(v: str):
         return v
 
 
-@dataclass
-class CandidateBranch:
-    """One rescoring branch ``[x_<i, v, x_{i+1..i+n}]`` of a vLLM topk request."""
-
-    row: int  # row in the batch
-    slot: int  # index of the target position among the row's positions
-    cand: int  # index of the candidate among the position's K+1
-    pos: int  # target position i
-    n: int  # right-context tokens scored
-    token: int  # candidate v placed at i
-
-
 def top_entries(d: dict, n: int) -> list[tuple[int, float]]:
     """(token id, log-prob) of the n best-ranked entries of a vLLM logprobs dict, best first."""
     return [(tid, lp) for _, tid, lp in sorted((v.rank, t, v.logprob) for t, v in d.items() if v.rank <= n)[:n]]
+
+
+@dataclass
+class VllmScorer:
+    """`topk.Scorer` on the engine: the first pass is one request per row with ``prompt_logprobs=K`` (log
+    p_T(.|x_<i), top-K plus the true token, at every position); each branch ``[x_<i, v, x_{i+1..i+n}]`` one
+    request with ``prompt_logprobs=0`` that reads the prefix cache (``skip_reading_prefix_cache=False``: vLLM
+    skips it for prompt-logprob requests by default, but read from it a request computes only what follows its
+    cached prefix, whose log-probs are never read), and the true token's branch, the row itself, is read off the
+    first pass. ``read_cache=False`` recomputes every prefix, vLLM's default: the same scores, what the parity
+    test compares with and `benchmarks/backends.py` times against."""
+
+    teacher: "VllmTeacher"
+    read_cache: bool = True
+    first: list | None = None  # the first pass's engine outputs, per row
+
+    def first_pass(self, rows: torch.Tensor, positions: list[torch.Tensor], k: int) -> list[FirstPass]:
+        from vllm import SamplingParams
+
+        rows_l = rows.tolist()
+        self.first = self.teacher._generate(rows_l, SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False))
+        out = []
+        for b, pos in enumerate(positions):
+            x, pos = rows_l[b], pos.tolist()
+            ids = torch.zeros(len(pos), k, dtype=torch.long)
+            lps = torch.full((len(pos), k), NEG_INF)
+            true = torch.zeros(len(pos))
+            for p, i in enumerate(pos):
+                d = self.first[b].prompt_logprobs[i]  # {id: Logprob}: the top-k of p(.|x_<i) and the true token
+                top = top_entries(d, k)
+                ids[p, : len(top)] = torch.tensor([t for t, _ in top])
+                lps[p, : len(top)] = torch.tensor([lp for _, lp in top])
+                true[p] = d[x[i]].logprob
+            out.append(FirstPass(ids, lps, true))
+        return out
+
+    def branch_logliks(self, rows: torch.Tensor, branches: list[Branch], num_out: int) -> torch.Tensor:
+        from vllm import SamplingParams
+
+        rows_l = rows.tolist()
+        right = torch.zeros(num_out, dtype=torch.float64)
+        branches = [br for br in branches if br.n > 0]
+        if self.read_cache:  # the true token's branch is the row itself: its scores came with the first pass
+            for br in branches:
+                if br.token == rows_l[br.row][br.pos]:
+                    right[br.out] = sum(
+                        self.first[br.row].prompt_logprobs[j][rows_l[br.row][j]].logprob
+                        for j in range(br.pos + 1, br.pos + br.n + 1)
+                    )
+            branches = [br for br in branches if br.token != rows_l[br.row][br.pos]]
+        prompts = [
+            rows_l[br.row][: br.pos] + [br.token] + rows_l[br.row][br.pos + 1 : br.pos + 1 + br.n] for br in branches
+        ]
+        params = SamplingParams(
+            max_tokens=1, prompt_logprobs=0, detokenize=False, skip_reading_prefix_cache=not self.read_cache
+        )
+        outs = [*self.teacher._generate(prompts, params)]
+        # read from the cache, a request has prompt log-probs only after its cached prefix; a branch whose
+        # position i was cached too (the same row and branch seen before) is asked again without the cache
+        again = [q for q, o in enumerate(outs) if self.read_cache and (o.num_cached_tokens or 0) > branches[q].pos]
+        redo = self.teacher._generate(
+            [prompts[q] for q in again], SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        )
+        for q, o in zip(again, redo):
+            outs[q] = o
+        for br, prompt, o in zip(branches, prompts, outs):
+            right[br.out] = sum(o.prompt_logprobs[j][prompt[j]].logprob for j in range(br.pos + 1, br.pos + br.n + 1))
+        return right
 
 
 FORCE_PROCESSOR = "ar2mdm.precompute.mc.force:ForceTokens"
@@ -150,104 +204,40 @@ class VllmTeacher:
         out["engine_calls"] = self.calls
         return out
 
-    # ------------------------------------------------------------------------------------------- topk
+    # ------------------------------------------------------------------------------------- topk, fim
 
-    def rescore_targets(self, rows, positions, k: int, window: int | None, token_budget: int = 0, *, read_cache=True):
-        """Top-K rescoring of every row handed over, in two engine calls: the first distributions (prompt
-        log-probs of each row), then every (position, candidate) branch ``[x_<i, v, x_{i+1..i+n}]`` with prompt
-        log-probs. The branches read the prefix cache (``skip_reading_prefix_cache=False``): only the uncached
-        tail of ``x_<i`` is recomputed, and the true token's branch, the row itself, is read off the first pass.
-        ``read_cache=False`` recomputes every prefix (vLLM's default for prompt-logprob requests): the same
-        scores, what the parity test compares the cached ones with and `benchmarks/backends.py` times them
-        against."""
+    def scorer(self, token_budget: int = 0, *, read_cache: bool = True) -> VllmScorer:
+        """topk's teacher computations on this engine (`VllmScorer`); the engine schedules its own batches."""
+        return VllmScorer(self, read_cache)
+
+    def next_token_top(self, prompts: list[list[int]], top_n: int, token_budget: int = 0):
+        """One request per prompt with ``max_tokens=1, logprobs=N`` (greedy, so the N returned entries are exactly
+        the top-N): ids (Q, n) and log-probs (Q, n)."""
         from vllm import SamplingParams
 
-        rows = [list(map(int, r)) for r in rows]
-        L = len(rows[0])
-        first = self._generate(rows, SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False))
-        cands, valids, firsts, branches = [], [], [], []
-        for b, (x, pos) in enumerate(zip(rows, positions)):
-            pos = [int(i) for i in pos]
-            cand = torch.zeros(len(pos), k + 1, dtype=torch.long)
-            valid = torch.zeros(len(pos), k + 1, dtype=torch.bool)
-            lp0 = torch.full((len(pos), k + 1), NEG_INF)
-            for p, i in enumerate(pos):
-                d = first[b].prompt_logprobs[i]  # {id: Logprob}: the top-k of p(.|x_<i) and the true token
-                ids = [tid for tid, _ in top_entries(d, k)]
-                true_in = x[i] in ids
-                ids.append(x[i])
-                cand[p] = torch.tensor(ids)
-                valid[p, :k] = True
-                valid[p, k] = not true_in
-                lp0[p] = torch.tensor([d[t].logprob for t in ids])
-                n = L - 1 - i if window is None else min(L - 1 - i, window)
-                if n > 0:
-                    branches += [CandidateBranch(b, p, c, i, n, ids[c]) for c in range(k + 1) if valid[p, c]]
-            cands.append(cand)
-            valids.append(valid)
-            firsts.append(lp0)
-        right = [torch.zeros(len(c), k + 1, dtype=torch.float64) for c in cands]
-        if branches:
-            cached = read_cache
-            if cached:  # the true token's branch is the row itself: its scores came with the first pass
-                for br in branches:
-                    if br.token == rows[br.row][br.pos]:
-                        right[br.row][br.slot, br.cand] = sum(
-                            first[br.row].prompt_logprobs[j][rows[br.row][j]].logprob
-                            for j in range(br.pos + 1, br.pos + br.n + 1)
-                        )
-                branches = [br for br in branches if br.token != rows[br.row][br.pos]]
-            prompts = [
-                rows[br.row][: br.pos] + [br.token] + rows[br.row][br.pos + 1 : br.pos + 1 + br.n] for br in branches
-            ]
-            outs = self._generate(
-                prompts,
-                SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, skip_reading_prefix_cache=not cached),
-            )
-            # read from the cache, a request has prompt log-probs only after its cached prefix; a branch whose
-            # position i was cached too (the same row and branch seen before) is asked again without the cache
-            again = [q for q, o in enumerate(outs) if cached and (o.num_cached_tokens or 0) > branches[q].pos]
-            redo = self._generate(
-                [prompts[q] for q in again], SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
-            )
-            outs = [*outs]
-            for q, o in zip(again, redo):
-                outs[q] = o
-            for br, prompt, o in zip(branches, prompts, outs):
-                span = range(br.pos + 1, br.pos + br.n + 1)
-                right[br.row][br.slot, br.cand] = sum(o.prompt_logprobs[j][prompt[j]].logprob for j in span)
-        res = []
-        for b in range(len(rows)):
-            s = (firsts[b].double() + right[b]).masked_fill(~valids[b], NEG_INF)
-            res.append((cands[b], torch.log_softmax(s, dim=-1).float()))
-        return res
-
-    # -------------------------------------------------------------------------------------------- fim
-
-    def fim_targets(self, rows, positions, fim_ids, *, window: int | None, top_n: int, token_budget: int = 0):
-        from vllm import SamplingParams
-
-        top_n = min(top_n, self.llm.llm_engine.model_config.get_vocab_size())
-        prompts, where = [], []
-        for b, (x, pos) in enumerate(zip(rows, positions)):
-            x = list(map(int, x))
-            for p, i in enumerate(pos):
-                prompts.append(fim_prompt(x, int(i), fim_ids, window))
-                where.append((b, p))
-        outs = self._generate(prompts, SamplingParams(max_tokens=1, logprobs=top_n, temperature=0.0, detokenize=False))
-        res = [(torch.zeros(len(p), top_n, dtype=torch.long), torch.zeros(len(p), top_n)) for p in positions]
-        for (b, p), o in zip(where, outs):
-            top = top_entries(o.outputs[0].logprobs[0], top_n)
-            res[b][0][p] = torch.tensor([t for t, _ in top])
-            res[b][1][p] = torch.tensor([lp for _, lp in top])
-        return res
+        n = min(top_n, self.llm.llm_engine.model_config.get_vocab_size())
+        outs = self._generate(prompts, SamplingParams(max_tokens=1, logprobs=n, temperature=0.0, detokenize=False))
+        ids, lps = torch.zeros(len(prompts), n, dtype=torch.long), torch.zeros(len(prompts), n)
+        for q, o in enumerate(outs):
+            top = top_entries(o.outputs[0].logprobs[0], n)
+            ids[q] = torch.tensor([t for t, _ in top])
+            lps[q] = torch.tensor([lp for _, lp in top])
+        return ids, lps
 
     # --------------------------------------------------------------------------------------------- mc
 
-    def mc_batch(self, rows, masks, seeds: list[int], s: McSettings, on_step=None) -> list[McTargets]:
-        """MC targets of every row handed over (see `vllm_mc`): every (row, sample) in flight together, the
-        visible tokens forced; smc: one engine call per span. ``on_step(n)`` after each call: masked positions
-        whose tokens it drew."""
+    def mc_batch(self, rows, masks, seeds: list[int], s: McSettings, *, block_size=None, on_step=None):
+        """MC targets of every row handed over (see `mc.vllm`): every (row, sample) in flight together, the
+        visible tokens forced; smc: one engine call per span; block rows one block index at a time
+        (`estimators.by_block`), whose prefixes the engine's prefix cache holds. ``on_step(n)`` after each call:
+        masked positions whose tokens it drew."""
+        if block_size is None:
+            return self._mc_rows(rows, masks, seeds, s, on_step)
+        xs = np.stack([np.asarray(x) for x in rows])
+        return by_block(lambda _, sub, m, sd: self._mc_rows(list(sub), m, sd, s, on_step), xs, masks, seeds, block_size)
+
+    def _mc_rows(self, rows, masks, seeds: list[int], s: McSettings, on_step) -> list[McTargets]:
+        """`mc_batch` of whole rows."""
         from vllm import SamplingParams
 
         if not self.forcing:
@@ -299,7 +289,8 @@ class VllmTeacher:
         if s.score == "full-conditional":  # every row's distinct branches rescored in one more pair of calls
 
             def rescore_rows(seqs, positions):
-                return self.rescore_targets(seqs, positions, s.rescore_k, s.window)
+                x, pos = torch.tensor(seqs, dtype=torch.long), [torch.tensor(q, dtype=torch.long) for q in positions]
+                return rescore(self.scorer(), x, pos, k=s.rescore_k, window=s.window)
 
             return full_conditional_targets(
                 rescore_rows,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -14,9 +15,37 @@ from ar2mdm.schemas.v1 import SchemaError
 R = TypeVar("R")
 
 
-def to_line(record, fmt: str, version: int) -> str:
-    """A record (a dataclass with a dataclass ``source``) as one JSON line, its format and version first."""
-    return json.dumps({"format": fmt, "version": version, **dataclasses.asdict(record)})
+@dataclass(frozen=True)
+class RecordFormat:
+    """One JSONL format: its name and version, its record dataclass and that record's ``source`` dataclass."""
+
+    name: str  # e.g. "ar2mdm.samples"
+    version: int
+    record: type
+    source: type
+
+    def line(self, record) -> str:
+        """A record as one JSON line, its format and version first."""
+        return json.dumps({"format": self.name, "version": self.version, **dataclasses.asdict(record)})
+
+    def parse(self, d: dict, where: str):
+        """A record from one parsed line, its format and version checked. A field with a default may be absent
+        (lines written before the field existed)."""
+        what = self.name.split(".")[-1]
+        if d.get("format") != self.name:
+            raise SchemaError(f"{where}: not an ar2mdm {what} record (format {d.get('format')!r})")
+        if d.get("version") != self.version:
+            raise SchemaError(f"{where}: {what} version {d.get('version')}, this ar2mdm reads {self.version}")
+        try:
+            fields = {
+                f.name: d[f.name]
+                for f in dataclasses.fields(self.record)
+                if f.name in d or f.default is dataclasses.MISSING
+            }
+            fields["source"] = self.source(**fields["source"])
+            return self.record(**fields)
+        except (KeyError, TypeError) as e:
+            raise SchemaError(f"{where}: malformed {what} record ({type(e).__name__}: {e})") from e
 
 
 def write_records(path: str | Path, lines: list[str]) -> Path:
@@ -26,21 +55,6 @@ def write_records(path: str | Path, lines: list[str]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, "".join(line + "\n" for line in lines).encode())
     return path
-
-
-def parse_record(d: dict, cls: type[R], source_cls: type, fmt: str, version: int, where: str) -> R:
-    """A record of ``cls`` from one parsed line, its format and version checked."""
-    what = fmt.split(".")[-1]
-    if d.get("format") != fmt:
-        raise SchemaError(f"{where}: not an ar2mdm {what} record (format {d.get('format')!r})")
-    if d.get("version") != version:
-        raise SchemaError(f"{where}: {what} version {d.get('version')}, this ar2mdm reads {version}")
-    try:
-        fields = {f.name: d[f.name] for f in dataclasses.fields(cls)}
-        fields["source"] = source_cls(**fields["source"])
-        return cls(**fields)
-    except (KeyError, TypeError) as e:
-        raise SchemaError(f"{where}: malformed {what} record ({type(e).__name__}: {e})") from e
 
 
 def read_records(path: str | Path, parse: Callable[[dict, str], R], what: str) -> list[R]:

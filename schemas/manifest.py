@@ -86,6 +86,12 @@ class Manifest:
     # term on them. None for corpus rows (and then absent from manifest.json, which stays as it was).
     states: dict[str, Any] | None = None
 
+    @property
+    def block_size(self) -> int | None:
+        """The block size of a build for block students (``params["block_size"]``), None for whole rows."""
+        b = self.params.get("block_size")
+        return None if b is None else int(b)
+
     def build_key(self) -> dict[str, Any]:
         """Everything that must be equal for two runs to write into the same output folder."""
         d = dataclasses.asdict(self)

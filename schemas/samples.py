@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ar2mdm.schemas.jsonl import parse_record, read_records, to_line, write_records
+from ar2mdm.schemas.jsonl import RecordFormat, read_records, write_records
 from ar2mdm.schemas.v1 import SchemaError
 
 SAMPLES_FORMAT = "ar2mdm.samples"
@@ -39,9 +39,15 @@ class SampleRecord:
     text: str  # the completion decoded: what a judge reads
     stopped: bool  # a stop token (EOS, end of turn) ended the completion before its full length
     source: SampleSource
+    # the model forwards that drew it, every one counted (a block student's prefill and commits, a teacher's
+    # prefill): tokens per forward = len(ids) / forwards; None where nothing was computed (held-out text)
+    forwards: int | None = None
 
     def to_json(self) -> str:
-        return to_line(self, SAMPLES_FORMAT, SAMPLES_VERSION)
+        return SAMPLES.line(self)
+
+
+SAMPLES = RecordFormat(SAMPLES_FORMAT, SAMPLES_VERSION, SampleRecord, SampleSource)
 
 
 def write_samples(path: str | Path, records: list[SampleRecord]) -> Path:
@@ -50,7 +56,7 @@ def write_samples(path: str | Path, records: list[SampleRecord]) -> Path:
 
 
 def _record(d: dict, where: str) -> SampleRecord:
-    rec = parse_record(d, SampleRecord, SampleSource, SAMPLES_FORMAT, SAMPLES_VERSION, where)
+    rec = SAMPLES.parse(d, where)
     if rec.source.kind not in SOURCE_KINDS:
         raise SchemaError(f"{where}: source kind {rec.source.kind!r} is not one of {', '.join(SOURCE_KINDS)}")
     if not all(isinstance(t, int) for t in rec.ids + rec.prompt_ids) or not isinstance(rec.text, str):

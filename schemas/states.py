@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ar2mdm.schemas.jsonl import parse_record, read_records, to_line, write_records
+from ar2mdm.schemas.jsonl import RecordFormat, read_records, write_records
 from ar2mdm.schemas.v1 import SchemaError
 
 STATES_FORMAT = "ar2mdm.states"
@@ -40,7 +40,10 @@ class StateRecord:
     source: StateSource
 
     def to_json(self) -> str:
-        return to_line(self, STATES_FORMAT, STATES_VERSION)
+        return STATES.line(self)
+
+
+STATES = RecordFormat(STATES_FORMAT, STATES_VERSION, StateRecord, StateSource)
 
 
 def write_states(path: str | Path, records: list[StateRecord]) -> Path:
@@ -49,7 +52,7 @@ def write_states(path: str | Path, records: list[StateRecord]) -> Path:
 
 
 def _record(d: dict, where: str) -> StateRecord:
-    rec = parse_record(d, StateRecord, StateSource, STATES_FORMAT, STATES_VERSION, where)
+    rec = STATES.parse(d, where)
     L, m = len(rec.input_ids), rec.mask_positions
     if not m:
         raise SchemaError(f"{where}: state {rec.example_id} has no masked position (nothing to build a target for)")

@@ -19,8 +19,14 @@ Columns (a public contract; see docs/schema.md):
 - ``mc_resamples``     int32, null outside ``--mode mc``: times the row's particles were resampled (smc).
 - ``mc_resample_ess``  float32, null outside ``--mode mc``: mean ESS just before those resamplings (NaN: none).
 
-The last two were added within version 1 (ar2mdm 0.3): writers always write them; readers accept shards
-written before, which lack them (read as null). Adding a nullable column keeps every older reader working.
+- ``block_t``          list<float32>, only in builds for block students (``--block-size`` B below ``seq_len``): the
+                       mask ratio of each of the row's L/B blocks, each block masked at its own; ``t`` is then
+                       their mean.
+
+``mc_resamples`` and ``mc_resample_ess`` are nullable columns added within version 1 (ar2mdm 0.3): writers always
+write them; readers accept shards that lack them (read as null). ``block_t`` is written by block builds alone, so
+a whole-row build's shards are the same bytes with or without block support; readers take its absence for one
+block per row.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ METADATA_KEY = b"ar2mdm.schema_version"
 LOGPROB_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
 # columns added within version 1: a shard written before them is still a v1 shard
 ADDED_COLUMNS = ("mc_resamples", "mc_resample_ess")
+BLOCK_T = "block_t"  # the column of block builds alone
 
 
 class SchemaError(ValueError):
@@ -43,8 +50,9 @@ def _list(t: pa.DataType) -> pa.DataType:
     return pa.list_(pa.field("element", t))
 
 
-def shard_schema(logprob_dtype: str = "float16") -> pa.Schema:
-    """The pyarrow schema of a v1 shard; ``logprob_dtype`` is ``float16`` or ``float32``."""
+def shard_schema(logprob_dtype: str = "float16", blocks: bool = False) -> pa.Schema:
+    """The pyarrow schema of a v1 shard; ``logprob_dtype`` is ``float16`` or ``float32``; ``blocks``: with the
+    ``block_t`` column of a build for block students."""
     if logprob_dtype not in LOGPROB_TYPES:
         raise SchemaError(f"logprob dtype must be one of {sorted(LOGPROB_TYPES)}, got {logprob_dtype!r}")
     lp = LOGPROB_TYPES[logprob_dtype]
@@ -62,6 +70,8 @@ def shard_schema(logprob_dtype: str = "float16") -> pa.Schema:
         pa.field("mc_resamples", pa.int32(), nullable=True),
         pa.field("mc_resample_ess", pa.float32(), nullable=True),
     ]
+    if blocks:
+        fields.append(pa.field(BLOCK_T, _list(pa.float32()), nullable=False))
     return pa.schema(fields, metadata={METADATA_KEY: str(SCHEMA_VERSION).encode()})
 
 
@@ -82,7 +92,7 @@ def check_table_schema(schema: pa.Schema, where: str) -> str:
     names = [n for n, t in LOGPROB_TYPES.items() if t == lp_type]
     if not names:
         raise SchemaError(f"{where}: target_logprobs has value type {lp_type}, expected float16 or float32")
-    expected = shard_schema(names[0])
+    expected = shard_schema(names[0], blocks=BLOCK_T in schema.names)
     for f in expected:
         if f.name not in schema.names:
             if f.name in ADDED_COLUMNS:

@@ -1,15 +1,19 @@
-"""Sample quality against sampling steps: students' samples judged beside the teacher's own and the held-out text.
+"""Sample quality against parallelism: students' samples judged beside the teacher's own and the held-out text.
 
     python scripts/quality_curve.py --out curve --prompts-from HELD_OUT \
         --run "LABEL|RUN" [--run "LABEL|RUN" ...]     # runs sharing a LABEL (seeds) are averaged in the plot
-        [--steps 4,8,16,32,48] [--num 64] [--prompt-tokens 15] [--length 48] [--judge default --judge gemma]
+        [--steps 4,8,16,32,48] [--thresholds 1,0.9,0.7,0.5] [--temperatures 1] [--num 64] [--prompt-tokens 15]
+        [--length 48] [--judge default --judge gemma]
 
-For every run and step count it draws ``--num`` samples (`kdtrain sample`, prompted by the held-out rows' first
-tokens), draws the teacher's own samples and the rows' real continuations under the same prompts (`kdtargets
-sample`), scores every file under every judge (`kdtargets score`), and writes OUT/curve.md (the table),
-OUT/curve.csv and OUT/curve.png (judge bits per byte and the samples' entropy against steps, the teacher and the
-held-out text as anchors). Each stage is a subprocess, so this process never loads a model, and a rerun skips what
-is on disk.
+For every run it draws ``--num`` samples (`kdtrain sample`, prompted by the held-out rows' first tokens) at each
+sampler setting: a full-attention student at each of ``--steps``, a block student at each threshold τ of
+``--thresholds``, both at each of ``--temperatures``. It draws the teacher's own samples (at each temperature) and
+the rows' real continuations under the same prompts (`kdtargets sample`), scores every file under every judge
+(`kdtargets score`), and writes OUT/curve.md (the table), OUT/curve.csv and OUT/curve.png: judge bits per byte
+and the samples' entropy against the tokens each sampler drew per forward of its model (every forward counted;
+the teacher's own decoding is the point at 1), the held-out text as a line; with several temperatures, also bits
+per byte against entropy (arms compared at matched entropy). Each stage is a subprocess, so this process never
+loads a model, and a rerun skips what is on disk.
 """
 
 from __future__ import annotations
@@ -33,23 +37,45 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
 
 
-def draw(a, runs: list[tuple[str, str]], samples: Path) -> dict[str, tuple[str, str, int]]:
-    """Every samples file (name -> (label, run, steps)), drawn where missing."""
+def block_size(run_dir: str) -> int | None:
+    """A run's block size, from its checkpoint's config (None: a full-attention student)."""
+    for d in ("checkpoint", "checkpoint.old"):
+        f = Path(run_dir) / d / "config.json"
+        if f.exists():
+            return json.loads(f.read_text())["student"].get("block_size")
+    raise SystemExit(f"{run_dir}: no checkpoint")
+
+
+def fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def draw(a, runs: list[tuple[str, str]], samples: Path) -> dict[str, dict]:
+    """Every samples file (name -> what drew it: label, run, setting, temperature), drawn where missing."""
     prompts = ["--prompts-from", a.prompts_from, "--prompt-tokens", str(a.prompt_tokens), "--num", str(a.num)]
     common = prompts + ["--length", str(a.length), "--seed", str(a.seed), "--device", a.device]
     files = {}
-    for kind, label in (("teacher", "teacher"), ("text", "held-out text")):
-        out = samples / f"{kind}.jsonl"
-        files[out.name] = (label, kind, 0)
+    out = samples / "text.jsonl"
+    files[out.name] = dict(label="held-out text", run="text", setting="", temperature="")
+    if not out.exists():
+        run(["kdtargets", "sample", "--source", "text", *common, "--out", str(out)])
+    for T in a.temperatures:
+        out = samples / f"teacher-T{fmt(T)}.jsonl"
+        files[out.name] = dict(label="teacher", run="teacher", setting="AR", temperature=T)
         if not out.exists():
-            run(["kdtargets", "sample", "--source", kind, *common, "--out", str(out)] + (a.teacher or []))
+            teacher = ["--temperature", str(T)] + (a.teacher or [])
+            run(["kdtargets", "sample", "--source", "teacher", *common, *teacher, "--out", str(out)])
     for j, (label, path) in enumerate(runs):
-        for steps in a.steps:
-            out = samples / f"{j:02d}-{slug(label)}-s{steps}.jsonl"
-            files[out.name] = (label, path, steps)
-            if not out.exists():
-                sampler = ["--steps", str(steps), "--temperature", str(a.temperature), "--remasking", a.remasking]
-                run(["kdtrain", "sample", path, *common, *sampler, "--out", str(out)])
+        blocks = block_size(path) is not None
+        for setting in a.thresholds if blocks else a.steps:
+            for T in a.temperatures:
+                name = f"tau{fmt(setting)}" if blocks else f"s{setting}"
+                out = samples / f"{j:02d}-{slug(label)}-{name}-T{fmt(T)}.jsonl"
+                files[out.name] = dict(label=label, run=path, setting=name.replace("tau", "τ="), temperature=T)
+                if not out.exists():
+                    sampler = ["--threshold", str(setting)] if blocks else ["--steps", str(setting)]
+                    sampler += ["--temperature", str(T)] + ([] if blocks else ["--remasking", a.remasking])
+                    run(["kdtrain", "sample", path, *common, *sampler, "--out", str(out)])
     return files
 
 
@@ -71,8 +97,8 @@ def score(a, files: dict, samples: Path, scores: Path) -> list[dict]:
 
 def rows_of(files: dict, scored: list[dict], judges: list[str]) -> list[dict]:
     rows = []
-    for (label, path, steps), f in zip(files.values(), scored):
-        row = {"label": label, "run": path, "steps": steps or ""}
+    for what, f in zip(files.values(), scored):
+        row = dict(what)
         for j in judges:
             s = f["judges"][j]
             row[f"{j}_bpb"], row[f"{j}_bpb_se"] = s.get("bits_per_byte", math.nan), s.get("bits_per_byte_se", math.nan)
@@ -80,16 +106,20 @@ def rows_of(files: dict, scored: list[dict], judges: list[str]) -> list[dict]:
         t = f["text"]
         row.update(entropy=t["entropy"], entropy_se=t["entropy_se"], distinct_2=t["distinct_2"])
         row.update(ended_early=t["ended_early"], mostly_one=t["mostly_one_token"], empty=t["empty"])
+        row.update(tokens_per_forward=t.get("tokens_per_forward", math.nan))
+        row.update(tokens_per_forward_se=t.get("tokens_per_forward_se", math.nan))
         rows.append(row)
     return rows
 
 
 def table(rows: list[dict], judges: list[str]) -> str:
-    head = ["samples", "run", "steps", *[f"{j}: bits/byte" for j in judges], "entropy (nats)", "distinct-2"]
-    head += ["ended early", "mostly one token"]
+    head = ["samples", "run", "sampler", "T", "tokens/forward", *[f"{j}: bits/byte" for j in judges]]
+    head += ["entropy (nats)", "distinct-2", "ended early", "mostly one token"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
-        cells = [r["label"], r["run"] if r["steps"] else "", str(r["steps"])]
+        tpf = "" if math.isnan(r["tokens_per_forward"]) else f"{r['tokens_per_forward']:.2f}"
+        cells = [r["label"], r["run"] if r["setting"] not in ("", "AR") else "", str(r["setting"])]
+        cells += [str(r["temperature"]), tpf]
         cells += [f"{r[f'{j}_bpb']:.3f} ± {r[f'{j}_bpb_se']:.3f}" for j in judges]
         cells += [f"{r['entropy']:.3f} ± {r['entropy_se']:.3f}", f"{r['distinct_2']:.3f}"]
         cells += [f"{r['ended_early']:.2f}", f"{r['mostly_one']:.2f}"]
@@ -97,34 +127,47 @@ def table(rows: list[dict], judges: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], judges: list[str], out: Path) -> None:
-    """One panel per judge (bits per byte) and one for entropy, against steps: each label's mean over its runs,
-    with the standard error of that mean (from each run's own); the anchors as horizontal lines."""
+def mean_points(rows: list[dict], label: str, x: str, y: str) -> list[tuple[float, float, float]]:
+    """(x, y, s.e.) per sampler setting and temperature of one label: the mean over its runs (seeds), the error
+    of that mean from each run's own, sorted by x."""
+    pts: dict = {}
+    for r in rows:
+        if r["label"] == label:
+            pts.setdefault((r["setting"], r["temperature"]), []).append((r[x], r[y], r.get(f"{y}_se", 0.0)))
+    out = []
+    for v in pts.values():
+        n = len(v)
+        out.append((sum(a for a, _, _ in v) / n, sum(b for _, b, _ in v) / n, math.sqrt(sum(e * e for *_, e in v)) / n))
+    return sorted(out)
+
+
+def plot(rows: list[dict], judges: list[str], out: Path, temperatures: list[float]) -> None:
+    """One panel per judge (bits per byte) and one for entropy against tokens per forward (one line per label,
+    the held-out text a horizontal line), and with several temperatures, bits per byte against entropy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     keys = [(f"{j}_bpb", f"judge {j}: bits per byte") for j in judges] + [("entropy", "entropy of the samples (nats)")]
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4))
-    labels = list(dict.fromkeys(r["label"] for r in rows if r["steps"]))
-    for ax, (key, title) in zip(axes, keys):
+    panels = [("tokens_per_forward", k, t) for k, t in keys]
+    if len(temperatures) > 1:
+        panels += [("entropy", f"{j}_bpb", f"judge {j}: bits per byte at matched entropy") for j in judges]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    labels = list(dict.fromkeys(r["label"] for r in rows if r["run"] != "text"))
+    text = next(r for r in rows if r["run"] == "text")
+    for ax, (x, key, title) in zip(axes, panels):
         for n, label in enumerate(labels):
-            pts = {}
-            for r in rows:
-                if r["label"] == label:
-                    pts.setdefault(r["steps"], []).append((r[key], r[f"{key}_se"]))
-            xs = sorted(pts)
-            ys = [sum(v for v, _ in pts[x]) / len(pts[x]) for x in xs]
-            es = [math.sqrt(sum(e * e for _, e in pts[x])) / len(pts[x]) for x in xs]
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label, color=f"C{n}")
-        for r, style in zip([r for r in rows if not r["steps"]], ("--", ":")):
-            ax.axhline(r[key], color="black", linestyle=style, linewidth=1, label=r["label"])
-        ax.set_xscale("log", base=2)
-        steps = sorted({r["steps"] for r in rows if r["steps"]})
-        ax.set_xticks(steps, [str(x) for x in steps])
-        ax.minorticks_off()
-        ax.set_xlabel("sampling steps")
+            pts = mean_points(rows, label, x, key)
+            style = dict(marker="*", markersize=12, linestyle="none") if label == "teacher" else dict(marker="o")
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], capsize=3, label=label,
+                        color=f"C{n}", **style)  # fmt: skip
+        if x == "tokens_per_forward":
+            ax.axhline(text[key], color="black", linestyle=":", linewidth=1, label=text["label"])
+            ax.set_xlabel("tokens per forward (every forward counted)")
+        else:
+            ax.plot([text["entropy"]], [text[key]], "kx", markersize=9, label=text["label"])
+            ax.set_xlabel("entropy of the samples (nats)")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
@@ -139,10 +182,11 @@ def main() -> None:
     ap.add_argument("--run", action="append", required=True, help="LABEL|RUN (runs sharing a label: seeds)")
     ap.add_argument("--prompts-from", required=True, help="a held-out corpus (never trained on)")
     ap.add_argument("--steps", default="4,8,16,32,48", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--thresholds", default="1,0.9,0.7,0.5", type=lambda s: [float(x) for x in s.split(",")])
+    ap.add_argument("--temperatures", default="1", type=lambda s: [float(x) for x in s.split(",")])
     ap.add_argument("--num", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=15)
     ap.add_argument("--length", type=int, default=48)
-    ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--remasking", default="random")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--judge", action="append", help="repeatable; default: default (the teacher)")
@@ -163,7 +207,7 @@ def main() -> None:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    plot(rows, a.judge, out / "curve.png")
+    plot(rows, a.judge, out / "curve.png", a.temperatures)
     print(table(rows, a.judge))
     print(f"{out / 'curve.md'}, {out / 'curve.csv'}, {out / 'curve.png'}")
 

@@ -1,8 +1,8 @@
 """Mask sampling, shared by the precompute (which stores masks) and the trainer (which may resample them).
 
 Masks follow the forward process of docs/design.md §1: t ~ U(eps, 1), then every maskable position is masked
-independently with probability t. We force at least one masked position, since a row without any contributes no
-loss.
+independently with probability t; rows cut into blocks (§6) draw one t per block. We force at least one masked
+position per row, since a row without any contributes no loss.
 """
 
 from __future__ import annotations
@@ -25,27 +25,33 @@ def maskable_positions(seq_len: int, prompt_len: torch.Tensor) -> torch.Tensor:
 
 
 def sample_masks(
-    maskable: torch.Tensor, generator: torch.Generator | None = None, eps: float = 1e-3
+    maskable: torch.Tensor,
+    generator: torch.Generator | None = None,
+    eps: float = 1e-3,
+    block_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample (t, mask) for a batch.
+    """Sample (t, mask) for a batch: one t per block (per row without blocks), each position masked with its
+    block's t.
 
     Args:
         maskable: (B, L) bool, positions allowed to be masked.
         generator: CPU torch.Generator for reproducibility.
         eps: lower bound of t, so that t is never 0 (the 1/t ELBO weight stays finite).
+        block_size: positions per block (L must divide by it); None: the row is one block.
     Returns:
-        t: (B,) float32 in [eps, 1); mask: (B, L) bool, a subset of ``maskable`` with at least one True in
-        every row that has a maskable position.
+        t: (B, nb) float32 in [eps, 1), nb = L / block_size (1 without blocks); mask: (B, L) bool, a subset of
+        ``maskable`` with at least one True in every row that has a maskable position.
     """
     B, L = maskable.shape
     dev = maskable.device
+    size = block_size or L
     # Draw on the CPU generator, then move: results do not depend on the device.
-    t = eps + (1.0 - eps) * torch.rand(B, generator=generator)  # (B,)
+    t = eps + (1.0 - eps) * torch.rand(B, L // size, generator=generator)  # (B, nb)
     u = torch.rand(B, L, generator=generator)  # (B, L)
     # Always drawn, so the random stream is the same whether or not a row needs the fallback.
     fallback = torch.rand(B, L, generator=generator)  # (B, L)
     t, u, fallback = t.to(dev), u.to(dev), fallback.to(dev)
-    mask = (u < t[:, None]) & maskable  # (B, L)
+    mask = (u < t.repeat_interleave(size, dim=1)) & maskable  # (B, L)
     empty = ~mask.any(dim=1) & maskable.any(dim=1)  # (B,)
     if empty.any():
         # pick one maskable position uniformly: the argmax of uniform noise restricted to maskable positions
@@ -55,13 +61,13 @@ def sample_masks(
 
 
 def sample_row_mask(
-    prompt_len: int, seq_len: int, seed: int, key: str, eps: float = 1e-3
-) -> tuple[float, torch.Tensor]:
-    """(t, mask (L,) bool) for one row, determined by ``seed`` and the row's ``key`` alone."""
+    prompt_len: int, seq_len: int, seed: int, key: str, eps: float = 1e-3, block_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t (nb,) one per block, mask (L,) bool) for one row, determined by ``seed`` and the row's ``key`` alone."""
     g = torch.Generator().manual_seed(row_seed(seed, key))
     maskable = maskable_positions(seq_len, torch.tensor([prompt_len]))
-    t, mask = sample_masks(maskable, g, eps)
-    return float(t[0]), mask[0]
+    t, mask = sample_masks(maskable, g, eps, block_size)
+    return t[0], mask[0]
 
 
 def stratified_counts(n: torch.Tensor, draws: int, generator: torch.Generator | None = None) -> torch.Tensor:

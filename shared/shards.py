@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ar2mdm.schemas.v1 import METADATA_KEY, SCHEMA_VERSION, SchemaError, check_table_schema, shard_schema
+from ar2mdm.schemas.v1 import BLOCK_T, METADATA_KEY, SCHEMA_VERSION, SchemaError, check_table_schema, shard_schema
 
 FORMATS = {"parquet": ".parquet", "safetensors": ".safetensors"}
 # per-row Monte Carlo columns (null outside --mode mc; the last two absent from shards written before them)
@@ -46,6 +46,7 @@ class ShardData:
     mc_ess: np.ndarray | None = None  # (R,) float32
     mc_resamples: np.ndarray | None = None  # (R,) int32 (smc resamplings; None in shards written before them)
     mc_resample_ess: np.ndarray | None = None  # (R,) float32, NaN where a row did not resample
+    block_t: np.ndarray | None = None  # (R, nb) float32: each block's mask ratio (block builds alone)
 
     @property
     def rows(self) -> int:
@@ -99,6 +100,7 @@ def concat_shards(parts: list[ShardData]) -> ShardData:
                 "target_ids",
                 "target_logprobs",
                 *MC_COLUMNS,
+                BLOCK_T,
             )
         },
     )
@@ -153,7 +155,7 @@ def _list(offsets: np.ndarray, values: pa.Array, typ: pa.DataType) -> pa.Array:
 
 def to_table(data: ShardData, logprob_dtype: str) -> pa.Table:
     """The v1 Arrow table of a shard, built column by column against the explicit schema."""
-    schema = shard_schema(logprob_dtype)
+    schema = shard_schema(logprob_dtype, blocks=data.block_t is not None)
     R, L = data.input_ids.shape
     ints = schema.field("input_ids").type  # list<int32>
     lp_np = (
@@ -175,6 +177,11 @@ def to_table(data: ShardData, logprob_dtype: str) -> pa.Table:
     for name, dtype in MC_COLUMNS.items():
         col, typ = getattr(data, name), pa.from_numpy_dtype(dtype)
         cols[name] = pa.array(col, typ) if col is not None else nulls.cast(typ)
+    if data.block_t is not None:
+        nb = data.block_t.shape[1]
+        cols[BLOCK_T] = _list(
+            np.arange(R + 1, dtype=np.int64) * nb, pa.array(data.block_t.reshape(-1)), schema.field(BLOCK_T).type
+        )
     return pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)
 
 
@@ -204,6 +211,10 @@ def from_table(table: pa.Table) -> ShardData:
             return None
         return table[name].to_numpy(zero_copy_only=False).astype(dtype)
 
+    block_t = None
+    if BLOCK_T in table.column_names:
+        _, flat = _flat(table[BLOCK_T])
+        block_t = flat.to_numpy().astype(np.float32).reshape(R, -1)
     return ShardData(
         example_ids=table["example_id"].to_pylist(),
         input_ids=ids_flat.to_numpy().astype(np.int32).reshape(R, L),
@@ -217,6 +228,7 @@ def from_table(table: pa.Table) -> ShardData:
         target_ids=ids_vals.to_numpy().astype(np.int32),
         target_logprobs=lp_vals.to_numpy(zero_copy_only=False),
         **{name: mc_col(name, dtype) for name, dtype in MC_COLUMNS.items()},
+        block_t=block_t,
     )
 
 
@@ -246,6 +258,8 @@ def _write_safetensors(data: ShardData, path: Path, logprob_dtype: str) -> None:
     for name, dtype in MC_COLUMNS.items():
         if getattr(data, name) is not None:
             tensors[name] = getattr(data, name).astype(dtype)
+    if data.block_t is not None:
+        tensors[BLOCK_T] = data.block_t.astype(np.float32)
     meta = {
         METADATA_KEY.decode(): str(SCHEMA_VERSION),
         "logprob_dtype": logprob_dtype,
@@ -271,7 +285,7 @@ def _read_safetensors(path: Path) -> ShardData:
         arrays = {k: f.get_tensor(k) for k in keys}
     return ShardData(
         example_ids=json.loads(meta["example_ids"]),
-        **{name: arrays.get(name) for name in MC_COLUMNS},
+        **{name: arrays.get(name) for name in (*MC_COLUMNS, BLOCK_T)},
         **{k: arrays[k] for k in _ST_ARRAYS},
     )
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ar2mdm.schemas import Manifest, SchemaError
+from ar2mdm.shared.blocks import describe
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.shards import DONE_SUFFIX, FORMATS, ShardData, file_sha256, rank_started_name, read_shard
 
@@ -226,6 +227,9 @@ def summarize_dir(directory: str | Path) -> dict:
         "rows": rows,
         "target_positions": positions,
         "seq_len": manifest.seq_len,
+        # the student these targets are for: a block student's block size (rows cut into blocks), or one block a row
+        "block_size": manifest.block_size or manifest.seq_len,
+        "student": describe(manifest.block_size),
         "mean_support": support_sum / max(positions, 1),
         "mean_stored_mass": mass_sum / max(positions, 1),
         "mean_target_entropy_nats": ent_sum / max(positions, 1),

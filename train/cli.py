@@ -84,8 +84,10 @@ def sample(**settings) -> None:
         typer.echo(f"{cfg.states}: {len(states)} states of {len(records)} trajectories")
     if cfg.out:
         stopped = sum(r.stopped for r in records)
+        per = sum(len(r.ids) for r in records) / max(1, sum(r.forwards for r in records))
         typer.echo(
-            f"{cfg.out}: {len(records)} samples of {cfg.length} tokens in {cfg.steps} steps ({stopped} ended early)"
+            f"{cfg.out}: {len(records)} samples of {cfg.length} tokens, {per:.2f} tokens per forward ({stopped} ended "
+            "early)"
         )
     if cfg.out or cfg.states:
         return

@@ -5,12 +5,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.paths import check_output_file, check_output_folder
 from ar2mdm.shared.sampling import check_sample_settings, sample_setting
 from ar2mdm.shared.settings import check_settings, setting
+
+if TYPE_CHECKING:
+    from ar2mdm.train.objective import Objective
 
 LambdaSchedule = Literal["constant", "linear-decay", "cosine-decay", "linear-warmup"]  # losses.kd_weight
 LambdaT = Literal["none", "low-t", "high-t"]
@@ -176,6 +179,19 @@ class TrainConfig:
             return self.lambda_schedule
         return "linear-warmup" if self.init_from is not None else "constant"
 
+    def objective(self, spec) -> "Objective":
+        """The objective these settings train on shards of ``spec`` (a `data.TargetSpec`): auto settings resolved."""
+        from ar2mdm.train.objective import Objective
+
+        return Objective(
+            lam=self.lam,
+            schedule=self.schedule,
+            lambda_t=self.lambda_t,
+            temperature=self.temperature,
+            tail=self.tail_for(spec.exact_support),
+            weighting=self.loss_weighting,
+        )
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -222,21 +238,33 @@ class SampleConfig:
     prompt_tokens: int = sample_setting("prompt_tokens")
     split: str = sample_setting("split")
     length: int = sample_setting("length")
-    steps: int = setting(32, "Denoising steps (at most --length); fewer steps reveal more tokens each.", at_least=1)
+    steps: int = setting(
+        32, "Full-attention students: denoising steps (at most --length); fewer reveal more tokens each.", at_least=1
+    )
     # default: the student's own distribution (random order, T = 1), which the ELBO bound scores and the judged
     # figures of docs/results.md use; low-confidence at T = 0 is LLaDA's decoding for answers, which a judge
     # scores better at the price of repetition (docs/results.md, sample quality)
     temperature: float = setting(1.0, "1: the student's own distribution; 0: greedy; else tempered.", at_least=0)
     remasking: Literal["random", "low-confidence"] = setting(
         "random",
-        "random (reveal positions in random order: MDLM's ancestral sampler) | low-confidence (reveal the most "
-        "confident predictions first: LLaDA).",
+        "Full-attention students: random (reveal positions in random order: MDLM's ancestral sampler) | "
+        "low-confidence (reveal the most confident predictions first: LLaDA).",
     )
     block_length: int | None = setting(
         None,
-        "Reveal the completion block by block, left to right (LLaDA's semi-autoregressive decoding; --steps shared "
-        "among the blocks). Default: the whole length at once.",
+        "Full-attention students: reveal the completion block by block, left to right (LLaDA's semi-autoregressive "
+        "decoding; --steps shared among the blocks). Default: the whole length at once.",
         at_least=1,
+    )
+    threshold: float = setting(
+        0.9,
+        "Block students: each forward reveals every masked position of the current block whose top probability "
+        "exceeds this, and at least the most confident one (1: one per forward).",
+        at_least=0,
+        at_most=1,
+    )
+    per_forward: int | None = setting(
+        None, "Block students: reveal this many of the most confident positions per forward instead.", at_least=1
     )
     seed: int = sample_setting("seed")
     batch_size: int = sample_setting("batch_size")

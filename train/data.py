@@ -8,7 +8,7 @@ skips exactly those (per DataLoader worker), so a resumed run sees the same batc
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -35,6 +35,7 @@ class Row:
     target_ids: np.ndarray  # (E,) int32
     target_logprobs: np.ndarray  # (E,) float32
     truth: bool = True  # its masked positions hold the truth (False: a student's state, whose targets are all)
+    block_t: np.ndarray | None = None  # (nb,) float32: each block's mask ratio (None: one block, of ratio t)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class TargetSpec:
     exact_support: bool  # the stored entries are the whole target (topk with top_n >= K+1): no tail
     sampled: bool = False  # RS-KD sampled targets: unbiased for q at T = 1 only
     states: bool = False  # some rows are a student's states (no truth at their masked positions): KD alone there
+    block_size: int | None = None  # targets for a block student of this block size (None: full attention)
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> "TargetSpec":
@@ -56,8 +58,15 @@ class TargetSpec:
         # topk's K+1 candidates are its whole target: top-N of all of them, or draws from all of them, sum to 1
         exact = manifest.mode == "topk" and (top_n >= int(p.get("k", 0)) + 1 or sampled)
         width = max(top_n, int(p["samples"])) if sampled else top_n
-        eos, dtype = int(manifest.tokenizer.eos_id), str(p.get("logprob_dtype", "float16"))
-        return cls(width, eos, dtype, exact, sampled, manifest.states is not None)
+        return cls(
+            top_n=width,
+            eos_id=int(manifest.tokenizer.eos_id),
+            logprob_dtype=str(p.get("logprob_dtype", "float16")),
+            exact_support=exact,
+            sampled=sampled,
+            states=manifest.states is not None,
+            block_size=manifest.block_size,
+        )
 
 
 def sft_padding_start(input_ids: np.ndarray, prompt_len: int, eos_id: int) -> int:
@@ -86,14 +95,15 @@ class Batch:
     # the masked positions on the device needs no nonzero() (a host sync per step)
     positions: torch.Tensor
     truth: torch.Tensor  # (B,) bool: the row's masked positions hold the truth (False: a student's state)
+    block_t: torch.Tensor  # (B, nb) float32: each block's mask ratio (nb = 1 for whole rows: t itself)
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
-        return Batch(*(getattr(self, f).to(device, non_blocking=non_blocking) for f in self.__dataclass_fields__))
+        return Batch(**{f: getattr(self, f).to(device, non_blocking=non_blocking) for f in self.__dataclass_fields__})
 
     def pin_memory(self) -> "Batch":
         """Page-locked copies, called by the DataLoader's pin_memory=True (it leaves a dataclass without this
         method unpinned, and a non_blocking copy from pageable memory blocks after all)."""
-        return Batch(*(getattr(self, f).pin_memory() for f in self.__dataclass_fields__))
+        return Batch(**{f: getattr(self, f).pin_memory() for f in self.__dataclass_fields__})
 
 
 def rows_of_shard(path: Path, truth: bool = True) -> Iterator[Row]:
@@ -114,6 +124,7 @@ def rows_of_shard(path: Path, truth: bool = True) -> Iterator[Row]:
                 target_ids=data.target_ids[e0:e1],
                 target_logprobs=lp[e0:e1],
                 truth=truth,
+                block_t=None if data.block_t is None else data.block_t[r],
             )
 
 
@@ -142,6 +153,7 @@ class RowStream:
         self.seed, self.buffer = seed, shuffle_buffer
         self.resample = resample_masks
         self.seq_len, self.mask_eps = manifest.seq_len, mask_eps
+        self.block_size = manifest.block_size
 
     def rows_per_epoch(self, manifest: Manifest) -> int:
         share = share_of(manifest.shards, self.consumer, self.consumers)
@@ -182,8 +194,12 @@ class RowStream:
     def _maybe_resample(self, row: Row, epoch: int) -> Row:
         if not self.resample or epoch == 0:
             return row  # epoch 0 trains on the stored masks
-        t, mask = sample_row_mask(row.prompt_len, self.seq_len, self.seed, f"{row.example_id}:e{epoch}", self.mask_eps)
-        return Row(**{**row.__dict__, "t": t, "mask_positions": mask.nonzero()[:, 0].numpy().astype(np.int32)})
+        key = f"{row.example_id}:e{epoch}"
+        t, mask = sample_row_mask(row.prompt_len, self.seq_len, self.seed, key, self.mask_eps, self.block_size)
+        new = {"t": float(t.mean()), "mask_positions": mask.nonzero()[:, 0].numpy().astype(np.int32)}
+        if self.block_size is not None:
+            new["block_t"] = t.numpy()
+        return replace(row, **new)
 
 
 def collate(rows: list[Row], spec: TargetSpec) -> Batch:
@@ -228,6 +244,9 @@ def collate(rows: list[Row], spec: TargetSpec) -> Batch:
         target_logprobs=torch.as_tensor(np.concatenate(tlps)),
         positions=mask.flatten().nonzero()[:, 0],
         truth=torch.tensor([r.truth for r in rows]),
+        block_t=torch.as_tensor(
+            np.stack([[r.t] if r.block_t is None else r.block_t for r in rows]), dtype=torch.float32
+        ),
     )
 
 

@@ -8,14 +8,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ar2mdm.shared.blocks import check_block_fit
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.masking import maskable_positions, sample_count_masks, stratified_counts
 from ar2mdm.shared.stats import ratio_se
 from ar2mdm.train.checkpoint import load_student, run_task, run_tokenizer
 from ar2mdm.train.config import EvalConfig, TrainConfig
 from ar2mdm.train.data import Row, collate, load_shard_manifest
-from ar2mdm.train.losses import corrupt
-from ar2mdm.train.step import resolve_device, step_losses
+from ar2mdm.train.device import resolve_device
+from ar2mdm.train.losses import corrupt, kd_loss, masked_losses, row_norm
 
 
 def _sft_rows(data: Path, files: list, tokenizer, meta: dict, *, max_rows: int, messages_field: str) -> list[Row]:
@@ -100,21 +101,40 @@ def elbo_row_estimates(
     """(B,) float64 unbiased estimates of each row's ELBO bound on -log p(maskable tokens | the rest), in nats,
     and the masked-token hits and count. ids, maskable: (B, L); masks are drawn on the CPU from ``g``.
 
-    Row b with n maskable positions: (1/draws) Σ_j (n/l_j) Σ_{i masked} -log p_θ(x_i | x_t), l_j stratified.
+    Row b with n maskable positions: (1/draws) Σ_j (n/l_j) Σ_{i masked} -log p_θ(x_i | x_t), l_j stratified. A
+    block student's bound is the sum over its blocks of each block's bound given the clean blocks before it
+    (docs/design.md §6): each block draws its own l among its own n, all blocks of a row in one forward.
     """
-    n = maskable.sum(1).cpu()  # (B,)
-    counts = stratified_counts(n, draws, g)  # (B, draws)
-    est = torch.zeros(ids.shape[0], dtype=torch.float64)
+    B, L = ids.shape
+    size = model.config.block_size or L
+    nb = L // size
+    by_block = maskable.cpu().reshape(B * nb, size)  # (B·nb, size): one row per (row, block)
+    n = by_block.sum(1)  # (B·nb,)
+    counts = stratified_counts(n, draws, g)  # (B·nb, draws)
+    est = torch.zeros(B, dtype=torch.float64)
     hits = total = 0.0
     for j in range(draws):
-        mask = sample_count_masks(maskable.cpu(), counts[:, j], g).to(ids.device)  # (B, L)
-        logits = model(corrupt(ids, mask, mask_id), mask).float()  # (M, V)
+        mask = sample_count_masks(by_block, counts[:, j], g).reshape(B, L).to(ids.device)  # (B, L)
+        logits = model(corrupt(ids, mask, mask_id), mask, clean=ids).float()  # (M, V)
         nll = torch.nn.functional.cross_entropy(logits, ids[mask], reduction="none")  # (M,)
-        per_row = torch.zeros(ids.shape[0], device=ids.device).index_add(0, mask.nonzero()[:, 0], nll)  # (B,)
-        est += per_row.cpu().double() * n / counts[:, j].clamp(min=1) / draws
+        where = mask.nonzero()  # (M, 2)
+        block = where[:, 0] * nb + where[:, 1] // size  # (M,) the (row, block) of each masked position
+        per_block = torch.zeros(B * nb, device=ids.device).index_add(0, block, nll)  # (B·nb,)
+        est += (per_block.cpu().double() * n / counts[:, j].clamp(min=1) / draws).view(B, nb).sum(1)
         hits += float((logits.argmax(-1) == ids[mask]).sum())
         total += float(mask.sum())
     return est, hits, total
+
+
+@torch.no_grad()
+def kd_term(model, batch, obj, spec) -> float:
+    """The KD term of a batch of shard rows against their stored targets, at the run's own T and tail."""
+    from ar2mdm.train.objective import batch_targets
+
+    L = batch.input_ids.shape[1]
+    logits = model(corrupt(batch.input_ids, batch.mask, model.config.mask_id), batch.positions, clean=batch.input_ids)
+    _, kl = masked_losses(logits, batch.input_ids.flatten()[batch.positions], batch_targets(batch, obj, spec))
+    return float(kd_loss(kl, batch.positions // L, row_norm(batch.prompt_len, L)))
 
 
 @torch.no_grad()
@@ -135,8 +155,6 @@ def evaluate(cfg: EvalConfig) -> dict:
     its end of turn, given the prompt: neither the prompt and template tokens nor the EOS padding after the
     response are scored (the padding stays visible, so the bound is given the response's length).
     """
-    from dataclasses import replace
-
     from ar2mdm.train.data import TargetSpec
 
     cfg.check()
@@ -164,8 +182,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     row_est, row_tok = [], []
     correct = masked = 0.0
     kd_sum, kd_rows = 0.0, 0
-    kd_cfg = replace(TrainConfig(**meta["train"]), lam=1.0, lambda_schedule="constant", lambda_t="none")
     spec = TargetSpec.from_manifest(manifest) if manifest is not None else None
+    if spec is not None:
+        check_block_fit(model.config.block_size, spec.block_size, f"{cfg.run}")
+        obj = TrainConfig(**meta["train"]).objective(spec)  # the run's own T and tail
     for a in range(0, len(rows), batch_size):
         chunk = rows[a : a + batch_size]
         ids = torch.as_tensor(np.stack([r.input_ids for r in chunk]), dtype=torch.long, device=device)  # (B, L)
@@ -182,8 +202,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         row_est.append(est)
         row_tok.append(maskable.sum(1).cpu().double())
         if spec is not None:
-            _, parts = step_losses(model, collate(chunk, spec).to(device), kd_cfg, mask_id, spec)
-            kd_sum += float(parts["kd"]) * len(chunk)
+            kd_sum += kd_term(model, collate(chunk, spec).to(device), obj, spec) * len(chunk)
             kd_rows += len(chunk)
     est, tok = torch.cat(row_est), torch.cat(row_tok)
     nll_bound = float(est.sum() / tok.sum().clamp(min=1))

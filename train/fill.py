@@ -9,8 +9,8 @@ import torch
 from ar2mdm.shared.errors import UserError
 from ar2mdm.train.checkpoint import load_student, run_tokenizer
 from ar2mdm.train.config import FillConfig
+from ar2mdm.train.device import resolve_device
 from ar2mdm.train.sample import chat_template_for, prompt_row
-from ar2mdm.train.step import resolve_device
 
 MASK_MARK = "[MASK]"
 

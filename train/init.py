@@ -1,7 +1,8 @@
 """`--init-from`: turn an AR checkpoint (Llama/Qwen2 family) into the bidirectional student, weight for weight.
 
 The student uses transformers' parameter names, so the copy is key by key; only the attention becomes
-bidirectional (Dream, DiffuLLaMA), and by default the AR shift is kept: x_i is predicted from the hidden state
+bidirectional (Dream, DiffuLLaMA), or block-causal for a block student (Fast-dLLM v2), and by default the AR shift
+is kept: x_i is predicted from the hidden state
 at i-1, as the copied head was trained to. The embedding gains one row, the mask token, initialised to the mean
 embedding so that it starts as an "average token" rather than noise. RoPE scaling and biases are carried over;
 a checkpoint parameter the student has no place for is refused, never dropped.
@@ -15,6 +16,7 @@ from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.hfmodel import first_line, quiet_transformers, resolve_model
 from ar2mdm.shared.tokenizer import tokenizer_hash
 from ar2mdm.train.model import ROPE_TYPES, Student, StudentConfig
+from ar2mdm.train.presets import checked
 
 SUPPORTED = ("llama", "qwen2", "mistral")
 
@@ -30,8 +32,17 @@ def _rope(cfg) -> tuple[float, dict | None]:
     return theta, (None if kind == "default" else {"rope_type": kind, **params})
 
 
-def student_from_ar(spec: str, vocab_size: int, tokenizer_sha: str, max_positions: int, shift: bool = True) -> Student:
-    """The AR checkpoint ``spec`` as a bidirectional student (with the AR shift unless ``shift`` is False)."""
+def student_from_ar(
+    spec: str,
+    vocab_size: int,
+    tokenizer_sha: str,
+    max_positions: int,
+    *,
+    shift: bool = True,
+    block_size: int | None = None,
+) -> Student:
+    """The AR checkpoint ``spec`` as a bidirectional student (with the AR shift unless ``shift`` is False; a block
+    student with ``block_size``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, _ = resolve_model(spec)
@@ -70,9 +81,9 @@ def student_from_ar(spec: str, vocab_size: int, tokenizer_sha: str, max_position
         mlp_bias=layer0 + "mlp.gate_proj.bias" in src,
         tie_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
         shift=shift,
+        block_size=block_size,
     )
-    sc.check()
-    student = Student(sc)
+    student = Student(checked(sc, f"--init-from {spec}"))
     dst = student.state_dict()
     with torch.no_grad():
         for name, t in dst.items():

@@ -20,12 +20,15 @@ import numpy as np
 import torch
 
 from ar2mdm.schemas import Manifest, SchemaError
+from ar2mdm.shared.blocks import check_block_fit
 from ar2mdm.shared.errors import UserError, warn
 from ar2mdm.train.checkpoint import checkpoint_dir, load_meta, load_student, save_checkpoint
 from ar2mdm.train.config import TrainConfig
 from ar2mdm.train.data import Batch, BatchLoader, RowStream, Source, TargetSpec, load_shard_manifest
-from ar2mdm.train.model import Student, StudentConfig
-from ar2mdm.train.step import autocast_for, read_parts, resolve_device, step_losses
+from ar2mdm.train.device import autocast_for, read_parts, resolve_device
+from ar2mdm.train.model import Student
+from ar2mdm.train.objective import Objective, step_losses
+from ar2mdm.train.presets import student_config
 from ar2mdm.train.tracking import open_tracker
 
 
@@ -75,14 +78,22 @@ def _dist() -> tuple[int, int, bool]:
 
 
 def build_student(cfg: TrainConfig, manifest: Manifest) -> Student:
+    """The student the shards call for: a block student of their block size, or a full-attention one."""
+    tok = manifest.tokenizer
     if cfg.init_from:
         from ar2mdm.train.init import student_from_ar
 
         return student_from_ar(
-            cfg.init_from, manifest.tokenizer.vocab_size, manifest.tokenizer.sha256, manifest.seq_len, shift=cfg.shift
+            cfg.init_from,
+            tok.vocab_size,
+            tok.sha256,
+            manifest.seq_len,
+            shift=cfg.shift,
+            block_size=manifest.block_size,
         )
-    sc = StudentConfig.from_spec(cfg.student, manifest.tokenizer.vocab_size, manifest.seq_len, shift=cfg.shift)
-    return Student(sc)
+    return Student(
+        student_config(cfg.student, tok.vocab_size, manifest.seq_len, shift=cfg.shift, block_size=manifest.block_size)
+    )
 
 
 @dataclass
@@ -100,6 +111,7 @@ class Trainer:
     opt: torch.optim.Optimizer
     batches: Iterator[Batch]  # this rank's batches, resumed after the rows already consumed
     spec: TargetSpec
+    objective: Objective  # the loss the settings call for on these shards
     meta: dict  # written into every checkpoint (how the student was trained)
     tok_dir: Path
     total: int  # the schedule's length in steps (learning rate, λ schedule)
@@ -203,7 +215,9 @@ def train_step(tr: Trainer, autocast) -> tuple[dict[str, float], float, int]:
         tokens += batch.input_ids.numel()
         with autocast:
             progress = tr.step / max(tr.total, 1)
-            loss, parts = step_losses(tr.train_model, batch, cfg, tr.model.config.mask_id, tr.spec, progress=progress)
+            loss, parts = step_losses(
+                tr.train_model, batch, tr.objective, tr.spec, mask_id=tr.model.config.mask_id, progress=progress
+            )
         (loss / cfg.grad_accum).backward()
         for k, v in parts.items():
             acc[k] = acc[k] + v / cfg.grad_accum if k in acc else v / cfg.grad_accum
@@ -265,6 +279,7 @@ def setup_training(cfg: TrainConfig) -> Trainer:
         opt=opt,
         batches=iter(loader),
         spec=spec,
+        objective=cfg.objective(spec),
         meta=_run_meta(cfg, manifest),
         tok_dir=shards / "tokenizer",
         total=total,
@@ -288,6 +303,7 @@ def _sources(cfg: TrainConfig) -> list[Source]:
         for what, mine, theirs in (
             ("tokenizer", m.tokenizer.sha256, main.tokenizer.sha256),
             ("row length", m.seq_len, main.seq_len),
+            ("block size", m.block_size, main.block_size),
             ("task", m.task, main.task),
             ("kind of targets", _kind(m), _kind(main)),
         ):
@@ -415,8 +431,12 @@ def _student(cfg: TrainConfig, manifest: Manifest, run: Path) -> tuple[Student, 
     old = load_meta(run)
     if old["tokenizer_sha256"] != manifest.tokenizer.sha256:
         raise UserError(f"--resume: {run} was trained with another tokenizer than the shards in {cfg.shards}")
-    want = StudentConfig.from_spec(cfg.student, manifest.tokenizer.vocab_size, manifest.seq_len, shift=cfg.shift)
-    if cfg.init_from is None and old["student"] != want.to_dict():
+    check_block_fit(old["student"].get("block_size"), manifest.block_size, f"--resume: the student in {run}")
+    tok = manifest.tokenizer
+    want = student_config(
+        cfg.student, tok.vocab_size, manifest.seq_len, shift=cfg.shift, block_size=manifest.block_size
+    )
+    if cfg.init_from is None and {"block_size": None, **old["student"]} != want.to_dict():
         raise UserError(f"--resume: the checkpoint in {run} has another student config than --student {cfg.student}")
     model, _ = load_student(run)
     model.train()

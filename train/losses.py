@@ -4,7 +4,7 @@ Shapes: B rows, L positions, V vocabulary, N stored target entries per position.
 student's log-probabilities only at the positions that carry a loss (``M`` of them, gathered from (B, L, V)),
 so that the V-sized work is proportional to the masked positions; `masked_losses` makes both terms per
 position from one log-softmax at T = 1, in chunks of positions, and `mdm_loss` / `kd_loss` sum them by row.
-`batch_loss` composes them for one batch: (1-λ)·MDM + λ·KD.
+`objective.batch_loss` composes them for one batch: (1-λ)·MDM + λ·KD.
 """
 
 from __future__ import annotations
@@ -13,10 +13,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-
-from ar2mdm.shared.masking import maskable_positions
-from ar2mdm.train.config import TrainConfig
-from ar2mdm.train.data import Batch, TargetSpec
 
 NEG_INF = float("-inf")
 
@@ -42,16 +38,16 @@ def student_logprobs(logits: torch.Tensor) -> torch.Tensor:
 
 
 def mdm_loss(
-    nll: torch.Tensor, row: torch.Tensor, norm: torch.Tensor, weight: torch.Tensor, per_row: bool = False
+    nll: torch.Tensor, row: torch.Tensor, norm: torch.Tensor, weight: torch.Tensor, by_row: bool = False
 ) -> torch.Tensor:
-    """docs/design.md §1: mean over rows of (1/norm_b) · weight_b · Σ_{i masked in b} -log p_θ(x_0,i | x_t).
+    """docs/design.md §1: mean over rows of (1/norm_b) · Σ_{i masked in b} weight_i · -log p_θ(x_0,i | x_t).
 
     nll: (M,) -log p_θ(x_0,i | x_t) at the masked positions (`masked_losses`); row: (M,) row of each position;
-    norm: (B,) L for pretrain rows, the response length for SFT rows; weight: (B,) 1, or 1/t.
-    ``per_row``: the (B,) row terms instead of their mean.
+    norm: (B,) L for pretrain rows, the response length for SFT rows; weight: (M,) 1, or 1/t of the position's
+    row or block (`elbo_weight`). ``by_row``: the (B,) row terms instead of their mean.
     """
-    rows = torch.zeros_like(norm, dtype=nll.dtype).index_add(0, row, nll) * weight / norm  # (B,)
-    return rows if per_row else rows.mean()
+    rows = torch.zeros_like(norm, dtype=nll.dtype).index_add(0, row, nll * weight) / norm  # (B,)
+    return rows if by_row else rows.mean()
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -184,13 +180,13 @@ def sparse_kl(
     return (T * T * kl).masked_fill(~has, 0.0)
 
 
-def kd_loss(kl: torch.Tensor, row: torch.Tensor, norm: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+def kd_loss(kl: torch.Tensor, row: torch.Tensor, norm: torch.Tensor, by_row: bool = False) -> torch.Tensor:
     """docs/design.md §2: mean over rows of (1/norm_b) Σ_{i masked in b} T²·KL(q_T ‖ p_θ^T).
 
-    kl: (M,) per-position terms (`masked_losses`; 0 where no target is stored); row: (M,); norm: (B,).
-    ``per_row``: the (B,) row terms instead of their mean."""
+    kl: (M,) per-position terms (`masked_losses`; 0 where no target is stored; times λ_i where λ varies);
+    row: (M,); norm: (B,). ``by_row``: the (B,) row terms instead of their mean."""
     rows = torch.zeros_like(norm, dtype=kl.dtype).index_add(0, row, kl) / norm  # (B,)
-    return rows if per_row else rows.mean()
+    return rows if by_row else rows.mean()
 
 
 @dataclass(frozen=True)
@@ -259,28 +255,23 @@ def _position_terms(
     return nll, sparse_kl(logp, t.ids, t.logprobs, t.temperature, t.tail, slack=t.slack)
 
 
-def elbo_weight(t: torch.Tensor, mask: torch.Tensor, maskable: torch.Tensor) -> torch.Tensor:
-    """(B,) the 1/t ELBO weight of each row, corrected for the masks' forced position.
+def elbo_weight(t: torch.Tensor, row: torch.Tensor, mask: torch.Tensor, maskable: torch.Tensor) -> torch.Tensor:
+    """(M,) the 1/t ELBO weight of each masked position, t its row's or block's, corrected for forced masks.
 
     Stored masks force one position when the i.i.d. draw masks none (`shared.masking.sample_masks`). Such a
     row should weigh 0 (an empty mask contributes nothing to the ELBO), but a forced single position cannot be
-    told from a drawn one. Given t and a one-position mask {i} among n maskable positions,
-    P(drawn | t, {i}) = n·t / ((1 - t) + n·t), so the unbiased weight (1/t)·P(drawn) = n / ((1 - t) + n·t):
-    bounded by n, where 1/t reached 1/eps. Rows with two or more masked positions were drawn: 1/t.
-    t: (B,); mask, maskable: (B, L) bool.
+    told from a drawn one. Given the ratio t of its block and a one-position mask {i} among n maskable positions,
+    P(drawn | {i}) = t / (t + (1 - t)/n) (the other positions' factors cancel), so the unbiased weight
+    (1/t)·P(drawn) = n / ((1 - t) + n·t): bounded by n, where 1/t reached 1/eps. Rows with two or more masked
+    positions were drawn: 1/t. t: (M,); row: (M,); mask, maskable: (B, L) bool.
     """
-    n = maskable.sum(-1).to(t.dtype)  # (B,)
-    single = mask.sum(-1) == 1
+    n = maskable.sum(-1).to(t.dtype)[row]  # (M,)
+    single = (mask.sum(-1) == 1)[row]
     return torch.where(single, n / ((1.0 - t) + n * t), 1.0 / t)
 
 
-def combined_loss(mdm: torch.Tensor, kd: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
-    """(1-λ)·L_MDM + λ·L_KD; the unused term is dropped at λ ∈ {0, 1}, so its graph is never built.
-
-    With a per-row λ (B,) (`kd_weight`), mdm and kd are the (B,) row terms and the result their weighted mean.
-    """
-    if isinstance(lam, torch.Tensor):
-        return ((1.0 - lam) * mdm + lam * kd).mean()
+def combined_loss(mdm: torch.Tensor, kd: torch.Tensor, lam: float) -> torch.Tensor:
+    """(1-λ)·L_MDM + λ·L_KD for one λ; the unused term is dropped at λ ∈ {0, 1}, so its graph is never built."""
     if lam == 0.0:
         return mdm
     if lam == 1.0:
@@ -291,7 +282,8 @@ def combined_loss(mdm: torch.Tensor, kd: torch.Tensor, lam: float | torch.Tensor
 def kd_weight(
     lam: float, progress: float, t: torch.Tensor, schedule: str = "constant", t_mode: str = "none"
 ) -> torch.Tensor:
-    """(B,) λ_b = min(1, λ · s(progress) · g(t_b)): the KD weight of each row (docs/design.md).
+    """λ_i = min(1, λ · s(progress) · g(t_i)) for mask ratios t (any shape): the KD weight of each position, t its
+    row's or block's (docs/design.md).
 
     s over training progress p ∈ [0, 1]: constant 1, linear-decay 1 - p, cosine-decay (1 + cos πp)/2,
     linear-warmup min(1, 2p) (KD from nothing to full over the first half).
@@ -307,50 +299,3 @@ def kd_weight(
     }[schedule]
     g = {"none": torch.ones_like(t), "low-t": 2.0 * (1.0 - t), "high-t": 2.0 * t}[t_mode]
     return (lam * s * g).clamp(0.0, 1.0)
-
-
-def batch_loss(
-    logits: torch.Tensor, batch: Batch, cfg: TrainConfig, spec: TargetSpec, progress: float = 0.0
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(1-λ)·MDM + λ·KD from the (M, V) logits at the batch's masked positions, and its parts as 0-d tensors on
-    the device (`read_parts` turns them into floats with one host sync). ``progress``: step / total steps, for
-    a λ schedule; with a schedule or a t-dependent λ, each row gets its own λ_b (`losses.kd_weight`). Where the
-    shards hold a student's states (``spec.states``), a row without truth at its masked positions
-    (``batch.truth`` False) gets no MDM term and its KD term alone: λ_b = 1 (docs/design.md, on-policy rows).
-
-    Nothing here waits for the device: the masked positions come from the batch (``positions``, made on the
-    host by `collate`), not from a nonzero() or a boolean index of device tensors."""
-    L = batch.input_ids.shape[1]
-    row = batch.positions // L  # (M,)
-    norm = row_norm(batch.prompt_len, L)  # docs/design.md §1: 1/L pretrain, 1/|response| SFT
-    if cfg.loss_weighting == "elbo":
-        weight = elbo_weight(batch.t, batch.mask, maskable_positions(L, batch.prompt_len))  # (B,)
-    else:
-        weight = torch.ones_like(batch.t)
-    per_row = cfg.lam > 0.0 and (cfg.schedule != "constant" or cfg.lambda_t != "none" or spec.states)  # λ = 0: no KD
-    lam = kd_weight(cfg.lam, progress, batch.t, cfg.schedule, cfg.lambda_t) if per_row else cfg.lam  # (B,) or float
-    if per_row and spec.states:  # no truth, no MDM term: these rows carry their targets alone
-        lam = torch.where(batch.truth, lam, torch.ones_like(lam))
-        weight = weight * batch.truth
-    targets = None
-    if per_row or cfg.lam > 0.0:
-        tail = cfg.tail_for(spec.exact_support)
-        slack = None
-        if tail == "bucket":  # a leftover within the storage rounding is no tail; exact supports have none
-            tl = batch.target_logprobs
-            slack = tl.new_full(tl.shape[:1], math.inf) if spec.exact_support else storage_slack(tl, spec.logprob_dtype)
-        targets = SparseTargets(batch.target_ids, batch.target_logprobs, cfg.temperature, tail, slack)
-    nll, kl = masked_losses(logits, batch.input_ids.flatten()[batch.positions], targets)  # (M,), (M,) or None
-    parts = {}
-    mdm = kd = None
-    if per_row or cfg.lam < 1.0:
-        mdm = mdm_loss(nll, row, norm, weight, per_row=per_row)
-        parts["mdm"] = mdm.detach().mean()
-    if kl is not None:
-        kd = kd_loss(kl, row, norm, per_row=per_row)
-        parts["kd"] = kd.detach().mean()
-    if per_row:
-        parts["lambda"] = lam.mean()
-    loss = combined_loss(mdm, kd, lam)
-    parts["loss"] = loss.detach()
-    return loss, parts

@@ -18,7 +18,7 @@ import torch
 from ar2mdm.shared.errors import UserError
 from ar2mdm.train.config import TrainConfig
 from ar2mdm.train.data import Batch, TargetSpec
-from ar2mdm.train.step import step_losses
+from ar2mdm.train.objective import step_losses
 
 HEADROOM = 0.9  # of the memory the process could hold: the allocator's fragmentation, compile's own buffers
 
@@ -51,7 +51,7 @@ def even_split(rows: int, most: int) -> tuple[int, int]:
     return math.ceil(rows / accum), accum
 
 
-def worst_batch(b: int, seq_len: int, top_n: int, mask_id: int, device: str) -> Batch:
+def worst_batch(b: int, seq_len: int, top_n: int, mask_id: int, device: str, *, blocks: int = 1) -> Batch:
     """A made-up batch of ``b`` rows at a step's most: every position masked, ``top_n`` distinct target ids at
     each. Its values come from a generator of its own: trying batches leaves the run's random state as it was."""
     g = torch.Generator().manual_seed(0)
@@ -66,6 +66,7 @@ def worst_batch(b: int, seq_len: int, top_n: int, mask_id: int, device: str) -> 
         target_logprobs=torch.log_softmax(torch.randn(M, top_n, generator=g), -1),
         positions=torch.arange(M),
         truth=torch.ones(b, dtype=torch.bool),
+        block_t=torch.ones(b, blocks),
     ).to(device)
 
 
@@ -77,7 +78,7 @@ def step_peak(model, batch: Batch, cfg: TrainConfig, spec: TargetSpec, autocast)
         torch.cuda.reset_peak_memory_stats()
     try:
         with autocast:
-            loss, _ = step_losses(model, batch, cfg, model.config.mask_id, spec)
+            loss, _ = step_losses(model, batch, cfg.objective(spec), spec, mask_id=model.config.mask_id)
         loss.backward()
         return torch.cuda.max_memory_allocated() if cuda else 0
     finally:
@@ -111,7 +112,8 @@ def auto_batch(
 
         def fits(b: int) -> bool:
             try:
-                batch = worst_batch(b, seq_len, spec.top_n, model.config.mask_id, device)
+                blocks = seq_len // (spec.block_size or seq_len)
+                batch = worst_batch(b, seq_len, spec.top_n, model.config.mask_id, device, blocks=blocks)
                 return step_peak(model, batch, cfg, spec, autocast) <= budget
             except torch.cuda.OutOfMemoryError:
                 return False

@@ -1,31 +1,34 @@
-"""The bidirectional student: Llama-style blocks (RoPE, RMSNorm, SwiGLU) with full non-causal SDPA attention.
+"""The student: Llama-style blocks (RoPE, RMSNorm, SwiGLU), bidirectional over the row or over blocks of it.
 
 Parameter names follow transformers' Llama/Qwen2 layout (``model.layers.N.self_attn.q_proj`` ...), so that
-`--init-from` copies an AR checkpoint key by key and only the attention mask changes (as Dream and
-DiffuLLaMA adapt AR models). The input embedding has one more row than the teacher's vocabulary: the mask
-token; the output head predicts only the teacher's vocabulary.
+`--init-from` copies an AR checkpoint key by key and only the attention mask changes (as Dream and DiffuLLaMA
+adapt AR models). The input embedding has one more row than the teacher's vocabulary: the mask token; the output
+head predicts only the teacher's vocabulary.
+
+Two attention layouts (docs/design.md §6):
+
+- ``block_size`` None: every position attends to every other (a full-attention MDM student);
+- ``block_size`` B: a block student. Training and scoring see the noisy row and the clean row side by side (2L
+  tokens, positions 0..L-1 twice; BD3-LM's layout, `block_attention_mask`): a noisy token of block b attends to
+  the noisy tokens of its own block (both ways) and to the clean tokens of blocks < b; a clean token of block b
+  to the clean tokens of blocks <= b. Sampling feeds the current block alone against a `KVCache` of the clean
+  blocks before it (`Student.cached_hidden`), which computes the same attention.
+
+This file imports nothing of ar2mdm: `kdtrain export` ships it as it is, beside the samplers.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ar2mdm.shared.errors import UserError
 
-PRESETS = {
-    "tiny": dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=384),
-    "small": dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=768),
-    "base": dict(hidden_size=576, num_layers=12, num_heads=9, num_kv_heads=3, intermediate_size=1536),
-    # ~350M with the 49k vocabulary (tied): for a GPU
-    "medium": dict(hidden_size=1024, num_layers=24, num_heads=16, num_kv_heads=8, intermediate_size=3072),
-}
+class StudentConfigError(ValueError):
+    """A student configuration that cannot be built."""
 
 
 @dataclass
@@ -45,57 +48,34 @@ class StudentConfig:
     tie_embeddings: bool = True
     # RoPE scaling as transformers writes it ({"rope_type": "llama3", "factor": ..., ...}); None: plain RoPE
     rope_scaling: dict | None = None
-    # the AR shift (Dream, DiffuLLaMA): x_i is predicted from the hidden state at i-1, as the AR head was
-    # trained to; on by default for --init-from, so the copied head is used for what it learnt
+    # the AR shift (Dream, DiffuLLaMA, Fast-dLLM v2): x_i is predicted from the hidden state at i-1, as the AR head
+    # was trained to; on by default for --init-from, so the copied head is used for what it learnt
     shift: bool = False
+    # tokens per block of a block student (causal across blocks, bidirectional inside one); None: full attention
+    block_size: int | None = None
 
     @property
     def mask_id(self) -> int:
         return self.vocab_size
 
     def check(self) -> None:
+        """Raise StudentConfigError on fields no student can be built from."""
         if self.vocab_size < 2:
-            raise UserError(f"student vocab_size {self.vocab_size} is too small")
+            raise StudentConfigError(f"student vocab_size {self.vocab_size} is too small")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
-            raise UserError(
+            raise StudentConfigError(
                 f"student config: hidden_size {self.hidden_size} must divide by num_heads {self.num_heads}, "
                 f"and num_heads by num_kv_heads {self.num_kv_heads}"
             )
         if (self.hidden_size // self.num_heads) % 2:
-            raise UserError("student config: head dimension must be even for RoPE")
+            raise StudentConfigError("student config: head dimension must be even for RoPE")
         kind = (self.rope_scaling or {}).get("rope_type", "default")
         if kind not in ROPE_TYPES:
-            raise UserError(
+            raise StudentConfigError(
                 f"student config: RoPE scaling {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})"
             )
-
-    @classmethod
-    def from_spec(cls, spec: str, vocab_size: int, max_positions: int, shift: bool = False) -> "StudentConfig":
-        """A preset name or a JSON file; vocab_size comes from the shards, never from the user."""
-        if spec in PRESETS:
-            fields = dict(PRESETS[spec])
-        else:
-            p = Path(spec)
-            if not p.exists():
-                raise UserError(f"--student {spec}: neither a preset ({', '.join(PRESETS)}) nor a JSON file")
-            try:
-                fields = json.loads(p.read_text())
-            except json.JSONDecodeError as e:
-                raise UserError(f"--student {spec}: not valid JSON ({e.msg})") from e
-            if "vocab_size" in fields and fields["vocab_size"] != vocab_size:
-                raise UserError(
-                    f"--student {spec}: vocab_size {fields['vocab_size']} does not fit the shards' vocabulary "
-                    f"({vocab_size})"
-                )
-            fields.pop("vocab_size", None)
-        fields.setdefault("max_positions", max_positions)
-        fields.setdefault("shift", shift)
-        try:
-            cfg = cls(vocab_size=vocab_size, **fields)
-        except TypeError as e:
-            raise UserError(f"--student {spec}: {e}") from e
-        cfg.check()
-        return cfg
+        if self.block_size is not None and self.block_size < 1:
+            raise StudentConfigError(f"student config: block_size {self.block_size} must be at least 1")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -156,21 +136,25 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * hd, bias=c.attention_bias)
         self.o_proj = nn.Linear(c.num_heads * hd, c.hidden_size, bias=c.o_bias)
 
-    def forward(self, x, cos, sin, causal: bool = False):
+    def forward(self, x, cos, sin, mask: torch.Tensor | None = None, cache: "LayerCache | None" = None):
+        """x: (B, L, hidden); mask: None (every position attends to every other) or (L, n + L) bool, True where
+        a query attends, n the positions in ``cache`` (which it extends, `LayerCache.extend`)."""
         B, L, _ = x.shape
         c, hd = self.c, self.c.hidden_size // self.c.num_heads
         q = self.q_proj(x).view(B, L, c.num_heads, hd).transpose(1, 2)  # (B, H, L, D)
         k = self.k_proj(x).view(B, L, c.num_kv_heads, hd).transpose(1, 2)  # (B, Hkv, L, D)
         v = self.v_proj(x).view(B, L, c.num_kv_heads, hd).transpose(1, 2)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.extend(k, v)  # (B, Hkv, n + L, D)
         rep = c.num_heads // c.num_kv_heads
         # grouped-query heads go to the flash kernel as they are (enable_gqa), not copied rep times; only flash
-        # reads them so (CUDA, half precision: pre-Ampere GPUs lack it too), and every other kernel would take
-        # enable_gqa to the unfused math kernel, slower than copying (pytorch#181528), so the rest copy
-        gqa = rep > 1 and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+        # reads them so (CUDA, half precision, no mask: pre-Ampere GPUs lack it too), and every other kernel would
+        # take enable_gqa to the unfused math kernel, slower than copying (pytorch#181528), so the rest copy
+        gqa = rep > 1 and mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
         if rep > 1 and not gqa:
             k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)  # bidirectional unless asked
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))
 
 
@@ -193,8 +177,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, cos, sin, causal: bool = False):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, causal)
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -204,6 +188,51 @@ class Backbone(nn.Module):
         self.embed_tokens = nn.Embedding(c.vocab_size + 1, c.hidden_size)  # + the mask token
         self.layers = nn.ModuleList(Block(c) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_eps)
+
+
+def block_attention_mask(seq_len: int, block_size: int, device=None) -> torch.Tensor:
+    """(2L, 2L) bool, True where a query attends, for the noisy row (first L) beside the clean row (last L).
+
+    With b(i) = i // B in either half: a noisy query of block b sees the noisy keys of block b and the clean keys of
+    blocks < b; a clean query of block b sees the clean keys of blocks <= b. Never a noisy key from the clean half.
+    """
+    blk = torch.arange(seq_len, device=device) // block_size  # (L,)
+    q, k = blk[:, None], blk[None, :]  # (L, 1), (1, L)
+    noisy = torch.cat([q == k, q > k], dim=1)  # (L, 2L)
+    clean = torch.cat([torch.zeros(seq_len, seq_len, dtype=torch.bool, device=device), q >= k], dim=1)
+    return torch.cat([noisy, clean], dim=0)
+
+
+class LayerCache:
+    """One layer's keys and values of the committed (clean) positions, (B, Hkv, n, D) each."""
+
+    def __init__(self):
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.write = 0  # the leading tokens of the next forward whose keys and values are kept
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the cached keys, then k), likewise for values; keeps the first ``write`` of the new ones."""
+        if self.keys is not None:
+            k, v = torch.cat([self.keys, k], dim=2), torch.cat([self.values, v], dim=2)
+        n = 0 if self.keys is None else self.keys.shape[2]
+        self.keys, self.values = k[:, :, : n + self.write], v[:, :, : n + self.write]
+        return k, v
+
+
+class KVCache:
+    """The clean positions' keys and values, one `LayerCache` per layer (nanochat's KVCache): what a block
+    student's sampler has committed so far."""
+
+    def __init__(self, num_layers: int):
+        self.layers = [LayerCache() for _ in range(num_layers)]
+        self.length = 0  # positions held
+
+    def keep(self, n: int) -> None:
+        """The next forward's first n tokens are clean positions to keep."""
+        for layer in self.layers:
+            layer.write = n
+        self.length += n
 
 
 class Student(nn.Module):
@@ -223,18 +252,67 @@ class Student(nn.Module):
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 
-    def hidden(self, x_t: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        """x_t: (B, L) ids (mask token = vocab_size) -> (B, L, H) final hidden states.
-
-        ``causal`` only serves checks that a converted AR checkpoint reproduces its teacher exactly.
-        """
+    def _layers(self, ids: torch.Tensor, pos: torch.Tensor, mask=None, cache: KVCache | None = None) -> torch.Tensor:
+        """(B, S) ids at positions pos (S,) -> (B, S, H) final hidden states."""
         c = self.config
-        pos = torch.arange(x_t.shape[1], device=x_t.device)
-        h = self.model.embed_tokens(x_t)
+        h = self.model.embed_tokens(ids)
         cos, sin = rope_cos_sin(pos, rope_inv_freq(c.hidden_size // c.num_heads, c.rope_theta, c.rope_scaling), h.dtype)
-        for layer in self.model.layers:
-            h = layer(h, cos, sin, causal)
+        for j, layer in enumerate(self.model.layers):
+            h = layer(h, cos, sin, mask, None if cache is None else cache.layers[j])
         return self.model.norm(h)
+
+    def hidden(self, x_t: torch.Tensor, clean: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, H): the hidden state each position of x_t is predicted from (mask token = vocab_size).
+
+        With the AR shift it is the state at i-1: in a block student, for a block's first position, the clean
+        copy's (the previous block as committed, which is what the sampler reads too). A block student needs
+        ``clean`` (B, L), the clean row; a full-attention student ignores it."""
+        c = self.config
+        L = x_t.shape[1]
+        pos = torch.arange(L, device=x_t.device)
+        if c.block_size is None:
+            h = self._layers(x_t, pos)  # (B, L, H)
+            return torch.cat([h[:, :1], h[:, :-1]], dim=1) if c.shift else h
+        if clean is None:
+            raise ValueError("a block student reads the clean row beside the noisy one: pass clean=")
+        mask = block_attention_mask(L, c.block_size, x_t.device)  # (2L, 2L)
+        h = self._layers(torch.cat([x_t, clean], dim=1), torch.cat([pos, pos]), mask)  # (B, 2L, H)
+        noisy, clean_h = h[:, :L], h[:, L:]
+        if not c.shift:
+            return noisy
+        prev = torch.cat([noisy[:, :1], noisy[:, :-1]], dim=1)  # (B, L, H): h_{i-1} of the noisy copy
+        starts = (pos % c.block_size == 0) & (pos > 0)  # (L,) a block's first position reads the clean copy
+        prev_clean = torch.cat([clean_h[:, :1], clean_h[:, :-1]], dim=1)
+        return torch.where(starts[None, :, None], prev_clean, prev)
+
+    def cached_hidden(
+        self, ids: torch.Tensor, start: int, cache: KVCache, *, commit: int, last_clean: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A block student's forward against its cache: ``ids`` (B, S) hold ``commit`` clean tokens (whole blocks,
+        kept in ``cache``) and then the current block, at positions start.. (start = the cache's length).
+
+        Returns the hidden states the current block's positions are predicted from (B, S - commit, H), as
+        `hidden` computes them, and the last clean position's own state (B, H), which predicts the next block's
+        first position under the AR shift (``last_clean``: that state from an earlier forward, where this one
+        commits nothing)."""
+        c = self.config
+        S, n = ids.shape[1], cache.length
+        pos = torch.arange(start, start + S, device=ids.device)
+        blk = pos // c.block_size
+        q, k = blk[:, None], blk[None, :]
+        # the clean tokens see the clean blocks up to their own; the current block sees itself and every clean one
+        fresh = (q >= k) & ((q == k) | (torch.arange(S, device=ids.device)[None, :] < commit))  # (S, S)
+        mask = torch.cat([torch.ones(S, n, dtype=torch.bool, device=ids.device), fresh], dim=1)  # (S, n + S)
+        cache.keep(commit)
+        h = self._layers(ids, pos, mask, cache)  # (B, S, H)
+        if commit:
+            last_clean = h[:, commit - 1]
+        block = h[:, commit:]
+        if c.shift and last_clean is not None:
+            block = torch.cat([last_clean[:, None], block[:, :-1]], dim=1)
+        elif c.shift:  # the row's first block: position 0 (BOS) is never predicted
+            block = torch.cat([block[:, :1], block[:, :-1]], dim=1)
+        return block, last_clean
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., V): the head covers the teacher's vocabulary only, never the mask token."""
@@ -242,16 +320,17 @@ class Student(nn.Module):
             return self.lm_head(h)
         return h @ self.model.embed_tokens.weight[: self.config.vocab_size].T
 
-    def forward(self, x_t: torch.Tensor, select: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    def forward(
+        self, x_t: torch.Tensor, select: torch.Tensor | None = None, clean: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits (B, L, V), or (M, V) at the M selected positions: ``select`` is a (B, L) bool mask, or the (M,)
-        flat indices b·L + i (the training step's, which need no host sync to gather).
+        flat indices b·L + i (the training step's, which need no host sync to gather). ``clean``: the clean row,
+        which a block student reads (`hidden`).
 
         Selecting before the head keeps the V-sized work proportional to the masked positions. With the AR
         shift, position i reads the hidden state of i-1 (position 0, BOS, is never predicted).
         """
-        h = self.hidden(x_t, causal)  # (B, L, H)
-        if self.config.shift:
-            h = torch.cat([h[:, :1], h[:, :-1]], dim=1)  # (B, L, H): h'_i = h_{i-1}
+        h = self.hidden(x_t, clean)  # (B, L, H)
         if select is None:
             return self.logits(h)
         if select.dtype == torch.bool:

@@ -1,7 +1,8 @@
 """`kdtrain sample`: a student's samples, drawn in batches, as records of the samples schema.
 
-The prompts come from `shared.sampling` (one, a file of them, or held-out rows), the sampler is `denoise`, and
-each sample draws from its own seed, so the same command writes the same file whatever the batch size.
+The prompts come from `shared.sampling` (one, a file of them, or held-out rows), the sampler is `denoise` (a
+full-attention student) or `block_sampler.block_generate` (a block student), and each sample draws from its own
+seed, so the same command writes the same file whatever the batch size.
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ from ar2mdm.schemas.samples import SampleRecord, SampleSource
 from ar2mdm.schemas.states import StateRecord, StateSource
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.sampling import Prompt, batches_of, completion, prompts_for, sample_seed, source_settings
+from ar2mdm.train.block_sampler import block_generate
 from ar2mdm.train.checkpoint import checkpoint_dir, load_student, run_task, run_tokenizer
 from ar2mdm.train.config import SampleConfig
 from ar2mdm.train.denoise import denoise, planned_steps
-from ar2mdm.train.step import resolve_device
+from ar2mdm.train.device import resolve_device
 
-# the sampler's settings a samples file records (with the prompts' source)
+# the sampler's settings a samples file records (with the prompts' source): a full-attention student's, a block
+# student's
 SAMPLER_FIELDS = ("length", "steps", "temperature", "remasking", "block_length", "seed")
+BLOCK_SAMPLER_FIELDS = ("length", "threshold", "per_forward", "temperature", "seed")
 
 
 def chat_template_for(meta: dict, tokenizer) -> bool:
@@ -57,8 +61,11 @@ def state_steps(seed: int, index: int, total: int, keep: int) -> list[int]:
 
 @torch.no_grad()
 def sample(cfg: SampleConfig) -> tuple[list[SampleRecord], list[StateRecord]]:
-    """``cfg.num`` samples of the run's student, in batches of ``cfg.batch_size``; see `denoise` for the sampler.
-    With ``cfg.states``, also ``cfg.states_per_sample`` of the states each trajectory visited (`state_steps`).
+    """``cfg.num`` samples of the run's student, in batches of ``cfg.batch_size``: a full-attention student draws
+    with `denoise` (``steps``, ``remasking``, ``block_length``), a block student block by block with
+    `block_sampler.block_generate` (``threshold``, ``per_forward``). Each record counts the forwards that drew it.
+    With ``cfg.states`` (full-attention students), also ``cfg.states_per_sample`` of the states each trajectory
+    visited (`state_steps`).
 
     A chat run (``chat``, default: on for SFT runs) renders each prompt as a user turn, as the build rendered
     its rows, and ends each answer at its first end of turn; other runs end a sample at its first EOS (where a
@@ -72,8 +79,11 @@ def sample(cfg: SampleConfig) -> tuple[list[SampleRecord], list[StateRecord]]:
     model, meta = load_student(run, device)
     tok = run_tokenizer(run)
     chat = run_task(meta)[0] == "sft" if cfg.chat is None else cfg.chat
+    blocks = model.config.block_size is not None
     if chat and cfg.prompts_from:
         raise UserError("--prompts-from gives plain-text prompts; a chat student takes --prompt or --prompts")
+    if blocks and cfg.states:
+        raise UserError("--states keeps a full-attention student's states; a block student samples block by block")
     prompts: list[Prompt] = prompts_for(cfg, tok, cfg.length, lambda text: prompt_row(meta, tok, text, chat))
     longest = max(len(p.ids) for p in prompts)
     if longest + cfg.length > model.config.max_positions:
@@ -83,7 +93,7 @@ def sample(cfg: SampleConfig) -> tuple[list[SampleRecord], list[StateRecord]]:
         )
     eos = special_ids(tok)[1]
     stops = stop_ids(tok) if chat else [eos]
-    settings = source_settings(cfg, SAMPLER_FIELDS)
+    settings = source_settings(cfg, BLOCK_SAMPLER_FIELDS if blocks else SAMPLER_FIELDS)
     source = SampleSource("student", str(run), tokenizer_hash(tok), run_step(run), settings)
     state_source = StateSource(
         str(run), source.step, source.tokenizer_sha256, {**settings, "states_per_sample": cfg.states_per_sample}
@@ -93,33 +103,69 @@ def sample(cfg: SampleConfig) -> tuple[list[SampleRecord], list[StateRecord]]:
     mask = model.config.mask_id
     total = planned_steps(cfg.length, cfg.steps, cfg.block_length)
     for batch in batches_of(prompts, cfg.batch_size):
-        x = torch.tensor([prompts[i].ids + [mask] * cfg.length for i in batch], device=device)  # (B, P + length)
+        seeds = [sample_seed(cfg.seed, i) for i in batch]
         keep = {i: state_steps(cfg.seed, i, total, cfg.states_per_sample) for i in batch} if cfg.states else {}
         seen: dict[tuple[int, int], list[int]] = {}
+        steps = [0]
 
-        def record(s: int, rows: torch.Tensor) -> None:  # the states this batch's trajectories visit
+        def record(s: int, rows: torch.Tensor) -> None:  # one forward per step; the states the trajectories visit
+            steps[0] += 1
             for b, i in enumerate(batch):
                 if s in keep.get(i, ()):
                     seen[i, s] = (rows[b] == mask).nonzero()[:, 0].tolist()
 
-        x = denoise(
-            model,
-            x,
-            cfg.steps,
-            temperature=cfg.temperature,
-            remasking=cfg.remasking,
-            seeds=[sample_seed(cfg.seed, i) for i in batch],
-            block_length=cfg.block_length,
-            stop_ids=tuple(stops) if chat else (),
-            on_step=record if keep else None,
-        )
-        for i, row in zip(batch, x.tolist()):
+        if blocks:
+            x, forwards = block_generate(
+                model,
+                torch.tensor([prompts[i].ids for i in batch], device=device),  # (B, P)
+                cfg.length,
+                threshold=cfg.threshold,
+                per_forward=cfg.per_forward,
+                temperature=cfg.temperature,
+                seeds=seeds,
+                stop_ids=tuple(stops),
+            )
+            forwards = forwards.tolist()
+        else:
+            x = torch.tensor([prompts[i].ids + [mask] * cfg.length for i in batch], device=device)  # (B, P + length)
+            x = denoise(
+                model,
+                x,
+                cfg.steps,
+                temperature=cfg.temperature,
+                remasking=cfg.remasking,
+                seeds=seeds,
+                block_length=cfg.block_length,
+                stop_ids=tuple(stops) if chat else (),
+                on_step=record,
+            )
+            forwards = steps * len(batch)  # the batch's rows share every forward
+        for b, (i, row) in enumerate(zip(batch, x.tolist())):
             p = prompts[i]
             ids, text, stopped = completion(row[len(p.ids) :], stops, tok)
-            records[i] = SampleRecord(i, p.text, p.ids, ids, text, stopped, source)
+            records[i] = SampleRecord(
+                index=i,
+                prompt=p.text,
+                prompt_ids=p.ids,
+                ids=ids,
+                text=text,
+                stopped=stopped,
+                source=source,
+                forwards=forwards[b],
+            )
             final = [eos if t == mask else t for t in row]  # (a chat answer's blocks after its end stay masked)
             plen = len(p.ids) if chat else 0  # a chat row's prompt is its SFT prompt; else BOS is all
             for s in keep.get(i, ()):
                 if (i, s) in seen:  # (not a step after every answer of the batch had ended)
-                    states.append(StateRecord(f"s{i:06d}-t{s:03d}", final, plen, seen[i, s], s, total, state_source))
+                    states.append(
+                        StateRecord(
+                            example_id=f"s{i:06d}-t{s:03d}",
+                            input_ids=final,
+                            prompt_len=plen,
+                            mask_positions=seen[i, s],
+                            step=s,
+                            steps=total,
+                            source=state_source,
+                        )
+                    )
     return records, states

@@ -18,7 +18,9 @@ position i is
   particle's ancestry. Same limits as "importance"; resampling spends the samples on the completions the visible
   tokens support.
 
-Both backends end here: the torch backend through `mc_targets`, vLLM (`vllm_mc`) through `row_targets`.
+Both backends end here: the torch backend through `mc_targets`, vLLM through `VllmTeacher.mc_batch`. Block rows
+(``--block-size``) are one problem per block (`by_block`): a block's masked positions are completed given the
+clean blocks before it and its own visible tokens, the rows cut at the block's end.
 """
 
 from __future__ import annotations
@@ -29,10 +31,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ar2mdm.precompute.decode import Decoder, decoder_for
+from ar2mdm.precompute.decode import Decoder, decoder_for, encode
 from ar2mdm.precompute.forward import check_finite
 from ar2mdm.precompute.mc.particles import McSettings, sample_particles
 from ar2mdm.precompute.topk import rescore
+from ar2mdm.precompute.tree import TorchScorer
+from ar2mdm.shared.blocks import right_context
+from ar2mdm.shared.masking import row_seed
 
 
 @dataclass
@@ -96,7 +101,7 @@ def targets(ids, probs, w: torch.Tensor, top_n: int, ess_before: list[float]) ->
 def distinct_branches(seqs: list[list[int]], masked: list[int], window: int | None):
     """Which (completion, masked position) pairs a full-conditional score must compute.
 
-    The score at position i of completion k reads only its tokens x_<=i+n (n = the window), so completions that
+    The score at position i of completion k reads only its tokens x_<=i+n (n = `right_context`), so completions that
     agree there (resampled particles share their ancestry; a confident teacher draws the same tokens) share it.
     Returns (rows, positions, where): rows[j] is a completion index, positions[j] its positions to score, and
     where[p][k] = (j, index in positions[j]) for masked position p of completion k.
@@ -105,8 +110,7 @@ def distinct_branches(seqs: list[list[int]], masked: list[int], window: int | No
     rows, positions, where, seen, row_of = [], [], [[None] * len(seqs) for _ in masked], {}, {}
     for k, x in enumerate(seqs):
         for p, i in enumerate(masked):
-            n = L - 1 - i if window is None else min(L - 1 - i, window)
-            key = (i, tuple(x[: i + n + 1]))
+            key = (i, tuple(x[: i + right_context(i, L, window, None) + 1]))
             if key not in seen:
                 if k not in row_of:
                     row_of[k] = len(rows)
@@ -155,6 +159,36 @@ def full_conditional_targets(
     ]
 
 
+def join_blocks(parts: list[McTargets]) -> McTargets:
+    """One row's targets from those of its blocks, in block order: the positions one after another, the ESS the
+    mean of the blocks' (a row of no masked block, none)."""
+    return McTargets(
+        [i for t in parts for i in t.ids],
+        [lp for t in parts for lp in t.logprobs],
+        float(np.mean([t.ess for t in parts])) if parts else float("nan"),
+        parts[0].samples if parts else 0,
+        [e for t in parts for e in t.ess_before],
+    )
+
+
+def by_block(run, xs, masks: list[np.ndarray], seeds: list[int], block_size: int) -> list[McTargets]:
+    """MC targets of block rows: for each block b, the rows with a masked position in it, cut at its end, with
+    only its masked positions, through ``run(rows, xs[rows, :end], their masks in b, their seeds)`` (one backend
+    call per block: the rows of a call are equally long), then each row's blocks joined (`join_blocks`). The blocks
+    before b are the clean tokens, whatever their own masks. A block draws from its row's seed and its index."""
+    parts: list[list[McTargets]] = [[] for _ in masks]
+    for lo in range(0, xs.shape[1], block_size):
+        hi = lo + block_size
+        inside = [m[(m >= lo) & (m < hi)] for m in masks]
+        rows = [r for r, m in enumerate(inside) if len(m)]
+        if not rows:
+            continue
+        sub_seeds = [row_seed(seeds[r], f"block{lo // block_size}") for r in rows]
+        for r, t in zip(rows, run(rows, xs[rows, :hi], [inside[r] for r in rows], sub_seeds)):
+            parts[r].append(t)
+    return [join_blocks(p) for p in parts]
+
+
 @torch.no_grad()
 def mc_targets(
     model,
@@ -163,24 +197,41 @@ def mc_targets(
     seeds: list[int],
     s: McSettings,
     *,
+    block_size: int | None = None,
     on_step: Callable[[int], None] | None = None,
     decoder: Decoder | None = None,
 ) -> list[McTargets]:
     """The MC soft targets of the rows ``xs`` (R, L) at their masked positions, on a transformers causal LM
-    (through ``decoder``, default `decode.decoder_for` the model)."""
+    (through ``decoder``, default `decode.decoder_for` the model). ``block_size``: per block (`by_block`); the
+    clean rows are encoded once and every block's particles start from their prefix of them."""
     masks = [np.asarray(m, dtype=np.int64) for m in masks]
-    p = sample_particles(decoder or decoder_for(model, xs.shape[1]), xs, masks, seeds, s, on_step=on_step)
+    decoder = decoder or decoder_for(model, xs.shape[1])
+    if block_size is None:
+        return _row_targets(model, decoder, xs, masks, seeds, s, on_step=on_step)
+    clean = encode(model, xs)
+
+    def run(rows, sub, sub_masks, sub_seeds):
+        prefix = (clean, torch.tensor(rows, device=xs.device))
+        return _row_targets(model, decoder, sub, sub_masks, sub_seeds, s, on_step=on_step, prefix=prefix)
+
+    return by_block(run, xs, masks, seeds, block_size)
+
+
+def _row_targets(model, decoder, xs, masks, seeds, s: McSettings, *, on_step=None, prefix=None) -> list[McTargets]:
+    """`mc_targets` of whole rows (``prefix``: see `particles.sample_particles`)."""
+    p = sample_particles(decoder, xs, masks, seeds, s, on_step=on_step, prefix=prefix)
     R, K = p.logw.shape
     w = final_weights(p.logw, s.weights)  # (R, K)
     check_finite(p.logw.sum() + p.top_probs.sum(), "mc log-probs")  # the batch's one sync before the copies
     ess_at = p.ess_at.cpu().numpy()  # the one host copy of the sampler's bookkeeping
     ess_before = [[float(e) for e in row[~np.isnan(row)]] for row in ess_at]
     if s.score == "full-conditional":
+        scorer = TorchScorer(model, s.token_budget)
 
         def rescore_rows(flat, positions):
-            x = torch.tensor(flat, dtype=torch.long, device=xs.device)
+            x = torch.tensor(flat, dtype=torch.long)
             pos = [torch.tensor(q, dtype=torch.long) for q in positions]
-            return rescore(model, x, pos, k=s.rescore_k, window=s.window, token_budget=s.token_budget)
+            return rescore(scorer, x, pos, k=s.rescore_k, window=s.window)
 
         seqs = p.seqs.view(R, K, -1).tolist()
         return full_conditional_targets(rescore_rows, seqs, [m.tolist() for m in masks], w, s, ess_before=ess_before)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ar2mdm.precompute.config import DEFAULT_TOKEN_BUDGET, BuildConfig
-from ar2mdm.precompute.decode import Decoder
+from ar2mdm.precompute.decode import CleanRows, Decoder
 from ar2mdm.precompute.forward import text_config
 
 
@@ -56,7 +56,7 @@ class McSettings:
     top_n: int = _default("top_n")  # entries of each target handed back (the build's support size)
     rescore_k: int = _default("rescore_k")
     window: int | None = _default("window")
-    token_budget: int = DEFAULT_TOKEN_BUDGET  # the build passes its own (`targets.resolve_auto`)
+    token_budget: int = DEFAULT_TOKEN_BUDGET  # the build passes its own (`autosize.resolve_auto`)
     smc_ess: float = _default("smc_ess")
 
     @classmethod
@@ -240,17 +240,23 @@ def sample_particles(
     s: McSettings,
     *,
     on_step: Callable[[int], None] | None = None,
+    prefix: tuple[CleanRows, torch.Tensor] | None = None,
 ) -> Particles:
     """K completions of each row of ``xs`` (R, L) with its ``masks`` (ascending positions, all >= 1) drawn.
 
-    ``on_step(n)``: called after each decode step with the n masked positions it drew (the progress bar)."""
+    ``on_step(n)``: called after each decode step with the n masked positions it drew (the progress bar).
+    ``prefix``: (clean rows, the index of each row of ``xs`` among them): the rows are prefixes of those clean
+    rows, and the decoder starts from their cache instead of computing the prefix (`Decoder.prefill_from`)."""
     R, L = xs.shape
     K, dev = s.k, xs.device
     record = s.score == "next-token"  # full-conditional scores are computed after sampling, not recorded
     plan = StepPlan.of(masks, L, K, s.resample_below > 0, dev)
     u, u0 = (t.to(dev) for t in row_uniforms(seeds, K, L))
     u = u.reshape(R * K, L)
-    last = decoder.prefill(xs[:, : plan.start], K)  # (N, V): the shortest shared prefix, its cache shared by K
+    if prefix is None:  # (N, V): the shortest shared prefix, its cache shared by K
+        last = decoder.prefill(xs[:, : plan.start], K)
+    else:
+        last = decoder.prefill_from(prefix[0], prefix[1], plan.start, K)
     M = max(len(m) for m in masks) if record else 0
     m_keep = min(s.keep, last.shape[-1]) if record else 0
     p = Particles(

@@ -1,7 +1,7 @@
 """vLLM mc for many rows at once, by forced decoding (the plan `VllmTeacher.mc_batch` runs).
 
 Every (row, sample) is one request: its prompt is the row up to its first masked position, and it generates
-the rest of the row with the row's visible tokens forced (`vllm_force.ForceTokens`) and its masked tokens
+the rest of the row with the row's visible tokens forced (`force.ForceTokens`) and its masked tokens
 sampled. The engine returns, at every step, the raw top-m log-probs (the next-token score at a masked step)
 and the emitted token's raw log-prob (at a forced step: log p_T(x_j | x_<j), the importance weight's factor).
 So uniform and importance weights take one engine call for all the rows handed over, whatever their masks.
@@ -22,7 +22,7 @@ import torch
 
 from ar2mdm.precompute.mc.particles import resample, row_uniforms
 
-FORCE_KEY = "ar2mdm_force"  # SamplingParams.extra_args key of the tokens `vllm_force.ForceTokens` forces
+FORCE_KEY = "ar2mdm_force"  # SamplingParams.extra_args key of the tokens `force.ForceTokens` forces
 
 
 def request_seed(*parts: int) -> int:

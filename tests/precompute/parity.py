@@ -68,9 +68,11 @@ FORCE = [-1, 20, 7, 8, -1, -1, 12, 9, 30, 2, 4]
 def forced_decoding(teacher) -> dict:
     """vLLM only: tokens and log-probs of forced generations (4 seeds), the same sequences' prompt log-probs, and
     topk targets of two rows by both plans (the cached plan twice)."""
+    import torch
     from vllm import SamplingParams
 
     from ar2mdm.precompute.mc.vllm import FORCE_KEY
+    from ar2mdm.precompute.topk import rescore
 
     prompt = FORCE_ROW[:1]
     outs = teacher._generate(
@@ -104,7 +106,8 @@ def forced_decoding(teacher) -> dict:
     topk = {}
     for plan in ("prompt", "cached", "cached"):  # the second cached call finds its branches cached (asked again)
         c0 = teacher.counters()
-        res = teacher.rescore_targets(rows, positions, 4, 6, read_cache=plan == "cached")
+        scorer = teacher.scorer(read_cache=plan == "cached")
+        res = rescore(scorer, torch.tensor(rows), [torch.tensor(p) for p in positions], k=4, window=6)
         c1 = teacher.counters()
         topk.setdefault(plan, []).append(
             {

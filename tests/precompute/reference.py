@@ -5,11 +5,12 @@ them."""
 import torch
 
 from ar2mdm.precompute.forward import hidden_states, log_softmax_head, token_logliks
-from ar2mdm.precompute.topk import NEG_INF, Branch, PackedSegment, candidates
+from ar2mdm.precompute.topk import NEG_INF, Branch, candidates
+from ar2mdm.precompute.tree import PackedSegment
 
 
 def pack_segment_loop(x: torch.Tensor, seg: list[Branch]) -> PackedSegment:
-    """`rescoring.pack_segment` as it was written first: a few small tensors per branch."""
+    """`tree.pack_segment` one branch at a time: a few small tensors per branch."""
     Lp = max(br.pos for br in seg)
     toks, pos = [x[:Lp]], [torch.arange(Lp)]
     pre, lo = [torch.zeros(Lp, dtype=torch.long)], [torch.zeros(Lp, dtype=torch.long)]
@@ -29,8 +30,11 @@ def pack_segment_loop(x: torch.Tensor, seg: list[Branch]) -> PackedSegment:
 
 
 @torch.no_grad()
-def rescore_naive(model, input_ids: torch.Tensor, positions: list[torch.Tensor], k: int, window: int | None):
-    """The reference: one full causal forward of [x_<i, v, x_{i+1..i+n-1}] per target and candidate.
+def rescore_naive(
+    model, input_ids: torch.Tensor, positions: list[torch.Tensor], k: int, window: int | None, block_size=None
+):
+    """The reference: one full causal forward of [x_<i, v, x_{i+1..i+n-1}] per target and candidate, n the right
+    context through the end of i's block (of the row without blocks), at most ``window``.
 
     Same output as `rescore`; the tests' reference and benchmarks/rescoring.py's baseline.
     """
@@ -40,11 +44,12 @@ def rescore_naive(model, input_ids: torch.Tensor, positions: list[torch.Tensor],
         x = input_ids[b]
         rows_c, rows_q = [], []
         for i in positions[b].tolist():
-            n = L - 1 - i if window is None else min(L - 1 - i, window)
+            end = L - 1 if block_size is None else (i // block_size + 1) * block_size - 1
+            n = end - i if window is None else min(end - i, window)
             seqs = x[: i + n].repeat(k + 1, 1) if n > 0 else x[: i + 1].repeat(k + 1, 1)  # (K+1, i+max(n,1))
             h = hidden_states(model, x[None, :i])[0, -1:]  # (1, H)
             lp0 = log_softmax_head(model, h)[0]  # (V,)
-            cand, valid = candidates(lp0[None].cpu(), x[i : i + 1].cpu(), k)
+            cand, valid = candidates(lp0[None].cpu().topk(k).indices, x[i : i + 1].cpu())
             cand, valid = cand[0], valid[0]
             seqs[:, i] = cand.to(x.device)
             s = lp0.cpu()[cand].clone()

@@ -8,6 +8,7 @@ from ar2mdm.precompute.build import run_build
 from ar2mdm.precompute.cli import app
 from ar2mdm.precompute.config import BuildConfig
 from ar2mdm.precompute.fim import fim_prompt, fim_targets, fim_token_ids
+from ar2mdm.precompute.teacher import TorchTeacher
 from ar2mdm.shared.shards import read_shard
 from ar2mdm.shared.validate import validate_dir
 from tests.tiny import FIM_TOKENS, save_tiny_teacher
@@ -21,7 +22,7 @@ def fim_teacher(tmp_path_factory):
 def test_prompt_is_prefix_suffix_middle_without_bos():
     fim = (100, 101, 102)
     x = [1, 10, 11, 12, 13, 14]
-    assert fim_prompt(x, 3, fim, None) == [100, 10, 11, 101, 13, 14, 102]
+    assert fim_prompt(x, 3, fim, 2) == [100, 10, 11, 101, 13, 14, 102]
     assert fim_prompt(x, 1, fim, 2) == [100, 101, 11, 12, 102]
     assert fim_prompt(x, 5, fim, 3) == [100, 10, 11, 12, 13, 101, 102]
 
@@ -36,10 +37,11 @@ def test_fim_targets_equal_a_direct_teacher_call(fim_teacher):
     rows = torch.randint(3, 30, (2, 10), generator=g)
     rows[:, 0] = 1
     positions = [torch.tensor([1, 4, 9]), torch.tensor([2, 3])]
-    res = fim_targets(model, rows, positions, fim, window=3, top_n=5, token_budget=20)  # mixed lengths, padded
+    teacher = TorchTeacher(model=model, device="cpu", dtype="float32")
+    res = fim_targets(teacher, rows, positions, fim, window=3, block_size=None, top_n=5, token_budget=20)  # padded
     for b, pos in enumerate(positions):
         for p, i in enumerate(pos.tolist()):
-            prompt = torch.tensor([fim_prompt(rows[b].tolist(), i, fim, 3)])
+            prompt = torch.tensor([fim_prompt(rows[b].tolist(), i, fim, min(9 - i, 3))])
             lp = torch.log_softmax(model(prompt).logits[0, -1].float(), -1)
             v, ids = lp.topk(5)
             assert torch.equal(res[b][0][p], ids)

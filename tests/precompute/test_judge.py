@@ -101,7 +101,7 @@ def test_a_files_figures_are_ratios_of_sums_and_empty_samples_are_counted_apart(
 
 def test_teacher_samples_are_what_a_loop_without_cache_draws(tiny_teacher, judge):
     """The KV-cache loop draws, token by token, what full forwards of the growing rows give with the same
-    generators."""
+    generators (one uniform a token, by inverse CDF)."""
     model = judge.model
     x = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 10]])
     got = ar_sample(TorchDecoder(model), x, 6, temperature=1.0, seeds=[3, 4], stops=[2])
@@ -109,8 +109,9 @@ def test_teacher_samples_are_what_a_loop_without_cache_draws(tiny_teacher, judge
     rows = x.clone()
     for _ in range(got.shape[1]):
         with torch.no_grad():
-            p = torch.softmax(model(rows).logits[:, -1].float(), -1)
-        nxt = torch.stack([torch.multinomial(p[b], 1, generator=g)[0] for b, g in enumerate(gens)])
+            cdf = torch.log_softmax(model(rows).logits[:, -1].float(), -1).exp().cumsum(-1)  # (2, V)
+        u = [float(torch.rand(1, generator=g, dtype=torch.float64)) for g in gens]
+        nxt = torch.tensor([int((cdf[b] <= u[b] * cdf[b, -1]).sum()) for b in range(2)])
         rows = torch.cat([rows, nxt[:, None]], 1)
     assert torch.equal(got, rows[:, 4:])
 

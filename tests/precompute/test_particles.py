@@ -217,6 +217,7 @@ def test_a_teacher_that_overflows_stops_with_one_line():
     """float16 is the CUDA default (docs/scaling.md, Numerics): a NaN from overflowing activations must not reach
     a shard; every mode stops with a pointer to --dtype bfloat16."""
     from ar2mdm.precompute.topk import rescore
+    from ar2mdm.precompute.tree import TorchScorer
     from ar2mdm.shared.errors import UserError
 
     model = tiny_llama(V, seed=3)
@@ -225,7 +226,7 @@ def test_a_teacher_that_overflows_stops_with_one_line():
     with pytest.raises(UserError, match="--dtype bfloat16"):
         mc_targets(model, ROWS, MASKED, SEEDS, McSettings(k=2, weights="importance", top_n=2))
     with pytest.raises(UserError, match="--dtype bfloat16"):
-        rescore(model, ROWS, [torch.as_tensor(m) for m in MASKED], k=2, window=2)
+        rescore(TorchScorer(model), ROWS, [torch.as_tensor(m) for m in MASKED], k=2, window=2)
 
 
 def test_auto_dtype_is_float16_on_cuda_except_for_gemma():

@@ -4,10 +4,17 @@ import torch
 
 from ar2mdm.precompute.sparsify import select_top_n
 from ar2mdm.precompute.topk import rescore
+from ar2mdm.precompute.tree import TorchScorer
 from tests.precompute.reference import rescore_naive
 from tests.tiny import DEVICES, tiny_llama
 
 V = 12
+
+
+def hf_rescore(model, x, positions, *, k, window, token_budget=4096, tree_mask="dense", block_size=None):
+    """`rescore` on the torch backend's scorer."""
+    scorer = TorchScorer(model, token_budget, tree_mask)
+    return rescore(scorer, x.cpu(), positions, k=k, window=window, block_size=block_size)
 
 
 def joint_logprob(model, seq: torch.Tensor) -> torch.Tensor:
@@ -30,7 +37,7 @@ def test_rescoring_equals_exact_conditional_by_enumeration():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, V, (3, 7), generator=g)
     positions = [torch.tensor([1, 3, 6]), torch.tensor([2, 5]), torch.tensor([1, 2, 3, 4, 5, 6])]
-    res = rescore(model, x, positions, k=V, window=None, token_budget=40)  # small budget: many packed batches
+    res = hf_rescore(model, x, positions, k=V, window=None, token_budget=40)  # small budget: many packed batches
     for b in range(3):
         for p, i in enumerate(positions[b].tolist()):
             scores = []
@@ -50,7 +57,7 @@ def test_window_truncation_matches_direct_computation():
     x = torch.randint(0, V, (2, 10), generator=g)
     positions = [torch.tensor([1, 4, 8, 9]), torch.tensor([3, 6])]
     W = 3
-    res = rescore(model, x, positions, k=4, window=W, token_budget=64)
+    res = hf_rescore(model, x, positions, k=4, window=W, token_budget=64)
     for b in range(2):
         for p, i in enumerate(positions[b].tolist()):
             cand, logq = res[b][0][p], res[b][1][p]
@@ -71,7 +78,7 @@ def test_true_token_always_in_support_and_packed_equals_naive():
     g = torch.Generator().manual_seed(2)
     x = torch.randint(0, V, (2, 9), generator=g)
     positions = [torch.arange(1, 9), torch.tensor([2, 7])]
-    fast = rescore(model, x, positions, k=1, window=4, token_budget=16)
+    fast = hf_rescore(model, x, positions, k=1, window=4, token_budget=16)
     slow = rescore_naive(model, x, positions, k=1, window=4)
     for b in range(2):
         assert torch.equal(fast[b][0], slow[b][0])
@@ -155,8 +162,8 @@ def test_the_flex_attention_tree_mask_scores_as_the_dense_one(device):
     g = torch.Generator().manual_seed(4)
     x = torch.randint(0, V, (2, 40), generator=g).to(device)
     positions = [torch.arange(1, 40, 3), torch.tensor([2, 17, 30, 39])]
-    dense_res = rescore(model, x, positions, k=3, window=6, token_budget=256)
-    flex_res = rescore(model, x, positions, k=3, window=6, token_budget=256, tree_mask="flex")
+    dense_res = hf_rescore(model, x, positions, k=3, window=6, token_budget=256)
+    flex_res = hf_rescore(model, x, positions, k=3, window=6, token_budget=256, tree_mask="flex")
     for (cd, ld), (cf, lf) in zip(dense_res, flex_res):
         assert torch.equal(cd, cf)
         torch.testing.assert_close(lf.exp(), ld.exp(), atol=1e-5, rtol=0)
@@ -166,7 +173,7 @@ def test_the_flex_attention_tree_mask_scores_as_the_dense_one(device):
 def test_flex_batches_keep_to_a_few_compiled_shapes():
     """transformers compiles flex_attention per shape and torch gives up after 8: a build's flex batches have one
     padded length and power-of-two row counts, cover every segment once, and stay within the budget's rows."""
-    from ar2mdm.precompute.topk import FLEX_BLOCK, flex_batches
+    from ar2mdm.precompute.tree import FLEX_BLOCK, flex_batches
 
     g = np.random.default_rng(0)
     for budget, per in ((65536, 64), (50000, 48)):
@@ -189,7 +196,8 @@ def test_the_vectorised_packing_equals_the_per_branch_loop():
     branch at the last position."""
     import dataclasses
 
-    from ar2mdm.precompute.topk import Branch, _segments, pack_segment
+    from ar2mdm.precompute.topk import Branch
+    from ar2mdm.precompute.tree import _segments, pack_segment
     from tests.precompute.reference import pack_segment_loop
 
     g = torch.Generator().manual_seed(3)

@@ -95,10 +95,11 @@ def test_collate_equals_the_loop_on_sft_padding_and_positions_without_targets():
 
 def test_the_medium_preset_is_about_350m_parameters():
     """The GPU preset (medium): built on the meta device (no memory), counted with the tied head."""
-    from ar2mdm.train.model import Student, StudentConfig
+    from ar2mdm.train.model import Student
+    from ar2mdm.train.presets import student_config
 
     with torch.device("meta"):
-        model = Student(StudentConfig.from_spec("medium", vocab_size=49152, max_positions=512))
+        model = Student(student_config("medium", vocab_size=49152, max_positions=512))
     n = sum(p.numel() for p in model.parameters())
     assert 330e6 < n < 380e6, n
 

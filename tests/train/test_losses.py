@@ -80,7 +80,7 @@ def test_gradcheck_mdm():
     ref = lambda z: ((F.cross_entropy(z, tgt, reduction="none").view(2, 2).sum(1)) * w / norm).mean()  # noqa: E731
 
     def ours(z):
-        return mdm_loss(masked_losses(z, tgt, None)[0], row, norm, w)
+        return mdm_loss(masked_losses(z, tgt, None)[0], row, norm, w[row])
 
     assert torch.allclose(ours(z), ref(z), atol=1e-10)
     assert torch.autograd.gradcheck(ours, (z,))
@@ -263,17 +263,46 @@ def test_elbo_weight_is_unbiased_with_forced_masks():
     nll = torch.tensor([0.3, 1.7, 2.2, 0.9], dtype=torch.float64)
     target = float(nll.sum())  # E_t[(1/t) Σ_{i} t·nll_i] over the i.i.d. masks = Σ nll_i
 
-    def ours(t, k):
+    def ours(t, k):  # the weight of each row's first position (every position of a row has its row's)
         mask = torch.zeros(len(t), n, dtype=torch.bool)
         for r, kk in enumerate(k.long().tolist()):
             mask[r, :kk] = True
-        return elbo_weight(t, mask, torch.ones(len(t), n, dtype=torch.bool))
+        return elbo_weight(t, torch.arange(len(t)), mask, torch.ones(len(t), n, dtype=torch.bool))
 
     assert _exact_mdm_elbo_expectation(n, nll, ours) == pytest.approx(target, rel=1e-3)
     naive = _exact_mdm_elbo_expectation(n, nll, lambda t, k: 1 / t)  # 1/t on the forced rows: biased up
     assert naive > target * 1.2
     w = ours(torch.tensor([1e-3, 0.5]), torch.tensor([1.0, 1.0]))
     assert float(w.max()) <= n  # bounded where 1/t reached 1/eps
+
+
+def test_elbo_weight_of_block_rows_is_unbiased_with_forced_masks():
+    """Two blocks of two positions, each block masked at its own t (independent, uniform), one position forced
+    where the draw masks none: E[Σ_{i masked} w_i·nll_i] = Σ nll_i, by exact enumeration of the masks on a grid of
+    (t1, t2). 1/t of the block alone is biased up by the forced masks."""
+    import itertools
+
+    nll = torch.tensor([0.3, 1.7, 2.2, 0.9], dtype=torch.float64)
+    grid = torch.linspace(1e-3, 1.0, 401, dtype=torch.float64)
+    t1, t2 = torch.meshgrid(grid, grid, indexing="ij")
+    tb = torch.stack([t1, t1, t2, t2], -1).reshape(-1, 4)  # (G, 4): each position's block t
+    ours = torch.zeros(len(tb), dtype=torch.float64)
+    naive = torch.zeros_like(ours)
+    for bits in itertools.product([0, 1], repeat=4):
+        m = torch.tensor(bits, dtype=torch.bool)
+        p = torch.where(m, tb, 1 - tb).prod(-1)  # (G,) the i.i.d. draw
+        if m.sum() == 1:
+            p = p + (1 - tb).prod(-1) / 4  # the forced draw lands here too
+        if not m.any():
+            continue
+        mask = m.expand(len(tb), 4)
+        for i in m.nonzero()[:, 0].tolist():
+            w = elbo_weight(tb[:, i], torch.arange(len(tb)), mask, torch.ones(len(tb), 4, dtype=torch.bool))
+            ours += p * w * nll[i]
+            naive += p / tb[:, i] * nll[i]
+    mean = lambda v: float(torch.trapezoid(torch.trapezoid(v.view(401, 401), grid), grid)) / (1 - 1e-3) ** 2  # noqa: E731
+    assert mean(ours) == pytest.approx(float(nll.sum()), rel=2e-3)
+    assert mean(naive) > float(nll.sum()) * 1.1
 
 
 def _rest_reference(logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,11 @@ from typer.testing import CliRunner
 
 from ar2mdm.train.cli import app
 from ar2mdm.train.data import TargetSpec, load_shard_manifest
+from ar2mdm.train.device import autocast_for
 from ar2mdm.train.loop import run_training
 from ar2mdm.train.memory import auto_batch, even_split, largest_fitting, step_peak, worst_batch
-from ar2mdm.train.model import Student, StudentConfig
-from ar2mdm.train.step import autocast_for
+from ar2mdm.train.model import Student
+from ar2mdm.train.presets import student_config
 from tests.train.test_trainer import tcfg, weights
 
 
@@ -43,7 +44,7 @@ def test_the_trial_step_is_a_worst_case_batch_and_leaves_the_run_as_it_was(tiny_
     m = load_shard_manifest(tiny_shards)
     spec = TargetSpec.from_manifest(m)
     V = m.tokenizer.vocab_size
-    model = Student(StudentConfig.from_spec("tiny", V, m.seq_len))
+    model = Student(student_config("tiny", V, m.seq_len))
     b = worst_batch(3, m.seq_len, spec.top_n, V, "cpu")
     assert bool(b.mask.all()) and torch.equal(b.positions, b.mask.flatten().nonzero()[:, 0])
     assert b.target_ids.shape == (3 * m.seq_len, spec.top_n) and int(b.target_ids.max()) < V  # never the mask id
@@ -61,7 +62,7 @@ def test_the_trial_step_is_a_worst_case_batch_and_leaves_the_run_as_it_was(tiny_
 def test_auto_on_the_cpu_takes_the_step_in_one_micro_batch(tiny_shards):
     m = load_shard_manifest(tiny_shards)
     spec, L = TargetSpec.from_manifest(m), m.seq_len
-    model = Student(StudentConfig.from_spec("tiny", m.tokenizer.vocab_size, L))
+    model = Student(student_config("tiny", m.tokenizer.vocab_size, L))
     ac = autocast_for("cpu", "auto")
 
     def auto(**kw):

@@ -22,7 +22,8 @@ from ar2mdm.train.cli import app
 from ar2mdm.train.config import TrainConfig
 from ar2mdm.train.data import BatchLoader, Source, TargetSpec, collate, rows_of_shard
 from ar2mdm.train.loop import run_training
-from ar2mdm.train.losses import SparseTargets, batch_loss, masked_losses
+from ar2mdm.train.losses import SparseTargets, masked_losses
+from ar2mdm.train.objective import batch_loss
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,7 +81,7 @@ def test_rows_without_truth_get_the_kd_term_alone(round_one, tiny_shards):
     batch = collate([corpus, state], spec)
     torch.manual_seed(0)
     logits = torch.randn(int(batch.mask.sum()), Manifest.load(tiny_shards).tokenizer.vocab_size)
-    loss, _ = batch_loss(logits, batch, cfg, spec)
+    loss, _ = batch_loss(logits, batch, cfg.objective(spec), spec)
     inf = torch.full((len(batch.positions),), float("inf"))  # exact supports (topk, all candidates kept): no tail
     targets = SparseTargets(batch.target_ids, batch.target_logprobs, 1.0, cfg.tail_for(True), inf)
     nll, kl = masked_losses(logits, batch.input_ids.flatten()[batch.positions], targets)
@@ -90,7 +91,8 @@ def test_rows_without_truth_get_the_kd_term_alone(round_one, tiny_shards):
     assert float(loss) == pytest.approx(want, rel=1e-5)
     other = replace(state, input_ids=state.input_ids.copy())
     other.input_ids[state.mask_positions] = (other.input_ids[state.mask_positions] + 7) % 40
-    assert float(batch_loss(logits, collate([corpus, other], spec), cfg, spec)[0]) == pytest.approx(float(loss))
+    again = batch_loss(logits, collate([corpus, other], spec), cfg.objective(spec), spec)[0]
+    assert float(again) == pytest.approx(float(loss))
 
 
 def test_a_mixture_draws_its_shares_and_marks_the_rows(round_one, tiny_shards):

@@ -52,9 +52,9 @@ def test_every_step_reveals_its_share_of_the_masks():
     seen = []
 
     class Counting(Student):
-        def forward(self, x, select=None, causal=False):
+        def forward(self, x, select=None, clean=None):
             seen.append(int((x == self.config.mask_id).sum(1)[0]))
-            return super().forward(x, select, causal)
+            return super().forward(x, select, clean)
 
     model = Counting(StudentConfig(vocab_size=20, hidden_size=16, num_heads=2, num_kv_heads=1)).eval()
     x = torch.cat([torch.tensor([[1, 2]] * 2), torch.full((2, 8), 20)], 1)

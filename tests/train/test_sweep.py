@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from ar2mdm.shared.errors import UserError
 from ar2mdm.train.cli import app
-from ar2mdm.train.losses import combined_loss, kd_weight
+from ar2mdm.train.losses import kd_weight
 from ar2mdm.train.sweep import SweepConfig, parse_assignments, run_sweep
 from tests.tiny import TEXT
 
@@ -118,11 +118,6 @@ def test_kd_weight_schedules_and_t_modes():
     assert float(kd_weight(0.4, 0.0, u, "constant", "low-t").mean()) == pytest.approx(0.4, abs=1e-4)
 
 
-def test_per_row_lambda_combines_row_terms():
-    mdm, kd, lam = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 5.0]), torch.tensor([0.25, 1.0])
-    assert float(combined_loss(mdm, kd, lam)) == pytest.approx(((0.75 * 1 + 0.25 * 3) + 5.0) / 2)
-
-
 def test_a_scheduled_run_trains_and_logs_its_mean_lambda(tiny_shards, tmp_path):
     r = runner.invoke(
         app,
@@ -195,7 +190,7 @@ def test_tail_auto_is_bucket_with_a_truncated_support_and_renormalize_with_an_ex
     from ar2mdm.train.config import TrainConfig
     from ar2mdm.train.data import TargetSpec, collate, rows_of_shard
     from ar2mdm.train.model import Student, StudentConfig
-    from ar2mdm.train.step import step_losses
+    from ar2mdm.train.objective import step_losses
 
     m = Manifest.load(tiny_shards)
     spec = TargetSpec.from_manifest(m)
@@ -217,9 +212,8 @@ def test_tail_auto_is_bucket_with_a_truncated_support_and_renormalize_with_an_ex
     for tail in ("auto", "renormalize", "bucket"):
         for exact in (True, False):
             cfg = TrainConfig(shards="", lam=1.0, temperature=2.0, tail=tail)
-            kd[tail, exact] = step_losses(model, batch, cfg, model.config.mask_id, replace(spec, exact_support=exact))[
-                1
-            ]["kd"]
+            s = replace(spec, exact_support=exact)
+            kd[tail, exact] = step_losses(model, batch, cfg.objective(s), s, mask_id=model.config.mask_id)[1]["kd"]
     assert kd["auto", True] == kd["renormalize", True] and kd["auto", False] == kd["bucket", False]
     assert kd["bucket", False] != kd["renormalize", False]
 

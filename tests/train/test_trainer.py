@@ -302,15 +302,18 @@ def test_a_step_waits_for_the_device_only_where_it_must(tiny_shards, tmp_path, t
     """The forward, both losses and the backward read no device value and make no data-dependent shape
     (tests/syncs.py), but for the one the bucket tail documents (`rest_logmass`: does any position need the
     summed route). The step's own read, loss parts and gradient norm together, is a copy the CPU cannot see."""
+    from ar2mdm.train.device import autocast_for
     from ar2mdm.train.loop import setup_training
-    from ar2mdm.train.step import autocast_for, step_losses
+    from ar2mdm.train.objective import step_losses
     from tests.syncs import HostSyncs
 
     cfg = tcfg(tiny_shards, tmp_path / "r", tail=tail, lambda_schedule=schedule, device=device, compile=False)
     tr = setup_training(cfg)
     batch = next(tr.batches).to(tr.device)
     with HostSyncs() as syncs, autocast_for(tr.device, "auto"):
-        loss, _ = step_losses(tr.train_model, batch, tr.cfg, tr.model.config.mask_id, tr.spec, progress=0.3)
+        loss, _ = step_losses(
+            tr.train_model, batch, tr.objective, tr.spec, mask_id=tr.model.config.mask_id, progress=0.3
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(tr.model.parameters(), tr.cfg.clip)
     expected = {("_local_scalar_dense", "losses.py")} if tail == "bucket" else set()
