@@ -69,7 +69,7 @@ def main() -> None:
             own = [np.asarray(m, np.int64) for m in masks]
 
             def unshared():
-                return by_block(lambda r, sub, m, sd: _row_targets(model, dec, sub, m, sd, s), x, own, seeds, b)
+                return by_block(lambda r, sub, m, sd: _row_targets(model, dec, sub, m, sd, s=s), x, own, seeds, b)
 
             timed(f"mc, {name}, each block's prefix prefilled", n, unshared)
     for name, (x, masks, b) in rows_of.items():

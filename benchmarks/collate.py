@@ -52,7 +52,7 @@ def main() -> None:
     batches = [rows(a.batch_size, a.seq_len, a.top_n, g) for _ in range(a.batches)]
     masked = sum(len(r.mask_positions) for b in batches for r in b) / len(batches)
     times = {}
-    for name, fn in [("vectorised (new)", collate), ("per-position loop (old)", reference_collate)]:
+    for name, fn in [("vectorised", collate), ("per-position loop", reference_collate)]:
         fn(batches[0], spec)
         t0 = time.perf_counter()
         for b in batches:
@@ -61,7 +61,7 @@ def main() -> None:
     print(f"batch {a.batch_size} x L={a.seq_len}, top-n {a.top_n}, {masked:.0f} masked positions per batch")
     for name, sec in times.items():
         print(f"{name:24s} {sec * 1e3:8.2f} ms per batch  {1 / sec:8.1f} batches/s per worker")
-    print(f"speed-up: {times['per-position loop (old)'] / times['vectorised (new)']:.1f}x")
+    print(f"speed-up: {times['per-position loop'] / times['vectorised']:.1f}x")
 
 
 if __name__ == "__main__":

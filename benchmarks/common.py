@@ -2,8 +2,8 @@
 saved as folders, and the copy bandwidth of a GPU.
 
 Throughput does not depend on the weights' values, so a random teacher of a shape stands in for the real one. The
-config and tokenizer are the default teacher's where it loads (its package and `gguf` installed); on a machine
-without them (no `gguf`, no network) a Llama config of the same sizes with the default teacher's vocabulary size
+config and tokenizer are the default teacher's where it loads (its package and ``gguf`` installed); on a machine
+without them (no ``gguf``, no network) a Llama config of the same sizes with the default teacher's vocabulary size
 (49,152) and a character tokenizer (tests/tiny.py): the logits cost the same.
 """
 

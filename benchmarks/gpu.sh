@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The precompute on a CUDA machine, bf16, L=512, K=8, W=16, as it runs there: no `datasets`, `gguf` or
-# `vllm` and no network, so the teachers are random-initialised with the default teacher's config and tokenizer
-# (throughput does not depend on the weights' values), and the corpus is this Python's standard library.
+# The precompute on a CUDA machine, bf16, L=512, K=8, W=16, needing neither `datasets`, `gguf`, `vllm` nor a
+# network: the teachers are random-initialised with the default teacher's config and tokenizer (throughput does
+# not depend on the weights' values), and the corpus is this Python's standard library.
 # Per shape: the mc sampler alone, its rows batched against one at a time (benchmarks/mc.py: tokens/s, MFU, the
 # fraction of the memory-bandwidth limit), then whole builds as the CLI runs them (benchmarks/build_speed.py):
 # mc smc with --batch-size auto, and topk with the tree mask dense and as FlexAttention (--tree-mask flex).

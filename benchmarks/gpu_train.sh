@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The trainer on a CUDA machine, bf16 autocast, L=512, as it runs there (no `datasets`, `gguf`, `vllm`,
-# no network): topk shards of this Python's standard library are built once from a random 2-layer teacher with the
+# The trainer on a CUDA machine, bf16 autocast, L=512, needing neither `datasets`, `gguf`, `vllm` nor a
+# network: topk shards of this Python's standard library are built once from a random 2-layer teacher with the
 # default teacher's vocabulary (a step costs the same whatever the targets' values), then per student preset
 # benchmarks/train_profile.py prints tokens/s, MFU (6·N per token), the phase table (data wait, copy, forward, loss,
-# backward, optimizer) and torch.profiler's top operators. About 5 minutes on an H200 (not yet timed there).
+# backward, optimizer) and torch.profiler's top operators.
 #
 #   bash benchmarks/gpu_train.sh                    # STUDENTS="base medium", BATCH=16
 #   STUDENTS=base BATCH="16 64" bash benchmarks/gpu_train.sh

@@ -51,7 +51,7 @@ def main() -> None:
                     tail=a.tail,
                 )
             )
-            results[lam] = evaluate(EvalConfig(run=str(run), data=a.heldout, seed=0, mc_samples=4, max_rows=a.max_rows))
+            results[lam] = evaluate(EvalConfig(run=str(run), data=a.heldout, seed=0, mask_draws=4, max_rows=a.max_rows))
             print(f"λ={lam}: " + json.dumps(results[lam]))
     d = results[a.lam]["nll_bound"] - results[0.0]["nll_bound"]
     print(

@@ -5,10 +5,11 @@ corpus (the fim mode's target has the same form).
 Per setting it prints, averaged over positions: entries stored, bytes (int32 id + float16 log-prob, before
 compression), KL(stored ‖ q) of one stored target (top-N renormalised, as `--tail renormalize` trains on it;
 a sampled target as stored), TV(stored, q), and the bias TV(E[stored], q) (the sampled targets' expectation
-estimated over --draws draws, and over a quarter of them: the figure falls with more draws, it is the estimate's
-noise). Top-N's bias is its dropped tail and stays; sampling has none.
+estimated over --repeats sampled targets, and over a quarter of them: the figure falls with more repeats, it is
+the estimate's noise). Top-N's bias is its dropped tail and stays; sampling has none. --draws: the RS-KD draws per
+position compared (`kdtargets build --sparsify sample --draws S`).
 
-    python -m benchmarks.sparsify [--rows 4] [--seq-len 64] [--draws 64]
+    python -m benchmarks.sparsify [--rows 4] [--seq-len 64] [--repeats 64] [--draws 8,16,32,64]
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--draws", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=64)
     ap.add_argument("--top-n", default="4,8,16,32")
-    ap.add_argument("--samples", default="8,16,32,64")
+    ap.add_argument("--draws", default="8,16,32,64")
     a = ap.parse_args()
     folder, _ = resolve_teacher(None)
     ids, _ = rank_sequences(
@@ -64,17 +65,17 @@ def main() -> None:
         print(f"| top-{n} renormalised | {n} | {n * BYTES_PER_ENTRY} | {kl:.3f} | {tv:.3f} | {tv:.3f} |")
     g = torch.Generator().manual_seed(0)
     all_ids = torch.arange(V)
-    for s in map(int, a.samples.split(",")):
+    for s in map(int, a.draws.split(",")):
         entries, kl, tv, bias, bias_q = [], [], [], [], []
         for p in range(P):
             mean = torch.zeros(V, dtype=torch.float64)
-            for d in range(a.draws):
-                if d == a.draws // 4:  # the same estimate from a quarter of the draws: noise falls as 1/sqrt(draws)
+            for d in range(a.repeats):
+                if d == a.repeats // 4:  # the estimate from a quarter of the repeats: noise falls as 1/sqrt(repeats)
                     bias_q.append(float(0.5 * (mean * 4 - q[p]).abs().sum()))
                 i, lp = sample_sparse(all_ids, lq[p], s, g)
                 est = torch.zeros(V, dtype=torch.float64)
                 est[torch.as_tensor(i).long()] = torch.as_tensor(lp).double().exp()
-                mean += est / a.draws
+                mean += est / a.repeats
                 if d == 0:
                     entries.append(len(i))
                     nz = est > 0
@@ -84,7 +85,7 @@ def main() -> None:
         e = float(np.mean(entries))
         print(
             f"| sample S={s} | {e:.1f} | {e * BYTES_PER_ENTRY:.0f} | {np.mean(kl):.3f} | {np.mean(tv):.3f} | "
-            f"{np.mean(bias):.3f} ({np.mean(bias_q):.3f} from {a.draws // 4} draws: sampling noise) |"
+            f"{np.mean(bias):.3f} ({np.mean(bias_q):.3f} from {a.repeats // 4} repeats: sampling noise) |"
         )
 
 

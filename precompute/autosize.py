@@ -1,5 +1,5 @@
-"""What `--batch-size` and `--token-budget` become when they are not given: the defaults on the CPU, what fits
-in the device's free memory on CUDA."""
+"""What `--batch-size auto` and `--token-budget auto` become: the defaults on the CPU, what fits in the device's
+free memory on CUDA."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from ar2mdm.precompute.sparsify import support_size
 
 
 def auto_batch_size(cfg: BuildConfig, teacher) -> tuple[int, str]:
-    """--batch-size (sequences) when not given, and why: 8, or for mc on CUDA the most whose rows' particles fit
+    """--batch-size auto (sequences), and why: 8, or for mc on CUDA the most whose rows' particles fit
     in 80% of the free GPU memory (`particles.bytes_per_row`), at most a shard's sequences."""
     if cfg.mode != "mc" or not str(teacher.device).startswith("cuda"):
         return DEFAULT_BATCH, "the default"
@@ -28,7 +28,7 @@ def auto_batch_size(cfg: BuildConfig, teacher) -> tuple[int, str]:
 
 
 def auto_token_budget(cfg: BuildConfig, teacher) -> tuple[int, str]:
-    """--token-budget when not given, and why: 4096, or on CUDA 65536 where half the free memory holds a forward
+    """--token-budget auto, and why: 4096, or on CUDA 65536 where half the free memory holds a forward
     of that many tokens (each: the layer's activations and its row of the 1,024-token tree mask)."""
     if not str(teacher.device).startswith("cuda"):
         return DEFAULT_TOKEN_BUDGET, "the default"
@@ -41,11 +41,11 @@ def auto_token_budget(cfg: BuildConfig, teacher) -> tuple[int, str]:
 
 
 def resolve_auto(cfg: BuildConfig, teacher) -> tuple[BuildConfig, list[str]]:
-    """``cfg`` with --batch-size and --token-budget chosen for this teacher where they were not given, and a line
-    for each choice that is not the plain default."""
+    """``cfg`` with --batch-size and --token-budget chosen for this teacher where they are auto, and a line for each
+    choice that is not the plain default."""
     said = []
     for name, choose in (("batch_size", auto_batch_size), ("token_budget", auto_token_budget)):
-        if getattr(cfg, name) is None:  # (vLLM's device is "vllm": the defaults, which it does not use)
+        if getattr(cfg, name) == "auto":  # (vLLM's device is "vllm": the defaults, which it does not use)
             n, why = choose(cfg, teacher)
             cfg = dataclasses.replace(cfg, **{name: n})
             if why != "the default":

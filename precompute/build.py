@@ -418,7 +418,7 @@ def write_shards(plan: BuildPlan, out: Path, teacher=None) -> BuildSummary:
                 continue
             if teacher is None:  # loaded at the first unfinished shard: a finished build never starts an engine
                 teacher = load_backend(plan.backend, cfg, plan.folder)
-            if cfg.batch_size is None or cfg.token_budget is None:
+            if "auto" in (cfg.batch_size, cfg.token_budget):
                 cfg, said = resolve_auto(cfg, teacher)
                 for line in said if cfg.progress else ():
                     bar.write(line, file=sys.stderr)

@@ -17,10 +17,10 @@ from ar2mdm.shared.settings import check_settings, setting
 
 Mode = Literal["topk", "mc", "fim"]
 
-# what --batch-size and --token-budget become when not given (`autosize.resolve_auto`)
+# what --batch-size and --token-budget auto become (`autosize.resolve_auto`)
 DEFAULT_BATCH = 8  # sequences per teacher call (and not mc on CUDA, which fills free memory)
 DEFAULT_TOKEN_BUDGET = 4096  # tokens per packed rescoring forward (CPU)
-# on CUDA: topk at 65536 ran at 85k teacher tokens/s on an H200 against 52k at 4096 (../shared/notes/gpu.md)
+# on CUDA: topk at 65536 ran at 85k teacher tokens/s on an H200 against 52k at 4096 (docs/scaling.md)
 CUDA_TOKEN_BUDGET = 65536
 Backend = Literal["hf", "vllm", "auto"]
 TEACHER_HELP = (
@@ -79,7 +79,9 @@ class BuildConfig:
         "train", "Dataset corpora (a save_to_disk folder or hf:NAME[:CONFIG] from the local cache): the split."
     )
     # targets
-    k: int = setting(8, "topk: candidates per position (+ the true token); mc: samples.", at_least=1)
+    k: int = setting(
+        8, "topk: candidates per position (+ the true token); mc: particles (completions) per row.", at_least=1
+    )
     window: int | None = setting(
         None,
         "Right-context tokens a target is conditioned on (topk, fim; mc full-conditional), at most: default the rest "
@@ -90,17 +92,17 @@ class BuildConfig:
     positions: Literal["masked", "all"] = setting("masked", "masked | all: which positions get targets.")
     sparsify: Literal["topn", "sample"] = setting(
         "topn",
-        "topn: the --top-n most probable entries | sample: RS-KD, --samples draws from the target (unbiased; train "
+        "topn: the --top-n most probable entries | sample: RS-KD, --draws draws from the target (unbiased; train "
         "at T=1).",
     )
-    samples: int = setting(
+    draws: int = setting(
         32, "--sparsify sample: draws per position (distinct ones are stored with their counts).", at_least=1
     )
     # mc (see docs/mc.md)
     sample_temperature: float = setting(1.0, "mc: sampling temperature.", above=0)
     mc_score: Literal["next-token", "full-conditional"] = setting("next-token", "mc: next-token | full-conditional")
     # smc: the default (docs/mc.md, docs/results.md): better targets than uniform weights at the same teacher cost;
-    # `uniform` is plain Monte Carlo
+    # ``uniform`` is plain Monte Carlo
     mc_weights: Literal["uniform", "importance", "smc"] = setting(
         "smc",
         "mc: smc (sequential Monte Carlo with resampling, the default; docs/mc.md) | importance | uniform (plain "
@@ -139,20 +141,21 @@ class BuildConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting("auto", DTYPE_HELP)
     tree_mask: Literal["dense", "flex"] = setting(
         "dense",
-        "topk on the torch backend: the packed tree mask as a dense 4-D mask (SDPA) | flex (a FlexAttention block "
-        "mask, never materialised; meant for CUDA, where it is not measured yet).",
+        "topk on the torch backend: the packed tree mask as a dense 4-D mask (SDPA) | flex (the same mask as a "
+        "FlexAttention block mask, never materialised: for long rows on CUDA, where the dense mask's S² bytes per "
+        "packed row bound the batch; it scores as dense does).",
     )
     # sequences per teacher call (torch backend; vLLM gets a whole shard)
-    batch_size: int | None = setting(
-        None,
-        "Sequences per teacher call (torch backend; mc: all their K particles in one forward). Default: 8; mc on "
-        "CUDA: the most whose particles fit in 80% of free GPU memory (at most a shard's).",
+    batch_size: int | Literal["auto"] = setting(
+        "auto",
+        "Sequences per teacher call (torch backend; mc: all their K particles in one forward). auto: 8; mc on CUDA: "
+        "the most whose particles fit in 80% of free GPU memory (at most a shard's).",
         at_least=1,
     )
-    token_budget: int | None = setting(
-        None,
-        "Tokens per packed rescoring forward (topk, fim, mc full-conditional). Default: 4096; on CUDA 65536 where "
-        "free memory allows.",
+    token_budget: int | Literal["auto"] = setting(
+        "auto",
+        "Tokens per packed rescoring forward (topk, fim, mc full-conditional). auto: 4096; on CUDA 65536 where free "
+        "memory allows.",
         at_least=1,
     )
     engine: dict[str, str] = setting({}, "KEY=VALUE passed to the engine (vLLM), repeatable.")
@@ -214,7 +217,7 @@ class BuildConfig:
             "text_field": self.text_field,
         }
         if self.sparsify == "sample":
-            p.update(sparsify="sample", samples=self.samples)
+            p.update(sparsify="sample", draws=self.draws)
         if self.blocks is not None:  # whole rows record none
             p["block_size"] = self.blocks
         if self.messages_field != "messages":  # (the split is in the corpus fingerprint)
@@ -295,8 +298,8 @@ def launcher_rank(env: Mapping[str, str] = os.environ) -> tuple[int, int, str] |
     """(rank, world size, where from) as the launcher set them, or None outside a launcher.
 
     torchrun (and launchers that mimic it): RANK/WORLD_SIZE. A Slurm array: the task's index within the array
-    (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) of SLURM_ARRAY_TASK_COUNT tasks; a step (`srun`) inside an
-    array task multiplies in SLURM_PROCID of SLURM_NTASKS. `srun` alone: SLURM_PROCID of SLURM_NTASKS.
+    (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) of SLURM_ARRAY_TASK_COUNT tasks; a step (``srun``) inside an
+    array task multiplies in SLURM_PROCID of SLURM_NTASKS. ``srun`` alone: SLURM_PROCID of SLURM_NTASKS.
     """
     try:
         if "RANK" in env and "WORLD_SIZE" in env:

@@ -65,7 +65,7 @@ class Decoder(Protocol):
 
 
 def cache_arg(model) -> str:
-    # transformers renamed `past_key_values` to `cache` (5.x); pass whichever this version's forward takes
+    # transformers renamed ``past_key_values`` to `cache` (5.x); pass whichever this version's forward takes
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
@@ -77,7 +77,7 @@ def last_logits(model, out) -> torch.Tensor:
 
 def copy_cache_rows(cache, dst: torch.Tensor, src: torch.Tensor) -> None:
     """Cache rows ``dst`` become copies of rows ``src``, in place: only the resampled rows move (not the whole cache,
-    as `Cache.reorder_cache` would), and a static cache's buffers keep the addresses a CUDA graph recorded."""
+    as ``Cache.reorder_cache`` would), and a static cache's buffers keep the addresses a CUDA graph recorded."""
     for layer in cache.layers:
         layer.keys.index_copy_(0, dst, layer.keys.index_select(0, src))
         layer.values.index_copy_(0, dst, layer.values.index_select(0, src))

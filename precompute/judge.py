@@ -98,7 +98,14 @@ class Judge:
 
         folder, sha = resolve_teacher(None if spec == "default" else spec)
         t = TorchTeacher.load(folder, device, dtype)
-        return cls(spec, t.model, load_tokenizer(folder), str(folder), sha, t.device)
+        return cls(
+            name=spec,
+            model=t.model,
+            tokenizer=load_tokenizer(folder),
+            path=str(folder),
+            weights_sha256=sha,
+            device=t.device,
+        )
 
 
 def judge_rows(judge: Judge, records: list[SampleRecord]) -> list[tuple[list[int], int]]:

@@ -23,20 +23,19 @@ from typing import Callable
 import numpy as np
 
 from ar2mdm.schemas import Manifest, RankInfo, SchemaError, ShardInfo
-from ar2mdm.schemas.manifest import MANIFEST_NAME, tmp_path, write_atomic
+from ar2mdm.schemas.manifest import MANIFEST_NAME, TOKENIZER_DIR, tmp_path, write_atomic
+from ar2mdm.shared.digest import file_sha256
 from ar2mdm.shared.errors import UserError, warn
 from ar2mdm.shared.shards import (
     DONE_SUFFIX,
     RANK_DONE_GLOB,
     ShardData,
     concat_shards,
-    file_sha256,
     rank_done_name,
     read_shard,
     write_shard,
 )
 
-TOKENIZER_DIR = "tokenizer"
 PARTIAL_SUFFIX = ".partial"
 # the fields a user sets on the command line come first when a refusal lists what differs
 _FIRST = ("mode", "task", "seq_len", "seed", "params.", "teacher.", "tokenizer.", "corpus.")
@@ -66,8 +65,9 @@ def prepare_out(out: Path, header: Manifest, content_digest: Callable[[], str] |
 
     A folder with no finished or partial shard holds no work: its plan is replaced (with a note), so a build
     that failed before its first shard never blocks the corrected rerun. ``content_digest``: the corpus
-    fingerprint as earlier versions recorded it (names and contents: ``files_sha256`` of every file), computed
-    only when that fingerprint is all that differs, so that their finished shards resume instead of being refused.
+    fingerprint of names and contents (``files_sha256`` of every file), which some manifests record instead of
+    names and sizes, computed only when that fingerprint is all that differs, so that their finished shards
+    resume instead of being refused.
     """
     out.mkdir(parents=True, exist_ok=True)
     path = out / MANIFEST_NAME
@@ -93,7 +93,7 @@ def prepare_out(out: Path, header: Manifest, content_digest: Callable[[], str] |
         warn(f"--out {out}: replacing the plan of an unfinished build (it had no finished shard)")
         header.save(out)
         shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)  # the teacher may have changed too
-        for p in out.glob(RANK_DONE_GLOB):  # the old plan's ranks (empty ones) finished another build
+        for p in out.glob(RANK_DONE_GLOB):  # the replaced plan's ranks (empty ones) finished another build
             p.unlink()
         return
     diff = sorted((k for k in set(a) | set(b) if a.get(k) != b.get(k)), key=_priority)
@@ -210,7 +210,7 @@ def finish_rank(out: Path, rank: int) -> Manifest:
     return finalize_manifest(out)
 
 
-def finish_shard(out: Path, path: Path, parts: list[ShardData], fmt: str, logprob_dtype: str) -> ShardInfo:
+def finish_shard(out: Path, path: Path, parts: list[ShardData], *, fmt: str, logprob_dtype: str) -> ShardInfo:
     """Write a finished shard: its file (atomically), then its completion record, then the manifest that lists
     it; the partial file goes. Until the record exists, a rerun redoes the shard: a crash loses at most it."""
     data = concat_shards(parts)
@@ -246,7 +246,9 @@ class ShardWriter:
 
     def submit(self, path: Path, parts: list[ShardData]) -> None:
         self.wait()
-        self.pending = self.pool.submit(finish_shard, self.out, path, parts, self.fmt, self.logprob_dtype)
+        self.pending = self.pool.submit(
+            finish_shard, self.out, path, parts, fmt=self.fmt, logprob_dtype=self.logprob_dtype
+        )
 
     def wait(self) -> None:
         """Until the shard in flight is on disk with its record."""

@@ -12,7 +12,7 @@ import torch
 from ar2mdm.precompute.config import TeacherSampleConfig
 from ar2mdm.precompute.mc.particles import draw_tokens
 from ar2mdm.schemas.samples import SampleRecord, SampleSource
-from ar2mdm.shared.sampling import batches_of, completion, prompts_for, sample_seed, source_settings
+from ar2mdm.shared.sampling import batches_of, prompts_for, sample_record, sample_seed, source_settings
 
 
 def draw(logits: torch.Tensor, temperature: float, generators: list[torch.Generator]) -> torch.Tensor:
@@ -77,15 +77,7 @@ def sample(cfg: TeacherSampleConfig) -> list[SampleRecord]:
 def record(index: int, prompt, row: list[int], stops: list[int], tok, *, source: SampleSource) -> SampleRecord:
     """A sample's record: the teacher's drew one token per forward (its prefill's included), the stop too; held-out
     text took none."""
-    ids, text, stopped = completion(row, stops, tok)
-    forwards = len(ids) + stopped if source.kind == "teacher" else None
-    return SampleRecord(
-        index=index,
-        prompt=prompt.text,
-        prompt_ids=prompt.ids,
-        ids=ids,
-        text=text,
-        stopped=stopped,
-        source=source,
-        forwards=forwards,
-    )
+    rec = sample_record(index, prompt, row, tok, stops=stops, source=source, forwards=None)
+    if source.kind == "teacher":
+        rec.forwards = len(rec.ids) + rec.stopped
+    return rec

@@ -63,7 +63,7 @@ def sparse_targets(cfg: BuildConfig, cand: torch.Tensor, logq: torch.Tensor, key
     if cfg.sparsify == "topn":
         return select_top_n(cand, logq, cfg.top_n)
     g = torch.Generator().manual_seed(row_seed(cfg.seed, key + ":sample"))
-    out = [sample_sparse(cand[p], logq[p], cfg.samples, g) for p in range(cand.shape[0])]
+    out = [sample_sparse(cand[p], logq[p], cfg.draws, g) for p in range(cand.shape[0])]
     return [i for i, _ in out], [lp for _, lp in out]
 
 

@@ -18,8 +18,8 @@ from ar2mdm.precompute.config import BuildConfig
 from ar2mdm.precompute.targets import RowMasks, TargetPlan
 from ar2mdm.schemas import SchemaError
 from ar2mdm.schemas.states import StateRecord, read_states
+from ar2mdm.shared.digest import file_sha256
 from ar2mdm.shared.errors import UserError
-from ar2mdm.shared.shards import file_sha256
 from ar2mdm.shared.split import share_of
 
 

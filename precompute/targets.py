@@ -26,7 +26,7 @@ def draw_row_masks(cfg: BuildConfig, seq_index: np.ndarray, prompt_len: np.ndarr
     for s, pl in zip(seq_index.tolist(), prompt_len.tolist()):
         for m in range(cfg.masks_per_seq):
             key = f"{cfg.rank:05d}-{s:08d}-m{m}"
-            t, mask = sample_row_mask(pl, cfg.seq_len, cfg.seed, key, cfg.mask_eps, cfg.blocks)
+            t, mask = sample_row_mask(pl, cfg.seq_len, cfg.seed, key, eps=cfg.mask_eps, block_size=cfg.blocks)
             out.example_ids.append(key)
             out.t.append(float(t.mean()) if out.block_t is not None else float(t[0]))
             out.masks.append(mask.nonzero()[:, 0].numpy().astype(np.int32))

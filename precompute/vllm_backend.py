@@ -254,12 +254,12 @@ class VllmTeacher:
         keep = 0 if s.score == "full-conditional" else keep  # only the emitted tokens' log-probs are needed
         states = [
             RowState(
-                [int(t) for t in x],
-                list(m),
-                seed,
-                s.k,
-                segments(len(x), list(m), s.resample_below > 0, s.weights != "uniform"),
-                s.resample_below,
+                x=[int(t) for t in x],
+                masked=list(m),
+                seed=seed,
+                K=s.k,
+                spans=segments(len(x), list(m), s.resample_below > 0, s.weights != "uniform"),
+                smc_ess=s.resample_below,
             )
             for x, m, seed in zip(rows, masks, seeds)
         ]

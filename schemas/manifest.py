@@ -18,6 +18,7 @@ from typing import Any
 from ar2mdm.schemas.v1 import SCHEMA_VERSION, SchemaError
 
 MANIFEST_NAME = "manifest.json"
+TOKENIZER_DIR = "tokenizer"  # beside the manifest: the teacher's tokenizer, what the trainer reads (never the teacher)
 
 
 @dataclass
@@ -83,7 +84,7 @@ class Manifest:
     sft_format: str | None = None
     # Rows from a student's states (`kdtargets build --states`): the run, its checkpoint step and the sampler they
     # came from. Their masked positions hold the student's own tokens, not the truth: the trainer computes no MDM
-    # term on them. None for corpus rows (and then absent from manifest.json, which stays as it was).
+    # term on them. None for corpus rows (and then absent from manifest.json).
     states: dict[str, Any] | None = None
 
     @property

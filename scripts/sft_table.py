@@ -20,7 +20,9 @@ def main() -> None:
     runs = sorted(p for p in (d / "runs").iterdir() if (p / "checkpoint").is_dir())
     res = {}
     for run in runs:  # the same held-out rows and masks (seed 0) for every student: differences are paired
-        res[run.name] = evaluate(EvalConfig(run=str(run), data=str(d / "heldout.jsonl"), max_rows=256, per_row=True))
+        res[run.name] = evaluate(
+            EvalConfig(run=str(run), data=str(d / "heldout.jsonl"), max_rows=256, row_estimates=True)
+        )
     print("| student | held-out response bound (nats/token) | Δ vs λ = 0, same seed | masked-token accuracy |")
     print("| --- | --- | --- | --- |")
     for name, r in res.items():

@@ -36,7 +36,7 @@ PY=${PY:-${PYTHON:-$(command -v python3 || command -v python)}}
 teacher=(${TEACHER:+--teacher "$TEACHER"})
 mkdir -p "$D"
 say() { echo "== study_scale: $*" >&2; }
-# as modules: the same whether the project is installed or only on PYTHONPATH (the benchmark GPU's set-up)
+# as modules: the same whether the project is installed or only on PYTHONPATH
 kdtargets() { "$PY" -m ar2mdm.precompute.cli "$@"; }
 kdtrain() { "$PY" -m ar2mdm.train.cli "$@"; }
 

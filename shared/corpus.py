@@ -16,6 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
 
+from ar2mdm.shared.digest import update_with_file
 from ar2mdm.shared.errors import UserError, warn
 from ar2mdm.shared.split import Share, share_of
 
@@ -175,9 +176,7 @@ def files_sha256(files: list[Path | DatasetCorpus], root: str | Path) -> str:
     h = hashlib.sha256()
     for f in files:
         h.update(_rel(f, root).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        update_with_file(h, f)
         h.update(b"\0")
     return h.hexdigest()
 

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from ar2mdm.shared.defaults import code_teacher, default_teacher, gemma_judge
+from ar2mdm.shared.digest import file_sha256
 from ar2mdm.shared.errors import UserError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
@@ -43,11 +44,7 @@ def file_sha256_cached(path: Path) -> str:
         known = {}
     if key in known:
         return known[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    known[key] = h.hexdigest()
+    known[key] = file_sha256(path)
     try:
         index.parent.mkdir(parents=True, exist_ok=True)
         tmp = index.with_name(f"sha256.json.tmp{os.getpid()}")

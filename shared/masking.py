@@ -61,7 +61,7 @@ def sample_masks(
 
 
 def sample_row_mask(
-    prompt_len: int, seq_len: int, seed: int, key: str, eps: float = 1e-3, block_size: int | None = None
+    prompt_len: int, seq_len: int, seed: int, key: str, *, eps: float = 1e-3, block_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(t (nb,) one per block, mask (L,) bool) for one row, determined by ``seed`` and the row's ``key`` alone."""
     g = torch.Generator().manual_seed(row_seed(seed, key))

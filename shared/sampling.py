@@ -17,6 +17,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Callable
 
+from ar2mdm.schemas.samples import SampleRecord
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.paths import check_output_file
 from ar2mdm.shared.settings import setting
@@ -140,12 +141,23 @@ def batches_of(prompts: list[Prompt], batch_size: int) -> list[list[int]]:
     return [idx[a : a + batch_size] for _, idx in sorted(by_len.items()) for a in range(0, len(idx), batch_size)]
 
 
-def completion(ids: list[int], stops: list[int], tokenizer) -> tuple[list[int], str, bool]:
-    """(``ids`` up to their first stop token, their text, whether a stop token ended them early): a sample ends
-    where its text ends."""
+def sample_record(
+    index: int, prompt: Prompt, ids: list[int], tokenizer, *, stops: list[int], source, forwards: int | None
+) -> SampleRecord:
+    """Sample ``index``'s record: the ``ids`` drawn after ``prompt`` up to their first stop token (a sample ends
+    where its text ends), their text, whether a stop token ended them early, and the ``forwards`` that drew them."""
     stop = next((j for j, t in enumerate(ids) if t in stops), None)
     kept = ids if stop is None else ids[:stop]
-    return kept, tokenizer.decode(kept, skip_special_tokens=False), stop is not None
+    return SampleRecord(
+        index=index,
+        prompt=prompt.text,
+        prompt_ids=prompt.ids,
+        ids=kept,
+        text=tokenizer.decode(kept, skip_special_tokens=False),
+        stopped=stop is not None,
+        source=source,
+        forwards=forwards,
+    )
 
 
 def source_settings(cfg, fields: tuple[str, ...]) -> dict:

@@ -10,7 +10,6 @@ and Arrow's list arrays are made of, so neither writer nor reader loops over row
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,14 +135,6 @@ def rank_done_name(rank: int) -> str:
 def rank_started_name(rank: int) -> str:
     """Written as a rank starts (the digest of its corpus files): a rank without it never started."""
     return f"corpus-rank-{rank:05d}.sha256"
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------- parquet

@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from ar2mdm.schemas import Manifest, SchemaError
+from ar2mdm.schemas.manifest import TOKENIZER_DIR
 from ar2mdm.shared.blocks import describe
+from ar2mdm.shared.digest import file_sha256
 from ar2mdm.shared.errors import UserError
-from ar2mdm.shared.shards import DONE_SUFFIX, FORMATS, ShardData, file_sha256, rank_started_name, read_shard
+from ar2mdm.shared.shards import DONE_SUFFIX, FORMATS, ShardData, rank_started_name, read_shard
 
 SUM_TOLERANCE = 1e-3  # float16 storage rounds log-probs down, float32 sums carry rounding noise
 
@@ -138,7 +140,7 @@ def validate_dir(directory: str | Path) -> Manifest:
     extra = sorted(on_disk - listed)
     if extra:
         raise ValidationError(f"{d}: shard {extra[0]} is not in the manifest (unfinished build? rerun it to finish)")
-    tok = d / "tokenizer"
+    tok = d / TOKENIZER_DIR
     if tok.exists():
         from transformers import AutoTokenizer
 

@@ -46,7 +46,7 @@ def test_default_teacher_build_train_eval(tmp_path):
         ["run", str(out), "--out", str(run), "--student", "tiny", "--steps", "2", "--batch-size", "2", "--no-progress"],
     )
     assert r.exit_code == 0, r.output
-    r = runner.invoke(kdtrain, ["eval", str(run), "--data", str(out), "--mc-samples", "1"])
+    r = runner.invoke(kdtrain, ["eval", str(run), "--data", str(out), "--mask-draws", "1"])
     res = json.loads(r.output.strip().splitlines()[-1])
     assert res["nll_bound"] > 0 and "kd_loss" in res
 

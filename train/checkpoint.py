@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ar2mdm.schemas import Manifest, SchemaError
+from ar2mdm.schemas.manifest import TOKENIZER_DIR
 from ar2mdm.shared.errors import UserError
 from ar2mdm.train.model import Student, StudentConfig
 
@@ -33,7 +34,7 @@ def save_checkpoint(
     cfg = {"student": config.to_dict(), **meta, "step": state.get("step")}  # the step: what a sample came from
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     torch.save(state, tmp / "state.pt")
-    shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+    shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
     old = run / f"{CKPT}.old"
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
@@ -57,8 +58,8 @@ def load_meta(run: Path) -> dict:
 
 
 def run_task(meta: dict) -> tuple[str, str | None]:
-    """(task, sft_format) a run was trained on: from its checkpoint, or for runs of earlier versions from the
-    manifest of the shards it names (pretrain where they are gone)."""
+    """(task, sft_format) a run was trained on: from its checkpoint, or for a checkpoint that does not record it
+    from the manifest of the shards it names (pretrain where they are gone)."""
     if "task" in meta:
         return meta["task"], meta.get("sft_format")
     try:
@@ -80,4 +81,4 @@ def run_tokenizer(run: Path):
     """The tokenizer a run was trained with: its checkpoint's copy of the shards' tokenizer."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(checkpoint_dir(run) / "tokenizer")
+    return AutoTokenizer.from_pretrained(checkpoint_dir(run) / TOKENIZER_DIR)

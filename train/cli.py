@@ -57,6 +57,13 @@ def eval_(**settings) -> None:
         f"nll_bound {res['nll_bound']:.3f} ± {res['nll_bound_se']:.3f} nats per token over {res['tokens']} "
         f"{scope} of {res['rows']} rows (lower is better; a uniform guess scores log V = {res['uniform_nll']:.2f})"
     )
+    for what, rows in res.get("by_level", {}).items():
+        typer.echo(f"by masking level ({'share masked' if what == 'bound' else 'the rows t, their own masks'}):")
+        names = [k for k in rows[0] if k not in ("level", "positions")]
+        typer.echo("  level      positions  " + "  ".join(f"{n:>9}" for n in names))
+        for r in rows:
+            vals = "  ".join(f"{r[n]:>9.3f}" if r[n] is not None else f"{'-':>9}" for n in names)
+            typer.echo(f"  {r['level']:<10} {r['positions']:>9}  {vals}")
     typer.echo(json.dumps(res))
 
 

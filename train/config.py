@@ -205,7 +205,7 @@ class EvalConfig:
         None, "A corpus (file/folder, save_to_disk dataset, hf:NAME) or a kdtargets shard folder (required)."
     )
     seed: int = setting(0, "Seed of the evaluation masks (the same seed gives every run the same masks).")
-    mc_samples: int = setting(4, "Mask draws per row (stratified numbers of masked tokens).", at_least=1)
+    mask_draws: int = setting(4, "Mask draws per row (stratified numbers of masked tokens).", at_least=1)
     max_rows: int = setting(256, "Rows evaluated (the first ones).", at_least=1)
     batch_size: int = setting(16, "Rows per forward.", at_least=1)
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
@@ -218,7 +218,13 @@ class EvalConfig:
         "responses only.",
     )
     messages_field: str = setting("messages", "--task sft: the field of the rows holding a chat.")
-    per_row: bool = False  # API only: also return each row's estimate and tokens (paired comparisons)
+    by_level: int | None = setting(
+        None,
+        "Also report masked-token figures in N bins of the masking level: the bound's nll and accuracy by the share "
+        "of a row (block) masked, and on shards the KD term against the stored targets by the row's (block's) t.",
+        at_least=1,
+    )
+    row_estimates: bool = False  # API only: also return each row's estimate and tokens (paired comparisons)
 
     def check(self) -> None:
         check_settings(self)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ar2mdm.schemas import Manifest, SchemaError
+from ar2mdm.schemas.manifest import TOKENIZER_DIR
 from ar2mdm.shared.errors import UserError, warn
 from ar2mdm.shared.masking import sample_row_mask
 from ar2mdm.shared.shards import check_shard_file, iter_shard_batches
@@ -57,7 +58,7 @@ class TargetSpec:
         sampled = p.get("sparsify") == "sample"  # RS-KD: up to `samples` distinct draws per position
         # topk's K+1 candidates are its whole target: top-N of all of them, or draws from all of them, sum to 1
         exact = manifest.mode == "topk" and (top_n >= int(p.get("k", 0)) + 1 or sampled)
-        width = max(top_n, int(p["samples"])) if sampled else top_n
+        width = max(top_n, int(p.get("draws", p.get("samples", 0)))) if sampled else top_n  # ("samples": older builds)
         return cls(
             top_n=width,
             eos_id=int(manifest.tokenizer.eos_id),
@@ -195,7 +196,9 @@ class RowStream:
         if not self.resample or epoch == 0:
             return row  # epoch 0 trains on the stored masks
         key = f"{row.example_id}:e{epoch}"
-        t, mask = sample_row_mask(row.prompt_len, self.seq_len, self.seed, key, self.mask_eps, self.block_size)
+        t, mask = sample_row_mask(
+            row.prompt_len, self.seq_len, self.seed, key, eps=self.mask_eps, block_size=self.block_size
+        )
         new = {"t": float(t.mean()), "mask_positions": mask.nonzero()[:, 0].numpy().astype(np.int32)}
         if self.block_size is not None:
             new["block_t"] = t.numpy()
@@ -324,7 +327,7 @@ def load_shard_manifest(shards: str | Path, allow_partial: bool = False) -> Mani
         )
     if not m.shards:
         raise UserError(f"shard folder {d} lists no shards (build not run or not finished)")
-    if not (d / "tokenizer").is_dir():
+    if not (d / TOKENIZER_DIR).is_dir():
         raise UserError(f"shard folder {d} has no tokenizer/ (kdtargets build writes it; the student needs it)")
     for s in m.shards:  # cheap checks of every file before anything starts (`kdtargets validate` does them all)
         check_shard_file(d / s.file, s.bytes)

@@ -1,13 +1,16 @@
-"""`kdtrain eval`: the ELBO bound on held-out data, its standard error, and the KD loss against stored targets."""
+"""`kdtrain eval`: the ELBO bound on held-out data, its standard error, and the KD loss against stored targets;
+with ``--by-level``, both by masking level (`ByLevel`)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ar2mdm.schemas.manifest import MANIFEST_NAME
 from ar2mdm.shared.blocks import check_block_fit
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.masking import maskable_positions, sample_count_masks, stratified_counts
@@ -38,15 +41,15 @@ def _sft_rows(data: Path, files: list, tokenizer, meta: dict, *, max_rows: int, 
 def _row(ids: np.ndarray, prompt_len: int) -> Row:
     """A row without targets (raw held-out text)."""
     return Row(
-        "",
-        ids,
-        prompt_len,
-        1.0,
-        np.zeros(0, np.int32),
-        np.zeros(0, np.int32),
-        np.zeros(1, np.int64),
-        np.zeros(0, np.int32),
-        np.zeros(0, np.float32),
+        example_id="",
+        input_ids=ids,
+        prompt_len=prompt_len,
+        t=1.0,
+        mask_positions=np.zeros(0, np.int32),
+        target_positions=np.zeros(0, np.int32),
+        entry_offsets=np.zeros(1, np.int64),
+        target_ids=np.zeros(0, np.int32),
+        target_logprobs=np.zeros(0, np.float32),
     )
 
 
@@ -68,7 +71,7 @@ def _rows_from(
 
     if not is_dataset(data) and not data.exists():
         raise UserError(f"--data {data} does not exist")
-    if (data / "manifest.json").exists():
+    if (data / MANIFEST_NAME).exists():
         from itertools import chain, islice
 
         from ar2mdm.train.data import rows_of_shard
@@ -94,9 +97,43 @@ def _rows_from(
     return rows, None
 
 
+@dataclass
+class ByLevel:
+    """Masked-token figures by masking level, in ``buckets`` equal bins of [0, 1]: the level of a masked position
+    is the share of its row's (block's) maskable positions that is masked (the bound's masks), or its row's
+    (block's) t (a shard's own masks, where the KD term against the stored targets is added)."""
+
+    buckets: int
+    sums: dict = field(default_factory=dict)  # name -> (buckets,) float64 sums
+
+    def add(self, level: torch.Tensor, **values: torch.Tensor) -> None:
+        """Add per-position values (M,) at their levels (M,)."""
+        b = (level.double().cpu() * self.buckets).long().clamp(0, self.buckets - 1)
+        for name, v in {"positions": torch.ones_like(b, dtype=torch.float64), **values}.items():
+            acc = self.sums.setdefault(name, torch.zeros(self.buckets, dtype=torch.float64))
+            acc.index_add_(0, b, v.double().cpu())
+
+    def rows(self) -> list[dict]:
+        """Per bucket: its range, masked positions, and each value's mean per position."""
+        n = self.sums.get("positions", torch.zeros(self.buckets, dtype=torch.float64))
+        out = []
+        for j in range(self.buckets):
+            r = {"level": f"{j / self.buckets:.2f}-{(j + 1) / self.buckets:.2f}", "positions": int(n[j])}
+            r.update({k: float(v[j] / n[j]) if n[j] else None for k, v in self.sums.items() if k != "positions"})
+            out.append(r)
+        return out
+
+
 @torch.no_grad()
 def elbo_row_estimates(
-    model, ids: torch.Tensor, maskable: torch.Tensor, draws: int, g: torch.Generator, *, mask_id: int
+    model,
+    ids: torch.Tensor,
+    maskable: torch.Tensor,
+    draws: int,
+    g: torch.Generator,
+    *,
+    mask_id: int,
+    levels: ByLevel | None = None,
 ) -> tuple[torch.Tensor, float, float]:
     """(B,) float64 unbiased estimates of each row's ELBO bound on -log p(maskable tokens | the rest), in nats,
     and the masked-token hits and count. ids, maskable: (B, L); masks are drawn on the CPU from ``g``.
@@ -104,6 +141,7 @@ def elbo_row_estimates(
     Row b with n maskable positions: (1/draws) Σ_j (n/l_j) Σ_{i masked} -log p_θ(x_i | x_t), l_j stratified. A
     block student's bound is the sum over its blocks of each block's bound given the clean blocks before it
     (docs/design.md §6): each block draws its own l among its own n, all blocks of a row in one forward.
+    ``levels``: also each masked token's nll and hit by the share l/n of its row (block) masked.
     """
     B, L = ids.shape
     size = model.config.block_size or L
@@ -121,20 +159,29 @@ def elbo_row_estimates(
         block = where[:, 0] * nb + where[:, 1] // size  # (M,) the (row, block) of each masked position
         per_block = torch.zeros(B * nb, device=ids.device).index_add(0, block, nll)  # (B·nb,)
         est += (per_block.cpu().double() * n / counts[:, j].clamp(min=1) / draws).view(B, nb).sum(1)
-        hits += float((logits.argmax(-1) == ids[mask]).sum())
+        hit = logits.argmax(-1) == ids[mask]
+        hits += float(hit.sum())
         total += float(mask.sum())
+        if levels is not None:
+            share = (counts[:, j] / n.clamp(min=1)).to(block.device)[block]  # (M,) l/n of each position's block
+            levels.add(share, nll=nll, accuracy=hit)
     return est, hits, total
 
 
 @torch.no_grad()
-def kd_term(model, batch, obj, spec) -> float:
-    """The KD term of a batch of shard rows against their stored targets, at the run's own T and tail."""
-    from ar2mdm.train.objective import batch_targets
+def kd_term(model, batch, obj, spec, levels: ByLevel | None = None) -> float:
+    """The KD term of a batch of shard rows against their stored targets, at the run's own T and tail; with
+    ``levels``, each masked position's KL, nll and hit by its row's (block's) t."""
+    from ar2mdm.train.objective import batch_targets, position_t
 
     L = batch.input_ids.shape[1]
     logits = model(corrupt(batch.input_ids, batch.mask, model.config.mask_id), batch.positions, clean=batch.input_ids)
-    _, kl = masked_losses(logits, batch.input_ids.flatten()[batch.positions], batch_targets(batch, obj, spec))
-    return float(kd_loss(kl, batch.positions // L, row_norm(batch.prompt_len, L)))
+    truth = batch.input_ids.flatten()[batch.positions]
+    nll, kl = masked_losses(logits, truth, batch_targets(batch, obj, spec))
+    row = batch.positions // L
+    if levels is not None:
+        levels.add(position_t(batch, row, spec.block_size), kl=kl, nll=nll, accuracy=logits.argmax(-1) == truth)
+    return float(kd_loss(kl, row, row_norm(batch.prompt_len, L)))
 
 
 @torch.no_grad()
@@ -144,9 +191,9 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     The bound is LLaDA's estimator of the MDLM ELBO, -log p(x) <= E_l [(n/l) Σ_{l masked} -log p_θ(x_i | x_t)]
     with l ~ U{1..n} positions masked uniformly among the n maskable ones: unbiased for the same bound as the
-    1/t form, with weights at most n instead of 1/eps, and no forced mask. ``mc_samples`` draws of l per row,
+    1/t form, with weights at most n instead of 1/eps, and no forced mask. ``mask_draws`` draws of l per row,
     stratified. Masks depend on ``seed``, the rows and ``batch_size`` only, never on the model: two runs
-    evaluated alike see the same masks, and their difference is the models'. ``per_row``: also return each
+    evaluated alike see the same masks, and their difference is the models'. ``row_estimates``: also return each
     row's estimate (``row_nll``, nats) and maskable tokens (``row_tokens``), for paired comparisons. ``split``:
     the split of a dataset ``data`` (save_to_disk folder or hf:NAME). Settings: `config.EvalConfig`.
 
@@ -173,7 +220,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         task=task,
         messages_field=cfg.messages_field,
     )
-    mc_samples, seed, batch_size = cfg.mc_samples, cfg.seed, cfg.batch_size
+    draws, seed, batch_size = cfg.mask_draws, cfg.seed, cfg.batch_size
     from ar2mdm.shared.tokenizer import response_length, stop_ids
 
     stops = stop_ids(tokenizer)
@@ -182,6 +229,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     row_est, row_tok = [], []
     correct = masked = 0.0
     kd_sum, kd_rows = 0.0, 0
+    bound_levels = ByLevel(cfg.by_level) if cfg.by_level else None
+    target_levels = ByLevel(cfg.by_level) if cfg.by_level else None
     spec = TargetSpec.from_manifest(manifest) if manifest is not None else None
     if spec is not None:
         check_block_fit(model.config.block_size, spec.block_size, f"{cfg.run}")
@@ -196,13 +245,13 @@ def evaluate(cfg: EvalConfig) -> dict:
                 [r.prompt_len + response_length(r.input_ids, r.prompt_len, stops) for r in chunk], device=device
             )
             maskable &= torch.arange(ids.shape[1], device=device)[None, :] < end[:, None]
-        est, hits, k = elbo_row_estimates(model, ids, maskable, mc_samples, g, mask_id=mask_id)
+        est, hits, k = elbo_row_estimates(model, ids, maskable, draws, g, mask_id=mask_id, levels=bound_levels)
         correct += hits
         masked += k
         row_est.append(est)
         row_tok.append(maskable.sum(1).cpu().double())
         if spec is not None:
-            kd_sum += kd_term(model, collate(chunk, spec).to(device), obj, spec) * len(chunk)
+            kd_sum += kd_term(model, collate(chunk, spec).to(device), obj, spec, target_levels) * len(chunk)
             kd_rows += len(chunk)
     est, tok = torch.cat(row_est), torch.cat(row_tok)
     nll_bound = float(est.sum() / tok.sum().clamp(min=1))
@@ -213,13 +262,17 @@ def evaluate(cfg: EvalConfig) -> dict:
         "masked_token_accuracy": correct / max(masked, 1),
         "rows": len(rows),
         "tokens": int(tok.sum()),
-        "mc_samples": mc_samples,
+        "mask_draws": draws,
         "seed": seed,
         "task": task,
         "uniform_nll": math.log(model.config.vocab_size),
     }
     if kd_rows:
         out["kd_loss"] = kd_sum / kd_rows
-    if cfg.per_row:
+    if bound_levels is not None:
+        out["by_level"] = {"bound": bound_levels.rows()}
+        if kd_rows:
+            out["by_level"]["targets"] = target_levels.rows()
+    if cfg.row_estimates:
         out["row_nll"], out["row_tokens"] = est.tolist(), tok.tolist()
     return out

@@ -18,6 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
+from ar2mdm.schemas.manifest import TOKENIZER_DIR
 from ar2mdm.shared.errors import UserError
 
 MODEL_TYPE = "ar2mdm_student"
@@ -62,7 +63,7 @@ def export(run: str, out: str, overwrite: bool = False) -> Path:
     weights = {f"student.{k}": v.contiguous() for k, v in load_file(str(src / "model.safetensors")).items()}
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     student = meta["student"]
-    tok_dir = src / "tokenizer"
+    tok_dir = src / TOKENIZER_DIR
     for f in tok_dir.iterdir():
         shutil.copy2(f, tmp / f.name)
     special = {}

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ar2mdm.schemas import Manifest, SchemaError
+from ar2mdm.schemas.manifest import TOKENIZER_DIR
 from ar2mdm.shared.blocks import check_block_fit
 from ar2mdm.shared.errors import UserError, warn
 from ar2mdm.train.checkpoint import checkpoint_dir, load_meta, load_student, save_checkpoint
@@ -281,7 +282,7 @@ def setup_training(cfg: TrainConfig) -> Trainer:
         spec=spec,
         objective=cfg.objective(spec),
         meta=_run_meta(cfg, manifest),
-        tok_dir=shards / "tokenizer",
+        tok_dir=shards / TOKENIZER_DIR,
         total=total,
         end=min(total, cfg.stop_at) if cfg.stop_at else total,
         rows_per_rank=rows_per_rank,

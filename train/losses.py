@@ -95,7 +95,7 @@ def rest_logmass(
 
     logp: (M, V) student log-probs; ids: (M, N) stored ids (any value where not valid); valid: (M, N);
     logp_s: (M, N) = logp.gather(1, ids). Why two routes: summing the complement touches all M·V entries
-    (forward and backward, several passes: it tripled the KD step's cost), while log(1 - Σ_S p) needs only
+    (forward and backward, several passes: 3x the KD step's cost, measured), while log(1 - Σ_S p) needs only
     the N stored entries and has the same value and the same gradient with respect to the logits (both are
     log Σ_{v∉S} e^z - log Σ_V e^z). The short route is used where it is accurate: distinct ids, S smaller
     than V, and Σ_S p <= COMPLEMENT_MAX_MASS; the other rows (a confident student, a tiny vocabulary, or

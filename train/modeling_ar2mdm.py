@@ -61,6 +61,7 @@ class Ar2mdmForMaskedLM(PreTrainedModel):
         self,
         input_ids,
         max_new_tokens=32,
+        *,
         steps=32,
         temperature=1.0,
         remasking="random",

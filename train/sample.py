@@ -16,7 +16,7 @@ import torch
 from ar2mdm.schemas.samples import SampleRecord, SampleSource
 from ar2mdm.schemas.states import StateRecord, StateSource
 from ar2mdm.shared.errors import UserError
-from ar2mdm.shared.sampling import Prompt, batches_of, completion, prompts_for, sample_seed, source_settings
+from ar2mdm.shared.sampling import Prompt, batches_of, prompts_for, sample_record, sample_seed, source_settings
 from ar2mdm.train.block_sampler import block_generate
 from ar2mdm.train.checkpoint import checkpoint_dir, load_student, run_task, run_tokenizer
 from ar2mdm.train.config import SampleConfig
@@ -142,17 +142,7 @@ def sample(cfg: SampleConfig) -> tuple[list[SampleRecord], list[StateRecord]]:
             forwards = steps * len(batch)  # the batch's rows share every forward
         for b, (i, row) in enumerate(zip(batch, x.tolist())):
             p = prompts[i]
-            ids, text, stopped = completion(row[len(p.ids) :], stops, tok)
-            records[i] = SampleRecord(
-                index=i,
-                prompt=p.text,
-                prompt_ids=p.ids,
-                ids=ids,
-                text=text,
-                stopped=stopped,
-                source=source,
-                forwards=forwards[b],
-            )
+            records[i] = sample_record(i, p, row[len(p.ids) :], tok, stops=stops, source=source, forwards=forwards[b])
             final = [eos if t == mask else t for t in row]  # (a chat answer's blocks after its end stay masked)
             plen = len(p.ids) if chat else 0  # a chat row's prompt is its SFT prompt; else BOS is all
             for s in keep.get(i, ()):

@@ -44,7 +44,7 @@ class SweepConfig:
     )  # TrainConfig field -> value, every point
     eval_data: str | None = setting(None, "Held-out corpus (or shards) the students never train on (required).")
     eval_rows: int = setting(256, "Held-out rows evaluated per point (the same rows and masks for all).", at_least=1)
-    eval_samples: int = setting(4, "Mask draws per held-out row.", at_least=1)
+    eval_mask_draws: int = setting(4, "Mask draws per held-out row.", at_least=1)
     eval_seed: int = 0  # API only: the seed of the evaluation masks
     by_line: bool = setting(False, "Held-out raw text: one document per non-empty line.")
     text_field: str = setting("text", "Held-out .jsonl/.parquet: the field that holds the text.")
@@ -142,12 +142,12 @@ def run_point(cfg: SweepConfig, point: dict) -> dict:
             run=str(run),
             data=cfg.eval_data,
             seed=cfg.eval_seed,
-            mc_samples=cfg.eval_samples,
+            mask_draws=cfg.eval_mask_draws,
             max_rows=cfg.eval_rows,
             device=tc.device,
             by_line=cfg.by_line,
             text_field=cfg.text_field,
-            per_row=True,
+            row_estimates=True,
         )
     )
     row = {

@@ -45,7 +45,7 @@ class McTargets:
     ids: list[torch.Tensor]  # per masked position (ascending): the entries' ids, most probable first
     logprobs: list[torch.Tensor]  # per masked position: their log-probs
     ess: float  # of the final weights
-    samples: int
+    particles: int  # K
     ess_before: list[float] = field(default_factory=list)  # smc: the ESS at each resampling, before it
 
 
@@ -166,7 +166,7 @@ def join_blocks(parts: list[McTargets]) -> McTargets:
         [i for t in parts for i in t.ids],
         [lp for t in parts for lp in t.logprobs],
         float(np.mean([t.ess for t in parts])) if parts else float("nan"),
-        parts[0].samples if parts else 0,
+        parts[0].particles if parts else 0,
         [e for t in parts for e in t.ess_before],
     )
 
@@ -207,17 +207,17 @@ def mc_targets(
     masks = [np.asarray(m, dtype=np.int64) for m in masks]
     decoder = decoder or decoder_for(model, xs.shape[1])
     if block_size is None:
-        return _row_targets(model, decoder, xs, masks, seeds, s, on_step=on_step)
+        return _row_targets(model, decoder, xs, masks, seeds, s=s, on_step=on_step)
     clean = encode(model, xs)
 
     def run(rows, sub, sub_masks, sub_seeds):
         prefix = (clean, torch.tensor(rows, device=xs.device))
-        return _row_targets(model, decoder, sub, sub_masks, sub_seeds, s, on_step=on_step, prefix=prefix)
+        return _row_targets(model, decoder, sub, sub_masks, sub_seeds, s=s, on_step=on_step, prefix=prefix)
 
     return by_block(run, xs, masks, seeds, block_size)
 
 
-def _row_targets(model, decoder, xs, masks, seeds, s: McSettings, *, on_step=None, prefix=None) -> list[McTargets]:
+def _row_targets(model, decoder, xs, masks, seeds, *, s: McSettings, on_step=None, prefix=None) -> list[McTargets]:
     """`mc_targets` of whole rows (``prefix``: see `particles.sample_particles`)."""
     p = sample_particles(decoder, xs, masks, seeds, s, on_step=on_step, prefix=prefix)
     R, K = p.logw.shape

@@ -45,7 +45,7 @@ def step_arrays(c, keep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A completion's per-step log-probs, from ``SamplingParams(logprobs=keep, flat_logprobs=True)``: the emitted
     tokens' raw log-probs (S,), and the top-``keep`` ids (S, keep) and raw log-probs (S, keep), best first.
 
-    vLLM stores each step as [emitted token, rank 1, ..., rank keep] in flat lists (`FlatLogprobs`): reading
+    vLLM stores each step as [emitted token, rank 1, ..., rank keep] in flat lists (``FlatLogprobs``): reading
     those directly skips the dict of ``Logprob`` objects per step, which at K·L·keep entries per row is what
     the engine's caller would otherwise spend its time on."""
     S, fl = len(c.token_ids), c.logprobs

@@ -104,7 +104,7 @@ def test_mc_blocks_converge_to_the_in_block_posterior(score):
         far = max(far, tv(want[i], whole[i][("importance", score)]))
     assert worst < 0.04, worst
     assert far > 0.1  # the whole row's posterior is another target
-    assert got.samples == 3000 and np.isfinite(got.ess)
+    assert got.particles == 3000 and np.isfinite(got.ess)
 
 
 @torch.no_grad()
@@ -120,7 +120,7 @@ def test_the_shared_clean_prefix_draws_what_prefilling_each_block_draws():
     dec = TorchDecoder(model)
 
     def run(rows, sub, sub_masks, sub_seeds):
-        return _row_targets(model, dec, sub, sub_masks, sub_seeds, s)
+        return _row_targets(model, dec, sub, sub_masks, sub_seeds, s=s)
 
     own = by_block(run, xs, [np.asarray(m, np.int64) for m in masks], [1, 2, 3], 4)
     for a, b in zip(shared, own):

@@ -138,9 +138,9 @@ def test_a_build_that_recorded_its_corpus_by_content_resumes_and_another_corpus_
     before = shard_hashes(out)
     files = list_corpus_files(tiny_corpus)
     m = json.loads((out / "manifest.json").read_text())
-    m["corpus"]["fingerprint"] = files_sha256(files, tiny_corpus)  # as the earlier version wrote it
+    m["corpus"]["fingerprint"] = files_sha256(files, tiny_corpus)  # a manifest that records the contents' digest
     (out / "manifest.json").write_text(json.dumps(m))
-    run_build(cfg(tiny_corpus, tiny_teacher, out, max_sequences=4))  # refused before the fix
+    run_build(cfg(tiny_corpus, tiny_teacher, out, max_sequences=4))
     assert shard_hashes(out) == before
     assert json.loads((out / "manifest.json").read_text())["corpus"]["fingerprint"] == corpus_fingerprint(
         files, tiny_corpus

@@ -77,10 +77,10 @@ def test_a_sampled_topk_build_draws_from_the_candidates_and_resumes_identically(
         logprob_dtype="float32",
     )
     run_build(BuildConfig(out=str(tmp_path / "top"), top_n=4, **kw))  # top-4 of the K+1 = 4 candidates: all of them
-    run_build(BuildConfig(out=str(tmp_path / "s"), sparsify="sample", samples=8, **kw))
-    run_build(BuildConfig(out=str(tmp_path / "s2"), sparsify="sample", samples=8, **kw))
+    run_build(BuildConfig(out=str(tmp_path / "s"), sparsify="sample", draws=8, **kw))
+    run_build(BuildConfig(out=str(tmp_path / "s2"), sparsify="sample", draws=8, **kw))
     m = validate_dir(tmp_path / "s")
-    assert m.params["sparsify"] == "sample" and m.params["samples"] == 8
+    assert m.params["sparsify"] == "sample" and m.params["draws"] == 8
     for info in m.shards:
         a, b = read_shard(tmp_path / "s" / info.file), read_shard(tmp_path / "s2" / info.file)
         ref = read_shard(tmp_path / "top" / info.file)

@@ -8,8 +8,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ar2mdm.precompute.build import run_build
-from ar2mdm.precompute.config import BuildConfig
 from ar2mdm.train.block_sampler import block_generate, reveal_mask
 from ar2mdm.train.cli import app
 from ar2mdm.train.config import TrainConfig
@@ -147,18 +145,6 @@ def test_a_row_stops_after_the_block_that_holds_its_stop_token():
     assert (x[0, 8:] == V).all()
 
 
-@pytest.fixture(scope="module")
-def block_shards(tmp_path_factory, tiny_teacher):
-    from tests.tiny import TEXT
-
-    d = tmp_path_factory.mktemp("blocks")
-    (d / "c.txt").write_text(TEXT * 4)
-    out = d / "shards"
-    cfg = BuildConfig(corpus=str(d / "c.txt"), teacher=str(tiny_teacher), out=str(out), seq_len=32, block_size=8)
-    run_build(BuildConfig(**{**cfg.__dict__, "max_sequences": 12, "progress": False, "k": 3}))
-    return out
-
-
 def test_a_block_student_trains_evaluates_samples_and_resumes(block_shards, tmp_path):
     run = tmp_path / "run"
     res = run_training(
@@ -196,44 +182,25 @@ def test_a_student_of_another_block_size_is_refused_in_one_line(block_shards, ti
     assert r.exit_code == 2 and "block-8" in r.output and len(r.output.strip().splitlines()) == 1
 
 
-GENERATE = r"""
-import json, sys, torch
-from transformers import AutoModelForMaskedLM
-m = AutoModelForMaskedLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-x = torch.tensor(json.loads(sys.argv[2]))
-out = m.diffusion_generate(x, max_new_tokens=11, threshold=0.5, seed=3, temperature=0.8)
-with torch.no_grad():
-    logits = m(x).logits
-print(json.dumps({"generated": out.tolist(), "logits": logits.tolist(), "ar2mdm": "ar2mdm" in sys.modules}))
-"""
-
-
-def test_an_exported_block_student_generates_as_kdtrain_does(block_shards, tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from ar2mdm.train.checkpoint import load_student
+def test_figures_by_masking_level_add_up_to_the_whole(block_shards, tmp_path):
+    """--by-level: every masked position of the bound's draws and of the shards' own masks lands in one bin; the
+    bins' mean nll, weighted by their positions, is the mean over all masked positions."""
+    from ar2mdm.train.config import EvalConfig
+    from ar2mdm.train.evaluate import evaluate
 
     run = tmp_path / "run"
     run_training(TrainConfig(shards=str(block_shards), out=str(run), student="tiny", steps=1, progress=False))
-    out = tmp_path / "export"
-    assert CliRunner().invoke(app, ["export", str(run), "--out", str(out)]).exit_code == 0
-    model, _ = load_student(run)
-    prompt = torch.tensor([[1, 5, 9, 12, 7], [1, 3, 3, 8, 2]])
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
-    p = subprocess.run(
-        [sys.executable, "-c", GENERATE, str(out), json.dumps(prompt.tolist())],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    res = evaluate(EvalConfig(run=str(run), data=str(block_shards), max_rows=6, mask_draws=2, by_level=4))
+    bound, targets = res["by_level"]["bound"], res["by_level"]["targets"]
+    assert len(bound) == 4 and bound[0]["level"] == "0.00-0.25"
+    masked = sum(b["positions"] for b in bound)
+    assert masked > 0 and res["masked_token_accuracy"] == pytest.approx(
+        sum(b["accuracy"] * b["positions"] for b in bound if b["positions"]) / masked
     )
-    assert p.returncode == 0, p.stderr[-3000:]
-    res = json.loads(p.stdout.strip().splitlines()[-1])
-    want, _ = block_generate(model, prompt, 11, threshold=0.5, seeds=[3, 4], temperature=0.8)
-    assert res["generated"] == want.tolist() and not res["ar2mdm"]
-    with torch.no_grad():
-        assert torch.allclose(torch.tensor(res["logits"]), model(prompt, clean=prompt), atol=1e-5)
+    from ar2mdm.train.data import rows_of_shard
+
+    rows = []
+    for f in sorted(block_shards.glob("part-*.parquet")):
+        rows += list(rows_of_shard(f))
+    assert sum(t["positions"] for t in targets) == sum(len(r.mask_positions) for r in rows[:6])
+    assert all(t["kl"] is None or t["kl"] >= -1e-6 for t in targets)

@@ -36,6 +36,22 @@ print(json.dumps({"logits": logits.tolist(), "same": torch.equal(logits, logits2
 """
 
 
+def run_exported(script: str, folder, ids: torch.Tensor, tmp_path) -> dict:
+    """``script`` run on the exported ``folder`` and ``ids`` in a fresh process, offline and without ar2mdm on its
+    path: the JSON of its last line."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
+    p = subprocess.run(
+        [sys.executable, "-c", script, str(folder), json.dumps(ids.tolist())],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("student", ["tiny", "untied-shift"])
 def test_exported_student_loads_in_a_fresh_process_and_matches_kdtrain(tiny_shards, tmp_path, student):
     spec = student
@@ -68,17 +84,7 @@ def test_exported_student_loads_in_a_fresh_process_and_matches_kdtrain(tiny_shar
     ids = torch.randint(0, V, (2, 12), generator=g)
     ids[:, 0] = 1
     ids[0, 3:7] = model.config.mask_id  # some masked positions
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
-    p = subprocess.run(
-        [sys.executable, "-c", LOAD, str(out), json.dumps(ids.tolist())],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
-    res = json.loads(p.stdout.strip().splitlines()[-1])
+    res = run_exported(LOAD, out, ids, tmp_path)
     assert not res["ar2mdm_loaded"] and res["same"] and res["mask_token_id"] == V
     with torch.no_grad():
         ref = model(ids)
@@ -91,3 +97,32 @@ def test_exported_student_loads_in_a_fresh_process_and_matches_kdtrain(tiny_shar
     assert (torch.tensor(res["generated"]) != V).all()  # every mask filled
     r = CliRunner().invoke(app, ["export", str(run), "--out", str(out)])
     assert r.exit_code != 0 and "--overwrite" in r.output
+
+
+GENERATE = r"""
+import json, sys, torch
+from transformers import AutoModelForMaskedLM
+m = AutoModelForMaskedLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+x = torch.tensor(json.loads(sys.argv[2]))
+out = m.diffusion_generate(x, max_new_tokens=11, threshold=0.5, seed=3, temperature=0.8)
+with torch.no_grad():
+    logits = m(x).logits
+print(json.dumps({"generated": out.tolist(), "logits": logits.tolist(), "ar2mdm": "ar2mdm" in sys.modules}))
+"""
+
+
+def test_an_exported_block_student_generates_as_kdtrain_does(block_shards, tmp_path):
+    from ar2mdm.train.block_sampler import block_generate
+
+    run = tmp_path / "run"
+    run_training(TrainConfig(shards=str(block_shards), out=str(run), student="tiny", steps=1, progress=False))
+    out = tmp_path / "export"
+    assert CliRunner().invoke(app, ["export", str(run), "--out", str(out)]).exit_code == 0
+    model, _ = load_student(run)
+    assert model.config.block_size == 8
+    prompt = torch.tensor([[1, 5, 9, 12, 7], [1, 3, 3, 8, 2]])
+    res = run_exported(GENERATE, out, prompt, tmp_path)
+    want, _ = block_generate(model, prompt, 11, threshold=0.5, seeds=[3, 4], temperature=0.8)
+    assert res["generated"] == want.tolist() and not res["ar2mdm"]
+    with torch.no_grad():
+        assert torch.allclose(torch.tensor(res["logits"]), model(prompt, clean=prompt), atol=1e-5)

@@ -207,7 +207,7 @@ def test_float16_rounding_is_not_a_tail():
     q = torch.softmax(torch.randn(K, N, generator=g, dtype=torch.float64) * 2, -1)  # sums to 1: exact support
     stored = torch.from_numpy(to_float16_down(q.log().numpy()).astype("float32"))
     leftover = 1 - stored.double().exp().sum(-1)
-    assert leftover.max() > 1e-5  # the rounding the bug mistook for mass
+    assert leftover.max() > 1e-5  # rounding, which is no mass
     slack = storage_slack(stored, "float16")
     assert torch.all(leftover <= slack.double())  # the bound holds for every position
     logits = torch.randn(K, V, generator=g)

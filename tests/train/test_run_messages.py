@@ -30,7 +30,7 @@ def test_a_truncated_shard_is_named_in_one_line_before_anything_starts(tiny_shar
     assert not run.exists()  # no run folder with an empty metrics.jsonl left behind
     ok = tmp_path / "ok"
     run_training(TrainConfig(shards=str(tiny_shards), out=str(ok), student="tiny", steps=1, progress=False))
-    r = runner.invoke(app, ["eval", str(ok), "--data", str(shards), "--mc-samples", "1"])
+    r = runner.invoke(app, ["eval", str(ok), "--data", str(shards), "--mask-draws", "1"])
     assert r.exit_code == 2 and bad.name in r.output and "Traceback" not in r.output
 
 

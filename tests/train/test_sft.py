@@ -101,7 +101,7 @@ def test_eval_scores_the_responses_only_against_a_hand_count(sft_run, monkeypatc
         return mask
 
     monkeypatch.setattr(evaluate_mod, "sample_count_masks", recording)
-    res = evaluate(EvalConfig(run=str(run), data=str(heldout), mc_samples=3, per_row=True))
+    res = evaluate(EvalConfig(run=str(run), data=str(heldout), mask_draws=3, row_estimates=True))
     assert res["task"] == "sft"
     # by hand: one token per character of the answer, and the <|im_end|> that ends it; no prompt, no template
     # tokens, no EOS padding

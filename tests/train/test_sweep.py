@@ -46,7 +46,7 @@ def test_a_2x2_sweep_runs_evaluates_and_skips_finished_points(tiny_shards, heldo
         str(heldout),
         "--eval-rows",
         "8",
-        "--eval-samples",
+        "--eval-mask-draws",
         "2",
     ]
     r = runner.invoke(app, args)
@@ -83,7 +83,7 @@ def test_parallel_points_give_the_same_results_as_sequential(tiny_shards, heldou
         grid={"lam": [0.0, 0.5]},
         eval_data=str(heldout),
         eval_rows=8,
-        eval_samples=2,
+        eval_mask_draws=2,
         fixed={"steps": 3, "student": "tiny", "batch_size": 4},
     )
     seq = run_sweep(SweepConfig(out=str(tmp_path / "a"), **base))
@@ -196,7 +196,7 @@ def test_tail_auto_is_bucket_with_a_truncated_support_and_renormalize_with_an_ex
     spec = TargetSpec.from_manifest(m)
     assert spec.exact_support  # topk, top_n 4 >= k 3 + 1
     rows = list(islice(rows_of_shard(tiny_shards / m.shards[0].file), 4))
-    batch = collate(rows, replace(spec, top_n=2))  # truncated to 2 entries: a real tail now
+    batch = collate(rows, replace(spec, top_n=2))  # truncated to 2 entries: a real tail
     torch.manual_seed(0)
     model = Student(
         StudentConfig(

@@ -98,7 +98,7 @@ def test_resampled_masks_use_targets_at_all_positions(tiny_shards_all, tiny_shar
 
 def test_eval_prints_json_last_line_and_sample_runs(tiny_shards, tmp_path):
     run_training(tcfg(tiny_shards, tmp_path / "e"))
-    r = runner.invoke(app, ["eval", str(tmp_path / "e"), "--data", str(tiny_shards), "--mc-samples", "2"])
+    r = runner.invoke(app, ["eval", str(tmp_path / "e"), "--data", str(tiny_shards), "--mask-draws", "2"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.output.strip().splitlines()[-1])
     # the bound comes with its scale: log V, the score of a uniform guess
@@ -212,7 +212,7 @@ def test_training_runs_without_teacher_or_precompute(tiny_shards, tmp_path):
         f"app(['run', {str(shards)!r}, '--out', {str(tmp_path / 'run')!r}, '--student', 'tiny', '--steps', '2', "
         "'--batch-size', '2', '--no-progress'], standalone_mode=False); "
         "from ar2mdm.train.config import EvalConfig; from ar2mdm.train.evaluate import evaluate; "
-        f"evaluate(EvalConfig(run={str(tmp_path / 'run')!r}, data={str(shards)!r}, mc_samples=1)); "
+        f"evaluate(EvalConfig(run={str(tmp_path / 'run')!r}, data={str(shards)!r}, mask_draws=1)); "
         "assert not [m for m in sys.modules if m.startswith('ar2mdm.precompute')], 'precompute imported'; "
         "print('CLEAN')"
     )

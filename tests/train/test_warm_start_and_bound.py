@@ -192,14 +192,14 @@ def test_steps_0_saves_the_warm_start_and_eval_reports_a_standard_error(tiny_sha
         )
         assert r.exit_code == 0, r.output
         assert json.loads((run / "checkpoint" / "config.json").read_text())["student"]["shift"] is shift
-        r = runner.invoke(app, ["eval", str(run), "--data", str(corpus), "--by-line", "--mc-samples", "2"])
+        r = runner.invoke(app, ["eval", str(run), "--data", str(corpus), "--by-line", "--mask-draws", "2"])
         assert r.exit_code == 0, r.output
         res[shift] = json.loads(r.output.strip().splitlines()[-1])
         assert res[shift]["nll_bound_se"] > 0 and math.isfinite(res[shift]["nll_bound_se"])
     # the same masks for both (they depend on the rows and seed only), so the difference is the models'
     assert res[True]["tokens"] == res[False]["tokens"]
     # --by-line is honoured: one document per line packs differently from one document per file
-    whole = evaluate(EvalConfig(run=str(tmp_path / "a2d-True"), data=str(corpus), mc_samples=2))
+    whole = evaluate(EvalConfig(run=str(tmp_path / "a2d-True"), data=str(corpus), mask_draws=2))
     assert whole["nll_bound"] != res[True]["nll_bound"]
 
 
