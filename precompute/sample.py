@@ -28,7 +28,7 @@ def draw(logits: torch.Tensor, temperature: float, generators: list[torch.Genera
 @torch.no_grad()
 def ar_sample(decoder, prompts: torch.Tensor, length: int, *, temperature: float, seeds: list[int], stops: list[int]):
     """(B, n) ids continuing ``prompts`` (B, P) (one length), n <= length: every row drawn until it holds a stop
-    token or ``length`` tokens (a row that stopped early is cut later, `shared.sampling.completion`)."""
+    token or ``length`` tokens (a row that stopped early is cut later, `shared.sampling.sample_record`)."""
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     stop = torch.tensor(stops)
     logits = decoder.prefill(prompts, 1)  # (B, V)

@@ -76,10 +76,8 @@ def block_generate(
             if not bool(active.any()):
                 break
             if kv is not None:
-                commit = lo - kv.length
-                h, last_clean = model.cached_hidden(
-                    x[:, kv.length : hi], kv.length, kv, commit=commit, last_clean=last_clean
-                )
+                commit = lo - kv.length  # the finished blocks not yet in the cache, carried in front of this one
+                h, last_clean = model.cached_hidden(x[:, kv.length : hi], kv, commit=commit, last_clean=last_clean)
             else:
                 h = model.hidden(x, clean=x)[:, lo:hi]  # (B, bs, H): blocks before lo are all revealed
             forwards += active.cpu()

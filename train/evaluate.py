@@ -266,6 +266,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         "seed": seed,
         "task": task,
         "uniform_nll": math.log(model.config.vocab_size),
+        "block_size": model.config.block_size,  # None: a full-attention student's bound
     }
     if kd_rows:
         out["kd_loss"] = kd_sum / kd_rows

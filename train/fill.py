@@ -22,7 +22,8 @@ def fill(cfg: FillConfig) -> list[list[tuple[str, float]]]:
     A readable look at what a small student has learnt, where free generation is still mostly newlines.
     A space before a mask is left to the masked token (BPE vocabularies attach it to the next word).
     ``chat``: ``text`` is the answer to the user turn ``prompt``, rendered as the SFT build renders a chat,
-    and it ends the turn (the end-of-turn token follows it).
+    and it ends the turn (the end-of-turn token follows it). A block student reads the blocks before each mask's
+    own as the text has them (a mask there stays a mask).
     """
     from ar2mdm.shared.tokenizer import end_of_turn_id, special_ids
 
@@ -46,6 +47,6 @@ def fill(cfg: FillConfig) -> list[list[tuple[str, float]]]:
         raise UserError(f"--text is {len(ids)} tokens, the student has {model.config.max_positions} positions")
     x = torch.tensor([ids], device=device)
     masked = x == model.config.mask_id
-    probs = torch.softmax(model(x, masked).float(), -1).cpu()  # (M, V)
+    probs = torch.softmax(model(x, masked, clean=x).float(), -1).cpu()  # (M, V)
     val, idx = probs.topk(cfg.top, -1)
     return [[(tok.decode([int(i)]), float(v)) for v, i in zip(vs, ix)] for vs, ix in zip(val, idx)]

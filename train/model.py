@@ -286,10 +286,10 @@ class Student(nn.Module):
         return torch.where(starts[None, :, None], prev_clean, prev)
 
     def cached_hidden(
-        self, ids: torch.Tensor, start: int, cache: KVCache, *, commit: int, last_clean: torch.Tensor | None
+        self, ids: torch.Tensor, cache: KVCache, *, commit: int, last_clean: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A block student's forward against its cache: ``ids`` (B, S) hold ``commit`` clean tokens (whole blocks,
-        kept in ``cache``) and then the current block, at positions start.. (start = the cache's length).
+        kept in ``cache``) and then the current block, at the positions that follow the cache's.
 
         Returns the hidden states the current block's positions are predicted from (B, S - commit, H), as
         `hidden` computes them, and the last clean position's own state (B, H), which predicts the next block's
@@ -297,7 +297,7 @@ class Student(nn.Module):
         commits nothing)."""
         c = self.config
         S, n = ids.shape[1], cache.length
-        pos = torch.arange(start, start + S, device=ids.device)
+        pos = torch.arange(n, n + S, device=ids.device)
         blk = pos // c.block_size
         q, k = blk[:, None], blk[None, :]
         # the clean tokens see the clean blocks up to their own; the current block sees itself and every clean one
