@@ -108,7 +108,13 @@ def _converted_gguf(gguf: Path, sha: str) -> Path:
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     (tmp / "ar2mdm_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": sha}))
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        # another process (a rank of the same build, a second job) converted the same file first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").exists():
+            raise
     return out
 
 

@@ -2,7 +2,10 @@
 error; the code corpus is a standard-library package."""
 
 import importlib
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +83,20 @@ def test_teacher_code_resolves_to_the_assembled_gguf(parts_root, tmp_path, monke
     # the fake parts are no model: the conversion of the assembled file fails, naming it
     with pytest.raises(UserError, match=f"model .*{defaults.CODE_TEACHER_FILE} does not load"):
         resolve_model("code")
+
+
+def test_two_processes_converting_the_default_teacher_at_once_both_get_it(tmp_path):
+    # ranks of one build start together on an empty cache: each converts the GGUF, and only one copy may land
+    code = "from ar2mdm.shared.hfmodel import resolve_model; print(resolve_model(None)[0])"
+    env = {**os.environ, "AR2MDM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate() for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-500:] for _, err in outs]
+    (a, _), (b, _) = outs
+    assert a.strip() == b.strip() and (Path(a.strip()) / "config.json").exists()
+    assert [p.name for p in (tmp_path / "cache" / "teachers").iterdir()] == [Path(a.strip()).name]  # no .tmp left
