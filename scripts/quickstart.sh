@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on the embedded default, sized for a 2-core CPU (about 5 minutes once installed):
+# The main job on the embedded default, sized for a 2-core CPU (about 7½ minutes once installed):
 # build top-K rescoring targets for a block student (blocks of 4 tokens) with SmolLM2-135M on Shakespeare's
 # tragedies, validate and inspect them; train a tiny block student from scratch on them, and adapt the teacher
 # itself into a block student (A2D warm start, 12 steps); evaluate both on held-out text (the comedies, never
