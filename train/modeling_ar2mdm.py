@@ -70,6 +70,7 @@ class Ar2mdmForMaskedLM(PreTrainedModel):
         stop_at_end_of_turn=None,
         threshold=0.9,
         per_forward=None,
+        return_forwards=False,
     ):
         """Append ``max_new_tokens`` masks to each row of ``input_ids`` (B, P) (prompts of one length) and fill
         them with ``kdtrain sample``'s samplers; row b draws with seed ``seed + b``. A full-attention student:
@@ -79,13 +80,15 @@ class Ar2mdmForMaskedLM(PreTrainedModel):
         ``threshold`` (at least one) or ``per_forward`` of them. ``stop_at_end_of_turn`` (default: on for a chat
         student, trained with --task sft): an answer ends at its first end-of-turn/EOS token
         (``config.stop_token_ids``), which is kept; the positions after it hold the pad token (EOS). Returns
-        (B, P + n) ids, n <= max_new_tokens."""
+        (B, P + n) ids, n <= max_new_tokens; with ``return_forwards``, also the forwards of the model each row
+        needed (B,), every forward counted (a full-attention student: ``steps``), so tokens per forward is
+        n / forwards."""
         stop = self.config.chat if stop_at_end_of_turn is None else stop_at_end_of_turn
         stops = tuple(self.config.stop_token_ids or ()) if stop else ()
         B, P = input_ids.shape
         seeds = [seed + b for b in range(B)]
         if self.student.config.block_size is not None:
-            x, _ = block_generate(
+            x, forwards = block_generate(
                 self.student,
                 input_ids.long(),
                 max_new_tokens,
@@ -110,8 +113,13 @@ class Ar2mdmForMaskedLM(PreTrainedModel):
                 block_length=block_length,
                 stop_ids=stops,
             )
-        if not stops:
-            return x
+            forwards = torch.full((B,), steps, dtype=torch.long)
+        out = x if not stops else self._cut_at_stops(x, P, stops)
+        return (out, forwards) if return_forwards else out
+
+    def _cut_at_stops(self, x, P, stops):
+        """Each row's answer cut after its first stop token, the rest padded with EOS."""
+        B = x.shape[0]
         answers = [cut_at_stop(row[P:].tolist(), stops, keep_stop=True) for row in x]
         n = max(len(a) for a in answers)
         pad = self.config.eos_token_id if self.config.eos_token_id is not None else stops[0]

@@ -104,10 +104,11 @@ import json, sys, torch
 from transformers import AutoModelForMaskedLM
 m = AutoModelForMaskedLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
 x = torch.tensor(json.loads(sys.argv[2]))
-out = m.diffusion_generate(x, max_new_tokens=11, threshold=0.5, seed=3, temperature=0.8)
+out, forwards = m.diffusion_generate(x, max_new_tokens=11, threshold=0.5, seed=3, temperature=0.8, return_forwards=True)
 with torch.no_grad():
     logits = m(x).logits
-print(json.dumps({"generated": out.tolist(), "logits": logits.tolist(), "ar2mdm": "ar2mdm" in sys.modules}))
+res = {"generated": out.tolist(), "forwards": forwards.tolist(), "logits": logits.tolist()}
+print(json.dumps({**res, "ar2mdm": "ar2mdm" in sys.modules}))
 """
 
 
@@ -122,7 +123,8 @@ def test_an_exported_block_student_generates_as_kdtrain_does(block_shards, tmp_p
     assert model.config.block_size == 8
     prompt = torch.tensor([[1, 5, 9, 12, 7], [1, 3, 3, 8, 2]])
     res = run_exported(GENERATE, out, prompt, tmp_path)
-    want, _ = block_generate(model, prompt, 11, threshold=0.5, seeds=[3, 4], temperature=0.8)
+    want, forwards = block_generate(model, prompt, 11, threshold=0.5, seeds=[3, 4], temperature=0.8)
     assert res["generated"] == want.tolist() and not res["ar2mdm"]
+    assert res["forwards"] == forwards.tolist()  # the forwards kdtrain sample counts for tokens per forward
     with torch.no_grad():
         assert torch.allclose(torch.tensor(res["logits"]), model(prompt, clean=prompt), atol=1e-5)
