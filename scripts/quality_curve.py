@@ -12,8 +12,11 @@ the rows' real continuations under the same prompts (`kdtargets sample`), scores
 (`kdtargets score`), and writes OUT/curve.md (the table), OUT/curve.csv and OUT/curve.png: judge bits per byte
 and the samples' entropy against the tokens each sampler drew per forward of its model (every forward counted;
 the teacher's own decoding is the point at 1), the held-out text as a line; with several temperatures, also bits
-per byte against entropy (arms compared at matched entropy). Each stage is a subprocess, so this process never
-loads a model, and a rerun skips what is on disk.
+per byte against entropy (arms compared at matched entropy). With ``--paired LABEL``, also OUT/paired.md: each
+other label's bits per byte minus LABEL's, paired sample by sample over the same prompts (a label's i-th run
+against LABEL's i-th: seeds in the same order), mean ± s.e. over the pairs, per sampler setting and temperature,
+and, with several temperatures, each label read at LABEL's entropy (`matched`). Each stage is a subprocess, so
+this process never loads a model, and a rerun skips what is on disk.
 """
 
 from __future__ import annotations
@@ -127,6 +130,65 @@ def table(rows: list[dict], judges: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sample_bpb(scores: dict, judge: str) -> dict[int, float]:
+    """A scored file's bits per byte per sample index, under one judge (empty samples left out)."""
+    out = {}
+    for p in scores["per_sample"]:
+        s = p.get(judge)
+        if s and s["bytes"]:
+            out[p["index"]] = s["nll"] / math.log(2) / s["bytes"]
+    return out
+
+
+def paired(files: dict, scored: list[dict], base: str, judges: list[str]) -> list[dict]:
+    """Each label's bits per byte minus ``base``'s at the same sampler setting and temperature, paired sample by
+    sample (same prompt, same seed; a label's i-th run against base's i-th): {label, setting, temperature, judge,
+    delta, se, pairs}."""
+    runs: dict = {}  # (label, setting, T) -> scores of its runs, in the order given
+    for what, f in zip(files.values(), scored):
+        runs.setdefault((what["label"], what["setting"], what["temperature"]), []).append(f)
+    out = []
+    for (label, setting, T), mine in runs.items():
+        theirs = runs.get((base, setting, T))
+        if label == base or theirs is None:
+            continue
+        for j in judges:
+            d = []
+            for a, b in zip(mine, theirs):
+                x, y = sample_bpb(a, j), sample_bpb(b, j)
+                d += [x[i] - y[i] for i in x if i in y]
+            n = len(d)
+            mean = sum(d) / n
+            se = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1) / n) if n > 1 else math.nan
+            out.append(dict(label=label, setting=setting, temperature=T, judge=j, delta=mean, se=se, pairs=n))
+    return out
+
+
+def matched(rows: list[dict], label: str, judge: str, entropy: float) -> float:
+    """``label``'s bits per byte at ``entropy``, on the line through its two extreme temperatures' (mean of its
+    runs at each; one setting per label)."""
+    pts = mean_points(rows, label, "entropy", f"{judge}_bpb")
+    (h1, b1, _), (h2, b2, _) = pts[0], pts[-1]
+    return b1 + (b2 - b1) * (entropy - h1) / (h2 - h1)
+
+
+def paired_table(pairs: list[dict], rows: list[dict], base: str, judges: list[str], temperatures: list) -> str:
+    lines = [f"Paired against {base} (Δ bits/byte, mean ± s.e. over pairs of samples):", ""]
+    lines += ["| samples | sampler | T | judge | Δ bits/byte | pairs |", "| --- | --- | --- | --- | --- | --- |"]
+    for p in pairs:
+        cells = [p["label"], str(p["setting"]), str(p["temperature"]), p["judge"]]
+        lines.append("| " + " | ".join(cells + [f"{p['delta']:+.3f} ± {p['se']:.3f}", str(p["pairs"])]) + " |")
+    labels = list(dict.fromkeys(p["label"] for p in pairs))
+    if len(temperatures) > 1 and labels and len({r["setting"] for r in rows if r["label"] == base}) == 1:
+        h = [r["entropy"] for r in rows if r["label"] == base and r["temperature"] == max(temperatures)]
+        h = sum(h) / len(h)
+        lines += ["", f"At matched entropy ({base}'s at T = {fmt(max(temperatures))}, {h:.3f} nats): Δ bits/byte", ""]
+        for label in labels:
+            d = [f"{j} {matched(rows, label, j, h) - matched(rows, base, j, h):+.3f}" for j in judges]
+            lines.append(f"- {label}: " + ", ".join(d))
+    return "\n".join(lines) + "\n"
+
+
 def mean_points(rows: list[dict], label: str, x: str, y: str) -> list[tuple[float, float, float]]:
     """(x, y, s.e.) per sampler setting and temperature of one label: the mean over its runs (seeds), the error
     of that mean from each run's own, sorted by x."""
@@ -192,16 +254,20 @@ def main() -> None:
     ap.add_argument("--judge", action="append", help="repeatable; default: default (the teacher)")
     ap.add_argument("--teacher", help="the teacher whose samples are the anchor (default: the embedded one)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--paired", help="a LABEL: every other label's bits per byte paired against its (paired.md)")
     a = ap.parse_args()
     a.judge = a.judge or ["default"]
     a.teacher = ["--teacher", a.teacher] if a.teacher else None
     runs = [tuple(r.split("|", 1)) for r in a.run]
+    if a.paired and a.paired not in {label for label, _ in runs}:
+        raise SystemExit(f"--paired {a.paired!r}: not the label of any --run")
     out = Path(a.out)
     samples, scores = out / "samples", out / "scores"
     samples.mkdir(parents=True, exist_ok=True)
     scores.mkdir(exist_ok=True)
     files = draw(a, runs, samples)
-    rows = rows_of(files, score(a, files, samples, scores), a.judge)
+    scored = score(a, files, samples, scores)
+    rows = rows_of(files, scored, a.judge)
     (out / "curve.md").write_text(table(rows, a.judge))
     with open(out / "curve.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -209,6 +275,10 @@ def main() -> None:
         w.writerows(rows)
     plot(rows, a.judge, out / "curve.png", a.temperatures)
     print(table(rows, a.judge))
+    if a.paired:
+        text = paired_table(paired(files, scored, a.paired, a.judge), rows, a.paired, a.judge, a.temperatures)
+        (out / "paired.md").write_text(text)
+        print(text)
     print(f"{out / 'curve.md'}, {out / 'curve.csv'}, {out / 'curve.png'}")
 
 
