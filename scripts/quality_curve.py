@@ -30,6 +30,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ar2mdm.shared.stats import mean_se
+
 
 def run(cmd: list[str]) -> None:
     print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
@@ -157,10 +159,8 @@ def paired(files: dict, scored: list[dict], base: str, judges: list[str]) -> lis
             for a, b in zip(mine, theirs):
                 x, y = sample_bpb(a, j), sample_bpb(b, j)
                 d += [x[i] - y[i] for i in x if i in y]
-            n = len(d)
-            mean = sum(d) / n
-            se = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1) / n) if n > 1 else math.nan
-            out.append(dict(label=label, setting=setting, temperature=T, judge=j, delta=mean, se=se, pairs=n))
+            mean, se = mean_se(d)
+            out.append(dict(label=label, setting=setting, temperature=T, judge=j, delta=mean, se=se, pairs=len(d)))
     return out
 
 
