@@ -35,7 +35,7 @@ def teacher_tokens(cfg, data) -> int:
     for r in range(data.rows):
         pos = data.target_positions[data.target_offsets[r] : data.target_offsets[r + 1]]
         if cfg.mode == "topk":
-            n += L + sum((cfg.k + 1) * (right_context(int(i), L, cfg.window, cfg.blocks) + 1) for i in pos)
+            n += L + sum((cfg.k + 1) * (right_context(int(i), L, cfg.right_window, cfg.blocks) + 1) for i in pos)
         else:
             n += sum(L for _ in pos)
     return n

@@ -82,10 +82,12 @@ class BuildConfig:
     k: int = setting(
         8, "topk: candidates per position (+ the true token); mc: particles (completions) per row.", at_least=1
     )
-    window: int | None = setting(
-        None,
-        "Right-context tokens a target is conditioned on (topk, fim; mc full-conditional), at most: default the rest "
-        "of the row or block; 0: the left context alone (topk: the teacher's next-token distribution).",
+    window: int | Literal["auto", "all"] = setting(
+        "auto",
+        "Right-context tokens a target is conditioned on (topk, fim; mc full-conditional), at most; all: the rest of "
+        "the row or block; 0: the left context alone (topk: the teacher's next-token distribution given the clean "
+        "left context). auto: 0 for topk (left-only targets: KD on them made students write better, and on targets "
+        "given the right context no better or worse; docs/results.md), all for fim and mc.",
         at_least=0,
     )
     top_n: int = setting(16, "Target entries stored per position.", at_least=1)
@@ -182,10 +184,18 @@ class BuildConfig:
         check_block_size(self.block_size, self.seq_len)
         if self.states and self.blocks is not None:
             raise UserError("--states: a state's mask was drawn for a full-attention student; drop --block-size")
-        if self.mode == "fim" and self.window == 0:
+        if self.mode == "fim" and self.right_window == 0:
             raise UserError(
                 "--mode fim --window 0 leaves no suffix to fill in the middle of; use --mode topk --window 0"
             )
+
+    @property
+    def right_window(self) -> int | None:
+        """--window decoded, in the one place it is: at most this many right-context tokens, None for the rest of the
+        row or block (`shared.blocks.right_context`)."""
+        if self.window == "auto":
+            return 0 if self.mode == "topk" else None
+        return None if self.window == "all" else self.window
 
     @property
     def blocks(self) -> int | None:
@@ -209,7 +219,7 @@ class BuildConfig:
             "positions": self.positions,
             "masks_per_seq": self.masks_per_seq,
             "mask_eps": self.mask_eps,
-            "window": self.window,
+            "window": self.right_window,
             "logprob_dtype": self.logprob_dtype,
             "seqs_per_shard": self.seqs_per_shard,
             "max_sequences": self.max_sequences,

@@ -54,7 +54,7 @@ def clean_context_targets(cfg: BuildConfig, teacher, plan: "TargetPlan", *, fim_
     schedules a whole shard, `whole_shard`)."""
     out = []
     step = len(plan.ids) if teacher.whole_shard else cfg.batch_size
-    context = dict(window=cfg.window, block_size=cfg.blocks)
+    context = dict(window=cfg.right_window, block_size=cfg.blocks)
     for a in range(0, len(plan.ids), step):
         x = torch.as_tensor(plan.ids[a : a + step], dtype=torch.long)
         pos = [torch.as_tensor(p, dtype=torch.long) for p in plan.seq_positions[a : a + step]]

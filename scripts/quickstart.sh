@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The main job on the embedded default, sized for a 2-core CPU (about 7½ minutes once installed):
-# build top-K rescoring targets for a block student (blocks of 4 tokens) with SmolLM2-135M on Shakespeare's
-# tragedies, validate and inspect them; train a tiny block student from scratch on them, and adapt the teacher
-# itself into a block student (A2D warm start, 12 steps); evaluate both on held-out text (the comedies, never
-# trained on) and show what they predict; judge the adapted student's samples beside the teacher's own, with the
-# tokens each drew per forward (kdtrain sample, kdtargets sample / score).
+# The main job on the embedded default, sized for a 2-core CPU (about 7 minutes once installed):
+# build top-K targets for a block student (blocks of 4 tokens; left-only, the teacher's next-token distributions,
+# the default) with SmolLM2-135M on Shakespeare's tragedies, validate and inspect them; train a tiny block student
+# from scratch on them, and adapt the teacher itself into a block student (A2D warm start, 12 steps); evaluate both
+# on held-out text (the comedies, never trained on) and show what they predict; judge the adapted student's samples
+# beside the teacher's own, with the tokens each drew per forward (kdtrain sample, kdtargets sample / score).
 # Safe to rerun: finished shards are kept, the two demo runs are retrained. The adapted student is exported
 # (kdtrain export) and sampled through transformers alone.
 set -euo pipefail
@@ -16,7 +16,7 @@ RUN=${RUN:-runs/quickstart}
 HELDOUT=$(python -c "from ar2mdm.shared.defaults import default_corpus; print(default_corpus('comedies'))")
 LINE="To be, or not to [MASK], that is the [MASK]: whether 'tis nobler in the [MASK] to suffer"
 BLOCK=${BLOCK:-4}
-kdtargets build --out "$OUT" --seq-len 64 --block-size "$BLOCK" --k 4 --max-sequences 24 --seqs-per-shard 8
+kdtargets build --out "$OUT" --seq-len 64 --block-size "$BLOCK" --max-sequences 24 --seqs-per-shard 8
 kdtargets validate "$OUT"
 kdtargets inspect "$OUT"
 rm -rf "$RUN" "$RUN-a2d"

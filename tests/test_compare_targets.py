@@ -14,7 +14,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_targets.py"
 def test_a_build_against_itself_and_against_left_only_targets(tiny_corpus, tiny_teacher, tmp_path):
     s = runpy.run_path(str(SCRIPT))
     kw = dict(corpus=str(tiny_corpus), teacher=str(tiny_teacher), seq_len=16, max_sequences=6, progress=False, k=4)
-    run_build(BuildConfig(out=str(tmp_path / "topk"), **kw))
+    run_build(BuildConfig(out=str(tmp_path / "topk"), window="all", **kw))
     run_build(BuildConfig(out=str(tmp_path / "left"), window=0, **kw))
     ref = s["targets_of"](tmp_path / "topk", 6)
     same = s["compare"](ref, ref, 4)

@@ -55,7 +55,7 @@ class McSettings:
     temperature: float = _default("sample_temperature")
     top_n: int = _default("top_n")  # entries of each target handed back (the build's support size)
     rescore_k: int = _default("rescore_k")
-    window: int | None = _default("window")
+    window: int | None = None  # full-conditional scores' right context, at most (None: the rest of the row)
     token_budget: int = DEFAULT_TOKEN_BUDGET  # the build passes its own (`autosize.resolve_auto`)
     smc_ess: float = _default("smc_ess")
 
@@ -68,7 +68,7 @@ class McSettings:
             temperature=cfg.sample_temperature,
             top_n=top_n,
             rescore_k=cfg.rescore_k,
-            window=cfg.window,
+            window=cfg.right_window,
             token_budget=cfg.token_budget,
             smc_ess=cfg.smc_ess,
         )

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from ar2mdm.precompute.build import run_build
@@ -174,12 +175,46 @@ def test_a_block_build_records_its_blocks_and_resumes(tiny_corpus, tiny_teacher,
 
 def test_one_block_per_row_is_the_whole_row_build(tiny_corpus, tiny_teacher, tmp_path):
     """--block-size L is no block at all: the same shards, byte for byte, and a manifest without a block size."""
-    run_build(_cfg(tiny_corpus, tiny_teacher, tmp_path / "a", mode="topk", k=3))
-    run_build(_cfg(tiny_corpus, tiny_teacher, tmp_path / "b", mode="topk", k=3, block_size=16))
+    run_build(_cfg(tiny_corpus, tiny_teacher, tmp_path / "a", mode="topk", k=3, window="all"))
+    run_build(_cfg(tiny_corpus, tiny_teacher, tmp_path / "b", mode="topk", k=3, window="all", block_size=16))
     ma, mb = Manifest.load(tmp_path / "a"), Manifest.load(tmp_path / "b")
     assert mb.block_size is None and ma.params == mb.params
     for sa, sb in zip(ma.shards, mb.shards):
         assert (tmp_path / "a" / sa.file).read_bytes() == (tmp_path / "b" / sb.file).read_bytes()
+
+
+@pytest.mark.parametrize(
+    "mode,window,right",
+    [("topk", "auto", 0), ("fim", "auto", None), ("mc", "auto", None), ("topk", "all", None), ("topk", 3, 3)],
+)
+def test_window_is_decoded_in_one_place(tiny_corpus, tiny_teacher, tmp_path, mode, window, right):
+    """auto: topk's targets are left-only (the teacher's next-token distribution), fim keeps a suffix and mc's
+    full-conditional scores the rest of the row; the manifest records the decoded window (null: all)."""
+    cfg = _cfg(tiny_corpus, tiny_teacher, tmp_path, mode=mode, window=window)
+    cfg.check()
+    assert cfg.right_window == right and cfg.mode_params()["window"] == right
+
+
+def test_the_default_topk_build_is_the_next_token_distribution(tiny_corpus, tiny_teacher, tmp_path):
+    """With no --window, topk's stored targets are the teacher's next-token distribution given the clean left
+    context, renormalised over the candidates (its top K and the true token)."""
+    run_build(_cfg(tiny_corpus, tiny_teacher, tmp_path, mode="topk", k=3, block_size=4))
+    m = Manifest.load(tmp_path)
+    data = read_shard(tmp_path / m.shards[0].file)
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
+    checked = 0
+    for r in range(data.rows):
+        x = torch.as_tensor(data.input_ids[r], dtype=torch.long)[None]
+        with torch.no_grad():
+            nxt = torch.log_softmax(model(x).logits[0].double(), -1)
+        for i, ids, lps in zip(*data.row_targets(r)):
+            cand = torch.cat([nxt[i - 1].topk(3).indices, x[0, i : i + 1]]).unique()
+            want = dict(zip(cand.tolist(), torch.softmax(nxt[i - 1][cand], -1).tolist()))
+            got = dict(zip(ids.tolist(), np.exp(lps.astype(np.float64)).tolist()))
+            assert set(got) == set(want)
+            assert all(abs(got[c] - want[c]) < 2e-3 for c in want)
+            checked += 1
+    assert checked > 0
 
 
 @pytest.mark.parametrize(
@@ -188,6 +223,7 @@ def test_one_block_per_row_is_the_whole_row_build(tiny_corpus, tiny_teacher, tmp
         (["--block-size", "5"], "does not divide the row length 16"),
         (["--block-size", "0"], "--block-size"),
         (["--mode", "fim", "--window", "0"], "no suffix"),
+        (["--window", "most"], "--window must be a whole number or auto | all, got 'most'"),
     ],
 )
 def test_bad_block_settings_are_one_line_and_write_nothing(tiny_corpus, tiny_teacher, tmp_path, args, expect):

@@ -78,7 +78,7 @@ def test_mc_targets_on_a_state_converge_to_the_teachers_marginal_given_its_visib
 def test_topk_targets_on_a_state_condition_on_the_students_completion(soft_teacher, tmp_path):
     row = [1, 10, 20, 12, 9, 21, 14, 11]
     f = states_file(tmp_path / "s.jsonl", soft_teacher, [(row, MASKED)])
-    build(tmp_path, soft_teacher, f, mode="topk", k=3, top_n=4, logprob_dtype="float32")
+    build(tmp_path, soft_teacher, f, mode="topk", k=3, window="all", top_n=4, logprob_dtype="float32")
     data = read_shard(next((tmp_path / "o").glob("part-*.parquet")))
     model = TorchTeacher.load(soft_teacher, "cpu", "float32").model
     ((cand, logq),) = rescore_naive(model, torch.tensor([row]), [torch.tensor(MASKED)], 3, None)

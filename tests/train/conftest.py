@@ -43,4 +43,4 @@ def tiny_shards_all(tmp_path_factory, tiny_teacher) -> Path:
 def block_shards(tmp_path_factory, tiny_teacher) -> Path:
     """topk targets for a block student: rows of 32 tokens in blocks of 8."""
     d = tmp_path_factory.mktemp("blocks")
-    return build_tiny_shards(d / "shards", tiny_teacher, d / "corpus", block_size=8, masks_per_seq=1, window=None)
+    return build_tiny_shards(d / "shards", tiny_teacher, d / "corpus", block_size=8, masks_per_seq=1, window="all")
