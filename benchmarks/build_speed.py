@@ -6,7 +6,8 @@ teacher tokens/s, MFU and, for mc, the fraction of the memory-bandwidth limit.
 
 ``--shape 135m|1.7b|8b``: a random-initialised teacher of that shape with the default teacher's tokenizer, saved to
 a temporary folder (throughput does not depend on the weights' values). Teacher tokens: topk L + Σ_i (K+1)(n_i+1)
-per row (n_i = `shared.blocks.right_context`), mc K·L per row, fim one prompt per position (counted as its
+per row over the positions with n_i > 0 (n_i = `shared.blocks.right_context`; left-only targets run no branch), mc
+K·L per row, fim one prompt per position (counted as its
 length). MFU =
 2·params·tokens/s over the dense bf16 peak (989 TFLOP/s for H100/H200). Settings after ``--`` go to BuildConfig as
 ``--name value`` pairs (``--batch-size 64``).
@@ -35,7 +36,9 @@ def teacher_tokens(cfg, data) -> int:
     for r in range(data.rows):
         pos = data.target_positions[data.target_offsets[r] : data.target_offsets[r + 1]]
         if cfg.mode == "topk":
-            n += L + sum((cfg.k + 1) * (right_context(int(i), L, cfg.right_window, cfg.blocks) + 1) for i in pos)
+            # K+1 branches of 1 + n tokens a position; with no right context (n = 0) no branch is run
+            right = [right_context(int(i), L, cfg.right_window, cfg.blocks) for i in pos]
+            n += L + sum((cfg.k + 1) * (r + 1) for r in right if r)
         else:
             n += sum(L for _ in pos)
     return n
