@@ -1,5 +1,7 @@
 """A block student's sampler against its teacher's own KV-cached AR decoding: tokens/s of each and their ratio,
-measured in the same run on the same machine, the same held-out prompts and length, at batch 1 and 16.
+measured in the same run on the same machine, the same held-out prompts and length, at batch 1 and 16; and the
+sampler on its preallocated `cache.KVCache` against the same sampler on a cache that concatenates the held keys and
+values with each forward's (`ConcatCache`: a copy of the whole cache per forward, as ar2mdm first did).
 
     python -m benchmarks.block_sampler --run RUN [--threshold 0.9] [--batches 1,16] [--length 48] [--prompts 16]
     python -m benchmarks.block_sampler --student base --block-size 4 --per-forward 2   # a random student's shape
@@ -8,7 +10,8 @@ The student is a trained run (an A2D block student has the teacher's shape), or 
 (throughput does not depend on the weights' values; the tokens it reveals per forward do, so give --per-forward).
 The teacher is the default one, drawing token by token on its KV cache (`kdtargets sample`'s decoder: a static
 cache and a CUDA graph on a GPU). Both draw at temperature 1 with no stop token, so every row is --length tokens.
-Printed: the device, tokens/s and forwards of both, the student's tokens per forward, and the ratio.
+Printed: the device, tokens/s and forwards of each, the student's tokens per forward, and the ratios. Both caches
+draw the same samples (the same forwards): only the time differs.
 """
 
 from __future__ import annotations
@@ -17,6 +20,27 @@ import argparse
 import time
 
 import torch
+
+
+class ConcatCache:
+    """The baseline cache: `KVCache`'s interface, each forward's keys and values concatenated after the held ones
+    (a new tensor per layer per forward, whatever it keeps)."""
+
+    def __init__(self, num_layers: int):
+        self.keys: list = [None] * num_layers
+        self.values: list = [None] * num_layers
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer] is not None:
+            k, v = torch.cat([self.keys[layer], k], dim=2), torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    def advance(self, n: int) -> None:
+        self.length += n
+        self.keys = [k[:, :, : self.length] for k in self.keys]
+        self.values = [v[:, :, : self.length] for v in self.values]
 
 
 def main() -> None:
@@ -38,9 +62,9 @@ def main() -> None:
     from ar2mdm.precompute.teacher import TorchTeacher, load_tokenizer, resolve_teacher
     from ar2mdm.shared.defaults import default_corpus
     from ar2mdm.shared.sampling import corpus_prompts
-    from ar2mdm.train.block_sampler import block_generate
+    from ar2mdm.student.block_sampler import block_generate
+    from ar2mdm.student.model import Student
     from ar2mdm.train.checkpoint import load_student
-    from ar2mdm.train.model import Student
     from ar2mdm.train.presets import student_config
 
     folder, _ = resolve_teacher(None)
@@ -59,10 +83,20 @@ def main() -> None:
     decoder = decoder_for(teacher.model, L)
     sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
 
-    def student_batch(x, seeds):
+    def student_batch(x, seeds, cache=None):
         return block_generate(
-            student, x, a.length, threshold=a.threshold, per_forward=a.per_forward, temperature=1.0, seeds=seeds
+            student,
+            x,
+            a.length,
+            threshold=a.threshold,
+            per_forward=a.per_forward,
+            temperature=1.0,
+            seeds=seeds,
+            cache=cache,
         )[1]
+
+    def concat_batch(x, seeds):
+        return student_batch(x, seeds, ConcatCache(student.config.num_layers))
 
     def teacher_batch(x, seeds):
         ar_sample(decoder, x, a.length, temperature=1.0, seeds=seeds, stops=[])
@@ -74,7 +108,7 @@ def main() -> None:
           f"per forward {a.per_forward}")  # fmt: skip
     for bs in [int(b) for b in a.batches.split(",")]:
         times, forwards = {}, {}
-        for who, fn in (("teacher", teacher_batch), ("student", student_batch)):
+        for who, fn in (("teacher", teacher_batch), ("student", student_batch), ("concat", concat_batch)):
             fn(prompts[:bs], list(range(bs)))  # warm-up: a CUDA graph or compile, caches
             sync()
             t0 = time.perf_counter()
@@ -84,10 +118,11 @@ def main() -> None:
             sync()
             times[who], forwards[who] = time.perf_counter() - t0, f
         tokens = len(prompts) * a.length
-        t, s = tokens / times["teacher"], tokens / times["student"]
+        t, s, c = (tokens / times[w] for w in ("teacher", "student", "concat"))
         print(
             f"batch {bs:>3}: teacher {t:8.1f} tokens/s ({forwards['teacher'] / len(prompts):.1f} forwards a sample), "
-            f"student {s:8.1f} tokens/s ({tokens / forwards['student']:.2f} tokens per forward): {s / t:.2f}x"
+            f"student {s:8.1f} tokens/s ({tokens / forwards['student']:.2f} tokens per forward): {s / t:.2f}x; "
+            f"on the concatenating cache {c:8.1f} tokens/s: preallocated {s / c:.2f}x"
         )
 
 

@@ -37,7 +37,7 @@ def teacher_tokens(cfg, data) -> int:
         pos = data.target_positions[data.target_offsets[r] : data.target_offsets[r + 1]]
         if cfg.mode == "topk":
             # K+1 branches of 1 + n tokens a position; with no right context (n = 0) no branch is run
-            right = [right_context(int(i), L, cfg.right_window, cfg.blocks) for i in pos]
+            right = [right_context(int(i), L, cfg.right_window, cfg.target_block_size) for i in pos]
             n += L + sum((cfg.k + 1) * (r + 1) for r in right if r)
         else:
             n += sum(L for _ in pos)
@@ -62,8 +62,9 @@ def main() -> None:
     dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
 
     from ar2mdm.precompute.autosize import auto_batch_size
-    from ar2mdm.precompute.build import load_backend, plan_build, run_build
+    from ar2mdm.precompute.build import load_backend, run_build
     from ar2mdm.precompute.config import BuildConfig
+    from ar2mdm.precompute.plan import plan_build
     from ar2mdm.shared.shards import read_shard
     from ar2mdm.shared.validate import validate_dir
 

@@ -88,7 +88,7 @@ def copy_bandwidth(device: str) -> float:
 def rank_sequences(cfg, files: list, tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """All of this rank's packed rows in memory: (ids (N, L) int32, prompt_len (N,) int32) (the build streams
     them)."""
-    from ar2mdm.precompute.build import no_rows_error, rank_stream, warn_skipped
+    from ar2mdm.precompute.plan import no_rows_error, rank_stream, warn_skipped
     from ar2mdm.shared.corpus import CorpusStats
     from ar2mdm.shared.tokenizer import PackStats
 

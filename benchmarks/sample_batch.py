@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from ar2mdm.train.denoise import denoise
-from ar2mdm.train.model import Student, StudentConfig
+from ar2mdm.student.denoise import denoise
+from ar2mdm.student.model import Student, StudentConfig
 from ar2mdm.train.presets import PRESETS
 
 

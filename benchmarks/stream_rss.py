@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def child(way: str, corpus: str, seq_len: int, per_shard: int) -> None:
-    from ar2mdm.precompute.build import rank_stream, shard_chunks
     from ar2mdm.precompute.config import BuildConfig
+    from ar2mdm.precompute.plan import rank_stream, shard_chunks
     from ar2mdm.precompute.teacher import load_tokenizer, resolve_teacher
     from ar2mdm.shared.corpus import CorpusStats, list_corpus_files
     from ar2mdm.shared.tokenizer import PackStats

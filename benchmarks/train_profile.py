@@ -81,7 +81,7 @@ def phased_step(tr, autocast, sync) -> list[float]:
     lap()
     with autocast:
         x_t = corrupt(batch.input_ids, batch.mask, tr.model.config.mask_id)
-        logits = tr.train_model(x_t, batch.positions, clean=batch.input_ids)
+        logits = tr.train_model(x_t, batch.positions, context=batch.input_ids)
         lap()
         loss, parts = batch_loss(logits, batch, tr.objective, tr.spec, tr.step / max(tr.total, 1))
         lap()

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
+from ar2mdm.student.model import Student
 from ar2mdm.train import losses
 from ar2mdm.train.config import TrainConfig
 from ar2mdm.train.data import BatchLoader, TargetSpec, load_shard_manifest
 from ar2mdm.train.device import autocast_for
-from ar2mdm.train.model import Student
 from ar2mdm.train.objective import step_losses
 from ar2mdm.train.presets import student_config
 

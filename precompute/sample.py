@@ -10,19 +10,19 @@ from __future__ import annotations
 import torch
 
 from ar2mdm.precompute.config import TeacherSampleConfig
-from ar2mdm.precompute.mc.particles import draw_tokens
 from ar2mdm.schemas.samples import SampleRecord, SampleSource
 from ar2mdm.shared.sampling import batches_of, prompts_for, sample_record, sample_seed, source_settings
+from ar2mdm.student.draw import inverse_cdf
 
 
 def draw(logits: torch.Tensor, temperature: float, generators: list[torch.Generator]) -> torch.Tensor:
-    """(B,) next tokens from (B, V) logits: row b drawn from softmax(logits / T) by `particles.draw_tokens` at a
+    """(B,) next tokens from (B, V) logits: row b drawn from softmax(logits / T) by `draw.inverse_cdf` at a
     uniform from its own generator (T = 0: the most probable)."""
     logits = logits.float().cpu()
     if temperature == 0:
         return logits.argmax(-1)
     u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])  # (B,)
-    return draw_tokens(torch.log_softmax(logits / temperature, -1), u)
+    return inverse_cdf(torch.log_softmax(logits / temperature, -1).exp(), u)
 
 
 @torch.no_grad()

@@ -22,11 +22,13 @@ from ar2mdm.shared.shards import ShardData, offsets_from_lengths
 
 def draw_row_masks(cfg: BuildConfig, seq_index: np.ndarray, prompt_len: np.ndarray) -> "RowMasks":
     """The masks of the rows of the given sequences, --masks-per-seq rows each, drawn from (seed, example id)."""
-    out = RowMasks([], [], [], [], [] if cfg.blocks is not None else None)
+    out = RowMasks([], [], [], [], [] if cfg.target_block_size is not None else None)
     for s, pl in zip(seq_index.tolist(), prompt_len.tolist()):
         for m in range(cfg.masks_per_seq):
             key = f"{cfg.rank:05d}-{s:08d}-m{m}"
-            t, mask = sample_row_mask(pl, cfg.seq_len, cfg.seed, key, eps=cfg.mask_eps, block_size=cfg.blocks)
+            t, mask = sample_row_mask(
+                pl, cfg.seq_len, cfg.seed, key, eps=cfg.mask_eps, block_size=cfg.target_block_size
+            )
             out.example_ids.append(key)
             out.t.append(float(t.mean()) if out.block_t is not None else float(t[0]))
             out.masks.append(mask.nonzero()[:, 0].numpy().astype(np.int32))
@@ -54,7 +56,7 @@ def clean_context_targets(cfg: BuildConfig, teacher, plan: "TargetPlan", *, fim_
     schedules a whole shard, `whole_shard`)."""
     out = []
     step = len(plan.ids) if teacher.whole_shard else cfg.batch_size
-    context = dict(window=cfg.right_window, block_size=cfg.blocks)
+    context = dict(window=cfg.right_window, block_size=cfg.target_block_size)
     for a in range(0, len(plan.ids), step):
         x = torch.as_tensor(plan.ids[a : a + step], dtype=torch.long)
         pos = [torch.as_tensor(p, dtype=torch.long) for p in plan.seq_positions[a : a + step]]
@@ -81,7 +83,7 @@ def mc_targets_of(
 
     seeds = [row_seed(cfg.seed, key + ":mc") for key in keys]
     s = McSettings.of(cfg, support_size(cfg))
-    res = teacher.mc_batch(xs, [m.tolist() for m in masks], seeds, s, block_size=cfg.blocks, on_step=on_step)
+    res = teacher.mc_batch(xs, [m.tolist() for m in masks], seeds, s, block_size=cfg.target_block_size, on_step=on_step)
     out = []
     for r, key in zip(res, keys):
         if cfg.sparsify == "sample":

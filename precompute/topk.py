@@ -12,7 +12,7 @@ with n = `shared.blocks.right_context`: through the end of i's block (the row's 
 A backend supplies the two teacher computations, as a `Scorer`: the first pass (`FirstPass`: the top-K of
 p_T(.|x_<i) and the true token's log-prob at each position) and the summed log-likelihood of each branch
 ``[x_<i, v, x_{i+1..i+n}]`` (`Branch`). The torch backend packs a row's branches behind one copy of its prefix
-(`tree.TorchScorer`), vLLM reads the prefixes from its prefix cache (`vllm_backend.VllmTeacher`).
+(`tree.TorchScorer`), vLLM reads the prefixes from its prefix cache (`vllm_backend.VllmScorer`).
 """
 
 from __future__ import annotations

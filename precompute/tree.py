@@ -71,12 +71,12 @@ def _segments(branches: list[Branch], max_tokens: int) -> list[list[Branch]]:
 
 @dataclass
 class PackedSegment:
-    """One packed segment of branches: a shared prefix, then each branch's block (tensors of length S)."""
+    """One packed segment of branches: a shared prefix, then each branch's tokens (tensors of length S)."""
 
     tokens: torch.Tensor  # (S,) token ids
     positions: torch.Tensor  # (S,) position ids
     prefix_end: torch.Tensor  # (S,) row r attends columns c < prefix_end[r] (its branch's x_<i) ...
-    block_start: torch.Tensor  # (S,) ... and block_start[r] <= c <= r (the earlier tokens of its own block)
+    branch_start: torch.Tensor  # (S,) ... and branch_start[r] <= c <= r (the earlier tokens of its own branch)
     prefix_len: int  # rows before this one are the shared prefix (no targets)
     targets: torch.Tensor  # (S - prefix_len,) the token each branch row predicts
     owner: torch.Tensor  # (S - prefix_len,) the output slot each branch row adds its log-likelihood to
@@ -86,17 +86,17 @@ def pack_segment(x: torch.Tensor, seg: list[Branch]) -> PackedSegment:
     """Token ids, position ids, tree-mask bounds and targets of one packed segment.
 
     A row r of the segment attends the columns c with c < pre[r] (the shared prefix x_<i of its branch) or
-    lo[r] <= c <= r (the earlier tokens of its own block). Prefix rows have pre=0, lo=0: plain causal.
-    Branch b's block is [v_b, x_{i+1}, ..., x_{i+n-1}] at positions i..i+n-1, predicting x_{i+1..i+n}: made for
+    lo[r] <= c <= r (the earlier tokens of its own branch). Prefix rows have pre=0, lo=0: plain causal.
+    Branch b's tokens are [v_b, x_{i+1}, ..., x_{i+n-1}] at positions i..i+n-1, predicting x_{i+1..i+n}: made for
     every branch at once with numpy (a few tensors per branch cost more host time than the GPU's forward).
     """
     xs = x.numpy()
     i = np.array([br.pos for br in seg], dtype=np.int64)  # (nb,)
     n = np.array([br.n for br in seg], dtype=np.int64)
     Lp = int(i.max())  # prefix x_0..x_{Lp-1} covers every branch's x_<i
-    starts = Lp + np.concatenate([[0], np.cumsum(n)[:-1]])  # (nb,) first row of each block
-    rep = np.repeat(np.arange(len(seg)), n)  # (T,) the branch of each block row
-    k = np.arange(int(n.sum())) - np.repeat(starts - Lp, n)  # (T,) offset within its block
+    starts = Lp + np.concatenate([[0], np.cumsum(n)[:-1]])  # (nb,) first row of each branch
+    rep = np.repeat(np.arange(len(seg)), n)  # (T,) the branch each non-prefix row belongs to
+    k = np.arange(int(n.sum())) - np.repeat(starts - Lp, n)  # (T,) offset within its branch
     ib = i[rep]
     tok = np.where(k == 0, np.array([br.token for br in seg], dtype=np.int64)[rep], xs[np.minimum(ib + k, len(xs) - 1)])
     t = torch.from_numpy
@@ -104,24 +104,24 @@ def pack_segment(x: torch.Tensor, seg: list[Branch]) -> PackedSegment:
         tokens=torch.cat([x[:Lp], t(tok)]),
         positions=torch.cat([torch.arange(Lp), t(ib + k)]),
         prefix_end=torch.cat([torch.zeros(Lp, dtype=torch.long), t(ib)]),
-        block_start=torch.cat([torch.zeros(Lp, dtype=torch.long), t(starts[rep])]),
+        branch_start=torch.cat([torch.zeros(Lp, dtype=torch.long), t(starts[rep])]),
         prefix_len=Lp,
         targets=t(xs[ib + k + 1]),
         owner=t(np.array([br.out for br in seg], dtype=np.int64)[rep]),
     )
 
 
-FLEX_BLOCK = 128  # FlexAttention's block size; packed lengths are rounded up to it
+FLEX_TILE = 128  # FlexAttention's tile (its BLOCK_SIZE); packed lengths are rounded up to it
 
 
 def flex_batches(lengths: list[int], token_budget: int, segment_tokens: int) -> tuple[list[list[int]], int, list[int]]:
     """(batches of segment indices, the one padded length S, each batch's padded row count) for the flex tree
     mask. transformers compiles flex_attention for fixed shapes (dynamic=False), and torch stops compiling a
     function after 8 shapes and runs it unfused, far slower: so every batch has the same S (the segment size,
-    rounded up to FLEX_BLOCK) and a power-of-two row count up to the budget's, at most 8 shapes in a build. The
+    rounded up to FLEX_TILE) and a power-of-two row count up to the budget's, at most 8 shapes in a build. The
     rows that pad a batch attend only themselves (cheap in attention; the MLPs compute them: the last batch of
     a call only)."""
-    S = -(-max(segment_tokens, *lengths) // FLEX_BLOCK) * FLEX_BLOCK
+    S = -(-max(segment_tokens, *lengths) // FLEX_TILE) * FLEX_TILE
     per = max(1, token_budget // S)
     batches = [list(range(a, min(a + per, len(lengths)))) for a in range(0, len(lengths), per)]
     return batches, S, [min(per, 1 << (len(b) - 1).bit_length()) for b in batches]
@@ -129,15 +129,15 @@ def flex_batches(lengths: list[int], token_budget: int, segment_tokens: int) -> 
 
 def flex_hidden_states(model, toks, pre, lo, positions) -> torch.Tensor:
     """(B, S, H) hidden states under the packed tree mask, as FlexAttention: row q of batch b attends kv with
-    kv < pre[b, q] (its branch's prefix) or lo[b, q] <= kv <= q (its own block). The block mask skips the
-    blocks no row attends, and no (B, S, S) mask is made."""
+    kv < pre[b, q] (its branch's prefix) or lo[b, q] <= kv <= q (its own branch). The block mask skips the
+    tiles no row attends, and no (B, S, S) mask is made."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, q, kv):
         return (kv < pre[b, q]) | ((kv >= lo[b, q]) & (kv <= q))
 
     B, S = toks.shape
-    block = create_block_mask(mask_mod, B, None, S, S, device=toks.device, BLOCK_SIZE=FLEX_BLOCK)
+    block = create_block_mask(mask_mod, B, None, S, S, device=toks.device, BLOCK_SIZE=FLEX_TILE)
     before = model.config._attn_implementation
     model.set_attn_implementation("flex_attention")
     try:
@@ -191,7 +191,7 @@ def branch_logliks(
         lo = torch.arange(S).repeat(Bn, 1)  # padding rows attend only themselves (no all-masked rows: no NaN)
         for j, p in enumerate(batch):
             n = len(p.tokens)
-            toks[j, :n], posi[j, :n], pre[j, :n], lo[j, :n] = p.tokens, p.positions, p.prefix_end, p.block_start
+            toks[j, :n], posi[j, :n], pre[j, :n], lo[j, :n] = p.tokens, p.positions, p.prefix_end, p.branch_start
         toks, posi, pre, lo = (a.to(dev, non_blocking=True) for a in (toks, posi, pre, lo))
         if tree_mask == "flex":
             h = flex_hidden_states(model, toks, pre, lo, posi)

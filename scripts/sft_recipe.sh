@@ -29,9 +29,9 @@ for seed in $SEEDS; do
     kdtrain run "$D/shards" --out "$run" --init-from default --lambda "$lam" --steps "$STEPS" --batch-size 8 \
         --lr 1e-4 --warmup 0.1 --seed "$seed" --save-every 100000 --log-every 8 --no-progress > /dev/null
     for q in "${ASK[@]}"; do
-      for block in "" "--block-length 8"; do
+      for span in "" "--span-length 8"; do
         # shellcheck disable=SC2086
-        echo "$run ${block:-whole}: $(kdtrain sample "$run" --prompt "$q" --length 32 --steps 32 --temperature 0 --remasking low-confidence $block | tail -1)"
+        echo "$run ${span:-whole}: $(kdtrain sample "$run" --prompt "$q" --length 32 --steps 32 --temperature 0 --remasking low-confidence $span | tail -1)"
       done
     done | tee -a "$D/eval/samples.txt"
   done

@@ -1,4 +1,5 @@
-"""Blocks of a row: what both stages agree on when a row of L tokens is cut into blocks of B (docs/design.md §6).
+"""Blocks of a row: what both stages agree on when a row of L tokens is cut into blocks of B (docs/design.md §6);
+the rules of attention and position live with the student (`ar2mdm.student.blocks`).
 
 A block student attends causally across blocks and bidirectionally inside one; its targets are conditioned on the
 clean blocks before a position's block and on that block alone. ``block_size`` None (or L) is one block: the row,
@@ -8,6 +9,7 @@ and a full-attention student.
 from __future__ import annotations
 
 from ar2mdm.shared.errors import UserError
+from ar2mdm.student.blocks import block_of
 
 
 def check_block_size(block_size: int | None, seq_len: int, where: str = "--block-size") -> None:
@@ -33,12 +35,13 @@ def normal_block_size(block_size: int | None, seq_len: int) -> int | None:
 
 
 def num_blocks(seq_len: int, block_size: int | None) -> int:
+    """The blocks of a row of whole blocks (one without a block size)."""
     return 1 if block_size is None else seq_len // block_size
 
 
 def block_end(i: int, seq_len: int, block_size: int | None) -> int:
     """The last position of the block that holds position i (the row's last without blocks)."""
-    return seq_len - 1 if block_size is None else min(seq_len, (i // block_size + 1) * block_size) - 1
+    return seq_len - 1 if block_size is None else min(seq_len, (block_of(i, block_size) + 1) * block_size) - 1
 
 
 def right_context(i: int, seq_len: int, window: int | None, block_size: int | None) -> int:

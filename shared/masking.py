@@ -11,6 +11,9 @@ import hashlib
 
 import torch
 
+from ar2mdm.shared.blocks import num_blocks
+from ar2mdm.student.blocks import block_of
+
 
 def row_seed(seed: int, key: str) -> int:
     """A 63-bit seed derived from a global seed and a row's identity, stable across runs and machines."""
@@ -44,14 +47,13 @@ def sample_masks(
     """
     B, L = maskable.shape
     dev = maskable.device
-    size = block_size or L
     # Draw on the CPU generator, then move: results do not depend on the device.
-    t = eps + (1.0 - eps) * torch.rand(B, L // size, generator=generator)  # (B, nb)
+    t = eps + (1.0 - eps) * torch.rand(B, num_blocks(L, block_size), generator=generator)  # (B, nb)
     u = torch.rand(B, L, generator=generator)  # (B, L)
     # Always drawn, so the random stream is the same whether or not a row needs the fallback.
     fallback = torch.rand(B, L, generator=generator)  # (B, L)
     t, u, fallback = t.to(dev), u.to(dev), fallback.to(dev)
-    mask = (u < t.repeat_interleave(size, dim=1)) & maskable  # (B, L)
+    mask = (u < t[:, block_of(torch.arange(L, device=dev), block_size)]) & maskable  # (B, L): each its block's t
     empty = ~mask.any(dim=1) & maskable.any(dim=1)  # (B,)
     if empty.any():
         # pick one maskable position uniformly: the argmax of uniform noise restricted to maskable positions

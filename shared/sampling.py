@@ -5,7 +5,7 @@ Three sources, one per command line: a single ``--prompt`` (every sample), a fil
 sample i takes prompt i mod their number), or held-out rows (``--prompts-from CORPUS``: sample i is prompted
 with the first ``--prompt-tokens`` tokens of row i, rows being packed as the build packs them, BOS + prompt +
 ``--length`` tokens, so that the row's own continuation is the real text a sample is compared with). The settings
-both commands take are declared here once (`sample_setting`).
+both commands take are declared here once (`SampleSettings`).
 """
 
 from __future__ import annotations
@@ -22,38 +22,35 @@ from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.paths import check_output_file
 from ar2mdm.shared.settings import setting
 
-_SAMPLE_SETTINGS = {
-    "num": (1, "Samples to draw (in batches of --batch-size).", dict(at_least=1)),
-    "prompt": ("", "Text every sample continues (kept fixed); default: none (unconditional, after BOS).", {}),
-    "prompts": (
+
+@dataclass(kw_only=True)
+class SampleSettings:
+    """The settings both sampling commands take (`kdtrain sample`'s `SampleConfig`, `kdtargets sample`'s
+    `TeacherSampleConfig` extend it): where the prompts come from, how many samples, how long, their seeds, the
+    batch and the output file."""
+
+    num: int = setting(1, "Samples to draw (in batches of --batch-size).", at_least=1)
+    prompt: str = setting("", "Text every sample continues (kept fixed); default: none (unconditional, after BOS).")
+    prompts: str | None = setting(
         None,
         "A file of prompts, one per line (.txt) or a 'prompt' field per line (.jsonl); sample i takes prompt i mod "
         "their number.",
-        {},
-    ),
-    "prompts_from": (
+    )
+    prompts_from: str | None = setting(
         None,
         "A held-out corpus: sample i continues the first --prompt-tokens tokens of its row i (rows of BOS + prompt "
         "+ --length tokens, packed as the build packs), whose own continuation is the real text to compare with.",
-        {},
-    ),
-    "prompt_tokens": (
-        8,
-        "--prompts-from: prompt tokens taken from each row (after BOS; 0: unconditional).",
-        dict(at_least=0),
-    ),
-    "split": ("test", "--prompts-from a dataset (save_to_disk folder or hf:NAME): its split.", {}),
-    "length": (32, "Tokens to generate.", dict(at_least=1)),
-    "seed": (0, "Seed of the draws: sample i draws from its own stream, made from (seed, i).", {}),
-    "batch_size": (16, "Samples per forward (prompts of one length go together).", dict(at_least=1)),
-    "out": (None, "Write the samples to this JSONL file (text, ids, settings, source); default: print them.", {}),
-}
-
-
-def sample_setting(name: str):
-    """The dataclass field of the sampling setting ``name`` (its default and help are written here, once)."""
-    default, help, kw = _SAMPLE_SETTINGS[name]
-    return setting(default, help, **kw)
+    )
+    prompt_tokens: int = setting(
+        8, "--prompts-from: prompt tokens taken from each row (after BOS; 0: unconditional).", at_least=0
+    )
+    split: str = setting("test", "--prompts-from a dataset (save_to_disk folder or hf:NAME): its split.")
+    length: int = setting(32, "Tokens to generate.", at_least=1)
+    seed: int = setting(0, "Seed of the draws: sample i draws from its own stream, made from (seed, i).")
+    batch_size: int = setting(16, "Samples per forward (prompts of one length go together).", at_least=1)
+    out: str | None = setting(
+        None, "Write the samples to this JSONL file (text, ids, settings, source); default: print them."
+    )
 
 
 @dataclass

@@ -109,6 +109,8 @@ def cli_signature(cls: type, defaults: dict[str, Any] | None = None) -> Callable
             info = typer.Option(default, *([meta["flag"]] if meta["flag"] else []), help=meta["help"], **extra)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=ann))
 
+    params.sort(key=lambda p: not isinstance(p.default, typer.models.ArgumentInfo))  # arguments first, as typed
+
     def wrap(fn: Callable) -> Callable:
         fn.__signature__ = inspect.Signature(params)
         fn.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}

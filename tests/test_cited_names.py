@@ -10,7 +10,7 @@ import tokenize
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGE = ["precompute", "train", "shared", "schemas"]
+PACKAGE = ["precompute", "train", "student", "shared", "schemas"]
 EXTERNAL = {"torch", "transformers", "vllm", "np", "numpy", "pa", "pyarrow", "pq", "typer", "datasets", "F", "nn"}
 CITED = re.compile(r"(?<![`\w])`([A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)*)(?:\(\))?`(?!`)")
 

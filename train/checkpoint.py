@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from ar2mdm.schemas import Manifest, SchemaError
 from ar2mdm.schemas.manifest import TOKENIZER_DIR
 from ar2mdm.shared.errors import UserError
-from ar2mdm.train.model import Student, StudentConfig
+from ar2mdm.student.model import Student, StudentConfig
 
 CKPT = "checkpoint"
 

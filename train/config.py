@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.paths import check_output_file, check_output_folder
-from ar2mdm.shared.sampling import check_sample_settings, sample_setting
+from ar2mdm.shared.sampling import SampleSettings, check_sample_settings
 from ar2mdm.shared.settings import check_settings, setting
 
 if TYPE_CHECKING:
@@ -233,17 +233,10 @@ class EvalConfig:
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(SampleSettings):
     """Every setting of `kdtrain sample`."""
 
     run: str = setting(dataclasses.MISSING, "A kdtrain run folder.", argument=True)
-    num: int = sample_setting("num")
-    prompt: str = sample_setting("prompt")
-    prompts: str | None = sample_setting("prompts")
-    prompts_from: str | None = sample_setting("prompts_from")
-    prompt_tokens: int = sample_setting("prompt_tokens")
-    split: str = sample_setting("split")
-    length: int = sample_setting("length")
     steps: int = setting(
         32, "Full-attention students: denoising steps (at most --length); fewer reveal more tokens each.", at_least=1
     )
@@ -256,10 +249,10 @@ class SampleConfig:
         "Full-attention students: random (reveal positions in random order: MDLM's ancestral sampler) | "
         "low-confidence (reveal the most confident predictions first: LLaDA).",
     )
-    block_length: int | None = setting(
+    span_length: int | None = setting(
         None,
-        "Full-attention students: reveal the completion block by block, left to right (LLaDA's semi-autoregressive "
-        "decoding; --steps shared among the blocks). Default: the whole length at once.",
+        "Full-attention students: reveal the completion span by span, left to right (LLaDA's semi-autoregressive "
+        "decoding, its block length; --steps shared among the spans). Default: the whole length at once.",
         at_least=1,
     )
     threshold: float = setting(
@@ -272,9 +265,6 @@ class SampleConfig:
     per_forward: int | None = setting(
         None, "Block students: reveal this many of the most confident positions per forward instead.", at_least=1
     )
-    seed: int = sample_setting("seed")
-    batch_size: int = sample_setting("batch_size")
-    out: str | None = sample_setting("out")
     states: str | None = setting(
         None,
         "Also write states the trajectories visited to this JSONL file (on-policy rows for kdtargets build --states).",

@@ -88,7 +88,6 @@ def sft_padding_start(input_ids: np.ndarray, prompt_len: int, eos_id: int) -> in
 class Batch:
     input_ids: torch.Tensor  # (B, L) long, the clean rows
     mask: torch.Tensor  # (B, L) bool
-    t: torch.Tensor  # (B,) float32
     prompt_len: torch.Tensor  # (B,) long
     target_ids: torch.Tensor  # (M, N) long, M = mask.sum(), in mask.nonzero() order
     target_logprobs: torch.Tensor  # (M, N) float32, -inf on padding
@@ -96,7 +95,7 @@ class Batch:
     # the masked positions on the device needs no nonzero() (a host sync per step)
     positions: torch.Tensor
     truth: torch.Tensor  # (B,) bool: the row's masked positions hold the truth (False: a student's state)
-    block_t: torch.Tensor  # (B, nb) float32: each block's mask ratio (nb = 1 for whole rows: t itself)
+    block_t: torch.Tensor  # (B, nb) float32: each block's mask ratio (nb = 1 for whole rows: the row's t)
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         return Batch(**{f: getattr(self, f).to(device, non_blocking=non_blocking) for f in self.__dataclass_fields__})
@@ -241,7 +240,6 @@ def collate(rows: list[Row], spec: TargetSpec) -> Batch:
     return Batch(
         input_ids=ids,
         mask=mask,
-        t=torch.tensor([r.t for r in rows], dtype=torch.float32),
         prompt_len=torch.tensor([r.prompt_len for r in rows], dtype=torch.long),
         target_ids=torch.as_tensor(np.concatenate(tids)),  # (M, top_n)
         target_logprobs=torch.as_tensor(np.concatenate(tlps)),

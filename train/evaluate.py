@@ -11,10 +11,11 @@ import numpy as np
 import torch
 
 from ar2mdm.schemas.manifest import MANIFEST_NAME
-from ar2mdm.shared.blocks import check_block_fit
+from ar2mdm.shared.blocks import check_block_fit, num_blocks
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.masking import maskable_positions, sample_count_masks, stratified_counts
 from ar2mdm.shared.stats import ratio_se
+from ar2mdm.student.blocks import block_of
 from ar2mdm.train.checkpoint import load_student, run_task, run_tokenizer
 from ar2mdm.train.config import EvalConfig, TrainConfig
 from ar2mdm.train.data import Row, collate, load_shard_manifest
@@ -144,19 +145,18 @@ def elbo_row_estimates(
     ``levels``: also each masked token's nll and hit by the share l/n of its row (block) masked.
     """
     B, L = ids.shape
-    size = model.config.block_size or L
-    nb = L // size
-    by_block = maskable.cpu().reshape(B * nb, size)  # (B·nb, size): one row per (row, block)
+    nb = num_blocks(L, model.config.block_size)
+    by_block = maskable.cpu().reshape(B * nb, L // nb)  # (B·nb, block size): one row per (row, block)
     n = by_block.sum(1)  # (B·nb,)
     counts = stratified_counts(n, draws, g)  # (B·nb, draws)
     est = torch.zeros(B, dtype=torch.float64)
     hits = total = 0.0
     for j in range(draws):
         mask = sample_count_masks(by_block, counts[:, j], g).reshape(B, L).to(ids.device)  # (B, L)
-        logits = model(corrupt(ids, mask, mask_id), mask, clean=ids).float()  # (M, V)
+        logits = model(corrupt(ids, mask, mask_id), mask, context=ids).float()  # (M, V)
         nll = torch.nn.functional.cross_entropy(logits, ids[mask], reduction="none")  # (M,)
         where = mask.nonzero()  # (M, 2)
-        block = where[:, 0] * nb + where[:, 1] // size  # (M,) the (row, block) of each masked position
+        block = where[:, 0] * nb + block_of(where[:, 1], model.config.block_size)  # (M,) each one's (row, block)
         per_block = torch.zeros(B * nb, device=ids.device).index_add(0, block, nll)  # (B·nb,)
         est += (per_block.cpu().double() * n / counts[:, j].clamp(min=1) / draws).view(B, nb).sum(1)
         hit = logits.argmax(-1) == ids[mask]
@@ -175,13 +175,70 @@ def kd_term(model, batch, obj, spec, levels: ByLevel | None = None) -> float:
     from ar2mdm.train.objective import batch_targets, position_t
 
     L = batch.input_ids.shape[1]
-    logits = model(corrupt(batch.input_ids, batch.mask, model.config.mask_id), batch.positions, clean=batch.input_ids)
+    logits = model(corrupt(batch.input_ids, batch.mask, model.config.mask_id), batch.positions, context=batch.input_ids)
     truth = batch.input_ids.flatten()[batch.positions]
     nll, kl = masked_losses(logits, truth, batch_targets(batch, obj, spec))
     row = batch.positions // L
     if levels is not None:
         levels.add(position_t(batch, row, spec.block_size), kl=kl, nll=nll, accuracy=logits.argmax(-1) == truth)
     return float(kd_loss(kl, row, row_norm(batch.prompt_len, L)))
+
+
+@dataclass
+class Held:
+    """What `evaluate` scores: the student, its held-out rows and, on shards, their targets and the run's
+    objective."""
+
+    model: torch.nn.Module
+    device: torch.device
+    task: str  # "sft": each response through its end of turn is scored; else every maskable position
+    rows: list[Row]
+    stops: list[int]  # the tokens that end a response (sft)
+    spec: object = None  # the shards' `data.TargetSpec` (None: raw text, no KD term)
+    objective: object = None  # the run's `objective.Objective`, at its own T and tail
+
+
+def setup_eval(cfg: EvalConfig) -> Held:
+    """Load the run's student, read the held-out rows as its task renders them, and, on shards, check that their
+    targets fit the student."""
+    from ar2mdm.shared.tokenizer import stop_ids
+    from ar2mdm.train.data import TargetSpec
+
+    cfg.check()
+    device = resolve_device(cfg.device)
+    model, meta = load_student(Path(cfg.run), device)
+    tokenizer = run_tokenizer(Path(cfg.run))
+    task = run_task(meta)[0] if cfg.task == "auto" else cfg.task
+    rows, manifest = _rows_from(
+        Path(cfg.data),
+        meta,
+        tokenizer,
+        max_rows=cfg.max_rows,
+        by_line=cfg.by_line,
+        text_field=cfg.text_field,
+        split=cfg.split,
+        task=task,
+        messages_field=cfg.messages_field,
+    )
+    held = Held(model=model, device=device, task=task, rows=rows, stops=stop_ids(tokenizer))
+    if manifest is not None:
+        held.spec = TargetSpec.from_manifest(manifest)
+        check_block_fit(model.config.block_size, held.spec.block_size, f"{cfg.run}")
+        held.objective = TrainConfig(**meta["train"]).objective(held.spec)  # the run's own T and tail
+    return held
+
+
+def scored_positions(held: Held, chunk: list[Row], ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: the positions a batch's bound covers: the maskable ones, for sft only each response through
+    its end of turn, [prompt_len, prompt_len + n)."""
+    from ar2mdm.shared.tokenizer import response_length
+
+    plen = torch.tensor([r.prompt_len for r in chunk], device=ids.device)
+    maskable = maskable_positions(ids.shape[1], plen)  # (B, L)
+    if held.task == "sft":
+        n = [r.prompt_len + response_length(r.input_ids, r.prompt_len, held.stops) for r in chunk]
+        maskable &= torch.arange(ids.shape[1], device=ids.device)[None, :] < torch.tensor(n, device=ids.device)[:, None]
+    return maskable
 
 
 @torch.no_grad()
@@ -202,57 +259,25 @@ def evaluate(cfg: EvalConfig) -> dict:
     its end of turn, given the prompt: neither the prompt and template tokens nor the EOS padding after the
     response are scored (the padding stays visible, so the bound is given the response's length).
     """
-    from ar2mdm.train.data import TargetSpec
-
-    cfg.check()
-    device = resolve_device(cfg.device)
-    model, meta = load_student(Path(cfg.run), device)
-    tokenizer = run_tokenizer(Path(cfg.run))
-    task = run_task(meta)[0] if cfg.task == "auto" else cfg.task
-    rows, manifest = _rows_from(
-        Path(cfg.data),
-        meta,
-        tokenizer,
-        max_rows=cfg.max_rows,
-        by_line=cfg.by_line,
-        text_field=cfg.text_field,
-        split=cfg.split,
-        task=task,
-        messages_field=cfg.messages_field,
-    )
-    draws, seed, batch_size = cfg.mask_draws, cfg.seed, cfg.batch_size
-    from ar2mdm.shared.tokenizer import response_length, stop_ids
-
-    stops = stop_ids(tokenizer)
-    mask_id = model.config.mask_id
-    g = torch.Generator().manual_seed(seed)
-    row_est, row_tok = [], []
-    correct = masked = 0.0
-    kd_sum, kd_rows = 0.0, 0
+    held = setup_eval(cfg)
+    model = held.model
+    g = torch.Generator().manual_seed(cfg.seed)
+    row_est, row_tok, correct, masked, kd_sum = [], [], 0.0, 0.0, 0.0
     bound_levels = ByLevel(cfg.by_level) if cfg.by_level else None
-    target_levels = ByLevel(cfg.by_level) if cfg.by_level else None
-    spec = TargetSpec.from_manifest(manifest) if manifest is not None else None
-    if spec is not None:
-        check_block_fit(model.config.block_size, spec.block_size, f"{cfg.run}")
-        obj = TrainConfig(**meta["train"]).objective(spec)  # the run's own T and tail
-    for a in range(0, len(rows), batch_size):
-        chunk = rows[a : a + batch_size]
-        ids = torch.as_tensor(np.stack([r.input_ids for r in chunk]), dtype=torch.long, device=device)  # (B, L)
-        plen = torch.tensor([r.prompt_len for r in chunk], device=device)
-        maskable = maskable_positions(ids.shape[1], plen)  # (B, L)
-        if task == "sft":  # the response through its end of turn: [prompt_len, prompt_len + n)
-            end = torch.tensor(
-                [r.prompt_len + response_length(r.input_ids, r.prompt_len, stops) for r in chunk], device=device
-            )
-            maskable &= torch.arange(ids.shape[1], device=device)[None, :] < end[:, None]
-        est, hits, k = elbo_row_estimates(model, ids, maskable, draws, g, mask_id=mask_id, levels=bound_levels)
-        correct += hits
-        masked += k
+    target_levels = ByLevel(cfg.by_level) if cfg.by_level and held.spec is not None else None
+    for a in range(0, len(held.rows), cfg.batch_size):
+        chunk = held.rows[a : a + cfg.batch_size]
+        ids = torch.as_tensor(np.stack([r.input_ids for r in chunk]), dtype=torch.long, device=held.device)  # (B, L)
+        maskable = scored_positions(held, chunk, ids)
+        est, hits, k = elbo_row_estimates(
+            model, ids, maskable, cfg.mask_draws, g, mask_id=model.config.mask_id, levels=bound_levels
+        )
+        correct, masked = correct + hits, masked + k
         row_est.append(est)
         row_tok.append(maskable.sum(1).cpu().double())
-        if spec is not None:
-            kd_sum += kd_term(model, collate(chunk, spec).to(device), obj, spec, target_levels) * len(chunk)
-            kd_rows += len(chunk)
+        if held.spec is not None:
+            batch = collate(chunk, held.spec).to(held.device)
+            kd_sum += kd_term(model, batch, held.objective, held.spec, target_levels) * len(chunk)
     est, tok = torch.cat(row_est), torch.cat(row_tok)
     nll_bound = float(est.sum() / tok.sum().clamp(min=1))
     out = {
@@ -260,19 +285,19 @@ def evaluate(cfg: EvalConfig) -> dict:
         "nll_bound_se": ratio_se(est, tok),
         "ppl_bound": math.exp(min(nll_bound, 50)),
         "masked_token_accuracy": correct / max(masked, 1),
-        "rows": len(rows),
+        "rows": len(held.rows),
         "tokens": int(tok.sum()),
-        "mask_draws": draws,
-        "seed": seed,
-        "task": task,
+        "mask_draws": cfg.mask_draws,
+        "seed": cfg.seed,
+        "task": held.task,
         "uniform_nll": math.log(model.config.vocab_size),
         "block_size": model.config.block_size,  # None: a full-attention student's bound
     }
-    if kd_rows:
-        out["kd_loss"] = kd_sum / kd_rows
+    if held.spec is not None:
+        out["kd_loss"] = kd_sum / len(held.rows)
     if bound_levels is not None:
         out["by_level"] = {"bound": bound_levels.rows()}
-        if kd_rows:
+        if target_levels is not None:
             out["by_level"]["targets"] = target_levels.rows()
     if cfg.row_estimates:
         out["row_nll"], out["row_tokens"] = est.tolist(), tok.tolist()

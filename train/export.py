@@ -1,9 +1,9 @@
 """`kdtrain export RUN --out DIR`: the student as a folder that transformers loads, as LLaDA and Dream ship theirs.
 
 transformers has no bidirectional (or block-causal) Llama with a mask token and an AR shift, so the folder carries
-its modelling code, loaded with ``trust_remote_code=True`` through ``auto_map``: ar2mdm's own modules, copied as
-they are (`SOURCES`): the wrapper `modeling_ar2mdm`, the student (`model`) and its samplers (`denoise`,
-`block_sampler`). So the exported model computes exactly what ``kdtrain`` computes, and ``diffusion_generate`` is
+its modelling code, loaded with ``trust_remote_code=True`` through ``auto_map``: the modules of `ar2mdm.student`,
+copied as they are (`sources`): the wrapper `modeling_ar2mdm`, the model, its cache and block rules, and the
+samplers. So the exported model computes exactly what ``kdtrain`` computes, and ``diffusion_generate`` is
 ``kdtrain sample``'s sampler.
 
     from transformers import AutoModelForMaskedLM, AutoTokenizer
@@ -23,16 +23,21 @@ from ar2mdm.shared.errors import UserError
 
 MODEL_TYPE = "ar2mdm_student"
 MODULE = "modeling_ar2mdm"
-# the files the exported folder runs: the wrapper and what it imports, as ar2mdm ships them
-SOURCES = ("modeling_ar2mdm.py", "model.py", "denoise.py", "block_sampler.py")
+
+
+def sources() -> list[Path]:
+    """The files the exported folder runs: every module of the student package (the wrapper and what it imports),
+    as ar2mdm ships them."""
+    import ar2mdm.student
+
+    return sorted(p for p in Path(ar2mdm.student.__file__).parent.glob("*.py") if p.name != "__init__.py")
 
 
 def copy_sources(dst: Path) -> None:
     """The student's modules into ``dst``, as they are: they import each other relatively and nothing else of
     ar2mdm, so they load where ar2mdm is not installed."""
-    here = Path(__file__).parent
-    for name in SOURCES:
-        shutil.copy2(here / name, dst / name)
+    for path in sources():
+        shutil.copy2(path, dst / path.name)
 
 
 def _version() -> str:

@@ -47,6 +47,6 @@ def fill(cfg: FillConfig) -> list[list[tuple[str, float]]]:
         raise UserError(f"--text is {len(ids)} tokens, the student has {model.config.max_positions} positions")
     x = torch.tensor([ids], device=device)
     masked = x == model.config.mask_id
-    probs = torch.softmax(model(x, masked, clean=x).float(), -1).cpu()  # (M, V)
+    probs = torch.softmax(model(x, masked, context=x).float(), -1).cpu()  # (M, V)
     val, idx = probs.topk(cfg.top, -1)
     return [[(tok.decode([int(i)]), float(v)) for v, i in zip(vs, ix)] for vs, ix in zip(val, idx)]

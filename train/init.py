@@ -15,7 +15,7 @@ import torch
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.hfmodel import first_line, quiet_transformers, resolve_model
 from ar2mdm.shared.tokenizer import tokenizer_hash
-from ar2mdm.train.model import ROPE_TYPES, Student, StudentConfig
+from ar2mdm.student.model import ROPE_TYPES, Student, StudentConfig
 from ar2mdm.train.presets import checked
 
 SUPPORTED = ("llama", "qwen2", "mistral")

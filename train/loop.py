@@ -23,11 +23,11 @@ from ar2mdm.schemas import Manifest, SchemaError
 from ar2mdm.schemas.manifest import TOKENIZER_DIR
 from ar2mdm.shared.blocks import check_block_fit
 from ar2mdm.shared.errors import UserError, warn
-from ar2mdm.train.checkpoint import checkpoint_dir, load_meta, load_student, save_checkpoint
+from ar2mdm.student.model import Student
+from ar2mdm.train.checkpoint import CKPT, checkpoint_dir, load_meta, load_student, save_checkpoint
 from ar2mdm.train.config import TrainConfig
 from ar2mdm.train.data import Batch, BatchLoader, RowStream, Source, TargetSpec, load_shard_manifest
 from ar2mdm.train.device import autocast_for, read_parts, resolve_device
-from ar2mdm.train.model import Student
 from ar2mdm.train.objective import Objective, step_losses
 from ar2mdm.train.presets import student_config
 from ar2mdm.train.tracking import open_tracker
@@ -426,7 +426,7 @@ def _micro_batches(
 def _student(cfg: TrainConfig, manifest: Manifest, run: Path) -> tuple[Student, dict | None]:
     """The student to train and, with --resume, the training state of its checkpoint."""
     if not cfg.resume:
-        if (run / "checkpoint").exists():
+        if (run / CKPT).exists():
             raise UserError(f"{run} already holds a checkpoint; pass --resume to continue it or choose another --out")
         return build_student(cfg, manifest), None
     old = load_meta(run)

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from ar2mdm.shared.blocks import num_blocks
 from ar2mdm.shared.errors import UserError
 from ar2mdm.train.config import TrainConfig
 from ar2mdm.train.data import Batch, TargetSpec
@@ -51,7 +52,7 @@ def even_split(rows: int, most: int) -> tuple[int, int]:
     return math.ceil(rows / accum), accum
 
 
-def worst_batch(b: int, seq_len: int, top_n: int, mask_id: int, device: str, *, blocks: int = 1) -> Batch:
+def worst_batch(b: int, seq_len: int, top_n: int, mask_id: int, device: str, *, num_blocks: int = 1) -> Batch:
     """A made-up batch of ``b`` rows at a step's most: every position masked, ``top_n`` distinct target ids at
     each. Its values come from a generator of its own: trying batches leaves the run's random state as it was."""
     g = torch.Generator().manual_seed(0)
@@ -60,13 +61,12 @@ def worst_batch(b: int, seq_len: int, top_n: int, mask_id: int, device: str, *, 
     return Batch(
         input_ids=torch.randint(0, mask_id, (b, seq_len), generator=g),
         mask=torch.ones(b, seq_len, dtype=torch.bool),
-        t=torch.ones(b),
         prompt_len=torch.zeros(b, dtype=torch.long),
         target_ids=(base + torch.arange(top_n)) % mask_id,  # distinct, as a build's are
         target_logprobs=torch.log_softmax(torch.randn(M, top_n, generator=g), -1),
         positions=torch.arange(M),
         truth=torch.ones(b, dtype=torch.bool),
-        block_t=torch.ones(b, blocks),
+        block_t=torch.ones(b, num_blocks),
     ).to(device)
 
 
@@ -112,8 +112,8 @@ def auto_batch(
 
         def fits(b: int) -> bool:
             try:
-                blocks = seq_len // (spec.block_size or seq_len)
-                batch = worst_batch(b, seq_len, spec.top_n, model.config.mask_id, device, blocks=blocks)
+                nb = num_blocks(seq_len, spec.block_size)
+                batch = worst_batch(b, seq_len, spec.top_n, model.config.mask_id, device, num_blocks=nb)
                 return step_peak(model, batch, cfg, spec, autocast) <= budget
             except torch.cuda.OutOfMemoryError:
                 return False

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ar2mdm.shared.masking import maskable_positions
+from ar2mdm.student.blocks import block_of
 from ar2mdm.train.data import Batch, TargetSpec
 from ar2mdm.train.losses import (
     SparseTargets,
@@ -43,7 +44,7 @@ class Objective:
 def position_t(batch: Batch, row: torch.Tensor, block_size: int | None) -> torch.Tensor:
     """(M,) the mask ratio of each masked position: its block's (a block build's ``block_t``), else its row's."""
     L = batch.input_ids.shape[1]
-    return batch.block_t[row, (batch.positions % L) // (block_size or L)]
+    return batch.block_t[row, block_of(batch.positions % L, block_size)]
 
 
 def batch_targets(batch: Batch, obj: Objective, spec: TargetSpec) -> SparseTargets:
@@ -106,5 +107,5 @@ def step_losses(
     """Loss of one batch: the student's forward at the masked positions (a block student reads the clean row
     beside the noisy one), then `batch_loss`."""
     x_t = corrupt(batch.input_ids, batch.mask, mask_id)  # (B, L)
-    logits = model(x_t, batch.positions, clean=batch.input_ids)  # (M, V)
+    logits = model(x_t, batch.positions, context=batch.input_ids)  # (M, V)
     return batch_loss(logits, batch, obj, spec, progress)

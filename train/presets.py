@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ar2mdm.shared.errors import UserError
-from ar2mdm.train.model import StudentConfig, StudentConfigError
+from ar2mdm.student.model import StudentConfig, StudentConfigError
 
 PRESETS = {
     "tiny": dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=384),

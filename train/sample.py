@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,15 +18,15 @@ from ar2mdm.schemas.samples import SampleRecord, SampleSource
 from ar2mdm.schemas.states import StateRecord, StateSource
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.sampling import Prompt, batches_of, prompts_for, sample_record, sample_seed, source_settings
-from ar2mdm.train.block_sampler import block_generate
+from ar2mdm.student.block_sampler import block_generate
+from ar2mdm.student.denoise import denoise, planned_steps
 from ar2mdm.train.checkpoint import checkpoint_dir, load_student, run_task, run_tokenizer
 from ar2mdm.train.config import SampleConfig
-from ar2mdm.train.denoise import denoise, planned_steps
 from ar2mdm.train.device import resolve_device
 
 # the sampler's settings a samples file records (with the prompts' source): a full-attention student's, a block
 # student's
-SAMPLER_FIELDS = ("length", "steps", "temperature", "remasking", "block_length", "seed")
+SAMPLER_FIELDS = ("length", "steps", "temperature", "remasking", "span_length", "seed")
 BLOCK_SAMPLER_FIELDS = ("length", "threshold", "per_forward", "temperature", "seed")
 
 
@@ -59,10 +60,102 @@ def state_steps(seed: int, index: int, total: int, keep: int) -> list[int]:
     return sorted(random.Random(sample_seed(seed, index) + 1).sample(range(total), min(keep, total)))
 
 
+@dataclass
+class Sampling:
+    """What `sample`'s loop needs: the student, its tokenizer, the prompts and the records' sources."""
+
+    model: torch.nn.Module
+    tok: object
+    chat: bool
+    prompts: list[Prompt]
+    stops: list[int]  # what ends a sample: the end of turn (chat) or EOS
+    eos: int
+    source: SampleSource
+    state_source: StateSource
+
+
+def setup_sampling(cfg: SampleConfig) -> Sampling:
+    """Load the run's student and tokenizer, refuse what it cannot sample, and make the prompts."""
+    from ar2mdm.shared.tokenizer import special_ids, stop_ids, tokenizer_hash
+
+    cfg.check()
+    run = Path(cfg.run)
+    model, meta = load_student(run, resolve_device(cfg.device))
+    tok = run_tokenizer(run)
+    chat = run_task(meta)[0] == "sft" if cfg.chat is None else cfg.chat
+    block_student = model.config.block_size is not None
+    if chat and cfg.prompts_from:
+        raise UserError("--prompts-from gives plain-text prompts; a chat student takes --prompt or --prompts")
+    if block_student and cfg.states:
+        raise UserError("--states keeps a full-attention student's states; a block student samples block by block")
+    prompts = prompts_for(cfg, tok, cfg.length, lambda text: prompt_row(meta, tok, text, chat))
+    longest = max(len(p.ids) for p in prompts)
+    if longest + cfg.length > model.config.max_positions:
+        raise UserError(
+            f"prompt ({longest} tokens) + --length {cfg.length} exceeds the student's "
+            f"{model.config.max_positions} positions"
+        )
+    eos = special_ids(tok)[1]
+    settings = source_settings(cfg, BLOCK_SAMPLER_FIELDS if block_student else SAMPLER_FIELDS)
+    source = SampleSource("student", str(run), tokenizer_hash(tok), run_step(run), settings)
+    state_settings = {**settings, "states_per_sample": cfg.states_per_sample}
+    return Sampling(
+        model=model,
+        tok=tok,
+        chat=chat,
+        prompts=prompts,
+        stops=stop_ids(tok) if chat else [eos],
+        eos=eos,
+        source=source,
+        state_source=StateSource(str(run), source.step, source.tokenizer_sha256, state_settings),
+    )
+
+
+def draw_batch(s: Sampling, cfg: SampleConfig, batch: list[int], keep: dict[int, list[int]]):
+    """The rows (B, P + length) of the samples ``batch`` (indices into the prompts, of one length), the forwards
+    each needed (B,), and the masked positions of the states ``keep`` asks for, by (sample, step)."""
+    model, device = s.model, s.model.model.embed_tokens.weight.device
+    seeds = [sample_seed(cfg.seed, i) for i in batch]
+    prompt = torch.tensor([s.prompts[i].ids for i in batch], device=device)  # (B, P)
+    if model.config.block_size is not None:
+        x, forwards = block_generate(
+            model,
+            prompt,
+            cfg.length,
+            threshold=cfg.threshold,
+            per_forward=cfg.per_forward,
+            temperature=cfg.temperature,
+            seeds=seeds,
+            stop_ids=tuple(s.stops),
+        )
+        return x, forwards, {}
+    seen: dict[tuple[int, int], list[int]] = {}
+
+    def record(step: int, rows: torch.Tensor) -> None:  # the states the trajectories visit
+        for b, i in enumerate(batch):
+            if step in keep.get(i, ()):
+                seen[i, step] = (rows[b] == model.config.mask_id).nonzero()[:, 0].tolist()
+
+    masks = torch.full((len(batch), cfg.length), model.config.mask_id, device=device)
+    x, forwards = denoise(
+        model,
+        torch.cat([prompt, masks], dim=1),
+        cfg.steps,
+        temperature=cfg.temperature,
+        remasking=cfg.remasking,
+        seeds=seeds,
+        span_length=cfg.span_length,
+        stop_ids=tuple(s.stops) if s.chat else (),
+        on_step=record,
+        return_forwards=True,
+    )
+    return x, forwards, seen
+
+
 @torch.no_grad()
 def sample(cfg: SampleConfig) -> tuple[list[SampleRecord], list[StateRecord]]:
     """``cfg.num`` samples of the run's student, in batches of ``cfg.batch_size``: a full-attention student draws
-    with `denoise` (``steps``, ``remasking``, ``block_length``), a block student block by block with
+    with `denoise` (``steps``, ``remasking``, ``span_length``), a block student block by block with
     `block_sampler.block_generate` (``threshold``, ``per_forward``). Each record counts the forwards that drew it.
     With ``cfg.states`` (full-attention students), also ``cfg.states_per_sample`` of the states each trajectory
     visited (`state_steps`).
@@ -71,91 +164,32 @@ def sample(cfg: SampleConfig) -> tuple[list[SampleRecord], list[StateRecord]]:
     its rows, and ends each answer at its first end of turn; other runs end a sample at its first EOS (where a
     document ends). The completion is what precedes the stop; ``stopped`` says whether there was one.
     """
-    from ar2mdm.shared.tokenizer import special_ids, stop_ids, tokenizer_hash
-
-    cfg.check()
-    device = resolve_device(cfg.device)
-    run = Path(cfg.run)
-    model, meta = load_student(run, device)
-    tok = run_tokenizer(run)
-    chat = run_task(meta)[0] == "sft" if cfg.chat is None else cfg.chat
-    blocks = model.config.block_size is not None
-    if chat and cfg.prompts_from:
-        raise UserError("--prompts-from gives plain-text prompts; a chat student takes --prompt or --prompts")
-    if blocks and cfg.states:
-        raise UserError("--states keeps a full-attention student's states; a block student samples block by block")
-    prompts: list[Prompt] = prompts_for(cfg, tok, cfg.length, lambda text: prompt_row(meta, tok, text, chat))
-    longest = max(len(p.ids) for p in prompts)
-    if longest + cfg.length > model.config.max_positions:
-        raise UserError(
-            f"prompt ({longest} tokens) + --length {cfg.length} exceeds the student's "
-            f"{model.config.max_positions} positions"
-        )
-    eos = special_ids(tok)[1]
-    stops = stop_ids(tok) if chat else [eos]
-    settings = source_settings(cfg, BLOCK_SAMPLER_FIELDS if blocks else SAMPLER_FIELDS)
-    source = SampleSource("student", str(run), tokenizer_hash(tok), run_step(run), settings)
-    state_source = StateSource(
-        str(run), source.step, source.tokenizer_sha256, {**settings, "states_per_sample": cfg.states_per_sample}
-    )
-    records: list[SampleRecord | None] = [None] * len(prompts)
+    s = setup_sampling(cfg)
+    mask = s.model.config.mask_id
+    total = planned_steps(cfg.length, cfg.steps, cfg.span_length)
+    records: list[SampleRecord | None] = [None] * len(s.prompts)
     states: list[StateRecord] = []
-    mask = model.config.mask_id
-    total = planned_steps(cfg.length, cfg.steps, cfg.block_length)
-    for batch in batches_of(prompts, cfg.batch_size):
-        seeds = [sample_seed(cfg.seed, i) for i in batch]
+    for batch in batches_of(s.prompts, cfg.batch_size):
         keep = {i: state_steps(cfg.seed, i, total, cfg.states_per_sample) for i in batch} if cfg.states else {}
-        seen: dict[tuple[int, int], list[int]] = {}
-        steps = [0]
-
-        def record(s: int, rows: torch.Tensor) -> None:  # one forward per step; the states the trajectories visit
-            steps[0] += 1
-            for b, i in enumerate(batch):
-                if s in keep.get(i, ()):
-                    seen[i, s] = (rows[b] == mask).nonzero()[:, 0].tolist()
-
-        if blocks:
-            x, forwards = block_generate(
-                model,
-                torch.tensor([prompts[i].ids for i in batch], device=device),  # (B, P)
-                cfg.length,
-                threshold=cfg.threshold,
-                per_forward=cfg.per_forward,
-                temperature=cfg.temperature,
-                seeds=seeds,
-                stop_ids=tuple(stops),
-            )
-            forwards = forwards.tolist()
-        else:
-            x = torch.tensor([prompts[i].ids + [mask] * cfg.length for i in batch], device=device)  # (B, P + length)
-            x = denoise(
-                model,
-                x,
-                cfg.steps,
-                temperature=cfg.temperature,
-                remasking=cfg.remasking,
-                seeds=seeds,
-                block_length=cfg.block_length,
-                stop_ids=tuple(stops) if chat else (),
-                on_step=record,
-            )
-            forwards = steps * len(batch)  # the batch's rows share every forward
+        x, forwards, seen = draw_batch(s, cfg, batch, keep)
         for b, (i, row) in enumerate(zip(batch, x.tolist())):
-            p = prompts[i]
-            records[i] = sample_record(i, p, row[len(p.ids) :], tok, stops=stops, source=source, forwards=forwards[b])
-            final = [eos if t == mask else t for t in row]  # (a chat answer's blocks after its end stay masked)
-            plen = len(p.ids) if chat else 0  # a chat row's prompt is its SFT prompt; else BOS is all
-            for s in keep.get(i, ()):
-                if (i, s) in seen:  # (not a step after every answer of the batch had ended)
+            p = s.prompts[i]
+            records[i] = sample_record(
+                i, p, row[len(p.ids) :], s.tok, stops=s.stops, source=s.source, forwards=int(forwards[b])
+            )
+            final = [s.eos if t == mask else t for t in row]  # (what a sampler left masked after every answer ended)
+            plen = len(p.ids) if s.chat else 0  # a chat row's prompt is its SFT prompt; else BOS is all
+            for step in keep.get(i, ()):
+                if (i, step) in seen:  # (not a step after every answer of the batch had ended)
                     states.append(
                         StateRecord(
-                            example_id=f"s{i:06d}-t{s:03d}",
+                            example_id=f"s{i:06d}-t{step:03d}",
                             input_ids=final,
                             prompt_len=plen,
-                            mask_positions=seen[i, s],
-                            step=s,
+                            mask_positions=seen[i, step],
+                            step=step,
                             steps=total,
-                            source=state_source,
+                            source=s.state_source,
                         )
                     )
     return records, states

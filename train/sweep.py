@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.settings import check_settings, field_of, flag_of, setting, words_of
+from ar2mdm.train.checkpoint import CKPT
 from ar2mdm.train.config import TrainConfig
 
 NOT_SWEPT = {"shards", "out", "resume", "progress", "stop_at"}
@@ -132,7 +133,7 @@ def run_point(cfg: SweepConfig, point: dict) -> dict:
     trained = run / "train.json"
     if not trained.exists():
         t0 = time.time()
-        tc.resume = (run / "checkpoint").exists()
+        tc.resume = (run / CKPT).exists()
         res = run_training(tc)
         res["wall_s"] = round(time.time() - t0, 1)
         trained.write_text(json.dumps(res))

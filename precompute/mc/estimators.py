@@ -38,6 +38,7 @@ from ar2mdm.precompute.topk import rescore
 from ar2mdm.precompute.tree import TorchScorer
 from ar2mdm.shared.blocks import right_context
 from ar2mdm.shared.masking import row_seed
+from ar2mdm.student.blocks import block_of
 
 
 @dataclass
@@ -183,7 +184,7 @@ def by_block(run, xs, masks: list[np.ndarray], seeds: list[int], block_size: int
         rows = [r for r, m in enumerate(inside) if len(m)]
         if not rows:
             continue
-        sub_seeds = [row_seed(seeds[r], f"block{lo // block_size}") for r in rows]
+        sub_seeds = [row_seed(seeds[r], f"block{block_of(lo, block_size)}") for r in rows]
         for r, t in zip(rows, run(rows, xs[rows, :hi], [inside[r] for r in rows], sub_seeds)):
             parts[r].append(t)
     return [join_blocks(p) for p in parts]

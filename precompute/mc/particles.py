@@ -6,7 +6,7 @@ advance together, one position per decode step, in one KV cache (`decode.Decoder
 so no padding and no position ids. At each step
 
 - a particle whose row has the position masked records the top-m of p_T(.|x_<j) (the next-token score) and
-  draws its token (`draw_tokens`: inverse CDF of one counter-based uniform);
+  draws its token (`draw.inverse_cdf` of one counter-based uniform);
 - a particle whose row has it visible adds log p_T(x_j | x_<j) to its log-weight (from the row's first masked
   position on; the proposal correction p_T/p_T^τ for drawn tokens when τ != 1);
 - smc: a row at the end of a visible run with a masked position next resamples its K particles when their
@@ -33,6 +33,7 @@ import torch
 from ar2mdm.precompute.config import DEFAULT_TOKEN_BUDGET, BuildConfig
 from ar2mdm.precompute.decode import CleanRows, Decoder
 from ar2mdm.precompute.forward import text_config
+from ar2mdm.student.draw import inverse_cdf
 
 
 def next_token_keep(top_n: int) -> int:
@@ -112,18 +113,6 @@ def row_uniforms(seeds: list[int], K: int, L: int) -> tuple[torch.Tensor, torch.
     u = np.stack([np.random.Generator(np.random.Philox(key=int(s))).random((L, K + 1)) for s in seeds])  # (R, L, K+1)
     u = torch.from_numpy(u)
     return u[:, :, :K].transpose(1, 2).contiguous(), u[:, :, K].contiguous()
-
-
-def draw_tokens(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """One token per row of log-probs ``logp`` (N, V), by inverse CDF at the uniforms ``u`` (N,): the first token
-    whose cumulative mass exceeds u·(total mass), so rounding in the total cannot push past the last token and a
-    token of probability 0 is never drawn."""
-    cdf = logp.exp().cumsum(-1)  # (N, V)
-    total = cdf[:, -1:].contiguous()  # (N, 1)
-    z = torch.searchsorted(cdf, u.to(cdf.dtype)[:, None] * total, right=True)
-    # u·total rounds up to total when u is within float32 rounding of 1: the last token of positive mass then
-    # (the clamp: NaN log-probs, an overflowing teacher, must reach `check_finite`, not an index error)
-    return torch.minimum(z, torch.searchsorted(cdf, total))[:, 0].clamp_(max=logp.shape[-1] - 1)
 
 
 def ess(logw: torch.Tensor) -> torch.Tensor:
@@ -279,7 +268,7 @@ def sample_particles(
                 p.top_ids[idx, slot] = ids.int()
                 p.top_probs[idx, slot] = vals.exp()
             lpt = lpm if s.temperature == 1.0 else torch.log_softmax(last[idx] / s.temperature, dim=-1)
-            z = draw_tokens(lpt, u[idx, j])  # (n,)
+            z = inverse_cdf(lpt.exp(), u[idx, j])  # (n,)
             if s.temperature != 1.0:  # proposal correction: target p_T, proposal p_T^τ
                 corr = lpm.gather(1, z[:, None]) - lpt.gather(1, z[:, None])
                 flat_logw.index_add_(0, idx, corr[:, 0].double())

@@ -8,7 +8,7 @@ import torch
 
 from ar2mdm.precompute.decode import TorchDecoder
 from ar2mdm.precompute.mc.estimators import mc_targets, mixture
-from ar2mdm.precompute.mc.particles import McSettings, draw_tokens, row_uniforms, sample_particles
+from ar2mdm.precompute.mc.particles import McSettings, row_uniforms, sample_particles
 from tests.precompute.test_mc import dense, exact_limits, tv
 from tests.tiny import DEVICES, tiny_llama
 
@@ -72,17 +72,6 @@ def test_uniforms_are_a_function_of_the_row_seed_alone():
     v, v0 = row_uniforms([7, 5], 4, 10)
     assert torch.equal(u[0], v[1]) and torch.equal(u[2], v[0]) and torch.equal(u0[2], v0[0])
     assert not torch.equal(u[0], u[1]) and u.shape == (3, 4, 10) and ((u >= 0) & (u < 1)).all()
-
-
-def test_inverse_cdf_draws_follow_the_distribution_and_never_a_zero_probability_token():
-    probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])
-    logp = probs.log().expand(200_000, -1)
-    z = draw_tokens(logp, torch.rand(200_000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
-    freq = torch.bincount(z, minlength=6).double() / len(z)
-    assert freq[[0, 2, 5]].sum() == 0
-    assert torch.allclose(freq, probs.double(), atol=0.005)
-    edges = draw_tokens(probs.log().expand(2, -1), torch.tensor([0.0, 1 - 1e-16], dtype=torch.float64))
-    assert edges.tolist() == [1, 4]
 
 
 def reference_mixture(ids, probs, w, top_n):

@@ -173,7 +173,7 @@ def test_the_flex_attention_tree_mask_scores_as_the_dense_one(device):
 def test_flex_batches_keep_to_a_few_compiled_shapes():
     """transformers compiles flex_attention per shape and torch gives up after 8: a build's flex batches have one
     padded length and power-of-two row counts, cover every segment once, and stay within the budget's rows."""
-    from ar2mdm.precompute.tree import FLEX_BLOCK, flex_batches
+    from ar2mdm.precompute.tree import FLEX_TILE, flex_batches
 
     g = np.random.default_rng(0)
     for budget, per in ((65536, 64), (50000, 48)):
@@ -181,7 +181,7 @@ def test_flex_batches_keep_to_a_few_compiled_shapes():
         for calls in range(50):
             lengths = g.integers(20, 1025, size=int(g.integers(1, 300))).tolist()
             batches, S, rows = flex_batches(lengths, budget, 1024)
-            assert S == 1024 and S % FLEX_BLOCK == 0
+            assert S == 1024 and S % FLEX_TILE == 0
             assert sorted(j for b in batches for j in b) == list(range(len(lengths)))
             for b, n in zip(batches, rows):
                 assert len(b) <= n <= per and ((n & (n - 1)) == 0 or n == per)

@@ -8,12 +8,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ar2mdm.train.block_sampler import block_generate, reveal_mask
+from ar2mdm.student.block_sampler import block_generate, reveal_mask
+from ar2mdm.student.model import Student, StudentConfig, block_attention_mask
 from ar2mdm.train.cli import app
 from ar2mdm.train.config import TrainConfig
 from ar2mdm.train.evaluate import elbo_row_estimates
 from ar2mdm.train.loop import run_training
-from ar2mdm.train.model import Student, StudentConfig, block_attention_mask
 
 V = 30
 
@@ -49,7 +49,7 @@ def test_one_block_per_row_is_the_full_attention_student(shift):
     full, blk = students(12, shift)
     x = torch.randint(0, V, (3, 12), generator=torch.Generator().manual_seed(1))
     x_t = torch.where(torch.rand(3, 12, generator=torch.Generator().manual_seed(2)) < 0.5, V, x)
-    assert torch.allclose(blk(x_t, clean=x), full(x_t), atol=1e-12)
+    assert torch.allclose(blk(x_t, context=x), full(x_t), atol=1e-12)
 
 
 @pytest.mark.parametrize("shift", [False, True])
@@ -62,16 +62,16 @@ def test_a_block_sees_the_clean_blocks_before_it_and_nothing_after(shift):
     x = torch.randint(0, V, (1, 12), generator=g)
     x_t = x.clone()
     x_t[0, 5:7] = V
-    ref = blk(x_t, clean=x)[0, 4:8]
+    ref = blk(x_t, context=x)[0, 4:8]
     later = x.clone()
     later[0, 9:] = (later[0, 9:] + 1) % V
     noisy_earlier = x_t.clone()
     noisy_earlier[0, 1:4] = V
-    assert torch.allclose(blk(torch.where(torch.arange(12) >= 8, V, x_t), clean=later)[0, 4:8], ref, atol=1e-12)
-    assert torch.allclose(blk(noisy_earlier, clean=x)[0, 4:8], ref, atol=1e-12)
+    assert torch.allclose(blk(torch.where(torch.arange(12) >= 8, V, x_t), context=later)[0, 4:8], ref, atol=1e-12)
+    assert torch.allclose(blk(noisy_earlier, context=x)[0, 4:8], ref, atol=1e-12)
     earlier = x.clone()
     earlier[0, 2] = (earlier[0, 2] + 1) % V
-    assert not torch.allclose(blk(x_t, clean=earlier)[0, 4:8], ref, atol=1e-6)
+    assert not torch.allclose(blk(x_t, context=earlier)[0, 4:8], ref, atol=1e-6)
 
 
 @torch.no_grad()
@@ -123,8 +123,8 @@ def test_the_cached_sampler_draws_what_the_uncached_one_draws(shift, threshold, 
     _, blk = students(4, shift)
     prompt = torch.randint(0, V, (3, 6), generator=torch.Generator().manual_seed(6))
     kw = dict(threshold=threshold, per_forward=per_forward, seeds=[1, 2, 3], temperature=1.0)
-    x1, f1 = block_generate(blk, prompt, 13, cache=True, **kw)
-    x2, f2 = block_generate(blk, prompt, 13, cache=False, **kw)
+    x1, f1 = block_generate(blk, prompt, 13, use_cache=True, **kw)
+    x2, f2 = block_generate(blk, prompt, 13, use_cache=False, **kw)
     assert torch.equal(x1, x2) and torch.equal(f1, f2)
     assert not (x1 == V).any()
     alone, fa = block_generate(blk, prompt[1:2], 13, **{**kw, "seeds": [2]})

@@ -95,7 +95,7 @@ def test_collate_equals_the_loop_on_sft_padding_and_positions_without_targets():
 
 def test_the_medium_preset_is_about_350m_parameters():
     """The GPU preset (medium): built on the meta device (no memory), counted with the tied head."""
-    from ar2mdm.train.model import Student
+    from ar2mdm.student.model import Student
     from ar2mdm.train.presets import student_config
 
     with torch.device("meta"):

@@ -10,10 +10,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from ar2mdm.student.denoise import denoise
 from ar2mdm.train.checkpoint import load_student
 from ar2mdm.train.cli import app
 from ar2mdm.train.config import TrainConfig
-from ar2mdm.train.denoise import denoise
 from ar2mdm.train.loop import run_training
 
 LOAD = r"""
@@ -113,7 +113,7 @@ print(json.dumps({**res, "ar2mdm": "ar2mdm" in sys.modules}))
 
 
 def test_an_exported_block_student_generates_as_kdtrain_does(block_shards, tmp_path):
-    from ar2mdm.train.block_sampler import block_generate
+    from ar2mdm.student.block_sampler import block_generate
 
     run = tmp_path / "run"
     run_training(TrainConfig(shards=str(block_shards), out=str(run), student="tiny", steps=1, progress=False))
@@ -127,4 +127,4 @@ def test_an_exported_block_student_generates_as_kdtrain_does(block_shards, tmp_p
     assert res["generated"] == want.tolist() and not res["ar2mdm"]
     assert res["forwards"] == forwards.tolist()  # the forwards kdtrain sample counts for tokens per forward
     with torch.no_grad():
-        assert torch.allclose(torch.tensor(res["logits"]), model(prompt, clean=prompt), atol=1e-5)
+        assert torch.allclose(torch.tensor(res["logits"]), model(prompt, context=prompt), atol=1e-5)

@@ -7,12 +7,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from ar2mdm.student.model import Student
 from ar2mdm.train.cli import app
 from ar2mdm.train.data import TargetSpec, load_shard_manifest
 from ar2mdm.train.device import autocast_for
 from ar2mdm.train.loop import run_training
 from ar2mdm.train.memory import auto_batch, even_split, largest_fitting, step_peak, worst_batch
-from ar2mdm.train.model import Student
 from ar2mdm.train.presets import student_config
 from tests.train.test_trainer import tcfg, weights
 

@@ -25,7 +25,6 @@ def batch(block_t: torch.Tensor) -> Batch:
     return Batch(
         input_ids=ids,
         mask=mask,
-        t=block_t.mean(1),
         prompt_len=torch.zeros(2, dtype=torch.long),
         target_ids=tid,
         target_logprobs=tlp,

@@ -8,12 +8,12 @@ from typer.testing import CliRunner
 
 from ar2mdm.schemas.samples import read_samples
 from ar2mdm.shared.sampling import corpus_prompts, sample_seed
+from ar2mdm.student.denoise import denoise
+from ar2mdm.student.model import Student, StudentConfig
 from ar2mdm.train.checkpoint import run_tokenizer
 from ar2mdm.train.cli import app
 from ar2mdm.train.config import SampleConfig, TrainConfig
-from ar2mdm.train.denoise import denoise
 from ar2mdm.train.loop import run_training
-from ar2mdm.train.model import Student, StudentConfig
 from ar2mdm.train.sample import sample
 from tests.tiny import TEXT
 
@@ -29,8 +29,8 @@ def tiny_run(tiny_shards, tmp_path_factory):
 
 @pytest.mark.parametrize("remasking", ["low-confidence", "random"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-@pytest.mark.parametrize("block_length", [None, 3])
-def test_a_batch_draws_what_each_row_draws_alone(remasking, temperature, block_length):
+@pytest.mark.parametrize("span_length", [None, 3])
+def test_a_batch_draws_what_each_row_draws_alone(remasking, temperature, span_length):
     """Rows share nothing but the forward: each draws from its own seed, so a row's sample is the same in a
     batch of four as alone (float64, so that batched and single matmuls round alike)."""
     torch.manual_seed(0)
@@ -38,7 +38,7 @@ def test_a_batch_draws_what_each_row_draws_alone(remasking, temperature, block_l
     prompts = torch.randint(0, 40, (4, 3))
     x = torch.cat([prompts, torch.full((4, 9), 40)], 1)  # (4, 12): 9 masks after a prompt of 3
     seeds = [11, 12, 13, 14]
-    kw = dict(temperature=temperature, remasking=remasking, block_length=block_length)
+    kw = dict(temperature=temperature, remasking=remasking, span_length=span_length)
     batched = denoise(model, x, 5, seeds=seeds, **kw)
     alone = torch.cat([denoise(model, x[b : b + 1], 5, seeds=[seeds[b]], **kw) for b in range(4)])
     assert torch.equal(batched, alone)
@@ -52,9 +52,9 @@ def test_every_step_reveals_its_share_of_the_masks():
     seen = []
 
     class Counting(Student):
-        def forward(self, x, select=None, clean=None):
+        def forward(self, x, select=None, context=None):
             seen.append(int((x == self.config.mask_id).sum(1)[0]))
-            return super().forward(x, select, clean)
+            return super().forward(x, select, context)
 
     model = Counting(StudentConfig(vocab_size=20, hidden_size=16, num_heads=2, num_kv_heads=1)).eval()
     x = torch.cat([torch.tensor([[1, 2]] * 2), torch.full((2, 8), 20)], 1)

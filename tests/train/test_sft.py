@@ -15,10 +15,10 @@ from ar2mdm.precompute.build import run_build
 from ar2mdm.precompute.config import BuildConfig
 from ar2mdm.schemas import Manifest
 from ar2mdm.shared.shards import read_shard
+from ar2mdm.student.denoise import cut_at_stop, denoise
 from ar2mdm.train.checkpoint import load_meta, run_tokenizer
 from ar2mdm.train.cli import app
 from ar2mdm.train.config import EvalConfig, TrainConfig
-from ar2mdm.train.denoise import cut_at_stop, denoise
 from ar2mdm.train.evaluate import _rows_from, evaluate
 from ar2mdm.train.loop import run_training
 from ar2mdm.train.sample import prompt_row
@@ -135,19 +135,19 @@ class Scripted(torch.nn.Module):
         return logits
 
 
-@pytest.mark.parametrize("block_length", [None, 2])
-def test_nothing_after_the_first_end_of_turn(block_length):
+@pytest.mark.parametrize("span_length", [None, 2])
+def test_nothing_after_the_first_end_of_turn(span_length):
     stop, mask = 7, 9
     want = [1, 3, 4, 5, stop, 6, 6, stop, 6, 6]  # prompt (1 token), answer, end of turn, what a sampler must drop
     model = Scripted(want, vocab=9)
     x = torch.tensor([[1] + [mask] * 9])
     out = denoise(
-        model, x, steps=9, temperature=0, remasking="low-confidence", block_length=block_length, stop_ids=(stop,)
+        model, x, steps=9, temperature=0, remasking="low-confidence", span_length=span_length, stop_ids=(stop,)
     )
     answer = cut_at_stop(out[0, 1:].tolist(), (stop,))
     assert answer == [3, 4, 5]
     assert cut_at_stop(out[0, 1:].tolist(), (stop,), keep_stop=True) == [3, 4, 5, stop]
-    if block_length:  # blocks after the one that ended the turn are never computed
+    if span_length:  # blocks after the one that ended the turn are never computed
         assert model.calls == 2 and (out[0, 5:] == mask).all()  # one step per block of 2 (9 steps, 5 blocks)
 
 
@@ -158,22 +158,24 @@ def test_chat_sample_prints_the_answer_up_to_its_end_of_turn(sft_run, monkeypatc
     scripted = ids(tok, "upon the heath") + [end] + ids(tok, "zz")
     seen = {}
 
-    def fake_denoise(model, x, steps, *, temperature, remasking, seeds, block_length, stop_ids, on_step):
-        seen["prompt"], seen["stops"], seen["block"] = x[0].tolist(), stop_ids, block_length
+    def fake_denoise(
+        model, x, steps, *, temperature, remasking, seeds, span_length, stop_ids, on_step, return_forwards
+    ):
+        seen["prompt"], seen["stops"], seen["span"] = x[0].tolist(), stop_ids, span_length
         y = x.clone()
         n = int((x[0] == model.config.mask_id).sum())
         y[0, -n:] = torch.tensor((scripted + [end] * n)[:n])
-        return y
+        return y, torch.ones(len(x), dtype=torch.long)
 
     monkeypatch.setattr(sample_mod, "denoise", fake_denoise)
     r = runner.invoke(
-        app, ["sample", str(run), "--prompt", "where is the heath?", "--length", "20", "--block-length", "4"]
+        app, ["sample", str(run), "--prompt", "where is the heath?", "--length", "20", "--span-length", "4"]
     )
     assert r.exit_code == 0, r.output
     assert r.output.splitlines()[1] == "completion: " + tok.decode(
         ids(tok, "upon the heath")
     )  # SFT runs chat by default
-    assert end in seen["stops"] and seen["block"] == 4
+    assert end in seen["stops"] and seen["span"] == 4
     assert seen["prompt"][:-20] == prompt_row(load_meta(run), tok, "where is the heath?", chat=True)
     r = runner.invoke(app, ["sample", str(run), "--prompt", "where is the heath?", "--length", "20", "--no-chat"])
     assert r.exit_code == 0 and tok.decode(ids(tok, "zz")) in r.output  # without --chat nothing is cut
@@ -195,14 +197,14 @@ def test_the_export_carries_the_template_and_stops_like_kdtrain(sft_run, tmp_pat
     assert tok.convert_tokens_to_ids("<|im_end|>") in model.config.stop_token_ids
     meta = load_meta(run)
     ids = torch.tensor([prompt_row(meta, tok, "where is the heath?", chat=True)])
-    out = model.diffusion_generate(ids, max_new_tokens=12, steps=12, temperature=1.0, seed=3, block_length=4)
+    out = model.diffusion_generate(ids, max_new_tokens=12, steps=12, temperature=1.0, seed=3, span_length=4)
     mine = denoise(
         model.student,
         torch.cat([ids, torch.full((1, 12), model.config.mask_token_id)], 1),
         12,
         temperature=1.0,
         seeds=[3],
-        block_length=4,
+        span_length=4,
         stop_ids=tuple(model.config.stop_token_ids),
     )
     want = cut_at_stop(mine[0, ids.shape[1] :].tolist(), model.config.stop_token_ids, keep_stop=True)
@@ -216,7 +218,7 @@ def test_a_chat_students_states_keep_the_prompt_visible_and_train_as_sft_rows(sf
 
     shards, run, _ = sft_run
     states = tmp_path / "states.jsonl"
-    args = ["sample", str(run), "--prompt", "where is the heath?", "--num", "3", "--steps", "8", "--block-length", "4"]
+    args = ["sample", str(run), "--prompt", "where is the heath?", "--num", "3", "--steps", "8", "--span-length", "4"]
     n = len(prompt_row(load_meta(run), run_tokenizer(run), "where is the heath?", chat=True))
     r = runner.invoke(app, args + ["--length", str(SEQ - n), "--states", str(states), "--states-per-sample", "2"])
     assert r.exit_code == 0, r.output

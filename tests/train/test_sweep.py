@@ -187,9 +187,9 @@ def test_tail_auto_is_bucket_with_a_truncated_support_and_renormalize_with_an_ex
     from itertools import islice
 
     from ar2mdm.schemas import Manifest
+    from ar2mdm.student.model import Student, StudentConfig
     from ar2mdm.train.config import TrainConfig
     from ar2mdm.train.data import TargetSpec, collate, rows_of_shard
-    from ar2mdm.train.model import Student, StudentConfig
     from ar2mdm.train.objective import step_losses
 
     m = Manifest.load(tiny_shards)

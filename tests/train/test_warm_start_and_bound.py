@@ -14,13 +14,13 @@ from typer.testing import CliRunner
 from ar2mdm.schemas import Manifest
 from ar2mdm.shared.errors import UserError
 from ar2mdm.shared.masking import maskable_positions, sample_count_masks, stratified_counts
+from ar2mdm.student.model import Student, StudentConfig, rope_inv_freq
 from ar2mdm.train import loop
 from ar2mdm.train.cli import app
 from ar2mdm.train.config import EvalConfig
 from ar2mdm.train.data import Row, TargetSpec, collate, sft_padding_start
 from ar2mdm.train.evaluate import elbo_row_estimates, evaluate
 from ar2mdm.train.loop import run_training
-from ar2mdm.train.model import Student, StudentConfig, rope_inv_freq
 from tests.tiny import char_tokenizer
 from tests.train.test_trainer import tcfg
 
@@ -130,7 +130,7 @@ def test_init_from_keeps_the_ar_shift_rope_scaling_and_biases(tiny_shards, tmp_p
     x = torch.randint(3, m.tokenizer.vocab_size, (2, 40))
     with torch.no_grad():
         ref = ar(x).logits  # (B, L, V): position i predicts x_{i+1}
-        got = student(torch.full_like(x, tok.vocab_size), clean=x)  # position i predicts x_i
+        got = student(torch.full_like(x, tok.vocab_size), context=x)  # position i predicts x_i
     assert torch.allclose(got[:, 1:], ref[:, :-1], atol=1e-4)
     assert not student_from_ar(str(folder), tok.vocab_size, tok.sha256, m.seq_len, shift=False).config.shift
 

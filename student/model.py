@@ -1,20 +1,18 @@
-"""The student: Llama-style blocks (RoPE, RMSNorm, SwiGLU), bidirectional over the row or over blocks of it.
+"""The student: Llama-style decoder layers (RoPE, RMSNorm, SwiGLU), bidirectional over the row or over blocks of it.
 
 Parameter names follow transformers' Llama/Qwen2 layout (``model.layers.N.self_attn.q_proj`` ...), so that
 `--init-from` copies an AR checkpoint key by key and only the attention mask changes (as Dream and DiffuLLaMA
 adapt AR models). The input embedding has one more row than the teacher's vocabulary: the mask token; the output
 head predicts only the teacher's vocabulary.
 
-Two attention layouts (docs/design.md §6):
+Two attention layouts (docs/design.md §6; the rules in `blocks`):
 
 - ``block_size`` None: every position attends to every other (a full-attention MDM student);
 - ``block_size`` B: a block student. Training and scoring see the noisy row and the clean row side by side (2L
-  tokens, positions 0..L-1 twice; BD3-LM's layout, `block_attention_mask`): a noisy token of block b attends to
-  the noisy tokens of its own block (both ways) and to the clean tokens of blocks < b; a clean token of block b
-  to the clean tokens of blocks <= b. Sampling feeds the current block alone against a `KVCache` of the clean
-  blocks before it (`Student.cached_hidden`), which computes the same attention.
-
-This file imports nothing of ar2mdm: `kdtrain export` ships it as it is, beside the samplers.
+  tokens, positions 0..L-1 twice; BD3-LM's layout, `block_attention_mask`). Sampling runs `Student.cached_hidden`
+  against a `cache.KVCache` of the committed blocks: each forward carries the finished blocks not yet cached (the
+  prompt's whole blocks at first, then the block just finished) in front of the current block, and computes the
+  same attention.
 """
 
 from __future__ import annotations
@@ -25,6 +23,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .blocks import attends, block_of, shift_source
+from .cache import KVCache
 
 
 class StudentConfigError(ValueError):
@@ -127,18 +128,19 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, c: StudentConfig):
+    def __init__(self, c: StudentConfig, layer: int = 0):
         super().__init__()
         self.c = c
+        self.layer = layer  # its index: where its keys and values go in a `KVCache`
         hd = c.hidden_size // c.num_heads
         self.q_proj = nn.Linear(c.hidden_size, c.num_heads * hd, bias=c.attention_bias)
         self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * hd, bias=c.attention_bias)
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * hd, bias=c.attention_bias)
         self.o_proj = nn.Linear(c.num_heads * hd, c.hidden_size, bias=c.o_bias)
 
-    def forward(self, x, cos, sin, mask: torch.Tensor | None = None, cache: "LayerCache | None" = None):
+    def forward(self, x, cos, sin, mask: torch.Tensor | None = None, cache: KVCache | None = None):
         """x: (B, L, hidden); mask: None (every position attends to every other) or (L, n + L) bool, True where
-        a query attends, n the positions in ``cache`` (which it extends, `LayerCache.extend`)."""
+        a query attends, n the positions held in ``cache`` (`KVCache.update` writes this forward's after them)."""
         B, L, _ = x.shape
         c, hd = self.c, self.c.hidden_size // self.c.num_heads
         q = self.q_proj(x).view(B, L, c.num_heads, hd).transpose(1, 2)  # (B, H, L, D)
@@ -146,7 +148,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, L, c.num_kv_heads, hd).transpose(1, 2)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.extend(k, v)  # (B, Hkv, n + L, D)
+            k, v = cache.update(self.layer, k, v)  # (B, Hkv, n + L, D)
         rep = c.num_heads // c.num_kv_heads
         # grouped-query heads go to the flash kernel as they are (enable_gqa), not copied rep times; only flash
         # reads them so (CUDA, half precision, no mask: pre-Ampere GPUs lack it too), and every other kernel would
@@ -169,11 +171,11 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class Block(nn.Module):
-    def __init__(self, c: StudentConfig):
+class DecoderLayer(nn.Module):
+    def __init__(self, c: StudentConfig, layer: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_eps)
-        self.self_attn = Attention(c)
+        self.self_attn = Attention(c, layer)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_eps)
         self.mlp = MLP(c)
 
@@ -186,53 +188,16 @@ class Backbone(nn.Module):
     def __init__(self, c: StudentConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(c.vocab_size + 1, c.hidden_size)  # + the mask token
-        self.layers = nn.ModuleList(Block(c) for _ in range(c.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(c, j) for j in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_eps)
 
 
 def block_attention_mask(seq_len: int, block_size: int, device=None) -> torch.Tensor:
-    """(2L, 2L) bool, True where a query attends, for the noisy row (first L) beside the clean row (last L).
-
-    With b(i) = i // B in either half: a noisy query of block b sees the noisy keys of block b and the clean keys of
-    blocks < b; a clean query of block b sees the clean keys of blocks <= b. Never a noisy key from the clean half.
-    """
-    blk = torch.arange(seq_len, device=device) // block_size  # (L,)
-    q, k = blk[:, None], blk[None, :]  # (L, 1), (1, L)
-    noisy = torch.cat([q == k, q > k], dim=1)  # (L, 2L)
-    clean = torch.cat([torch.zeros(seq_len, seq_len, dtype=torch.bool, device=device), q >= k], dim=1)
-    return torch.cat([noisy, clean], dim=0)
-
-
-class LayerCache:
-    """One layer's keys and values of the committed (clean) positions, (B, Hkv, n, D) each."""
-
-    def __init__(self):
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
-        self.write = 0  # the leading tokens of the next forward whose keys and values are kept
-
-    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the cached keys, then k), likewise for values; keeps the first ``write`` of the new ones."""
-        if self.keys is not None:
-            k, v = torch.cat([self.keys, k], dim=2), torch.cat([self.values, v], dim=2)
-        n = 0 if self.keys is None else self.keys.shape[2]
-        self.keys, self.values = k[:, :, : n + self.write], v[:, :, : n + self.write]
-        return k, v
-
-
-class KVCache:
-    """The clean positions' keys and values, one `LayerCache` per layer (nanochat's KVCache): what a block
-    student's sampler has committed so far."""
-
-    def __init__(self, num_layers: int):
-        self.layers = [LayerCache() for _ in range(num_layers)]
-        self.length = 0  # positions held
-
-    def keep(self, n: int) -> None:
-        """The next forward's first n tokens are clean positions to keep."""
-        for layer in self.layers:
-            layer.write = n
-        self.length += n
+    """(2L, 2L) bool, True where a query attends, for the noisy row (first L) beside the clean row (last L), by
+    `blocks.attends`."""
+    blk = block_of(torch.arange(seq_len, device=device), block_size).repeat(2)  # (2L,)
+    clean = torch.arange(2 * seq_len, device=device) >= seq_len  # (2L,)
+    return attends(blk[:, None], clean[:, None], blk[None, :], clean[None, :])
 
 
 class Student(nn.Module):
@@ -257,39 +222,39 @@ class Student(nn.Module):
         c = self.config
         h = self.model.embed_tokens(ids)
         cos, sin = rope_cos_sin(pos, rope_inv_freq(c.hidden_size // c.num_heads, c.rope_theta, c.rope_scaling), h.dtype)
-        for j, layer in enumerate(self.model.layers):
-            h = layer(h, cos, sin, mask, None if cache is None else cache.layers[j])
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, mask, cache)
         return self.model.norm(h)
 
-    def hidden(self, x_t: torch.Tensor, clean: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden(self, x_t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L, H): the hidden state each position of x_t is predicted from (mask token = vocab_size).
 
-        With the AR shift it is the state at i-1: in a block student, for a block's first position, the clean
-        copy's (the previous block as committed, which is what the sampler reads too). A block student needs
-        ``clean`` (B, L), the clean row; a full-attention student ignores it."""
+        A block student needs ``context`` (B, L), the row its blocks read the blocks before them from: the clean
+        row in training and scoring; in sampling and filling, the row as written so far (a block's prediction
+        reads only the blocks before it there). A full-attention student ignores it. With the AR shift a position
+        reads the state at i-1 (`blocks.shift_source`: a block's first position, the context's)."""
         c = self.config
         L = x_t.shape[1]
         pos = torch.arange(L, device=x_t.device)
         if c.block_size is None:
             h = self._layers(x_t, pos)  # (B, L, H)
-            return torch.cat([h[:, :1], h[:, :-1]], dim=1) if c.shift else h
-        if clean is None:
-            raise ValueError("a block student reads the clean row beside the noisy one: pass clean=")
+            return h[:, shift_source(pos, None)[0]] if c.shift else h
+        if context is None:
+            raise ValueError("a block student reads its blocks' context beside the noisy row: pass context=")
         mask = block_attention_mask(L, c.block_size, x_t.device)  # (2L, 2L)
-        h = self._layers(torch.cat([x_t, clean], dim=1), torch.cat([pos, pos]), mask)  # (B, 2L, H)
-        noisy, clean_h = h[:, :L], h[:, L:]
+        h = self._layers(torch.cat([x_t, context], dim=1), torch.cat([pos, pos]), mask)  # (B, 2L, H)
+        noisy, clean = h[:, :L], h[:, L:]
         if not c.shift:
             return noisy
-        prev = torch.cat([noisy[:, :1], noisy[:, :-1]], dim=1)  # (B, L, H): h_{i-1} of the noisy copy
-        starts = (pos % c.block_size == 0) & (pos > 0)  # (L,) a block's first position reads the clean copy
-        prev_clean = torch.cat([clean_h[:, :1], clean_h[:, :-1]], dim=1)
-        return torch.where(starts[None, :, None], prev_clean, prev)
+        src, from_clean = shift_source(pos, c.block_size)
+        return torch.where(from_clean[None, :, None], clean[:, src], noisy[:, src])
 
     def cached_hidden(
         self, ids: torch.Tensor, cache: KVCache, *, commit: int, last_clean: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A block student's forward against its cache: ``ids`` (B, S) hold ``commit`` clean tokens (whole blocks,
-        kept in ``cache``) and then the current block, at the positions that follow the cache's.
+        kept in ``cache``: the prefill of the prompt's blocks, or the block just finished) and then the current
+        block, at the positions that follow the cache's.
 
         Returns the hidden states the current block's positions are predicted from (B, S - commit, H), as
         `hidden` computes them, and the last clean position's own state (B, H), which predicts the next block's
@@ -297,22 +262,23 @@ class Student(nn.Module):
         commits nothing)."""
         c = self.config
         S, n = ids.shape[1], cache.length
-        pos = torch.arange(n, n + S, device=ids.device)
-        blk = pos // c.block_size
-        q, k = blk[:, None], blk[None, :]
-        # the clean tokens see the clean blocks up to their own; the current block sees itself and every clean one
-        fresh = (q >= k) & ((q == k) | (torch.arange(S, device=ids.device)[None, :] < commit))  # (S, S)
-        mask = torch.cat([torch.ones(S, n, dtype=torch.bool, device=ids.device), fresh], dim=1)  # (S, n + S)
-        cache.keep(commit)
+        keys = torch.arange(n + S, device=ids.device)  # (n + S,) the positions attended to
+        pos = keys[n:]  # (S,) this forward's
+        k_blk = block_of(keys, c.block_size)
+        k_clean = keys < n + commit  # the cached positions and the committed ones are clean
+        mask = attends(k_blk[n:, None], k_clean[n:, None], k_blk[None, :], k_clean[None, :])  # (S, n + S)
         h = self._layers(ids, pos, mask, cache)  # (B, S, H)
+        cache.advance(commit)
         if commit:
             last_clean = h[:, commit - 1]
         block = h[:, commit:]
-        if c.shift and last_clean is not None:
-            block = torch.cat([last_clean[:, None], block[:, :-1]], dim=1)
-        elif c.shift:  # the row's first block: position 0 (BOS) is never predicted
-            block = torch.cat([block[:, :1], block[:, :-1]], dim=1)
-        return block, last_clean
+        if not c.shift:
+            return block, last_clean
+        src, from_clean = shift_source(pos[commit:], c.block_size)
+        shifted = block[:, (src - pos[commit]).clamp(min=0)]  # within the block: i - 1 (the row's first: its own)
+        if last_clean is not None:  # the block's first position reads the previous block as committed
+            shifted = torch.where(from_clean[None, :, None], last_clean[:, None], shifted)
+        return shifted, last_clean
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., V): the head covers the teacher's vocabulary only, never the mask token."""
@@ -321,16 +287,16 @@ class Student(nn.Module):
         return h @ self.model.embed_tokens.weight[: self.config.vocab_size].T
 
     def forward(
-        self, x_t: torch.Tensor, select: torch.Tensor | None = None, clean: torch.Tensor | None = None
+        self, x_t: torch.Tensor, select: torch.Tensor | None = None, context: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Logits (B, L, V), or (M, V) at the M selected positions: ``select`` is a (B, L) bool mask, or the (M,)
-        flat indices b·L + i (the training step's, which need no host sync to gather). ``clean``: the clean row,
-        which a block student reads (`hidden`).
+        flat indices b·L + i (the training step's, which need no host sync to gather). ``context``: the row a
+        block student's blocks read the blocks before them from (`hidden`).
 
         Selecting before the head keeps the V-sized work proportional to the masked positions. With the AR
         shift, position i reads the hidden state of i-1 (position 0, BOS, is never predicted).
         """
-        h = self.hidden(x_t, clean)  # (B, L, H)
+        h = self.hidden(x_t, context)  # (B, L, H)
         if select is None:
             return self.logits(h)
         if select.dtype == torch.bool:

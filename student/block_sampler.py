@@ -1,6 +1,6 @@
 """A block student's sampler: the completion block by block, several tokens per forward (Fast-dLLM's decoding).
 
-Each forward feeds the current block against a `KVCache` of the clean blocks before it (the prompt's whole blocks
+Each forward feeds the current block against a `cache.KVCache` of the clean blocks before it (the prompt's whole blocks
 and the finished ones) and predicts all its masked positions at once; every position whose top probability
 exceeds ``threshold`` is revealed, and at least the most confident one (``per_forward``: instead, that many of
 the most confident). The tokens are drawn from the student's distribution at ``temperature`` (0: the most
@@ -9,16 +9,15 @@ first forward, which carries it in front of the new block: every forward does wo
 are the forwards in which it still has masked positions (its first one also prefills the prompt).
 
 Each row draws from its own generator, and only in the forwards where it has masked positions, so a row's sample
-does not depend on the rows it was batched with. ``cache=False`` computes every forward over the whole row in
+does not depend on the rows it was batched with. ``use_cache=False`` computes every forward over the whole row in
 the training layout instead (`Student.hidden`): the same draws, the reference the cache is tested against.
-
-Like `model.py`, this file imports nothing of ar2mdm (`kdtrain export` ships it); it reuses `denoise.choose`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .cache import KVCache
 from .denoise import choose
 
 
@@ -47,15 +46,15 @@ def block_generate(
     temperature: float = 1.0,
     seeds: list[int] | None = None,
     stop_ids: tuple[int, ...] = (),
-    cache: bool = True,
+    use_cache: bool = True,
+    cache: KVCache | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Complete each row of ``prompt`` (B, P) (one length) with ``length`` tokens, whole blocks at a time.
 
     Returns the rows (B, P + length) and the forwards each row needed (B,) long. A row whose finished blocks hold
     one of ``stop_ids`` stops there (its later positions stay masked); once every row has, sampling ends.
+    ``cache``: an empty cache for the B rows (default: `KVCache.for_model`, sized for the completion).
     """
-    from .model import KVCache
-
     c = model.config
     bs, mask_id = c.block_size, c.mask_id
     B, P = prompt.shape
@@ -65,7 +64,7 @@ def block_generate(
     generators = [torch.Generator(device=dev).manual_seed(int(s)) for s in (seeds if seeds is not None else range(B))]
     forwards = torch.zeros(B, dtype=torch.long)
     alive = torch.ones(B, dtype=torch.bool, device=dev)
-    kv = KVCache(c.num_layers) if cache else None
+    kv = (cache or KVCache.for_model(model, B, end)) if use_cache else None
     last_clean = None
     stops = torch.tensor(stop_ids, dtype=torch.long, device=dev)
     for lo in range(P // bs * bs, end, bs):
@@ -79,7 +78,7 @@ def block_generate(
                 commit = lo - kv.length  # the finished blocks not yet in the cache, carried in front of this one
                 h, last_clean = model.cached_hidden(x[:, kv.length : hi], kv, commit=commit, last_clean=last_clean)
             else:
-                h = model.hidden(x, clean=x)[:, lo:hi]  # (B, bs, H): blocks before lo are all revealed
+                h = model.hidden(x, context=x)[:, lo:hi]  # (B, bs, H): blocks before lo are all revealed
             forwards += active.cpu()
             rows = active.nonzero()[:, 0]  # (R,)
             probs = torch.softmax(model.logits(h[rows]).float(), -1)  # (R, bs, V)

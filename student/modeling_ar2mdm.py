@@ -1,5 +1,5 @@
-"""The transformers wrapper `kdtrain export` ships beside `model.py`, `denoise.py` and `block_sampler.py`: the
-student as an ``AutoModelForMaskedLM`` with ``trust_remote_code=True``, and its samplers as ``diffusion_generate``.
+"""The transformers wrapper `kdtrain export` ships beside the rest of the student package: the student as an
+``AutoModelForMaskedLM`` with ``trust_remote_code=True``, and its samplers as ``diffusion_generate``.
 
 It imports its siblings relatively, so the same file serves inside ar2mdm and in an exported folder, where
 transformers copies the files it imports beside it. It is never imported by ar2mdm itself.
@@ -35,7 +35,7 @@ class Ar2mdmForMaskedLM(PreTrainedModel):
 
     config_class = Ar2mdmConfig
     base_model_prefix = "student"
-    _no_split_modules = ["Block"]
+    _no_split_modules = ["DecoderLayer"]
 
     def __init__(self, config):
         super().__init__(config)
@@ -45,16 +45,16 @@ class Ar2mdmForMaskedLM(PreTrainedModel):
     def _init_weights(self, module):
         Student._init(module)
 
-    def forward(self, input_ids, attention_mask=None, clean_ids=None, **kwargs):
+    def forward(self, input_ids, attention_mask=None, context_ids=None, **kwargs):
         """Logits (B, L, V) for ids (B, L) in which masked positions hold ``config.mask_token_id``.
 
         A full-attention student attends to the whole row, so padding is refused. A block student predicts each
-        block given the clean blocks before it: ``clean_ids`` (default ``input_ids``, right where the blocks before
-        each masked one are revealed, as in generation)."""
+        block given the blocks before it as ``context_ids`` holds them (default ``input_ids``, right where the
+        blocks before each masked one are revealed, as in generation)."""
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise ValueError("this student attends to the whole row: pass rows without padding")
-        clean = input_ids if clean_ids is None else clean_ids
-        return MaskedLMOutput(logits=self.student(input_ids, clean=clean))
+        context = input_ids if context_ids is None else context_ids
+        return MaskedLMOutput(logits=self.student(input_ids, context=context))
 
     @torch.no_grad()
     def diffusion_generate(
@@ -66,7 +66,7 @@ class Ar2mdmForMaskedLM(PreTrainedModel):
         temperature=1.0,
         remasking="random",
         seed=0,
-        block_length=None,
+        span_length=None,
         stop_at_end_of_turn=None,
         threshold=0.9,
         per_forward=None,
@@ -75,14 +75,14 @@ class Ar2mdmForMaskedLM(PreTrainedModel):
         """Append ``max_new_tokens`` masks to each row of ``input_ids`` (B, P) (prompts of one length) and fill
         them with ``kdtrain sample``'s samplers; row b draws with seed ``seed + b``. A full-attention student:
         ``denoise`` in ``steps`` steps (by default the student's own distribution, random order at temperature 1;
-        ``remasking="low-confidence", temperature=0``: LLaDA's greedy decoding; ``block_length``: block by block).
+        ``remasking="low-confidence", temperature=0``: LLaDA's greedy decoding; ``span_length``: span by span).
         A block student: ``block_generate``, each forward revealing the positions whose top probability exceeds
         ``threshold`` (at least one) or ``per_forward`` of them. ``stop_at_end_of_turn`` (default: on for a chat
         student, trained with --task sft): an answer ends at its first end-of-turn/EOS token
         (``config.stop_token_ids``), which is kept; the positions after it hold the pad token (EOS). Returns
         (B, P + n) ids, n <= max_new_tokens; with ``return_forwards``, also the forwards of the model each row
-        needed (B,), every forward counted (a full-attention student: ``steps``), so tokens per forward is
-        n / forwards."""
+        needed (B,), every forward counted (a full-attention student: the steps it took, at most ``steps`` and
+        ``max_new_tokens``), so tokens per forward is n / forwards."""
         stop = self.config.chat if stop_at_end_of_turn is None else stop_at_end_of_turn
         stops = tuple(self.config.stop_token_ids or ()) if stop else ()
         B, P = input_ids.shape
@@ -103,17 +103,17 @@ class Ar2mdmForMaskedLM(PreTrainedModel):
                 (B, max_new_tokens), self.config.mask_token_id, dtype=torch.long, device=input_ids.device
             )
             x = torch.cat([input_ids.long(), masks], dim=1)
-            x = denoise(
+            x, forwards = denoise(
                 self.student,
                 x,
                 steps,
                 temperature=temperature,
                 remasking=remasking,
                 seeds=seeds,
-                block_length=block_length,
+                span_length=span_length,
                 stop_ids=stops,
+                return_forwards=True,
             )
-            forwards = torch.full((B,), steps, dtype=torch.long)
         out = x if not stops else self._cut_at_stops(x, P, stops)
         return (out, forwards) if return_forwards else out
 

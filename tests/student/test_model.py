@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from ar2mdm.train.model import Attention, Student, StudentConfig, rope_cos_sin, rope_inv_freq
+from ar2mdm.student.model import Attention, Student, StudentConfig, rope_cos_sin, rope_inv_freq
 
 
 def test_grouped_query_attention_equals_copied_kv_heads():
@@ -14,7 +14,7 @@ def test_grouped_query_attention_equals_copied_kv_heads():
     x = torch.randn(2, 7, 48, dtype=torch.float64)
     cos, sin = rope_cos_sin(torch.arange(7), rope_inv_freq(8, c.rope_theta, None), torch.float64)
     got = att(x, cos, sin)
-    from ar2mdm.train.model import rope
+    from ar2mdm.student.model import rope
 
     q = rope(att.q_proj(x).view(2, 7, 6, 8).transpose(1, 2), cos, sin)
     k = rope(att.k_proj(x).view(2, 7, 2, 8).transpose(1, 2), cos, sin).repeat_interleave(3, 1)
