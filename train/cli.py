@@ -12,7 +12,7 @@ from ar2mdm.schemas import SchemaError
 from ar2mdm.shared.cpus import passive_threads_when_busy
 from ar2mdm.shared.errors import UserError, fail
 from ar2mdm.shared.settings import cli_signature
-from ar2mdm.train.config import EvalConfig, FillConfig, SampleConfig, TrainConfig
+from ar2mdm.train.config import EvalConfig, FillConfig, LmEvalConfig, SampleConfig, TrainConfig
 from ar2mdm.train.sweep import SweepConfig
 
 app = typer.Typer(
@@ -180,3 +180,29 @@ def sweep(**settings) -> None:
 
 if __name__ == "__main__":
     app()
+
+
+@app.command("lm-eval")
+@cli_signature(LmEvalConfig)
+def lm_eval(**settings) -> None:
+    """A student beside its teacher on the LM Evaluation Harness's tasks (the eval extra); last line: JSON."""
+    cfg = LmEvalConfig(**settings)
+    try:
+        cfg.check()
+        from ar2mdm.train.lm_eval_run import run_lm_eval
+
+        res = run_lm_eval(cfg)
+    except (UserError, SchemaError, ValueError) as e:
+        fail(str(e).splitlines()[0] if str(e) else repr(e))
+    typer.echo(f"{'task':<20} {'metric':<12} {'student':>16} {'teacher':>16} {'kept':>6}")
+    for r in res["table"]:
+
+        def cell(v, se):
+            return "-" if v is None else f"{v:.3f}" + (f" ± {se:.3f}" if isinstance(se, float) else "")
+
+        kept = f"{r['kept']:.2f}" if r.get("kept") is not None else "-"
+        typer.echo(
+            f"{r['task']:<20} {r['metric']:<12} {cell(r['student'], r['student_se']):>16} "
+            f"{cell(r.get('teacher'), r.get('teacher_se')):>16} {kept:>6}"
+        )
+    typer.echo(json.dumps({"run": res["run"], "teacher": res["teacher"], "table": res["table"]}))

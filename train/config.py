@@ -233,6 +233,45 @@ class EvalConfig:
 
 
 @dataclass
+class LmEvalConfig:
+    """Every setting of `kdtrain lm-eval`: a student beside its teacher on the LM Evaluation Harness's tasks."""
+
+    run: str = setting(dataclasses.MISSING, "A kdtrain run folder or an exported student folder.", argument=True)
+    tasks: str = setting(
+        "heldout",
+        "Comma-separated lm-eval tasks or tags: heldout (three tasks made from held-out text, offline: "
+        "heldout_choice, heldout_cloze, heldout_continue) or the harness's own (hellaswag, arc_easy, piqa, "
+        "lambada_openai, ...: their data come from the hub or its cache).",
+    )
+    teacher: str = setting(
+        "default",
+        "The AR model beside the student, through the harness's hf model: default (the embedded teacher), code, "
+        "gemma, an HF folder or a .gguf file; none: the student alone.",
+    )
+    heldout: str | None = setting(
+        None, "heldout: the corpus its tasks are made from (default: the default corpus's comedies)."
+    )
+    docs: int = setting(200, "heldout: examples per task.", at_least=1)
+    limit: int | None = setting(None, "At most this many examples per task (the harness's --limit).", at_least=1)
+    num_fewshot: int | None = setting(None, "Few-shot examples per prompt (default: each task's own).", at_least=0)
+    model_args: str = setting(
+        "",
+        "More model_args for the student, KEY=VALUE,... (likelihood=elbo,mc_num=64; threshold; per_forward; steps; "
+        "remasking; span_length; max_length; max_gen_toks; temperature).",
+    )
+    seed: int = setting(0, "Seed of the harness's sampling and of the student's draws.")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    out: str | None = setting(None, "Write the table and both models' results as JSON to this file.")
+
+    def check(self) -> None:
+        check_settings(self)
+        if self.out:
+            check_output_file(Path(self.out), "--out")
+        if not Path(self.run).exists():
+            raise UserError(f"{self.run} does not exist: give a kdtrain run folder or an exported student folder")
+
+
+@dataclass
 class SampleConfig(SampleSettings):
     """Every setting of `kdtrain sample`."""
 

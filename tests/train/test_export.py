@@ -29,8 +29,9 @@ with torch.no_grad():
     logits, logits2 = m(x).logits, base(input_ids=x).logits
 out = m.diffusion_generate(x[:1, :5], max_new_tokens=8, steps=4, temperature=0.7, seed=3)
 two = m.diffusion_generate(x[:, :2], max_new_tokens=6, steps=3, seed=5)  # a batch of prompts, row b seeded 5 + b
+_, ran = m.diffusion_generate(x[:1, :3], max_new_tokens=8, steps=32, seed=3, return_forwards=True)
 print(json.dumps({"logits": logits.tolist(), "same": torch.equal(logits, logits2), "generated": out.tolist(),
-                  "batch": two.tolist(),
+                  "batch": two.tolist(), "forwards": ran.tolist(),
                   "mask_token_id": m.config.mask_token_id, "vocab": len(tok),
                   "ar2mdm_loaded": "ar2mdm" in sys.modules}))
 """
@@ -95,6 +96,9 @@ def test_exported_student_loads_in_a_fresh_process_and_matches_kdtrain(tiny_shar
     x2 = torch.cat([ids[:, :2], torch.full((2, 6), V)], 1)
     assert res["batch"] == denoise(model, x2, 3, seeds=[5, 6]).tolist()  # kdtrain sample's sampler, batched
     assert (torch.tensor(res["generated"]) != V).all()  # every mask filled
+    # the forwards it ran, as kdtrain sample counts them: 32 steps asked of 8 tokens run 8 forwards
+    _, ran = denoise(model, torch.cat([ids[:1, :3], torch.full((1, 8), V)], 1), 32, seeds=[3], return_forwards=True)
+    assert res["forwards"] == ran.tolist() == [8]
     r = CliRunner().invoke(app, ["export", str(run), "--out", str(out)])
     assert r.exit_code != 0 and "--overwrite" in r.output
 
