@@ -36,6 +36,14 @@ class KVCache:
             device=w.device,
         )
 
+    def repeat(self, n: int) -> "KVCache":
+        """A cache of n rows, each holding this one-row cache's positions: a prefix computed once and shared by n
+        continuations."""
+        out = KVCache.__new__(KVCache)
+        out.keys, out.values = self.keys.repeat(1, n, 1, 1, 1), self.values.repeat(1, n, 1, 1, 1)
+        out.length = self.length
+        return out
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write a forward's keys and values k, v (B, Hkv, S, D) after the held positions; returns the layer's
         keys and values through them (B, Hkv, length + S, D), views of the buffers."""

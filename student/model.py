@@ -272,7 +272,7 @@ class Student(nn.Module):
         if commit:
             last_clean = h[:, commit - 1]
         block = h[:, commit:]
-        if not c.shift:
+        if not c.shift or commit == S:  # (a forward that only commits: nothing to predict)
             return block, last_clean
         src, from_clean = shift_source(pos[commit:], c.block_size)
         shifted = block[:, (src - pos[commit]).clamp(min=0)]  # within the block: i - 1 (the row's first: its own)

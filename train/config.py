@@ -271,6 +271,11 @@ class LmEvalConfig:
             raise UserError(f"{self.run} does not exist: give a kdtrain run folder or an exported student folder")
 
 
+# the sampler settings of one student kind, which the other kind's sampler does not read
+FULL_SAMPLER = ("steps", "remasking", "span_length")
+BLOCK_SAMPLER = ("threshold", "per_forward")
+
+
 @dataclass
 class SampleConfig(SampleSettings):
     """Every setting of `kdtrain sample`."""
@@ -325,6 +330,17 @@ class SampleConfig(SampleSettings):
         check_sample_settings(self)
         if self.states:
             check_output_file(Path(self.states), "--states")
+
+    def check_kind(self, block_student: bool) -> None:
+        """Refuse, in one line, a sampler setting of the other student kind set away from its default (it would
+        change nothing)."""
+        other, kind = (FULL_SAMPLER, "full-attention") if block_student else (BLOCK_SAMPLER, "block")
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        given = [n for n in other if getattr(self, n) != fields[n].default]
+        if given:
+            flags = ", ".join(f"--{n.replace('_', '-')}" for n in given)
+            this = "a block" if block_student else "a full-attention"
+            raise UserError(f"{flags}: a setting of {kind} students' sampler; {self.run} is {this} student")
 
 
 @dataclass

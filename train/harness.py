@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import lm_eval.models  # noqa: F401  (the harness's own models first: its registry loads them only while empty)
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -82,6 +83,8 @@ class StudentLM(TemplateLM):
         args = {**MODEL_ARGS, **{k: v for k, v in kwargs.items() if v is not None}}
         if args["pretrained"] is None:
             raise ValueError("ar2mdm model_args: pretrained= a kdtrain run folder or an exported student folder")
+        if str(args["batch_size"]) not in ("1", "auto"):  # a request is one batch: its chain rows, or its draws
+            raise ValueError(f"ar2mdm model_args: batch_size={args['batch_size']}: requests are scored one at a time")
         if args["likelihood"] not in ("chain", "elbo"):
             raise ValueError(f"ar2mdm model_args: likelihood={args['likelihood']} must be chain or elbo")
         from ar2mdm.train.device import resolve_device

@@ -86,6 +86,7 @@ def setup_sampling(cfg: SampleConfig) -> Sampling:
     block_student = model.config.block_size is not None
     if chat and cfg.prompts_from:
         raise UserError("--prompts-from gives plain-text prompts; a chat student takes --prompt or --prompts")
+    cfg.check_kind(block_student)
     if block_student and cfg.states:
         raise UserError("--states keeps a full-attention student's states; a block student samples block by block")
     prompts = prompts_for(cfg, tok, cfg.length, lambda text: prompt_row(meta, tok, text, chat))

@@ -157,6 +157,9 @@ def test_a_block_student_trains_evaluates_samples_and_resumes(block_shards, tmp_
     out = tmp_path / "s.jsonl"
     r = runner.invoke(app, ["sample", str(run), "--prompt", "when", "--num", "2", "--length", "8", "--out", str(out)])
     assert r.exit_code == 0 and "tokens per forward" in r.output, r.output
+    for flags in (["--steps", "4"], ["--remasking", "low-confidence", "--span-length", "2"]):  # the other kind's
+        r = runner.invoke(app, ["sample", str(run), "--prompt", "when", *flags])
+        assert r.exit_code == 2 and "full-attention students' sampler" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["fill", str(run), "--text", "when shall we three [MASK] again in [MASK]"])
     assert r.exit_code == 0 and "[MASK] 1: " in r.output and "[MASK] 2: " in r.output, r.output
     from ar2mdm.schemas.samples import read_samples

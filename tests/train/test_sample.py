@@ -119,6 +119,8 @@ def test_sample_seeds_depend_on_seed_and_index_only():
         (["--prompts-from", "nowhere"], "--prompts-from nowhere does not exist"),
         (["--prompt-tokens", "-1"], "--prompt-tokens must be at least 0"),
         (["--length", "500"], "exceeds the student's"),
+        (["--threshold", "0.5"], "--threshold: a setting of block students' sampler;"),
+        (["--per-forward", "2", "--threshold", "0.3"], "--threshold, --per-forward: a setting of block students'"),
     ],
 )
 def test_bad_sampling_input_is_one_line(tiny_run, tmp_path, monkeypatch, args, msg):
