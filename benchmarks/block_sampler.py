@@ -1,7 +1,7 @@
 """A block student's sampler against its teacher's own KV-cached AR decoding: tokens/s of each and their ratio,
 measured in the same run on the same machine, the same held-out prompts and length, at batch 1 and 16; and the
 sampler on its preallocated `cache.KVCache` against the same sampler on a cache that concatenates the held keys and
-values with each forward's (`ConcatCache`: a copy of the whole cache per forward, as ar2mdm first did).
+values with each forward's (`ConcatCache`: a copy of the whole cache per forward).
 
     python -m benchmarks.block_sampler --run RUN [--threshold 0.9] [--batches 1,16] [--length 48] [--prompts 16]
     python -m benchmarks.block_sampler --student base --block-size 4 --per-forward 2   # a random student's shape

@@ -205,4 +205,6 @@ def lm_eval(**settings) -> None:
             f"{r['task']:<20} {r['metric']:<12} {cell(r['student'], r['student_se']):>16} "
             f"{cell(r.get('teacher'), r.get('teacher_se')):>16} {kept:>6}"
         )
+    if "tokens_per_forward" in res["student"]:
+        typer.echo(f"the student's generations: {res['student']['tokens_per_forward']:.2f} tokens per forward")
     typer.echo(json.dumps({"run": res["run"], "teacher": res["teacher"], "table": res["table"]}))

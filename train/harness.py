@@ -32,7 +32,7 @@ from tqdm import tqdm
 from ar2mdm.shared.errors import UserError
 from ar2mdm.train.likelihood import score
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("lm_eval.models.ar2mdm")  # under the harness's logger: its command line shows it
 
 # the settings a model_args string may hold, with their defaults; anything else is refused in one line
 MODEL_ARGS = {
@@ -167,6 +167,10 @@ class StudentLM(TemplateLM):
             n = min(int(gen.get("max_gen_toks", self.args["max_gen_toks"])), most - 1)
             prompt = self.tok_encode(context)[-(most - n) :]  # the newest context that leaves room for n tokens
             x = torch.tensor([prompt], device=self._device)
+            # the sampler stops after the block that holds EOS or a stop string of one token ("\n"): the text is cut
+            # there anyway
+            one = [self.tok_encode(u, add_special_tokens=False) for u in until]
+            stops = (self.eot_token_id, *(t[0] for t in one if len(t) == 1))
             seeds = [int(self.args["seed"]) + j]
             if self.model.config.block_size is not None:
                 rows, forwards = block_generate(
@@ -177,7 +181,7 @@ class StudentLM(TemplateLM):
                     per_forward=self.args["per_forward"] and int(self.args["per_forward"]),
                     temperature=temperature,
                     seeds=seeds,
-                    stop_ids=(self.eot_token_id,),
+                    stop_ids=stops,
                 )
             else:
                 masks = torch.full((1, n), self.model.config.mask_id, device=self._device)
@@ -189,17 +193,16 @@ class StudentLM(TemplateLM):
                     remasking=self.args["remasking"],
                     seeds=seeds,
                     span_length=self.args["span_length"] and int(self.args["span_length"]),
-                    stop_ids=(self.eot_token_id,),
+                    stop_ids=stops,
                     return_forwards=True,
                 )
-            ids = [t for t in rows[0, len(prompt) :].tolist() if t < self.model.config.vocab_size]
-            if self.eot_token_id in ids:
-                ids = ids[: ids.index(self.eot_token_id)]
+            written = [t for t in rows[0, len(prompt) :].tolist() if t < self.model.config.vocab_size]
+            self.forwards += int(forwards[0])
+            self.generated += len(written)  # what the sampler wrote (a block after a stop stays masked)
+            ids = written[: written.index(self.eot_token_id)] if self.eot_token_id in written else written
             text = self.tokenizer.decode(ids)
             for stop in until:
                 text = text.split(stop)[0] if stop else text
-            self.forwards += int(forwards[0])
-            self.generated += len(ids)
             out.append(text)
         if self.forwards:
             log.info("ar2mdm generate_until: %.2f tokens per forward", self.generated / self.forwards)

@@ -12,8 +12,8 @@ A diffusion student has no left-to-right factorisation of its own; two are in us
   ``greedy``: each token is its conditional's most probable.
 - ``elbo`` (LLaDA's and Dream's): the MDLM bound on -log p(continuation | context), a Monte Carlo estimate over
   ``draws`` masks (`evaluate.elbo_row_estimates`; a block student's bound is the sum of its blocks' given the clean
-  blocks before them). A bound, not the likelihood: it is at most the chain's probability in expectation for an
-  ideal model, and it carries a standard error over its draws.
+  blocks before them). A lower bound on the log-likelihood of the student's random-order generative process (not
+  of the left-to-right one the chain scores), estimated: it carries a standard error over its draws.
 """
 
 from __future__ import annotations

@@ -45,7 +45,19 @@ def task_manager(cfg: LmEvalConfig, tasks: list[str], folder: Path):
 
 
 def evaluate_model(lm_eval, model, cfg: LmEvalConfig, tasks: list[str], manager) -> dict:
-    res = lm_eval.simple_evaluate(
+    try:
+        res = run_tasks(lm_eval, model, cfg, tasks, manager)
+    except (ConnectionError, OSError) as e:  # a hub task where neither the hub nor its cache is reachable
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"--tasks {','.join(tasks)}: a task's data could not be loaded ({first}); run where the hub or its cache "
+            "is reachable, or use --tasks heldout"
+        ) from None
+    return {"results": res["results"], "higher_is_better": res.get("higher_is_better", {})}
+
+
+def run_tasks(lm_eval, model, cfg: LmEvalConfig, tasks: list[str], manager) -> dict:
+    return lm_eval.simple_evaluate(
         model=model,
         tasks=tasks,
         num_fewshot=cfg.num_fewshot,
@@ -57,7 +69,6 @@ def evaluate_model(lm_eval, model, cfg: LmEvalConfig, tasks: list[str], manager)
         torch_random_seed=cfg.seed,
         fewshot_random_seed=cfg.seed,
     )
-    return {"results": res["results"], "higher_is_better": res.get("higher_is_better", {})}
 
 
 def table(student: dict, teacher: dict | None) -> list[dict]:
@@ -94,6 +105,8 @@ def run_lm_eval(cfg: LmEvalConfig) -> dict:
         manager = task_manager(cfg, tasks, Path(folder))
         student_lm = StudentLM(pretrained=cfg.run, device=cfg.device, seed=cfg.seed, **extra)
         student = evaluate_model(lm_eval, student_lm, cfg, tasks, manager)
+        if student_lm.forwards:  # generation tasks: the tokens the student's sampler wrote per forward
+            student["tokens_per_forward"] = student_lm.generated / student_lm.forwards
         del student_lm
         teacher = None
         if cfg.teacher != "none":

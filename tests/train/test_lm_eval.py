@@ -138,3 +138,23 @@ print(r.exit_code, r.output.strip())
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1].startswith("2 error: ") and "pip install 'ar2mdm[eval]'" in r.stdout
+
+
+def test_rolling_windows_score_every_token_once(runs):
+    """loglikelihood_rolling: a text longer than max_length cut into windows, every token scored once given the
+    window before it: the sum of the chain scores of the windows the harness makes."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    from ar2mdm.train.harness import StudentLM
+    from ar2mdm.train.likelihood import chain_scores
+
+    lm = StudentLM(pretrained=str(runs["block"]), device="cpu", max_length=12)
+    text = " ".join(SPEECH)
+    got = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)[0]
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    windows = [make_disjoint_window(w) for w in get_rolling_token_windows(ids, lm.prefix_token_id, 12, 1)]
+    assert sum(len(t) for _, t in windows) == len(ids) > 12 * 3  # several windows, every token once
+    want = sum(float(chain_scores(lm.model, c + t, len(c))[0].sum()) for c, t in windows)
+    assert got == pytest.approx(want, rel=1e-6)
