@@ -158,3 +158,18 @@ def test_rolling_windows_score_every_token_once(runs):
     assert sum(len(t) for _, t in windows) == len(ids) > 12 * 3  # several windows, every token once
     want = sum(float(chain_scores(lm.model, c + t, len(c))[0].sum()) for c, t in windows)
     assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_an_exported_folder_scores_as_its_run(runs, tmp_path):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from ar2mdm.train.export import export
+    from ar2mdm.train.harness import StudentLM
+
+    folder = export(str(runs["block"]), str(tmp_path / "hf"))
+    reqs = [Instance("loglikelihood", {}, (SPEECH[0], " " + SPEECH[1]), 0)]
+    ran, exported = (StudentLM(pretrained=str(p), device="cpu") for p in (runs["block"], folder))
+    assert exported.max_length == ran.max_length
+    (got, greedy), (want, want_greedy) = (m.loglikelihood(reqs, disable_tqdm=True)[0] for m in (exported, ran))
+    assert got == pytest.approx(want, abs=1e-4) and greedy == want_greedy
