@@ -1,4 +1,4 @@
-"""A block student's sampler: the completion block by block, several tokens per forward (Fast-dLLM's decoding).
+"""A block student's sampler: the completion block by block, several tokens per forward (threshold decoding).
 
 Each forward feeds the current block against a `cache.KVCache` of the clean blocks before it (the prompt's whole blocks
 and the finished ones) and predicts all its masked positions at once; every position whose top probability
