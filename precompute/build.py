@@ -190,6 +190,12 @@ class RowsBar:
             self.bar.total = self.total
         self.bar.update(rows)
 
+    def note(self, line: str) -> None:
+        self.bar.write(line, file=sys.stderr)
+
+    def at_shard(self, u: int) -> None:
+        self.bar.set_postfix_str(f"shard {u}")
+
     def finish(self) -> None:
         self.bar.n = self.bar.total = round(self.bar.n)  # (the count and the stream agree; this also ends a late count)
         self.bar.close()
@@ -214,7 +220,7 @@ class Engine:
             if "auto" in (plan.cfg.batch_size, plan.cfg.token_budget):
                 self.cfg, said = resolve_auto(plan.cfg, self.teacher)
                 for line in said if plan.cfg.progress else ():
-                    self.bar.bar.write(line, file=sys.stderr)
+                    self.bar.note(line)
         return self.teacher, self.cfg
 
     def close(self) -> None:
@@ -289,7 +295,7 @@ def write_shards(plan: BuildPlan, out: Path, teacher=None) -> BuildSummary:
                 skipped += 1  # finished: its sequences were only re-tokenized to find the next
                 bar.advance(len(ids) * cfg.masks_per_seq)
                 continue
-            bar.bar.set_postfix_str(f"shard {u}")
+            bar.at_shard(u)
             target = plan.shard_plan(ids, plen, a)
             shard = OpenShard.resume(path, target, cfg.masks_per_seq)
             resumed += shard.start

@@ -178,10 +178,6 @@ def sweep(**settings) -> None:
     typer.echo((Path(cfg.out) / "sweep.md").read_text())
 
 
-if __name__ == "__main__":
-    app()
-
-
 @app.command("lm-eval")
 @cli_signature(LmEvalConfig)
 def lm_eval(**settings) -> None:
@@ -208,3 +204,7 @@ def lm_eval(**settings) -> None:
     if "tokens_per_forward" in res["student"]:
         typer.echo(f"the student's generations: {res['student']['tokens_per_forward']:.2f} tokens per forward")
     typer.echo(json.dumps({"run": res["run"], "teacher": res["teacher"], "table": res["table"]}))
+
+
+if __name__ == "__main__":
+    app()

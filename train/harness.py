@@ -58,9 +58,9 @@ def load_any(path: Path, device: str):
     """(student, tokenizer, the row length it trained on) from a kdtrain run folder or an exported folder."""
     from transformers import AutoTokenizer
 
-    from ar2mdm.train.checkpoint import load_student, run_tokenizer
+    from ar2mdm.train.checkpoint import CKPT, load_student, run_tokenizer
 
-    if (path / "checkpoint").exists():
+    if (path / CKPT).exists():
         model, meta = load_student(path, device)
         return model, run_tokenizer(path), meta.get("seq_len")
     if (path / "config.json").exists():

@@ -110,17 +110,14 @@ def run_lm_eval(cfg: LmEvalConfig) -> dict:
         del student_lm
         teacher = None
         if cfg.teacher != "none":
-            from ar2mdm.shared.hfmodel import resolve_model
-
-            folder_t = resolve_model(cfg.teacher)[0]
-            args = {"pretrained": str(folder_t), "add_bos_token": True, "dtype": "float32", "device": cfg.device}
-            if cfg.device == "auto":
-                import torch
-
-                args["device"] = "cuda" if torch.cuda.is_available() else "cpu"
             from lm_eval.models.huggingface import HFLM
 
-            teacher = evaluate_model(lm_eval, HFLM(**args), cfg, tasks, manager)
+            from ar2mdm.shared.hfmodel import resolve_model
+            from ar2mdm.train.device import resolve_device
+
+            folder_t = resolve_model(cfg.teacher)[0]
+            hf = HFLM(pretrained=str(folder_t), add_bos_token=True, dtype="float32", device=resolve_device(cfg.device))
+            teacher = evaluate_model(lm_eval, hf, cfg, tasks, manager)
     out = {"run": cfg.run, "teacher": cfg.teacher, "tasks": tasks, "table": table(student, teacher)}
     out["student"], out["teacher_results"] = student, teacher
     if cfg.out:
